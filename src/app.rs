@@ -1,0 +1,204 @@
+//! Building and running the service: `Application::build` opens both stores,
+//! proves the master key, loads policies, starts the writer and binds the
+//! listener; `run_until` serves until a shutdown signal and then drains.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use zeroize::Zeroizing;
+
+use crate::http::{AppState, HttpConfig, router};
+use crate::keys::{KeyError, KeyManager, load_master_key};
+use crate::policy::{Policies, PolicyError};
+use crate::principals::{PrincipalError, Principals};
+use crate::service::Events;
+use crate::store::keystore::Keystore;
+use crate::store::writer::Writer;
+use crate::store::{Db, EventStore, Purpose, StoreError, redact_url};
+
+/// Everything the service needs to start.
+#[derive(Clone)]
+pub struct Config {
+    /// Address to listen on (port 0: any free port).
+    pub listen: SocketAddr,
+    /// Event store: `sqlite:…` or `postgres://…`.
+    pub database_url: String,
+    /// Keystore, a separate database: `sqlite:…` or `postgres://…`.
+    pub keystore_url: String,
+    /// Master key file, used (and created 0600) when `master_key` is `None`.
+    pub master_key_file: PathBuf,
+    /// Master key in base64, from `EVENTVAULT_MASTER_KEY`.
+    pub master_key: Option<Zeroizing<String>>,
+    /// Directory holding `classification.toml` and `roles.toml`.
+    pub policies_dir: PathBuf,
+    /// Largest accepted request body in bytes.
+    pub max_body_bytes: usize,
+    /// Unwrapped data keys kept in memory (per cache).
+    pub key_cache_capacity: usize,
+    /// Connections per database pool.
+    pub max_db_connections: u32,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("database_url", &redact_url(&self.database_url))
+            .field("keystore_url", &redact_url(&self.keystore_url))
+            .field("master_key_file", &self.master_key_file)
+            .field(
+                "master_key",
+                &self.master_key.as_ref().map(|_| "<from environment>"),
+            )
+            .field("policies_dir", &self.policies_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Key(#[from] KeyError),
+    #[error("{0}")]
+    Principal(#[from] PrincipalError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the keystore must be a separate database from the event store (both are {0})")]
+    SharedDatabase(String),
+}
+
+/// Opens the event store and loads the policies: what every command needs.
+pub async fn open_event_store(cfg: &Config) -> Result<(EventStore, Arc<Policies>), StartError> {
+    let policies = Arc::new(Policies::load(&cfg.policies_dir)?);
+    let db = Db::connect(&cfg.database_url, Purpose::Events, cfg.max_db_connections).await?;
+    Ok((EventStore::new(db), policies))
+}
+
+/// Opens the keystore and proves the master key against it.
+pub async fn open_key_manager(cfg: &Config) -> Result<(KeyManager, bool), StartError> {
+    if cfg.database_url == cfg.keystore_url {
+        return Err(StartError::SharedDatabase(redact_url(&cfg.database_url)));
+    }
+    let (kek, created) = load_master_key(
+        cfg.master_key.as_deref().map(String::as_str),
+        &cfg.master_key_file,
+    )?;
+    let db = Db::connect(&cfg.keystore_url, Purpose::Keystore, cfg.max_db_connections).await?;
+    Ok((
+        KeyManager::open(Keystore::new(db), kek, cfg.key_cache_capacity).await?,
+        created,
+    ))
+}
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    writer_task: tokio::task::JoinHandle<()>,
+    admin_token: Option<Zeroizing<String>>,
+}
+
+impl Application {
+    pub async fn build(cfg: &Config) -> Result<Self, StartError> {
+        let (store, policies) = open_event_store(cfg).await?;
+        let (keys, created) = open_key_manager(cfg).await?;
+        if created {
+            tracing::warn!(path = %cfg.master_key_file.display(), "created a new master key; back it up apart from the keystore");
+        }
+        let keys = Arc::new(keys);
+        let principals = Arc::new(Principals::new(store.clone()));
+        let admin_token = principals.bootstrap_admin(&policies).await?;
+        let (writer, writer_task) = Writer::spawn(store.db.clone());
+        let events = Events::new(store.clone(), writer, keys.clone(), policies.clone());
+        let state = AppState {
+            events,
+            store,
+            keys,
+            principals,
+            config: Arc::new(HttpConfig {
+                max_body_bytes: cfg.max_body_bytes,
+            }),
+        };
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        Ok(Self {
+            listener,
+            state,
+            writer_task,
+            admin_token,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The token of the `admin` principal created on a first start, once.
+    pub fn take_admin_token(&mut self) -> Option<Zeroizing<String>> {
+        self.admin_token.take()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets in-flight
+    /// requests finish, drains the writer's queue and closes the databases.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let Self {
+            listener,
+            state,
+            writer_task,
+            ..
+        } = self;
+        let store = state.store.clone();
+        let keystore = state.keys.keystore().clone();
+        let app = router(state);
+        tracing::info!(addr = %listener.local_addr()?, "eventvault listening");
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        // The router (and with it every writer handle) is gone: the writer
+        // finishes what is queued and stops.
+        if writer_task.await.is_err() {
+            tracing::error!("the writer task panicked");
+        }
+        store.db.close().await;
+        keystore.db.close().await;
+        tracing::info!("eventvault stopped");
+        Ok(())
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested; finishing in-flight requests");
+}

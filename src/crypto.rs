@@ -1,0 +1,456 @@
+//! All cryptography of the service, and the only module that sees key bytes.
+//!
+//! Two kinds of keys, both AES-256-GCM:
+//! - the master key-encryption key ([`Kek`]) wraps data keys;
+//! - one data-encryption key ([`Dek`]) per data subject seals that subject's
+//!   personal fields.
+//!
+//! The public operations are seal/open and wrap/unwrap. Nonces are made inside
+//! `seal`/`wrap` from `ring`'s system random generator and never passed in.
+//! Associated data binds every ciphertext to where it belongs (event id,
+//! stream, type, key id; or key id and subject for a wrapped key), so a blob
+//! moved to another row fails to open. Every failure to open is the same
+//! opaque [`CryptoError::Integrity`]: a caller learns nothing about why.
+//!
+//! Key types have no `Debug`, are never serialised, and zeroize on drop (the
+//! `aes-gcm` cipher state is built with its `zeroize` feature).
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use ring::digest;
+use ring::rand::{SecureRandom, SystemRandom};
+use zeroize::Zeroizing;
+
+/// First byte of every blob this module produces; a later format bumps it.
+const FORMAT_V1: u8 = 1;
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+const KEY_LEN: usize = 32;
+
+const EVENT_AAD_LABEL: &[u8] = b"eventvault/event/v1";
+const SNAPSHOT_AAD_LABEL: &[u8] = b"eventvault/snapshot/v1";
+const DEK_AAD_LABEL: &[u8] = b"eventvault/dek/v1";
+const KEK_CHECK_LABEL: &[u8] = b"eventvault/kek-check/v1";
+const KEK_ID_LABEL: &[u8] = b"eventvault/kek-id/v1";
+
+/// The one error of this module. Deliberately says nothing more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CryptoError {
+    /// A blob failed to open: wrong key, wrong place, truncated or altered.
+    #[error("integrity check failed")]
+    Integrity,
+    /// The operating system's random generator failed.
+    #[error("random generator unavailable")]
+    Random,
+    /// Key material of the wrong length or encoding.
+    #[error("malformed key material")]
+    MalformedKey,
+}
+
+fn random_bytes<const N: usize>() -> Result<Zeroizing<[u8; N]>, CryptoError> {
+    let mut buf = Zeroizing::new([0u8; N]);
+    SystemRandom::new()
+        .fill(buf.as_mut())
+        .map_err(|_| CryptoError::Random)?;
+    Ok(buf)
+}
+
+/// Builds associated data as a label followed by length-prefixed fields, so
+/// that no two different field lists can encode to the same bytes.
+fn aad(label: &[u8], fields: &[&[u8]]) -> Vec<u8> {
+    let mut out =
+        Vec::with_capacity(label.len() + fields.iter().map(|f| f.len() + 4).sum::<usize>());
+    out.extend_from_slice(label);
+    for f in fields {
+        out.extend_from_slice(&(f.len() as u32).to_be_bytes());
+        out.extend_from_slice(f);
+    }
+    out
+}
+
+/// AES-256-GCM sealing shared by both key kinds:
+/// `version byte | 96-bit random nonce | ciphertext and tag`.
+fn seal_with(cipher: &Aes256Gcm, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    let nonce_bytes = random_bytes::<NONCE_LEN>()?;
+    let nonce = Nonce::try_from(&nonce_bytes[..]).map_err(|_| CryptoError::Random)?;
+    let ct = cipher
+        .encrypt(
+            &nonce,
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
+        .map_err(|_| CryptoError::Integrity)?;
+    let mut out = Vec::with_capacity(1 + NONCE_LEN + ct.len());
+    out.push(FORMAT_V1);
+    out.extend_from_slice(&nonce_bytes[..]);
+    out.extend_from_slice(&ct);
+    Ok(out)
+}
+
+fn open_with(
+    cipher: &Aes256Gcm,
+    blob: &[u8],
+    aad: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    if blob.len() < 1 + NONCE_LEN + TAG_LEN || blob[0] != FORMAT_V1 {
+        return Err(CryptoError::Integrity);
+    }
+    let nonce = Nonce::try_from(&blob[1..1 + NONCE_LEN]).map_err(|_| CryptoError::Integrity)?;
+    cipher
+        .decrypt(
+            &nonce,
+            Payload {
+                msg: &blob[1 + NONCE_LEN..],
+                aad,
+            },
+        )
+        .map(Zeroizing::new)
+        .map_err(|_| CryptoError::Integrity)
+}
+
+fn cipher_from(key: &[u8]) -> Result<Aes256Gcm, CryptoError> {
+    Aes256Gcm::new_from_slice(key).map_err(|_| CryptoError::MalformedKey)
+}
+
+/// Where an event's sealed personal data belongs; all of it is bound into
+/// the ciphertext as associated data.
+pub struct EventAad<'a> {
+    pub event_id: &'a [u8; 16],
+    pub stream_id: &'a str,
+    pub event_type: &'a str,
+    pub key_id: &'a str,
+}
+
+impl EventAad<'_> {
+    fn encode(&self) -> Vec<u8> {
+        aad(
+            EVENT_AAD_LABEL,
+            &[
+                self.event_id,
+                self.stream_id.as_bytes(),
+                self.event_type.as_bytes(),
+                self.key_id.as_bytes(),
+            ],
+        )
+    }
+}
+
+/// A data subject's data-encryption key. No `Debug`, no `Clone`, zeroized on
+/// drop; shared between tasks only behind an `Arc`.
+pub struct Dek {
+    cipher: Aes256Gcm,
+}
+
+impl Dek {
+    /// Seals an event's personal fields.
+    pub fn seal_event(&self, plaintext: &[u8], at: &EventAad<'_>) -> Result<Vec<u8>, CryptoError> {
+        seal_with(&self.cipher, plaintext, &at.encode())
+    }
+
+    /// Opens an event's personal fields; any mismatch is [`CryptoError::Integrity`].
+    pub fn open_event(
+        &self,
+        blob: &[u8],
+        at: &EventAad<'_>,
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        open_with(&self.cipher, blob, &at.encode())
+    }
+
+    /// Seals a snapshot's state, bound to its stream, version and key.
+    pub fn seal_snapshot(
+        &self,
+        plaintext: &[u8],
+        stream_id: &str,
+        version: u64,
+        key_id: &str,
+    ) -> Result<Vec<u8>, CryptoError> {
+        let ad = aad(
+            SNAPSHOT_AAD_LABEL,
+            &[
+                stream_id.as_bytes(),
+                &version.to_be_bytes(),
+                key_id.as_bytes(),
+            ],
+        );
+        seal_with(&self.cipher, plaintext, &ad)
+    }
+
+    pub fn open_snapshot(
+        &self,
+        blob: &[u8],
+        stream_id: &str,
+        version: u64,
+        key_id: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let ad = aad(
+            SNAPSHOT_AAD_LABEL,
+            &[
+                stream_id.as_bytes(),
+                &version.to_be_bytes(),
+                key_id.as_bytes(),
+            ],
+        );
+        open_with(&self.cipher, blob, &ad)
+    }
+}
+
+/// A freshly generated data key together with its wrapped form, ready to be
+/// stored. The raw bytes never leave this module.
+pub struct NewDek {
+    pub dek: Dek,
+    pub wrapped: Vec<u8>,
+}
+
+/// The master key-encryption key. No `Debug`, no `Clone`, zeroized on drop.
+pub struct Kek {
+    cipher: Aes256Gcm,
+    id: String,
+}
+
+impl Kek {
+    /// Generates a new random master key and returns it with its base64 form
+    /// (for the operator to store); the base64 string is zeroized on drop.
+    pub fn generate() -> Result<(Self, Zeroizing<String>), CryptoError> {
+        use base64::Engine as _;
+        let bytes = random_bytes::<KEY_LEN>()?;
+        let encoded = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&bytes[..]));
+        Ok((Self::from_bytes(&bytes[..])?, encoded))
+    }
+
+    /// A master key from its 32 raw bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, CryptoError> {
+        if bytes.len() != KEY_LEN {
+            return Err(CryptoError::MalformedKey);
+        }
+        // The id is a one-way digest of the key: it names the key in the
+        // keystore without revealing anything about it.
+        let mut input = Zeroizing::new(Vec::with_capacity(KEK_ID_LABEL.len() + KEY_LEN));
+        input.extend_from_slice(KEK_ID_LABEL);
+        input.extend_from_slice(bytes);
+        let id = hex::encode(&digest::digest(&digest::SHA256, &input).as_ref()[..8]);
+        Ok(Self {
+            cipher: cipher_from(bytes)?,
+            id,
+        })
+    }
+
+    /// A master key from its base64 text (surrounding white space ignored).
+    pub fn from_base64(text: &str) -> Result<Self, CryptoError> {
+        use base64::Engine as _;
+        let bytes = Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .map_err(|_| CryptoError::MalformedKey)?,
+        );
+        Self::from_bytes(&bytes)
+    }
+
+    /// The public name of this key, recorded beside every key it wraps.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// A constant sealed under this key, stored in the keystore so that a
+    /// wrong master key is detected at start rather than when data is read.
+    pub fn seal_check(&self) -> Result<Vec<u8>, CryptoError> {
+        seal_with(
+            &self.cipher,
+            KEK_CHECK_LABEL,
+            &aad(KEK_CHECK_LABEL, &[self.id.as_bytes()]),
+        )
+    }
+
+    /// Whether `blob` was made by [`Kek::seal_check`] with this very key.
+    pub fn verify_check(&self, blob: &[u8]) -> Result<(), CryptoError> {
+        let plain = open_with(
+            &self.cipher,
+            blob,
+            &aad(KEK_CHECK_LABEL, &[self.id.as_bytes()]),
+        )?;
+        if plain.as_slice() == KEK_CHECK_LABEL {
+            Ok(())
+        } else {
+            Err(CryptoError::Integrity)
+        }
+    }
+
+    /// Generates a data key for `subject` and wraps it under this master key.
+    pub fn new_dek(&self, key_id: &str, subject: &str) -> Result<NewDek, CryptoError> {
+        let raw = random_bytes::<KEY_LEN>()?;
+        let wrapped = seal_with(
+            &self.cipher,
+            &raw[..],
+            &aad(DEK_AAD_LABEL, &[key_id.as_bytes(), subject.as_bytes()]),
+        )?;
+        Ok(NewDek {
+            dek: Dek {
+                cipher: cipher_from(&raw[..])?,
+            },
+            wrapped,
+        })
+    }
+
+    /// Unwraps a stored data key; fails if it was wrapped under another
+    /// master key or for another key id or subject.
+    pub fn unwrap_dek(
+        &self,
+        wrapped: &[u8],
+        key_id: &str,
+        subject: &str,
+    ) -> Result<Dek, CryptoError> {
+        let raw = open_with(
+            &self.cipher,
+            wrapped,
+            &aad(DEK_AAD_LABEL, &[key_id.as_bytes(), subject.as_bytes()]),
+        )?;
+        if raw.len() != KEY_LEN {
+            return Err(CryptoError::Integrity);
+        }
+        Ok(Dek {
+            cipher: cipher_from(&raw)?,
+        })
+    }
+
+    /// Re-wraps a data key wrapped under `old` so that this key opens it.
+    pub fn rewrap_from(
+        &self,
+        old: &Kek,
+        wrapped: &[u8],
+        key_id: &str,
+        subject: &str,
+    ) -> Result<Vec<u8>, CryptoError> {
+        let ad = aad(DEK_AAD_LABEL, &[key_id.as_bytes(), subject.as_bytes()]);
+        let raw = open_with(&old.cipher, wrapped, &ad)?;
+        seal_with(&self.cipher, &raw, &ad)
+    }
+}
+
+/// Hex SHA-256 of a bearer token: what the principals table stores.
+pub fn token_hash(token: &str) -> String {
+    hex::encode(digest::digest(&digest::SHA256, token.as_bytes()))
+}
+
+/// A new bearer token: 256 random bits, base64url, with a recognisable prefix
+/// so that secret scanners can find leaked ones.
+pub fn new_token() -> Result<Zeroizing<String>, CryptoError> {
+    use base64::Engine as _;
+    let bytes = random_bytes::<32>()?;
+    Ok(Zeroizing::new(format!(
+        "evt_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&bytes[..])
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kek() -> Kek {
+        Kek::generate().unwrap().0
+    }
+
+    fn at<'a>(id: &'a [u8; 16], stream: &'a str) -> EventAad<'a> {
+        EventAad {
+            event_id: id,
+            stream_id: stream,
+            event_type: "MoneyDeposited",
+            key_id: "k1",
+        }
+    }
+
+    #[test]
+    fn event_round_trip_and_binding() {
+        let kek = kek();
+        let NewDek { dek, wrapped } = kek.new_dek("k1", "cust-1").unwrap();
+        let id = [7u8; 16];
+        let blob = dek
+            .seal_event(b"{\"payer_name\":\"Jane\"}", &at(&id, "s1"))
+            .unwrap();
+        assert_eq!(blob[0], FORMAT_V1);
+        assert_eq!(
+            &dek.open_event(&blob, &at(&id, "s1")).unwrap()[..],
+            b"{\"payer_name\":\"Jane\"}"
+        );
+        // Moved to another stream or event: refused.
+        assert_eq!(
+            dek.open_event(&blob, &at(&id, "s2")).err(),
+            Some(CryptoError::Integrity)
+        );
+        assert_eq!(
+            dek.open_event(&blob, &at(&[8u8; 16], "s1")).err(),
+            Some(CryptoError::Integrity)
+        );
+        // The wrapped key opens only for its own id and subject, under its own KEK.
+        assert!(kek.unwrap_dek(&wrapped, "k1", "cust-1").is_ok());
+        assert!(kek.unwrap_dek(&wrapped, "k1", "cust-2").is_err());
+        assert!(kek.unwrap_dek(&wrapped, "k2", "cust-1").is_err());
+        assert!(self::kek().unwrap_dek(&wrapped, "k1", "cust-1").is_err());
+    }
+
+    #[test]
+    fn altered_blobs_are_one_opaque_error() {
+        let kek = kek();
+        let dek = kek.new_dek("k1", "c").unwrap().dek;
+        let id = [1u8; 16];
+        let blob = dek.seal_event(b"secret", &at(&id, "s")).unwrap();
+        let mut variants = vec![
+            blob[..blob.len() - 1].to_vec(),
+            [blob.clone(), vec![0]].concat(),
+            vec![],
+            vec![FORMAT_V1],
+        ];
+        for i in 0..blob.len() {
+            let mut flipped = blob.clone();
+            flipped[i] ^= 0x01;
+            variants.push(flipped);
+        }
+        for v in variants {
+            assert_eq!(
+                dek.open_event(&v, &at(&id, "s")).err(),
+                Some(CryptoError::Integrity)
+            );
+        }
+    }
+
+    #[test]
+    fn nonces_are_fresh() {
+        let dek = kek().new_dek("k", "c").unwrap().dek;
+        let id = [0u8; 16];
+        let a = dek.seal_event(b"same", &at(&id, "s")).unwrap();
+        let b = dek.seal_event(b"same", &at(&id, "s")).unwrap();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn kek_check_and_rewrap() {
+        let (k1, b64) = Kek::generate().unwrap();
+        let again = Kek::from_base64(&b64).unwrap();
+        assert_eq!(k1.id(), again.id());
+        let check = k1.seal_check().unwrap();
+        assert!(again.verify_check(&check).is_ok());
+        let k2 = kek();
+        assert_ne!(k1.id(), k2.id());
+        assert!(k2.verify_check(&check).is_err());
+        let wrapped = k1.new_dek("k", "c").unwrap().wrapped;
+        let rewrapped = k2.rewrap_from(&k1, &wrapped, "k", "c").unwrap();
+        assert!(k2.unwrap_dek(&rewrapped, "k", "c").is_ok());
+        assert!(k1.unwrap_dek(&rewrapped, "k", "c").is_err());
+        assert!(Kek::from_base64("not base64!").is_err());
+        assert!(Kek::from_bytes(&[0u8; 31]).is_err());
+    }
+
+    #[test]
+    fn aad_fields_cannot_run_together() {
+        assert_ne!(aad(b"l", &[b"ab", b"c"]), aad(b"l", &[b"a", b"bc"]));
+    }
+
+    #[test]
+    fn tokens() {
+        let t = new_token().unwrap();
+        assert!(t.starts_with("evt_") && t.len() == 47);
+        assert_eq!(token_hash(&t).len(), 64);
+        assert_ne!(*new_token().unwrap(), *t);
+    }
+}

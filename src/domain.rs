@@ -1,0 +1,326 @@
+//! The vocabulary of the event store: validated identifiers and the shapes of
+//! events on their way in and out.
+//!
+//! Parse, don't validate: each newtype has exactly one constructor that checks
+//! its input, so a `StreamId` anywhere in the code is known to be well formed.
+//! This module knows neither HTTP nor SQL.
+
+use std::fmt;
+
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// The most events one append may carry; larger batches are refused whole.
+pub const MAX_EVENTS_PER_APPEND: usize = 1000;
+
+/// Longest stream id, subject or event type accepted.
+const MAX_NAME_LEN: usize = 200;
+
+/// A malformed input value, with a message meant for the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidInput(pub String);
+
+fn invalid(msg: impl Into<String>) -> InvalidInput {
+    InvalidInput(msg.into())
+}
+
+/// Checks a name against the shared alphabet of stream ids and subjects:
+/// 1–200 characters of `[A-Za-z0-9._:@-]`.
+fn check_name(what: &str, s: &str, extra: &[char]) -> Result<(), InvalidInput> {
+    if s.is_empty() || s.len() > MAX_NAME_LEN {
+        return Err(invalid(format!(
+            "{what} must be 1 to {MAX_NAME_LEN} characters long"
+        )));
+    }
+    if let Some(bad) = s.chars().find(|c| {
+        !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-') || extra.contains(c))
+    }) {
+        return Err(invalid(format!(
+            "{what} contains {bad:?}; allowed are letters, digits and {}",
+            allowed_punctuation(extra)
+        )));
+    }
+    Ok(())
+}
+
+fn allowed_punctuation(extra: &[char]) -> String {
+    let mut chars = vec!['.', '_', ':', '-'];
+    chars.extend_from_slice(extra);
+    chars
+        .iter()
+        .map(|c| format!("'{c}'"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Name of a stream: 1–200 characters of `[A-Za-z0-9._:@-]`. Names beginning
+/// with `$` are reserved for the system (e.g. `$subjects`) and cannot be
+/// produced by [`StreamId::parse`], which refuses `$`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId(String);
+
+impl StreamId {
+    pub fn parse(s: &str) -> Result<Self, InvalidInput> {
+        if s.starts_with('$') {
+            return Err(invalid(format!(
+                "stream id {s:?} is reserved: names starting with '$' belong to the system"
+            )));
+        }
+        check_name("stream id", s, &['@'])?;
+        Ok(Self(s.to_owned()))
+    }
+
+    /// A system stream (`$…`); only the service itself appends to these.
+    pub fn system(name: &str) -> Self {
+        debug_assert!(name.starts_with('$'));
+        Self(name.to_owned())
+    }
+
+    /// Trusted conversion for ids read back from the store, which only ever
+    /// holds ids that passed [`StreamId::parse`] or [`StreamId::system`].
+    pub fn from_store(s: String) -> Self {
+        Self(s)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A data subject's pseudonymous id (never a name or an e-mail address): the
+/// same alphabet as stream ids.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Subject(String);
+
+impl Subject {
+    pub fn parse(s: &str) -> Result<Self, InvalidInput> {
+        check_name("subject", s, &['@'])?;
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An event type such as `MoneyDeposited`: 1–200 characters of
+/// `[A-Za-z0-9._:-]`, so that it can name a broker subject later.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EventType(String);
+
+impl EventType {
+    pub fn parse(s: &str) -> Result<Self, InvalidInput> {
+        check_name("event type", s, &[])?;
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What the writer must find before it appends (the `Expected-Version` header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectedVersion {
+    /// Append whatever the stream's state.
+    Any,
+    /// The stream must exist (have at least one event).
+    Exists,
+    /// The stream must be at exactly this version; `0` means it must not exist.
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    /// Parses the header's value: `any`, `no-stream`, `exists` or a
+    /// non-negative integer.
+    pub fn parse(s: &str) -> Result<Self, InvalidInput> {
+        match s.trim() {
+            "any" => Ok(Self::Any),
+            "no-stream" => Ok(Self::Exact(0)),
+            "exists" => Ok(Self::Exists),
+            other => other.parse::<u64>().map(Self::Exact).map_err(|_| {
+                invalid(format!(
+                    "Expected-Version {other:?} is not one of any, no-stream, exists or a non-negative integer"
+                ))
+            }),
+        }
+    }
+
+    /// Whether a stream currently at `current` (0 = no stream) satisfies this
+    /// expectation.
+    pub fn admits(self, current: u64) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Exists => current > 0,
+            Self::Exact(v) => v == current,
+        }
+    }
+}
+
+/// An event as a client proposes it, validated but not yet classified.
+#[derive(Debug, Clone)]
+pub struct ProposedEvent {
+    pub id: Uuid,
+    pub event_type: EventType,
+    pub subject: Option<Subject>,
+    pub data: Map<String, Value>,
+    pub metadata: Map<String, Value>,
+}
+
+/// A batch of events for one append, checked for size and unique ids.
+#[derive(Debug, Clone)]
+pub struct EventBatch(Vec<ProposedEvent>);
+
+impl EventBatch {
+    pub fn new(events: Vec<ProposedEvent>) -> Result<Self, InvalidInput> {
+        if events.is_empty() {
+            return Err(invalid("an append needs at least one event"));
+        }
+        if events.len() > MAX_EVENTS_PER_APPEND {
+            return Err(invalid(format!(
+                "an append carries at most {MAX_EVENTS_PER_APPEND} events, this one has {}",
+                events.len()
+            )));
+        }
+        let mut seen = std::collections::HashSet::with_capacity(events.len());
+        for e in &events {
+            if !seen.insert(e.id) {
+                return Err(invalid(format!(
+                    "event id {} appears more than once in the batch",
+                    e.id
+                )));
+            }
+        }
+        Ok(Self(events))
+    }
+
+    pub fn into_inner(self) -> Vec<ProposedEvent> {
+        self.0
+    }
+}
+
+/// The result of a successful append: where its events landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendResult {
+    pub first_version: u64,
+    pub last_version: u64,
+    pub first_position: u64,
+    pub last_position: u64,
+}
+
+/// How much of an event's personal data a reader is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PersonalData {
+    /// Personal fields decrypted and shown.
+    Decrypted,
+    /// The reader may not see personal data: personal fields are absent.
+    Redacted,
+    /// The subject was forgotten: personal fields are gone for everyone.
+    Erased,
+    /// The event has no personal fields.
+    None,
+}
+
+impl PersonalData {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Decrypted => "decrypted",
+            Self::Redacted => "redacted",
+            Self::Erased => "erased",
+            Self::None => "none",
+        }
+    }
+}
+
+/// An event as a reader receives it, after the access decision.
+#[derive(Debug, Clone)]
+pub struct ReadEvent {
+    pub id: Uuid,
+    pub stream_id: StreamId,
+    pub version: u64,
+    pub position: u64,
+    pub event_type: String,
+    pub subject: Option<String>,
+    pub data: Map<String, Value>,
+    pub metadata: Map<String, Value>,
+    pub recorded_at_us: i64,
+    pub personal_data: PersonalData,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_ids() {
+        assert!(StreamId::parse("accounts-ACC-1").is_ok());
+        assert!(StreamId::parse("a.b_c:d@e-f").is_ok());
+        assert!(StreamId::parse(&"x".repeat(200)).is_ok());
+        assert!(StreamId::parse(&"x".repeat(201)).is_err());
+        assert!(StreamId::parse("").is_err());
+        assert!(StreamId::parse("has space").is_err());
+        assert!(StreamId::parse("slash/no").is_err());
+        assert!(StreamId::parse("ünicode").is_err());
+        let reserved = StreamId::parse("$subjects").unwrap_err();
+        assert!(reserved.0.contains("reserved"), "{reserved}");
+    }
+
+    #[test]
+    fn event_types_refuse_at_sign() {
+        assert!(EventType::parse("MoneyDeposited").is_ok());
+        assert!(EventType::parse("Money@Deposited").is_err());
+        assert!(EventType::parse("").is_err());
+    }
+
+    #[test]
+    fn expected_versions() {
+        assert_eq!(ExpectedVersion::parse("any"), Ok(ExpectedVersion::Any));
+        assert_eq!(
+            ExpectedVersion::parse("no-stream"),
+            Ok(ExpectedVersion::Exact(0))
+        );
+        assert_eq!(
+            ExpectedVersion::parse("exists"),
+            Ok(ExpectedVersion::Exists)
+        );
+        assert_eq!(ExpectedVersion::parse("17"), Ok(ExpectedVersion::Exact(17)));
+        assert!(ExpectedVersion::parse("-1").is_err());
+        assert!(ExpectedVersion::parse("sometimes").is_err());
+        assert!(ExpectedVersion::Exists.admits(1));
+        assert!(!ExpectedVersion::Exists.admits(0));
+        assert!(ExpectedVersion::Exact(0).admits(0));
+        assert!(!ExpectedVersion::Exact(2).admits(3));
+    }
+
+    fn event(id: u128) -> ProposedEvent {
+        ProposedEvent {
+            id: Uuid::from_u128(id),
+            event_type: EventType::parse("T").unwrap(),
+            subject: None,
+            data: Map::new(),
+            metadata: Map::new(),
+        }
+    }
+
+    #[test]
+    fn batches() {
+        assert!(EventBatch::new(vec![]).is_err());
+        assert!(EventBatch::new(vec![event(1), event(2)]).is_ok());
+        assert!(EventBatch::new(vec![event(1), event(1)]).is_err());
+        let too_many = (0..1001).map(event).collect();
+        assert!(EventBatch::new(too_many).is_err());
+    }
+}

@@ -1,0 +1,86 @@
+//! The HTTP API (axum): one module per resource, each with its own
+//! `router()`. Only this module knows the JSON shapes of the API.
+
+mod auth;
+mod body;
+mod health;
+mod log;
+mod problem;
+mod streams;
+mod views;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{HeaderName, HeaderValue, Request, header};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::trace::TraceLayer;
+
+pub use problem::ApiError;
+
+use crate::keys::KeyManager;
+use crate::principals::Principals;
+use crate::service::Events;
+use crate::store::EventStore;
+
+/// Settings the handlers need.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Largest accepted request body, in bytes (413 beyond).
+    pub max_body_bytes: usize,
+}
+
+/// Everything a handler may use. Cheap to clone: all shared parts are behind
+/// `Arc`s or are pools.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub events: Events,
+    pub store: EventStore,
+    pub keys: Arc<KeyManager>,
+    pub principals: Arc<Principals>,
+    pub config: Arc<HttpConfig>,
+}
+
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    let request_id = REQUEST_ID.clone();
+    Router::new()
+        .merge(streams::router())
+        .merge(log::router())
+        .merge(health::router())
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .with_state(state)
+        // Nothing this service answers may be kept by a cache: a decrypted
+        // copy must not outlive a forget.
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ))
+        // The trace span names the request id, method and path; never
+        // headers or bodies (tokens, personal data).
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+                let id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info_span!(
+                    "request",
+                    request_id = %id,
+                    method = %req.method(),
+                    path = %req.uri().path(),
+                    principal = tracing::field::Empty,
+                )
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+/// How long graceful shutdown waits for in-flight requests.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);

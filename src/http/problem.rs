@@ -1,0 +1,128 @@
+//! The API's one error type and its `application/problem+json` form
+//! (RFC 9457). Client errors say what is wrong; server errors are generic to
+//! the caller and logged in full (never with payloads or key material).
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::service::ServiceError;
+use crate::store::writer::AppendRejection;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{detail}")]
+    Conflict {
+        detail: String,
+        current_version: Option<u64>,
+    },
+    #[error("request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("integrity check failed")]
+    Integrity,
+    #[error("internal error")]
+    Internal,
+    #[error("{0}")]
+    Unavailable(&'static str),
+}
+
+impl ApiError {
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Integrity | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// A stable, documented identifier of the problem kind.
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "bad-request",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::NotFound(_) => "not-found",
+            Self::Conflict {
+                current_version: Some(_),
+                ..
+            } => "wrong-expected-version",
+            Self::Conflict { .. } => "duplicate-event-ids",
+            Self::PayloadTooLarge(_) => "payload-too-large",
+            Self::UnsupportedMediaType(_) => "unsupported-media-type",
+            Self::Integrity => "integrity-failure",
+            Self::Internal => "internal-error",
+            Self::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status_code();
+        let mut body = json!({
+            "type": format!("urn:eventvault:problem:{}", self.kind()),
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "status": status.as_u16(),
+            "detail": self.to_string(),
+        });
+        if let Self::Conflict {
+            current_version: Some(v),
+            ..
+        } = &self
+        {
+            body["current_version"] = json!(v);
+        }
+        let mut resp = (status, body.to_string()).into_response();
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::Rejected(AppendRejection::WrongVersion { current }) => Self::Conflict {
+                detail: format!(
+                    "Expected-Version does not match: the stream is at version {current}"
+                ),
+                current_version: Some(current),
+            },
+            ServiceError::Rejected(AppendRejection::IdsInUse(detail)) => Self::Conflict {
+                detail,
+                current_version: None,
+            },
+            ServiceError::StreamNotFound => Self::NotFound("stream not found".into()),
+            ServiceError::Integrity { position } => {
+                tracing::error!(
+                    position,
+                    "stored ciphertext failed its integrity check; nothing was disclosed"
+                );
+                Self::Integrity
+            }
+            ServiceError::Unavailable => Self::Unavailable("the service is shutting down"),
+            other => {
+                tracing::error!(error = %other, "request failed");
+                Self::Internal
+            }
+        }
+    }
+}

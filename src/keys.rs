@@ -1,0 +1,243 @@
+//! The key manager: owns every data-encryption key. It finds or creates a
+//! subject's key, unwraps stored keys with the master key, and keeps the
+//! unwrapped ones in bounded caches (which a forget will evict).
+//!
+//! It also owns the master key's life on disk: loading it from
+//! `EVENTVAULT_MASTER_KEY` or the key file, creating that file (mode 0600) on
+//! first start, and refusing to start when the master key does not open the
+//! keystore.
+
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::crypto::{CryptoError, Dek, Kek};
+use crate::store::StoreError;
+use crate::store::keystore::{Keystore, WrappedDek};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("key material failed its integrity check")]
+    Crypto(#[from] CryptoError),
+    #[error(
+        "the master key (id {configured}) does not open this keystore, whose keys are wrapped by master key id(s) {known}; \
+         start with the master key that created it (EVENTVAULT_MASTER_KEY or the master key file)"
+    )]
+    WrongMasterKey { configured: String, known: String },
+    #[error("master key: {0}")]
+    MasterKey(String),
+    #[error("data key {0} is wrapped by a master key this process does not have")]
+    UnknownKek(String),
+}
+
+/// Loads the master key: from `env_value` (base64) when given, else from
+/// `path`, which is created with 32 fresh random bytes (base64, mode 0600) if
+/// it does not exist. Returns the key and whether it was just created.
+pub fn load_master_key(env_value: Option<&str>, path: &Path) -> Result<(Kek, bool), KeyError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+
+    if let Some(text) = env_value {
+        let kek = Kek::from_base64(text).map_err(|_| {
+            KeyError::MasterKey("EVENTVAULT_MASTER_KEY is not 32 bytes in base64".into())
+        })?;
+        return Ok((kek, false));
+    }
+    match std::fs::metadata(path) {
+        Ok(meta) => {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(KeyError::MasterKey(format!(
+                    "{} is readable by others (mode {mode:o}); run `chmod 600 {}`",
+                    path.display(),
+                    path.display()
+                )));
+            }
+            let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+                KeyError::MasterKey(format!("cannot read {}: {e}", path.display()))
+            })?);
+            let kek = Kek::from_base64(&text).map_err(|_| {
+                KeyError::MasterKey(format!(
+                    "{} does not hold 32 bytes in base64",
+                    path.display()
+                ))
+            })?;
+            Ok((kek, false))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                crate::store::create_private_dir(dir)?;
+            }
+            let (kek, encoded) = Kek::generate()?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| {
+                    KeyError::MasterKey(format!("cannot create {}: {e}", path.display()))
+                })?;
+            file.write_all(encoded.as_bytes())
+                .and_then(|()| file.write_all(b"\n"))
+                .and_then(|()| file.sync_all())
+                .map_err(|e| {
+                    KeyError::MasterKey(format!("cannot write {}: {e}", path.display()))
+                })?;
+            Ok((kek, true))
+        }
+        Err(e) => Err(KeyError::MasterKey(format!(
+            "cannot read {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// A subject's current key for new encryptions.
+#[derive(Clone)]
+pub struct ActiveKey {
+    pub key_id: Arc<str>,
+    pub dek: Arc<Dek>,
+}
+
+/// Owns the data keys. Shared by all handlers behind an `Arc`.
+pub struct KeyManager {
+    /// Where wrapped keys live.
+    keystore: Keystore,
+    /// The master key that wraps them.
+    kek: Kek,
+    /// Subject → its active key, for appends.
+    by_subject: Mutex<LruCache<String, ActiveKey>>,
+    /// Key id → key, for reads.
+    by_id: Mutex<LruCache<String, Arc<Dek>>>,
+}
+
+impl std::fmt::Debug for KeyManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the keys: only which master key is in use.
+        f.debug_struct("KeyManager")
+            .field("kek_id", &self.kek.id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyManager {
+    /// Opens the key manager after proving that `kek` is the keystore's master
+    /// key (a brand-new keystore adopts it).
+    pub async fn open(
+        keystore: Keystore,
+        kek: Kek,
+        cache_capacity: usize,
+    ) -> Result<Self, KeyError> {
+        let known = keystore.keks().await?;
+        match known.iter().find(|(id, _)| id == kek.id()) {
+            Some((_, check)) => kek
+                .verify_check(check)
+                .map_err(|_| KeyError::WrongMasterKey {
+                    configured: kek.id().to_owned(),
+                    known: kek.id().to_owned(),
+                })?,
+            None if known.is_empty() => keystore.insert_kek(kek.id(), &kek.seal_check()?).await?,
+            None => {
+                return Err(KeyError::WrongMasterKey {
+                    configured: kek.id().to_owned(),
+                    known: known
+                        .iter()
+                        .map(|(id, _)| id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+        }
+        let cap = NonZeroUsize::new(cache_capacity.max(1)).expect("max(1) is non-zero");
+        Ok(Self {
+            keystore,
+            kek,
+            by_subject: Mutex::new(LruCache::new(cap)),
+            by_id: Mutex::new(LruCache::new(cap)),
+        })
+    }
+
+    pub fn kek_id(&self) -> &str {
+        self.kek.id()
+    }
+
+    pub fn keystore(&self) -> &Keystore {
+        &self.keystore
+    }
+
+    /// The subject's active key, created (and stored wrapped) on first use.
+    /// Two requests racing to create it end up with the same key: the
+    /// keystore keeps one active key per subject and the loser reads it back.
+    pub async fn key_for_subject(&self, subject: &str) -> Result<ActiveKey, KeyError> {
+        if let Some(k) = self.by_subject.lock().expect("cache lock").get(subject) {
+            return Ok(k.clone());
+        }
+        let stored = match self.keystore.active_dek(subject).await? {
+            Some(w) => w,
+            None => {
+                let key_id = Uuid::new_v4().to_string();
+                let fresh = self.kek.new_dek(&key_id, subject)?;
+                let row = WrappedDek {
+                    key_id,
+                    subject: subject.to_owned(),
+                    kek_id: self.kek.id().to_owned(),
+                    wrapped: fresh.wrapped,
+                };
+                if self.keystore.insert_dek_if_none(&row).await? {
+                    row
+                } else {
+                    self.keystore.active_dek(subject).await?.ok_or_else(|| {
+                        StoreError::Corrupt("a subject's key vanished while being created".into())
+                    })?
+                }
+            }
+        };
+        let dek = self.unwrap(&stored)?;
+        let key = ActiveKey {
+            key_id: Arc::from(stored.key_id.as_str()),
+            dek,
+        };
+        self.by_id
+            .lock()
+            .expect("cache lock")
+            .put(stored.key_id, key.dek.clone());
+        self.by_subject
+            .lock()
+            .expect("cache lock")
+            .put(subject.to_owned(), key.clone());
+        Ok(key)
+    }
+
+    /// The key with this id, or `None` when it no longer exists (destroyed).
+    pub async fn key_by_id(&self, key_id: &str) -> Result<Option<Arc<Dek>>, KeyError> {
+        if let Some(k) = self.by_id.lock().expect("cache lock").get(key_id) {
+            return Ok(Some(k.clone()));
+        }
+        let Some(stored) = self.keystore.dek_by_id(key_id).await? else {
+            return Ok(None);
+        };
+        let dek = self.unwrap(&stored)?;
+        self.by_id
+            .lock()
+            .expect("cache lock")
+            .put(stored.key_id, dek.clone());
+        Ok(Some(dek))
+    }
+
+    fn unwrap(&self, stored: &WrappedDek) -> Result<Arc<Dek>, KeyError> {
+        if stored.kek_id != self.kek.id() {
+            return Err(KeyError::UnknownKek(stored.key_id.clone()));
+        }
+        Ok(Arc::new(self.kek.unwrap_dek(
+            &stored.wrapped,
+            &stored.key_id,
+            &stored.subject,
+        )?))
+    }
+}

@@ -1,0 +1,28 @@
+//! eventvault: a GDPR-aware, encrypted event store served over HTTP.
+//!
+//! # Layout
+//!
+//! - [`domain`]: validated identifiers and event shapes; knows neither HTTP
+//!   nor SQL.
+//! - [`crypto`]: AES-256-GCM seal/open and key wrapping; the only module that
+//!   sees key bytes.
+//! - [`keys`]: the key manager (data keys per subject, master key, caches).
+//! - [`policy`]: `policies/*.toml` — field classification and roles.
+//! - [`principals`]: callers, their roles and token hashes.
+//! - [`store`]: all SQL — connections, migrations, reads, the group-commit
+//!   writer, the keystore tables.
+//! - [`service`]: classify + seal on append, open + mark on read.
+//! - [`http`]: the axum API; the only module that knows its JSON shapes.
+//! - [`app`]: configuration, start-up and graceful shutdown.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod crypto;
+pub mod domain;
+pub mod http;
+pub mod keys;
+pub mod policy;
+pub mod principals;
+pub mod service;
+pub mod store;

@@ -1,0 +1,178 @@
+//! The `eventvault` command: parse the command line, set up logging, run.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use eventvault::app::{self, Application, Config};
+use eventvault::principals::Principals;
+use zeroize::Zeroizing;
+
+/// A GDPR-aware, encrypted event store served over HTTP.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Event store database: a SQLite URL or postgres://user@host/db.
+    #[arg(
+        long,
+        global = true,
+        env = "EVENTVAULT_DATABASE_URL",
+        default_value = "sqlite://data/eventvault.db"
+    )]
+    database_url: String,
+    /// Keystore database, separate from the event store: SQLite URL or postgres://….
+    #[arg(
+        long,
+        global = true,
+        env = "EVENTVAULT_KEYSTORE_URL",
+        default_value = "sqlite://keys/keystore.db"
+    )]
+    keystore_url: String,
+    /// File holding the master key (base64), created with mode 0600 on first
+    /// start. Ignored when EVENTVAULT_MASTER_KEY (base64) is set.
+    #[arg(
+        long,
+        global = true,
+        env = "EVENTVAULT_MASTER_KEY_FILE",
+        default_value = "keys/master.key"
+    )]
+    master_key_file: PathBuf,
+    /// Directory with classification.toml and roles.toml.
+    #[arg(
+        long,
+        global = true,
+        env = "EVENTVAULT_POLICIES_DIR",
+        default_value = "policies"
+    )]
+    policies_dir: PathBuf,
+    /// Connections per database pool.
+    #[arg(
+        long,
+        global = true,
+        env = "EVENTVAULT_DB_CONNECTIONS",
+        default_value_t = 16
+    )]
+    db_connections: u32,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP service.
+    Serve {
+        /// Address and port to listen on.
+        #[arg(long, env = "EVENTVAULT_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Largest accepted request body in bytes (larger ones get 413).
+        #[arg(long, env = "EVENTVAULT_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+        max_body_bytes: usize,
+        /// Unwrapped data keys kept in memory.
+        #[arg(long, env = "EVENTVAULT_KEY_CACHE", default_value_t = 100_000)]
+        key_cache: usize,
+    },
+    /// Manage principals (callers and their tokens).
+    #[command(subcommand)]
+    Principal(PrincipalCommand),
+}
+
+#[derive(Subcommand)]
+enum PrincipalCommand {
+    /// Add a principal and print its token once, as the last line.
+    Add {
+        /// Unique name of the principal.
+        name: String,
+        /// A role from policies/roles.toml; repeat for several.
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+    },
+    /// List principals and their roles (never tokens).
+    List,
+    /// Remove a principal; its token stops working.
+    Remove {
+        /// Name of the principal.
+        name: String,
+    },
+}
+
+fn config(cli: &Cli, listen: SocketAddr, max_body_bytes: usize, key_cache: usize) -> Config {
+    Config {
+        listen,
+        database_url: cli.database_url.clone(),
+        keystore_url: cli.keystore_url.clone(),
+        master_key_file: cli.master_key_file.clone(),
+        master_key: std::env::var("EVENTVAULT_MASTER_KEY")
+            .ok()
+            .map(Zeroizing::new),
+        policies_dir: cli.policies_dir.clone(),
+        max_body_bytes,
+        key_cache_capacity: key_cache,
+        max_db_connections: cli.db_connections,
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn,tower_http=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    match &cli.command {
+        Command::Serve {
+            listen,
+            max_body_bytes,
+            key_cache,
+        } => {
+            let cfg = config(&cli, *listen, *max_body_bytes, *key_cache);
+            let mut application = Application::build(&cfg).await?;
+            if let Some(token) = application.take_admin_token() {
+                println!(
+                    "First start: created principal 'admin' with role 'admin'. Its token, shown only this once:"
+                );
+                println!("{}", token.as_str());
+            }
+            application.run_until(app::shutdown_signal()).await?;
+        }
+        Command::Principal(cmd) => {
+            let cfg = config(&cli, "127.0.0.1:0".parse()?, 0, 1);
+            let (store, policies) = app::open_event_store(&cfg).await?;
+            let principals = Principals::new(store);
+            match cmd {
+                PrincipalCommand::Add { name, roles } => {
+                    let token = principals.add(&policies, name, roles).await?;
+                    println!(
+                        "Added principal {name:?} with roles {}. Its token, shown only this once:",
+                        roles.join(", ")
+                    );
+                    println!("{}", token.as_str());
+                }
+                PrincipalCommand::List => {
+                    for p in principals.list().await? {
+                        println!("{}\t{}", p.name, p.roles.join(","));
+                    }
+                }
+                PrincipalCommand::Remove { name } => {
+                    principals.remove(name).await?;
+                    println!("Removed principal {name:?}.");
+                }
+            }
+        }
+    }
+    Ok(())
+}

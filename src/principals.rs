@@ -1,0 +1,194 @@
+//! Named callers and their bearer tokens.
+//!
+//! A token is 256 random bits shown once when the principal is created; only
+//! its SHA-256 is stored. Authentication hashes the presented token and looks
+//! the hash up. Recent answers (also "unknown") are cached briefly so that a
+//! busy caller does not cost a database round trip per request, and a removed
+//! principal loses access within [`CACHE_TTL`].
+
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lru::LruCache;
+use zeroize::Zeroizing;
+
+use crate::crypto;
+use crate::policy::Policies;
+use crate::store::{EventStore, StoreError};
+
+/// How long an authentication answer is reused.
+pub const CACHE_TTL: Duration = Duration::from_secs(5);
+const CACHE_ENTRIES: usize = 10_000;
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub name: String,
+    pub roles: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrincipalError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("a principal named {0:?} exists already")]
+    Exists(String),
+    #[error("no principal is named {0:?}")]
+    NotFound(String),
+    #[error("unknown role {role:?}; the policies define: {known}")]
+    UnknownRole { role: String, known: String },
+    #[error("a principal needs at least one role")]
+    NoRole,
+    #[error("principal name must be 1 to 100 characters of letters, digits, '.', '_', '-' or '@'")]
+    BadName,
+    #[error("random generator unavailable")]
+    Random,
+    #[error("stored principal {0:?} is unreadable")]
+    Corrupt(String),
+}
+
+/// A listed principal (never with a token).
+#[derive(Debug, Clone)]
+pub struct PrincipalInfo {
+    pub name: String,
+    pub roles: Vec<String>,
+    pub created_at_us: i64,
+}
+
+/// A cached authentication answer (`None`: unknown token) and when it was made.
+type CachedAnswer = (Option<Arc<Principal>>, Instant);
+
+pub struct Principals {
+    /// Where principals are stored.
+    store: EventStore,
+    /// Token hash → recent answer.
+    cache: Mutex<LruCache<String, CachedAnswer>>,
+}
+
+impl std::fmt::Debug for Principals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Principals").finish_non_exhaustive()
+    }
+}
+
+fn parse_roles(name: &str, json: &str) -> Result<Vec<String>, PrincipalError> {
+    serde_json::from_str(json).map_err(|_| PrincipalError::Corrupt(name.to_owned()))
+}
+
+impl Principals {
+    pub fn new(store: EventStore) -> Self {
+        let cap = NonZeroUsize::new(CACHE_ENTRIES).expect("non-zero");
+        Self {
+            store,
+            cache: Mutex::new(LruCache::new(cap)),
+        }
+    }
+
+    /// The principal holding `token`, or `None` for an unknown token.
+    pub async fn authenticate(
+        &self,
+        token: &str,
+    ) -> Result<Option<Arc<Principal>>, PrincipalError> {
+        let hash = crypto::token_hash(token);
+        if let Some((p, at)) = self.cache.lock().expect("cache lock").get(&hash)
+            && at.elapsed() < CACHE_TTL
+        {
+            return Ok(p.clone());
+        }
+        let found = match self.store.principal_by_token_hash(&hash).await? {
+            Some(row) => Some(Arc::new(Principal {
+                roles: parse_roles(&row.name, &row.roles)?,
+                name: row.name,
+            })),
+            None => None,
+        };
+        self.cache
+            .lock()
+            .expect("cache lock")
+            .put(hash, (found.clone(), Instant::now()));
+        Ok(found)
+    }
+
+    /// Creates a principal with `roles` (each must exist in the policies) and
+    /// returns its new token, which is not stored anywhere.
+    pub async fn add(
+        &self,
+        policies: &Policies,
+        name: &str,
+        roles: &[String],
+    ) -> Result<Zeroizing<String>, PrincipalError> {
+        if name.is_empty()
+            || name.len() > 100
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
+        {
+            return Err(PrincipalError::BadName);
+        }
+        if roles.is_empty() {
+            return Err(PrincipalError::NoRole);
+        }
+        for role in roles {
+            if policies.role(role).is_none() {
+                let mut known: Vec<&str> = policies.roles.keys().map(String::as_str).collect();
+                known.sort();
+                return Err(PrincipalError::UnknownRole {
+                    role: role.clone(),
+                    known: known.join(", "),
+                });
+            }
+        }
+        let token = crypto::new_token().map_err(|_| PrincipalError::Random)?;
+        let roles_json = serde_json::to_string(roles).expect("strings serialise");
+        if !self
+            .store
+            .insert_principal(name, &roles_json, &crypto::token_hash(&token))
+            .await?
+        {
+            return Err(PrincipalError::Exists(name.to_owned()));
+        }
+        Ok(token)
+    }
+
+    pub async fn list(&self) -> Result<Vec<PrincipalInfo>, PrincipalError> {
+        self.store
+            .list_principals()
+            .await?
+            .into_iter()
+            .map(|r| {
+                Ok(PrincipalInfo {
+                    roles: parse_roles(&r.name, &r.roles)?,
+                    name: r.name,
+                    created_at_us: r.created_at,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn remove(&self, name: &str) -> Result<(), PrincipalError> {
+        if !self.store.remove_principal(name).await? {
+            return Err(PrincipalError::NotFound(name.to_owned()));
+        }
+        // Drop every cached answer so this process forgets the token now.
+        self.cache.lock().expect("cache lock").clear();
+        Ok(())
+    }
+
+    /// On a first start (no principal at all) creates `admin` with the
+    /// `admin` role and returns its token, to be shown once.
+    pub async fn bootstrap_admin(
+        &self,
+        policies: &Policies,
+    ) -> Result<Option<Zeroizing<String>>, PrincipalError> {
+        if self.store.count_principals().await? > 0 {
+            return Ok(None);
+        }
+        match self.add(policies, "admin", &["admin".to_owned()]).await {
+            Ok(token) => Ok(Some(token)),
+            // Another process sharing the database bootstrapped it first.
+            Err(PrincipalError::Exists(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}

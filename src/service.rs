@@ -1,0 +1,351 @@
+//! Commands and queries on events: the layer between HTTP and the store.
+//!
+//! On the way in it classifies each event's fields (clear or personal, per
+//! `policies/classification.toml`), seals the personal ones under the
+//! subject's key and hands the batch to the group-commit writer. On the way
+//! out it opens sealed fields for readers allowed to see them and marks every
+//! event with what happened to its personal data.
+//!
+//! Bulk crypto and JSON work runs on the blocking pool, off the async threads.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::crypto::{Dek, EventAad};
+use crate::domain::{
+    EventBatch, ExpectedVersion, PersonalData, ProposedEvent, ReadEvent, StreamId,
+};
+use crate::keys::{ActiveKey, KeyError, KeyManager};
+use crate::policy::Policies;
+use crate::store::writer::{
+    AppendCommand, AppendRejection, Appended, PendingEvent, WriteError, Writer,
+};
+use crate::store::{Direction, EventStore, StoreError, StoredEvent};
+
+/// Batches larger than this are sealed or opened on the blocking pool.
+const INLINE_CRYPTO_EVENTS: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Rejected(#[from] AppendRejection),
+    #[error("stream not found")]
+    StreamNotFound,
+    /// A stored ciphertext failed to open: it was moved, altered or damaged.
+    /// Never carries plaintext or key material.
+    #[error("integrity check failed for the event at position {position}")]
+    Integrity { position: u64 },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the service is shutting down")]
+    Unavailable,
+}
+
+impl From<WriteError> for ServiceError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Rejected(r) => Self::Rejected(r),
+            WriteError::Store(s) => Self::Store(s),
+            WriteError::Stopped => Self::Unavailable,
+        }
+    }
+}
+
+/// A page of one stream.
+#[derive(Debug)]
+pub struct StreamPage {
+    pub current_version: u64,
+    pub events: Vec<ReadEvent>,
+    /// The `from` of the next page, if there may be one.
+    pub next: Option<u64>,
+}
+
+/// A page of the global log.
+#[derive(Debug)]
+pub struct LogPage {
+    pub events: Vec<ReadEvent>,
+    /// The position to pass as `after` for the next page.
+    pub next: u64,
+}
+
+/// The event services shared by all handlers.
+#[derive(Clone, Debug)]
+pub struct Events {
+    store: EventStore,
+    writer: Writer,
+    keys: Arc<KeyManager>,
+    policies: Arc<Policies>,
+}
+
+impl Events {
+    pub fn new(
+        store: EventStore,
+        writer: Writer,
+        keys: Arc<KeyManager>,
+        policies: Arc<Policies>,
+    ) -> Self {
+        Self {
+            store,
+            writer,
+            keys,
+            policies,
+        }
+    }
+
+    /// Classifies, seals and appends a batch atomically.
+    pub async fn append(
+        &self,
+        stream: StreamId,
+        expected: ExpectedVersion,
+        batch: EventBatch,
+    ) -> Result<Appended, ServiceError> {
+        let events = batch.into_inner();
+        let inline = events.len() <= INLINE_CRYPTO_EVENTS;
+        let mut keys: HashMap<String, ActiveKey> = HashMap::new();
+        for e in &events {
+            if let Some(s) = &e.subject
+                && !keys.contains_key(s.as_str())
+            {
+                keys.insert(
+                    s.as_str().to_owned(),
+                    self.keys.key_for_subject(s.as_str()).await?,
+                );
+            }
+        }
+        let policies = self.policies.clone();
+        let stream_name = stream.as_str().to_owned();
+        let seal_all = move || -> Result<Vec<PendingEvent>, ServiceError> {
+            events
+                .into_iter()
+                .map(|e| seal_event(&policies, &stream_name, &keys, e))
+                .collect()
+        };
+        let pending = if inline {
+            seal_all()?
+        } else {
+            tokio::task::spawn_blocking(seal_all)
+                .await
+                .map_err(|_| ServiceError::Unavailable)??
+        };
+        Ok(self
+            .writer
+            .append(AppendCommand {
+                stream,
+                expected,
+                events: pending,
+            })
+            .await?)
+    }
+
+    /// A page of a stream, as it was at `as_of_us` if given.
+    pub async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from: Option<u64>,
+        limit: u32,
+        direction: Direction,
+        as_of_us: Option<i64>,
+        reveal: bool,
+    ) -> Result<StreamPage, ServiceError> {
+        let current = self
+            .store
+            .stream_version(stream, as_of_us)
+            .await?
+            .ok_or(ServiceError::StreamNotFound)?;
+        let from = from.unwrap_or(match direction {
+            Direction::Forward => 1,
+            Direction::Backward => current,
+        });
+        let rows = self
+            .store
+            .read_stream(stream, from, limit, direction, as_of_us)
+            .await?;
+        let full = rows.len() == limit as usize;
+        let next = rows.last().and_then(|last| {
+            let v = last.version as u64;
+            match direction {
+                Direction::Forward if full && v < current => Some(v + 1),
+                Direction::Backward if full && v > 1 => Some(v - 1),
+                _ => None,
+            }
+        });
+        let events = self.open_all(rows, reveal).await?;
+        Ok(StreamPage {
+            current_version: current,
+            events,
+            next,
+        })
+    }
+
+    /// A page of the global log after `after`.
+    pub async fn read_all(
+        &self,
+        after: u64,
+        limit: u32,
+        as_of_us: Option<i64>,
+        reveal: bool,
+    ) -> Result<LogPage, ServiceError> {
+        let rows = self.store.read_all(after, limit, as_of_us).await?;
+        let next = rows.last().map_or(after, |r| r.position as u64);
+        let events = self.open_all(rows, reveal).await?;
+        Ok(LogPage { events, next })
+    }
+
+    /// Turns stored rows into events for a reader: opens the sealed fields
+    /// when `reveal`, and says for each what became of its personal data.
+    async fn open_all(
+        &self,
+        rows: Vec<StoredEvent>,
+        reveal: bool,
+    ) -> Result<Vec<ReadEvent>, ServiceError> {
+        let mut deks: HashMap<String, Option<Arc<Dek>>> = HashMap::new();
+        if reveal {
+            for r in &rows {
+                if let Some(k) = &r.key_id
+                    && !deks.contains_key(k)
+                {
+                    deks.insert(k.clone(), self.keys.key_by_id(k).await?);
+                }
+            }
+        }
+        let inline = rows.len() <= INLINE_CRYPTO_EVENTS;
+        let open = move || {
+            rows.into_iter()
+                .map(|r| open_event(r, reveal, &deks))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        if inline {
+            open()
+        } else {
+            tokio::task::spawn_blocking(open)
+                .await
+                .map_err(|_| ServiceError::Unavailable)?
+        }
+    }
+}
+
+/// Splits `data` into clear and personal fields and seals the personal ones.
+fn seal_event(
+    policies: &Policies,
+    stream: &str,
+    keys: &HashMap<String, ActiveKey>,
+    e: ProposedEvent,
+) -> Result<PendingEvent, ServiceError> {
+    let metadata = serde_json::to_string(&e.metadata).expect("JSON values serialise");
+    let subject = e.subject.as_ref().map(|s| s.as_str().to_owned());
+    let Some(key) = e.subject.as_ref().map(|s| &keys[s.as_str()]) else {
+        // No subject: no personal data, stored as given.
+        let data = serde_json::to_string(&e.data).expect("JSON values serialise");
+        return Ok(PendingEvent {
+            id: e.id,
+            event_type: e.event_type.as_str().to_owned(),
+            subject,
+            key_id: None,
+            data,
+            sealed: None,
+            metadata,
+        });
+    };
+    let (clear, personal): (Map<String, Value>, Map<String, Value>) =
+        e.data.into_iter().partition(|(field, _)| {
+            policies
+                .classification
+                .is_clear(e.event_type.as_str(), field)
+        });
+    let data = serde_json::to_string(&clear).expect("JSON values serialise");
+    if personal.is_empty() {
+        return Ok(PendingEvent {
+            id: e.id,
+            event_type: e.event_type.as_str().to_owned(),
+            subject,
+            key_id: None,
+            data,
+            sealed: None,
+            metadata,
+        });
+    }
+    let plaintext = Zeroizing::new(serde_json::to_vec(&personal).expect("JSON values serialise"));
+    let at = EventAad {
+        event_id: e.id.as_bytes(),
+        stream_id: stream,
+        event_type: e.event_type.as_str(),
+        key_id: &key.key_id,
+    };
+    let sealed = key
+        .dek
+        .seal_event(&plaintext, &at)
+        .map_err(KeyError::from)?;
+    Ok(PendingEvent {
+        id: e.id,
+        event_type: e.event_type.as_str().to_owned(),
+        subject,
+        key_id: Some(key.key_id.to_string()),
+        data,
+        sealed: Some(sealed),
+        metadata,
+    })
+}
+
+fn corrupt(what: &str, position: i64) -> ServiceError {
+    ServiceError::Store(StoreError::Corrupt(format!(
+        "{what} of the event at position {position}"
+    )))
+}
+
+/// Opens one stored event for a reader. `deks` holds every key the rows
+/// need when `reveal` (a `None` entry: the key is gone, the data erased).
+fn open_event(
+    r: StoredEvent,
+    reveal: bool,
+    deks: &HashMap<String, Option<Arc<Dek>>>,
+) -> Result<ReadEvent, ServiceError> {
+    let mut data: Map<String, Value> =
+        serde_json::from_str(&r.data).map_err(|_| corrupt("data", r.position))?;
+    let metadata: Map<String, Value> =
+        serde_json::from_str(&r.metadata).map_err(|_| corrupt("metadata", r.position))?;
+    let id = Uuid::parse_str(&r.event_id).map_err(|_| corrupt("id", r.position))?;
+    let personal_data = match (&r.sealed, &r.key_id) {
+        (Some(blob), Some(key_id)) if reveal => match deks.get(key_id).and_then(Option::as_ref) {
+            None => PersonalData::Erased,
+            Some(dek) => {
+                let at = EventAad {
+                    event_id: id.as_bytes(),
+                    stream_id: &r.stream_id,
+                    event_type: &r.event_type,
+                    key_id,
+                };
+                let plain = dek
+                    .open_event(blob, &at)
+                    .map_err(|_| ServiceError::Integrity {
+                        position: r.position as u64,
+                    })?;
+                let personal: Map<String, Value> =
+                    serde_json::from_slice(&plain).map_err(|_| ServiceError::Integrity {
+                        position: r.position as u64,
+                    })?;
+                data.extend(personal);
+                PersonalData::Decrypted
+            }
+        },
+        (Some(_), _) => PersonalData::Redacted,
+        _ => PersonalData::None,
+    };
+    Ok(ReadEvent {
+        id,
+        stream_id: StreamId::from_store(r.stream_id),
+        version: r.version as u64,
+        position: r.position as u64,
+        event_type: r.event_type,
+        subject: r.subject,
+        data,
+        metadata,
+        recorded_at_us: r.recorded_at,
+        personal_data,
+    })
+}

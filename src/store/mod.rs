@@ -1,0 +1,371 @@
+//! Everything that speaks SQL: connecting to SQLite or PostgreSQL, running the
+//! migrations compiled into the binary, reading events, the group-commit
+//! [`writer`], the [`keystore`] and the principals table.
+//!
+//! Both backends share one code path wherever the SQL is the same (`$N`
+//! placeholders work on both); where they differ (array parameters, advisory
+//! locks, `uuid` columns) each has its own small function next to the other.
+
+pub mod keystore;
+pub mod principals;
+pub mod writer;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use crate::domain::StreamId;
+
+static EVENTS_SQLITE: Migrator = sqlx::migrate!("migrations/sqlite/events");
+static EVENTS_POSTGRES: Migrator = sqlx::migrate!("migrations/postgres/events");
+static KEYSTORE_SQLITE: Migrator = sqlx::migrate!("migrations/sqlite/keystore");
+static KEYSTORE_POSTGRES: Migrator = sqlx::migrate!("migrations/postgres/keystore");
+
+/// A failure of the database layer. The message is for the operator's log;
+/// the HTTP layer shows callers a generic 5xx.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database URL {0:?} is neither sqlite: nor postgres:")]
+    UnsupportedUrl(String),
+    #[error("cannot create directory {path}: {source}")]
+    CreateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+/// Which of the two databases a pool serves; they have separate migrations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Events,
+    Keystore,
+}
+
+/// A connection pool to one of the two supported backends.
+#[derive(Clone, Debug)]
+pub enum Db {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs the same expression against whichever pool `db` holds; for queries
+/// whose SQL and types are the same on both backends.
+macro_rules! on_db {
+    ($db:expr, |$pool:ident| $body:expr) => {
+        match $db {
+            $crate::store::Db::Sqlite($pool) => $body,
+            $crate::store::Db::Postgres($pool) => $body,
+        }
+    };
+}
+pub(crate) use on_db;
+
+impl Db {
+    /// Connects to `url` (`sqlite:…` or `postgres://…`), creating a SQLite
+    /// file and its directory if needed, and runs the migrations for `purpose`.
+    pub async fn connect(
+        url: &str,
+        purpose: Purpose,
+        max_connections: u32,
+    ) -> Result<Self, StoreError> {
+        let db = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let opts = PgConnectOptions::from_str(url)?.application_name("eventvault");
+            let pool = PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(opts)
+                .await?;
+            Db::Postgres(pool)
+        } else if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                // WAL lets readers run beside the writer; FULL syncs the WAL at
+                // every commit, so an acknowledged append survives power loss.
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true)
+                // Deleted keystore rows are overwritten with zeros rather than
+                // left in free pages (crypto-shredding relies on it).
+                .pragma("secure_delete", "on");
+            let file = opts.get_filename().to_owned();
+            if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+                create_private_dir(dir)?;
+            }
+            let pool = SqlitePoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(opts)
+                .await?;
+            // Owner-only, like the directory (SQLite gives its -wal and -shm
+            // files the database file's mode).
+            if file.is_file() {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).map_err(
+                    |source| StoreError::CreateDir {
+                        path: file.display().to_string(),
+                        source,
+                    },
+                )?;
+            }
+            Db::Sqlite(pool)
+        } else {
+            return Err(StoreError::UnsupportedUrl(redact_url(url)));
+        };
+        let migrator = match (&db, purpose) {
+            (Db::Sqlite(_), Purpose::Events) => &EVENTS_SQLITE,
+            (Db::Sqlite(_), Purpose::Keystore) => &KEYSTORE_SQLITE,
+            (Db::Postgres(_), Purpose::Events) => &EVENTS_POSTGRES,
+            (Db::Postgres(_), Purpose::Keystore) => &KEYSTORE_POSTGRES,
+        };
+        on_db!(&db, |pool| migrator.run(pool).await)?;
+        Ok(db)
+    }
+
+    /// A trivial round trip, for readiness checks.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        on_db!(self, |pool| sqlx::query("select 1")
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        on_db!(self, |pool| pool.close().await)
+    }
+}
+
+/// Creates a directory (and parents) readable by the owner only, so that
+/// neither the event database nor the keystore is world-readable.
+pub fn create_private_dir(dir: &std::path::Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| StoreError::CreateDir {
+            path: dir.display().to_string(),
+            source,
+        })
+}
+
+/// A database URL fit for a log line: any password is replaced.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Microseconds since the Unix epoch, UTC: the time unit of every stored time.
+pub fn now_us() -> i64 {
+    let now = time::OffsetDateTime::now_utc();
+    (now.unix_timestamp_nanos() / 1_000) as i64
+}
+
+/// An event row as stored: clear fields as JSON text, personal fields sealed.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StoredEvent {
+    pub position: i64,
+    pub stream_id: String,
+    pub version: i64,
+    pub event_id: String,
+    pub event_type: String,
+    pub subject: Option<String>,
+    pub key_id: Option<String>,
+    pub data: String,
+    pub sealed: Option<Vec<u8>>,
+    pub metadata: String,
+    pub recorded_at: i64,
+}
+
+/// Builds one `select` of event rows for each backend; PostgreSQL keeps ids
+/// as `uuid` and hands them out as text so both decode alike.
+macro_rules! select_events {
+    ($rest:literal) => {
+        (
+            concat!(
+                "select position, stream_id, version, event_id, event_type, subject, key_id, data, sealed, metadata, recorded_at from events ",
+                $rest
+            ),
+            concat!(
+                "select position, stream_id, version, event_id::text as event_id, event_type, subject, key_id, data, sealed, metadata, recorded_at from events ",
+                $rest
+            ),
+        )
+    };
+}
+
+/// Direction of a stream read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Forward,
+    Backward,
+}
+
+/// Reads of the event store (writes go through [`writer`]).
+#[derive(Clone, Debug)]
+pub struct EventStore {
+    pub db: Db,
+}
+
+impl EventStore {
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    /// The stream's version at or before `as_of_us` (its current version when
+    /// `None`); `None` when the stream had no event by then.
+    pub async fn stream_version(
+        &self,
+        stream: &StreamId,
+        as_of_us: Option<i64>,
+    ) -> Result<Option<u64>, StoreError> {
+        let v: Option<i64> = match as_of_us {
+            None => on_db!(&self.db, |pool| {
+                sqlx::query_scalar("select version from streams where stream_id = $1")
+                    .bind(stream.as_str())
+                    .fetch_optional(pool)
+                    .await
+            })?,
+            Some(t) => {
+                on_db!(&self.db, |pool| {
+                    sqlx::query_scalar("select max(version) from events where stream_id = $1 and recorded_at <= $2")
+                    .bind(stream.as_str())
+                    .bind(t)
+                    .fetch_one(pool)
+                    .await
+                })?
+            }
+        };
+        Ok(v.map(|v| v as u64))
+    }
+
+    /// Up to `limit` events of a stream starting at version `from` (inclusive)
+    /// in `direction`, recorded at or before `as_of_us`.
+    pub async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from: u64,
+        limit: u32,
+        direction: Direction,
+        as_of_us: Option<i64>,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let (lite, pg) = match direction {
+            Direction::Forward => select_events!(
+                "where stream_id = $1 and version >= $2 and recorded_at <= $3 order by version asc limit $4"
+            ),
+            Direction::Backward => select_events!(
+                "where stream_id = $1 and version <= $2 and recorded_at <= $3 order by version desc limit $4"
+            ),
+        };
+        let from = i64::try_from(from).unwrap_or(i64::MAX);
+        let as_of = as_of_us.unwrap_or(i64::MAX);
+        let rows = match &self.db {
+            Db::Sqlite(pool) => {
+                sqlx::query_as(lite)
+                    .bind(stream.as_str())
+                    .bind(from)
+                    .bind(as_of)
+                    .bind(i64::from(limit))
+                    .fetch_all(pool)
+                    .await
+            }
+            Db::Postgres(pool) => {
+                sqlx::query_as(pg)
+                    .bind(stream.as_str())
+                    .bind(from)
+                    .bind(as_of)
+                    .bind(i64::from(limit))
+                    .fetch_all(pool)
+                    .await
+            }
+        }?;
+        Ok(rows)
+    }
+
+    /// Up to `limit` events of the global log after position `after`,
+    /// recorded at or before `as_of_us`.
+    pub async fn read_all(
+        &self,
+        after: u64,
+        limit: u32,
+        as_of_us: Option<i64>,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let (lite, pg) = select_events!(
+            "where position > $1 and recorded_at <= $2 order by position asc limit $3"
+        );
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let as_of = as_of_us.unwrap_or(i64::MAX);
+        let rows = match &self.db {
+            Db::Sqlite(pool) => {
+                sqlx::query_as(lite)
+                    .bind(after)
+                    .bind(as_of)
+                    .bind(i64::from(limit))
+                    .fetch_all(pool)
+                    .await
+            }
+            Db::Postgres(pool) => {
+                sqlx::query_as(pg)
+                    .bind(after)
+                    .bind(as_of)
+                    .bind(i64::from(limit))
+                    .fetch_all(pool)
+                    .await
+            }
+        }?;
+        Ok(rows)
+    }
+
+    /// The highest position in the global log (0 when it is empty).
+    pub async fn head_position(&self) -> Result<u64, StoreError> {
+        let p: Option<i64> = on_db!(&self.db, |pool| {
+            sqlx::query_scalar("select max(position) from events")
+                .fetch_one(pool)
+                .await
+        })?;
+        Ok(p.unwrap_or(0) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_passwords() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("sqlite://data/x.db"), "sqlite://data/x.db");
+    }
+}

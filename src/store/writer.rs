@@ -1,0 +1,653 @@
+//! The group-commit writer: the only code that inserts events.
+//!
+//! Request handlers validate, classify and encrypt in parallel, then send an
+//! [`AppendCommand`] here. One writer task per process takes whatever commands
+//! are waiting, checks each against the stream versions and event ids it
+//! reads once for the whole group (and against the commands before it in the
+//! same group), writes all accepted events in one transaction, commits once,
+//! and only then answers every waiter. Under load a single fsync thus serves
+//! many requests; alone, a request pays for one commit as before.
+//!
+//! Positions are assigned here, in commit order and without gaps: on SQLite
+//! `BEGIN IMMEDIATE` makes the transaction the only writer of the file; on
+//! PostgreSQL a transaction-level advisory lock serialises the writers of all
+//! eventvault processes sharing the database. The lock is released only after
+//! the commit is visible, so a reader following positions can never see a
+//! later position before an earlier one.
+
+use std::collections::HashMap;
+
+use sqlx::{Postgres, Sqlite, Transaction};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::{Db, StoreError, now_us};
+use crate::domain::{AppendResult, ExpectedVersion, StreamId};
+
+/// Upper bound of events gathered into one transaction: keeps a commit's
+/// latency and memory bounded however deep the queue gets.
+const MAX_GROUP_EVENTS: usize = 10_000;
+
+/// Capacity of the queue in front of the writer; senders wait when it is full
+/// (back-pressure instead of unbounded memory).
+const QUEUE_DEPTH: usize = 4096;
+
+/// Key of the PostgreSQL advisory lock taken by every writer transaction.
+/// Any constant works as long as every eventvault process uses the same one.
+const PG_WRITER_LOCK: i64 = 0x6576_7661_756c_7401; // "evvault" + 1
+
+/// One event ready to be stored: classified and, where personal, sealed.
+#[derive(Debug, Clone)]
+pub struct PendingEvent {
+    pub id: Uuid,
+    pub event_type: String,
+    pub subject: Option<String>,
+    /// Id of the data key that sealed `sealed`; `None` when nothing is sealed.
+    pub key_id: Option<String>,
+    /// The clear fields of `data`, as JSON text.
+    pub data: String,
+    /// The personal fields, sealed under `key_id`.
+    pub sealed: Option<Vec<u8>>,
+    pub metadata: String,
+}
+
+/// One append request as the writer sees it.
+#[derive(Debug)]
+pub struct AppendCommand {
+    pub stream: StreamId,
+    pub expected: ExpectedVersion,
+    pub events: Vec<PendingEvent>,
+}
+
+/// A successful append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Written now.
+    Created(AppendResult),
+    /// The very same event ids were appended before, in this order, to this
+    /// stream: nothing was written, this is the original result.
+    AlreadyAppended(AppendResult),
+}
+
+/// Why an append was refused; the group's other requests are unaffected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppendRejection {
+    #[error("stream is at version {current}")]
+    WrongVersion { current: u64 },
+    #[error("{0}")]
+    IdsInUse(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Rejected(#[from] AppendRejection),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the writer has stopped")]
+    Stopped,
+}
+
+type Reply = oneshot::Sender<Result<Appended, WriteError>>;
+
+/// The handle through which requests reach the writer task. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Writer {
+    tx: mpsc::Sender<(AppendCommand, Reply)>,
+}
+
+impl Writer {
+    /// Starts the writer task on `db`; it ends once every handle is dropped
+    /// and the queue is drained, so in-flight appends finish on shutdown.
+    pub fn spawn(db: Db) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let task = tokio::spawn(run(db, rx));
+        (Self { tx }, task)
+    }
+
+    /// Queues `cmd` and waits until its group has committed (or failed).
+    pub async fn append(&self, cmd: AppendCommand) -> Result<Appended, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send((cmd, reply))
+            .await
+            .map_err(|_| WriteError::Stopped)?;
+        answer.await.map_err(|_| WriteError::Stopped)?
+    }
+}
+
+async fn run(db: Db, mut rx: mpsc::Receiver<(AppendCommand, Reply)>) {
+    while let Some(first) = rx.recv().await {
+        let mut events = first.0.events.len();
+        let mut group = vec![first];
+        while events < MAX_GROUP_EVENTS {
+            match rx.try_recv() {
+                Ok(next) => {
+                    events += next.0.events.len();
+                    group.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let (cmds, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+        match commit_group(&db, &cmds).await {
+            Ok(outcomes) => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(outcome.map_err(WriteError::from));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, requests = replies.len(), "group commit failed");
+                for reply in replies {
+                    let _ = reply.send(Err(WriteError::Store(StoreError::Corrupt(
+                        "group commit failed".into(),
+                    ))));
+                }
+            }
+        }
+    }
+}
+
+/// What the group's transaction found before deciding.
+struct Snapshot {
+    head_position: u64,
+    last_recorded_at: i64,
+    versions: HashMap<String, u64>,
+    existing: HashMap<Uuid, Existing>,
+}
+
+/// Where an already stored (or already planned) event sits.
+#[derive(Debug, Clone)]
+struct Existing {
+    stream_id: String,
+    version: u64,
+    position: u64,
+    /// Index within its original append, and that append's size.
+    append_index: u32,
+    append_size: u32,
+}
+
+/// The rows one group will insert, column by column.
+#[derive(Default)]
+struct Rows {
+    position: Vec<i64>,
+    stream_id: Vec<String>,
+    version: Vec<i64>,
+    event_id: Vec<Uuid>,
+    event_type: Vec<String>,
+    subject: Vec<Option<String>>,
+    key_id: Vec<Option<String>>,
+    data: Vec<String>,
+    sealed: Vec<Option<Vec<u8>>>,
+    metadata: Vec<String>,
+    append_index: Vec<i32>,
+    append_size: Vec<i32>,
+}
+
+/// The group's decisions: one outcome per command, the rows to insert and
+/// each touched stream's new version.
+struct Plan {
+    outcomes: Vec<Result<Appended, AppendRejection>>,
+    rows: Rows,
+    streams: Vec<(String, i64)>,
+    recorded_at: i64,
+}
+
+/// Decides every command of the group in order, as if each had been its own
+/// transaction: later commands see the versions and ids of earlier ones.
+fn plan(cmds: &[AppendCommand], mut snap: Snapshot) -> Plan {
+    let mut rows = Rows::default();
+    let mut next_position = snap.head_position + 1;
+    let mut touched: Vec<String> = Vec::new();
+    let mut outcomes = Vec::with_capacity(cmds.len());
+    for cmd in cmds {
+        let outcome = decide(cmd, &snap);
+        if let Ok(Appended::Created(r)) = &outcome {
+            let stream = cmd.stream.as_str();
+            for (i, e) in cmd.events.iter().enumerate() {
+                let (version, position) = (r.first_version + i as u64, r.first_position + i as u64);
+                let (append_index, append_size) = (i as u32, cmd.events.len() as u32);
+                snap.existing.insert(
+                    e.id,
+                    Existing {
+                        stream_id: stream.to_owned(),
+                        version,
+                        position,
+                        append_index,
+                        append_size,
+                    },
+                );
+                rows.position.push(position as i64);
+                rows.stream_id.push(stream.to_owned());
+                rows.version.push(version as i64);
+                rows.event_id.push(e.id);
+                rows.event_type.push(e.event_type.clone());
+                rows.subject.push(e.subject.clone());
+                rows.key_id.push(e.key_id.clone());
+                rows.data.push(e.data.clone());
+                rows.sealed.push(e.sealed.clone());
+                rows.metadata.push(e.metadata.clone());
+                rows.append_index.push(append_index as i32);
+                rows.append_size.push(append_size as i32);
+            }
+            snap.versions.insert(stream.to_owned(), r.last_version);
+            if !touched.iter().any(|s| s == stream) {
+                touched.push(stream.to_owned());
+            }
+            next_position = r.last_position + 1;
+            snap.head_position = r.last_position;
+        }
+        outcomes.push(outcome);
+    }
+    debug_assert_eq!(next_position, snap.head_position + 1);
+    let streams = touched
+        .into_iter()
+        .map(|s| {
+            let v = snap.versions[&s] as i64;
+            (s, v)
+        })
+        .collect();
+    // Times strictly increase along the log, even if the clock steps back, so
+    // that an `as_of` read is always a prefix of the log and every commit's
+    // time names exactly the state after it.
+    let recorded_at = now_us().max(snap.last_recorded_at + 1);
+    Plan {
+        outcomes,
+        rows,
+        streams,
+        recorded_at,
+    }
+}
+
+fn decide(cmd: &AppendCommand, snap: &Snapshot) -> Result<Appended, AppendRejection> {
+    let known: Vec<&Existing> = cmd
+        .events
+        .iter()
+        .filter_map(|e| snap.existing.get(&e.id))
+        .collect();
+    if !known.is_empty() {
+        return replay(cmd, &known);
+    }
+    let current = snap.versions.get(cmd.stream.as_str()).copied().unwrap_or(0);
+    if !cmd.expected.admits(current) {
+        return Err(AppendRejection::WrongVersion { current });
+    }
+    let n = cmd.events.len() as u64;
+    let first_position = snap.head_position + 1;
+    Ok(Appended::Created(AppendResult {
+        first_version: current + 1,
+        last_version: current + n,
+        first_position,
+        last_position: first_position + n - 1,
+    }))
+}
+
+/// Some of the command's ids exist already: it is an idempotent retry only if
+/// all of them do, in this stream, in this order, one after the other.
+fn replay(cmd: &AppendCommand, known: &[&Existing]) -> Result<Appended, AppendRejection> {
+    let stream = cmd.stream.as_str();
+    if let Some(other) = known.iter().find(|e| e.stream_id != stream) {
+        return Err(AppendRejection::IdsInUse(format!(
+            "event ids of this append are already used in another stream (stream {:?})",
+            other.stream_id
+        )));
+    }
+    if known.len() != cmd.events.len() {
+        return Err(AppendRejection::IdsInUse(format!(
+            "{} of the {} event ids of this append were appended before; a retry must repeat the original append exactly",
+            known.len(),
+            cmd.events.len()
+        )));
+    }
+    let first = known[0];
+    let in_order = known.iter().enumerate().all(|(i, e)| {
+        e.append_index as usize == i
+            && e.append_size as usize == known.len()
+            && e.version == first.version + i as u64
+            && e.position == first.position + i as u64
+    });
+    if !in_order {
+        return Err(AppendRejection::IdsInUse(
+            "these event ids were appended before in another order or grouping; a retry must repeat the original append exactly".into(),
+        ));
+    }
+    let last = known[known.len() - 1];
+    Ok(Appended::AlreadyAppended(AppendResult {
+        first_version: first.version,
+        last_version: last.version,
+        first_position: first.position,
+        last_position: last.position,
+    }))
+}
+
+async fn commit_group(
+    db: &Db,
+    cmds: &[AppendCommand],
+) -> Result<Vec<Result<Appended, AppendRejection>>, StoreError> {
+    match db {
+        Db::Sqlite(pool) => {
+            let mut tx = pool.begin_with("begin immediate").await?;
+            let snap = sqlite_snapshot(&mut tx, cmds).await?;
+            let plan = plan(cmds, snap);
+            sqlite_write(&mut tx, &plan).await?;
+            tx.commit().await?;
+            Ok(plan.outcomes)
+        }
+        Db::Postgres(pool) => {
+            let mut tx = pool.begin().await?;
+            sqlx::query("select pg_advisory_xact_lock($1)")
+                .bind(PG_WRITER_LOCK)
+                .execute(&mut *tx)
+                .await?;
+            let snap = pg_snapshot(&mut tx, cmds).await?;
+            let plan = plan(cmds, snap);
+            pg_write(&mut tx, &plan).await?;
+            tx.commit().await?;
+            Ok(plan.outcomes)
+        }
+    }
+}
+
+fn distinct_streams(cmds: &[AppendCommand]) -> Vec<String> {
+    let mut s: Vec<String> = cmds.iter().map(|c| c.stream.as_str().to_owned()).collect();
+    s.sort();
+    s.dedup();
+    s
+}
+
+fn all_ids(cmds: &[AppendCommand]) -> Vec<Uuid> {
+    cmds.iter()
+        .flat_map(|c| c.events.iter().map(|e| e.id))
+        .collect()
+}
+
+const HEAD_SQL: &str = "select position, recorded_at from events order by position desc limit 1";
+
+/// An already stored event as the snapshot queries return it.
+type ExistingRow = (String, String, i64, i64, i32, i32);
+
+fn snapshot_from(
+    head: Option<(i64, i64)>,
+    versions: Vec<(String, i64)>,
+    existing: Vec<ExistingRow>,
+) -> Result<Snapshot, StoreError> {
+    let (head_position, last_recorded_at) = head.unwrap_or((0, 0));
+    let existing = existing
+        .into_iter()
+        .map(
+            |(id, stream_id, version, position, append_index, append_size)| {
+                let id = Uuid::parse_str(&id)
+                    .map_err(|_| StoreError::Corrupt(format!("event id {id:?} is not a uuid")))?;
+                let (version, position) = (version as u64, position as u64);
+                let (append_index, append_size) = (append_index as u32, append_size as u32);
+                Ok((
+                    id,
+                    Existing {
+                        stream_id,
+                        version,
+                        position,
+                        append_index,
+                        append_size,
+                    },
+                ))
+            },
+        )
+        .collect::<Result<_, StoreError>>()?;
+    Ok(Snapshot {
+        head_position: head_position as u64,
+        last_recorded_at,
+        versions: versions.into_iter().map(|(s, v)| (s, v as u64)).collect(),
+        existing,
+    })
+}
+
+async fn sqlite_snapshot(
+    tx: &mut Transaction<'static, Sqlite>,
+    cmds: &[AppendCommand],
+) -> Result<Snapshot, StoreError> {
+    let head = sqlx::query_as(HEAD_SQL).fetch_optional(&mut **tx).await?;
+    // SQLite has no array parameters: the id lists travel as one JSON array.
+    let streams = serde_json::to_string(&distinct_streams(cmds)).expect("strings serialise");
+    let versions = sqlx::query_as("select stream_id, version from streams where stream_id in (select value from json_each($1))")
+        .bind(streams)
+        .fetch_all(&mut **tx)
+        .await?;
+    let ids: Vec<String> = all_ids(cmds).iter().map(Uuid::to_string).collect();
+    let existing = sqlx::query_as(
+        "select event_id, stream_id, version, position, append_index, append_size
+         from events where event_id in (select value from json_each($1))",
+    )
+    .bind(serde_json::to_string(&ids).expect("strings serialise"))
+    .fetch_all(&mut **tx)
+    .await?;
+    snapshot_from(head, versions, existing)
+}
+
+async fn sqlite_write(
+    tx: &mut Transaction<'static, Sqlite>,
+    plan: &Plan,
+) -> Result<(), StoreError> {
+    for (stream, version) in &plan.streams {
+        sqlx::query(
+            "insert into streams (stream_id, version, created_at, updated_at) values ($1, $2, $3, $3)
+             on conflict (stream_id) do update set version = excluded.version, updated_at = excluded.updated_at",
+        )
+        .bind(stream)
+        .bind(version)
+        .bind(plan.recorded_at)
+        .execute(&mut **tx)
+        .await?;
+    }
+    let r = &plan.rows;
+    for i in 0..r.position.len() {
+        sqlx::query(
+            "insert into events (position, stream_id, version, event_id, event_type, subject, key_id, data, sealed, metadata,
+                                 recorded_at, append_index, append_size)
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(r.position[i])
+        .bind(&r.stream_id[i])
+        .bind(r.version[i])
+        .bind(r.event_id[i].to_string())
+        .bind(&r.event_type[i])
+        .bind(&r.subject[i])
+        .bind(&r.key_id[i])
+        .bind(&r.data[i])
+        .bind(&r.sealed[i])
+        .bind(&r.metadata[i])
+        .bind(plan.recorded_at)
+        .bind(r.append_index[i])
+        .bind(r.append_size[i])
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn pg_snapshot(
+    tx: &mut Transaction<'static, Postgres>,
+    cmds: &[AppendCommand],
+) -> Result<Snapshot, StoreError> {
+    let head = sqlx::query_as(HEAD_SQL).fetch_optional(&mut **tx).await?;
+    let versions =
+        sqlx::query_as("select stream_id, version from streams where stream_id = any($1)")
+            .bind(distinct_streams(cmds))
+            .fetch_all(&mut **tx)
+            .await?;
+    let existing = sqlx::query_as(
+        "select event_id::text, stream_id, version, position, append_index, append_size
+         from events where event_id = any($1)",
+    )
+    .bind(all_ids(cmds))
+    .fetch_all(&mut **tx)
+    .await?;
+    snapshot_from(head, versions, existing)
+}
+
+async fn pg_write(tx: &mut Transaction<'static, Postgres>, plan: &Plan) -> Result<(), StoreError> {
+    if plan.streams.is_empty() {
+        return Ok(());
+    }
+    let (names, versions): (Vec<&str>, Vec<i64>) =
+        plan.streams.iter().map(|(s, v)| (s.as_str(), *v)).unzip();
+    sqlx::query(
+        "insert into streams (stream_id, version, created_at, updated_at)
+         select s, v, $3, $3 from unnest($1::text[], $2::bigint[]) as t(s, v)
+         on conflict (stream_id) do update set version = excluded.version, updated_at = excluded.updated_at",
+    )
+    .bind(names)
+    .bind(versions)
+    .bind(plan.recorded_at)
+    .execute(&mut **tx)
+    .await?;
+    // One statement for the whole group: arrays per column, unnested.
+    let r = &plan.rows;
+    sqlx::query(
+        "insert into events (position, stream_id, version, event_id, event_type, subject, key_id, data, sealed, metadata,
+                             recorded_at, append_index, append_size)
+         select p, s, v, i, t, sub, k, d, x, m, $11, ai, an
+         from unnest($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[], $6::text[], $7::text[], $8::text[],
+                     $9::bytea[], $10::text[], $12::int[], $13::int[])
+              as u(p, s, v, i, t, sub, k, d, x, m, ai, an)",
+    )
+    .bind(&r.position)
+    .bind(&r.stream_id)
+    .bind(&r.version)
+    .bind(&r.event_id)
+    .bind(&r.event_type)
+    .bind(&r.subject)
+    .bind(&r.key_id)
+    .bind(&r.data)
+    .bind(&r.sealed)
+    .bind(&r.metadata)
+    .bind(plan.recorded_at)
+    .bind(&r.append_index)
+    .bind(&r.append_size)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(stream: &str, expected: ExpectedVersion, ids: &[u128]) -> AppendCommand {
+        AppendCommand {
+            stream: StreamId::parse(stream).unwrap(),
+            expected,
+            events: ids
+                .iter()
+                .map(|i| PendingEvent {
+                    id: Uuid::from_u128(*i),
+                    event_type: "T".into(),
+                    subject: None,
+                    key_id: None,
+                    data: "{}".into(),
+                    sealed: None,
+                    metadata: "{}".into(),
+                })
+                .collect(),
+        }
+    }
+
+    fn empty() -> Snapshot {
+        Snapshot {
+            head_position: 0,
+            last_recorded_at: 0,
+            versions: HashMap::new(),
+            existing: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_group_is_decided_in_order() {
+        let cmds = vec![
+            cmd("a", ExpectedVersion::Exact(0), &[1, 2]),
+            cmd("a", ExpectedVersion::Exact(0), &[3]), // conflicts with the first
+            cmd("a", ExpectedVersion::Exact(2), &[4]),
+            cmd("b", ExpectedVersion::Exists, &[5]), // b does not exist
+            cmd("a", ExpectedVersion::Any, &[1, 2]), // retry of the first
+            cmd("b", ExpectedVersion::Any, &[2]),    // id used in a
+        ];
+        let p = plan(&cmds, empty());
+        assert_eq!(
+            p.outcomes[0],
+            Ok(Appended::Created(AppendResult {
+                first_version: 1,
+                last_version: 2,
+                first_position: 1,
+                last_position: 2
+            }))
+        );
+        assert_eq!(
+            p.outcomes[1],
+            Err(AppendRejection::WrongVersion { current: 2 })
+        );
+        assert_eq!(
+            p.outcomes[2],
+            Ok(Appended::Created(AppendResult {
+                first_version: 3,
+                last_version: 3,
+                first_position: 3,
+                last_position: 3
+            }))
+        );
+        assert_eq!(
+            p.outcomes[3],
+            Err(AppendRejection::WrongVersion { current: 0 })
+        );
+        assert_eq!(
+            p.outcomes[4],
+            Ok(Appended::AlreadyAppended(AppendResult {
+                first_version: 1,
+                last_version: 2,
+                first_position: 1,
+                last_position: 2
+            }))
+        );
+        assert!(matches!(p.outcomes[5], Err(AppendRejection::IdsInUse(_))));
+        assert_eq!(p.rows.position, vec![1, 2, 3]);
+        assert_eq!(p.streams, vec![("a".to_owned(), 3)]);
+    }
+
+    #[test]
+    fn partial_or_reordered_retries_conflict() {
+        let first = plan(&[cmd("a", ExpectedVersion::Any, &[1, 2, 3])], empty());
+        assert!(first.outcomes[0].is_ok());
+        let mut snap = empty();
+        snap.head_position = 3;
+        snap.versions.insert("a".into(), 3);
+        for (i, id) in [1u128, 2, 3].iter().enumerate() {
+            let (version, position) = (i as u64 + 1, i as u64 + 1);
+            let e = Existing {
+                stream_id: "a".into(),
+                version,
+                position,
+                append_index: i as u32,
+                append_size: 3,
+            };
+            snap.existing.insert(Uuid::from_u128(*id), e);
+        }
+        let p = plan(
+            &[
+                cmd("a", ExpectedVersion::Any, &[1, 2]),
+                cmd("a", ExpectedVersion::Any, &[2, 1, 3]),
+                cmd("a", ExpectedVersion::Any, &[3, 9]),
+                cmd("a", ExpectedVersion::Exact(0), &[1, 2, 3]),
+            ],
+            snap,
+        );
+        assert!(
+            matches!(p.outcomes[0], Err(AppendRejection::IdsInUse(_))),
+            "a prefix of the original append is not a retry"
+        );
+        assert!(matches!(p.outcomes[1], Err(AppendRejection::IdsInUse(_))));
+        assert!(matches!(p.outcomes[2], Err(AppendRejection::IdsInUse(_))));
+        assert!(
+            matches!(p.outcomes[3], Ok(Appended::AlreadyAppended(_))),
+            "a retry wins over its stale expected version"
+        );
+        assert!(p.rows.position.is_empty());
+    }
+}

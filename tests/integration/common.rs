@@ -1,0 +1,462 @@
+//! Test harness: every test gets its own databases (a temporary directory for
+//! SQLite, fresh databases named by a UUID on PostgreSQL) and drives the real
+//! router over real HTTP, in process, or the real binary where a test needs
+//! separate processes.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use eventvault::app::{Application, Config};
+use reqwest::{Response, StatusCode};
+use serde_json::{Value, json};
+use sqlx::Connection as _;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::oneshot;
+
+/// Runs a scenario once on SQLite and once on PostgreSQL.
+///
+/// PostgreSQL comes from `EVENTVAULT_TEST_DATABASE_URL` (default: the local
+/// server as `postgres`). When it is unreachable the PostgreSQL half says so
+/// and is skipped, unless `EVENTVAULT_REQUIRE_POSTGRES=1` (as in CI), where
+/// that is a failure.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(backend) = $crate::common::Backend::postgres().await {
+                        super::$name(backend).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Sqlite,
+    /// The server URL to create per-test databases through.
+    Postgres(String),
+}
+
+pub fn pg_admin_url() -> String {
+    std::env::var("EVENTVAULT_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+impl Backend {
+    pub async fn postgres() -> Option<Backend> {
+        let url = pg_admin_url();
+        match sqlx::PgConnection::connect(&url).await {
+            Ok(c) => {
+                let _ = c.close().await;
+                Some(Backend::Postgres(url))
+            }
+            Err(e) if std::env::var("EVENTVAULT_REQUIRE_POSTGRES").as_deref() == Ok("1") => {
+                panic!(
+                    "PostgreSQL is required (EVENTVAULT_REQUIRE_POSTGRES=1) but {url} is unreachable: {e}"
+                )
+            }
+            Err(e) => {
+                eprintln!(
+                    "SKIPPED: PostgreSQL test: {url} is unreachable ({e}); set EVENTVAULT_TEST_DATABASE_URL"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Replaces the database name of a PostgreSQL URL.
+pub fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let root = match base.rfind('/') {
+        Some(i) if i > base.find("://").map_or(0, |s| s + 2) => &base[..i],
+        _ => base,
+    };
+    match query {
+        Some(q) => format!("{root}/{db}?{q}"),
+        None => format!("{root}/{db}"),
+    }
+}
+
+/// The storage of one test: databases, master key, policies. Survives
+/// restarts of the application; cleaned up when dropped.
+pub struct TestEnv {
+    pub backend: Backend,
+    pub dir: tempfile::TempDir,
+    pub database_url: String,
+    pub keystore_url: String,
+    /// Names of the PostgreSQL databases to drop afterwards.
+    pg_databases: Vec<String>,
+    /// The admin token printed on first start.
+    pub token: Mutex<Option<String>>,
+}
+
+impl TestEnv {
+    pub async fn new(backend: &Backend) -> Arc<TestEnv> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (database_url, keystore_url, pg_databases) = match backend {
+            Backend::Sqlite => (
+                format!("sqlite://{}/data/eventvault.db", dir.path().display()),
+                format!("sqlite://{}/keys/keystore.db", dir.path().display()),
+                vec![],
+            ),
+            Backend::Postgres(admin) => {
+                let prefix =
+                    std::env::var("EVENTVAULT_TEST_DB_PREFIX").unwrap_or_else(|_| "evtest".into());
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                let events = format!("{prefix}_{}_ev", &id[..12]);
+                let keys = format!("{prefix}_{}_ks", &id[..12]);
+                let mut conn = sqlx::PgConnection::connect(admin)
+                    .await
+                    .expect("connect to PostgreSQL");
+                for db in [&events, &keys] {
+                    sqlx::query(sqlx::AssertSqlSafe(format!("create database \"{db}\"")))
+                        .execute(&mut conn)
+                        .await
+                        .expect("create test database");
+                }
+                let _ = conn.close().await;
+                (
+                    with_database(admin, &events),
+                    with_database(admin, &keys),
+                    vec![events, keys],
+                )
+            }
+        };
+        Arc::new(TestEnv {
+            backend: backend.clone(),
+            dir,
+            database_url,
+            keystore_url,
+            pg_databases,
+            token: Mutex::new(None),
+        })
+    }
+
+    pub fn master_key_file(&self) -> PathBuf {
+        self.dir.path().join("keys/master.key")
+    }
+
+    pub fn config(&self) -> Config {
+        Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            database_url: self.database_url.clone(),
+            keystore_url: self.keystore_url.clone(),
+            master_key_file: self.master_key_file(),
+            master_key: None,
+            policies_dir: policies_dir(),
+            max_body_bytes: 4 * 1024 * 1024,
+            key_cache_capacity: 1000,
+            max_db_connections: 8,
+        }
+    }
+
+    pub fn token(&self) -> String {
+        self.token
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the first start printed an admin token")
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let (Backend::Postgres(admin), false) = (&self.backend, self.pg_databases.is_empty())
+        else {
+            return;
+        };
+        let (admin, dbs) = (admin.clone(), std::mem::take(&mut self.pg_databases));
+        // Drop runs outside async context: a small runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+                    for db in dbs {
+                        let sql = format!("drop database if exists \"{db}\" with (force)");
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+                            .execute(&mut conn)
+                            .await;
+                    }
+                }
+            })
+        })
+        .join();
+    }
+}
+
+pub fn policies_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/policies"))
+}
+
+/// A running application (in this process) and an HTTP client for it.
+pub struct TestApp {
+    pub env: Arc<TestEnv>,
+    pub base: String,
+    pub client: reqwest::Client,
+    stop: Mutex<Option<oneshot::Sender<()>>>,
+    task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<std::io::Result<()>>>>,
+}
+
+impl TestApp {
+    /// A fresh application on fresh databases.
+    pub async fn spawn(backend: &Backend) -> TestApp {
+        TestApp::start(TestEnv::new(backend).await).await
+    }
+
+    /// Starts the application on `env`'s existing databases.
+    pub async fn start(env: Arc<TestEnv>) -> TestApp {
+        let mut app = Application::build(&env.config())
+            .await
+            .expect("application starts");
+        if let Some(t) = app.take_admin_token() {
+            *env.token.lock().unwrap() = Some(t.to_string());
+        }
+        let base = format!("http://{}", app.local_addr());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until(async move {
+            let _ = stopped.await;
+        }));
+        TestApp {
+            env,
+            base,
+            client: reqwest::Client::new(),
+            stop: Mutex::new(Some(stop)),
+            task: tokio::sync::Mutex::new(Some(task)),
+        }
+    }
+
+    /// A client for a server running elsewhere (e.g. a child process).
+    pub fn client_for(env: Arc<TestEnv>, base: String) -> TestApp {
+        TestApp {
+            env,
+            base,
+            client: reqwest::Client::new(),
+            stop: Mutex::new(None),
+            task: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Graceful shutdown; waits until in-flight requests are answered and
+    /// the databases are closed.
+    pub async fn stop(&self) -> Arc<TestEnv> {
+        let stop = self
+            .stop
+            .lock()
+            .unwrap()
+            .take()
+            .expect("an application started by this harness");
+        stop.send(()).unwrap();
+        let task = self.task.lock().await.take().expect("not stopped yet");
+        task.await.unwrap().unwrap();
+        self.env.clone()
+    }
+
+    pub fn token(&self) -> String {
+        self.env.token()
+    }
+
+    pub async fn append(&self, stream: &str, expected: Option<&str>, body: &Value) -> Response {
+        let mut req = self
+            .client
+            .post(format!("{}/streams/{stream}/events", self.base))
+            .bearer_auth(self.token())
+            .json(body);
+        if let Some(e) = expected {
+            req = req.header("Expected-Version", e);
+        }
+        req.send().await.expect("request")
+    }
+
+    /// Appends and insists on success; returns the response body.
+    #[track_caller]
+    pub fn append_ok<'a>(
+        &'a self,
+        stream: &'a str,
+        body: &'a Value,
+    ) -> impl Future<Output = Value> + 'a {
+        let caller = std::panic::Location::caller();
+        async move {
+            let r = self.append(stream, None, body).await;
+            let status = r.status();
+            let text = r.text().await.unwrap();
+            assert_eq!(status, StatusCode::CREATED, "append at {caller}: {text}");
+            serde_json::from_str(&text).unwrap()
+        }
+    }
+
+    pub async fn read(&self, stream: &str, query: &str) -> Response {
+        self.client
+            .get(format!("{}/streams/{stream}/events?{query}", self.base))
+            .bearer_auth(self.token())
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn log(&self, query: &str) -> Response {
+        self.client
+            .get(format!("{}/events?{query}", self.base))
+            .bearer_auth(self.token())
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// Every event of the global log, following `next`.
+    pub async fn whole_log(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after = 0u64;
+        loop {
+            let page: Value = self
+                .log(&format!("after={after}&limit=1000"))
+                .await
+                .json()
+                .await
+                .unwrap();
+            let events = page["events"].as_array().unwrap();
+            if events.is_empty() {
+                return out;
+            }
+            out.extend(events.iter().cloned());
+            after = page["next"].as_u64().unwrap();
+        }
+    }
+}
+
+/// A deposit event about `subject`, with personal fields.
+pub fn deposit(id: uuid::Uuid, subject: &str, amount: &str) -> Value {
+    json!({
+        "id": id,
+        "type": "MoneyDeposited",
+        "subject": subject,
+        "data": {"account": "ACC-1", "amount": amount, "currency": "EUR",
+                 "payer_name": format!("Payer of {subject}"), "payer_iban": "DE89370400440532013000"},
+        "metadata": {"channel": "mobile"}
+    })
+}
+
+pub fn batch(events: Vec<Value>) -> Value {
+    json!({ "events": events })
+}
+
+/// The `eventvault` binary as a child process, for tests that need real,
+/// separate processes.
+pub struct ServerProcess {
+    pub child: tokio::process::Child,
+    pub base: String,
+    /// Everything the process printed on stdout before it was ready.
+    pub stdout_lines: Vec<String>,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_eventvault")
+}
+
+/// Command line pointing the binary at `env`'s databases and key.
+pub fn command(env: &TestEnv, args: &[&str]) -> tokio::process::Command {
+    command_with_policies(env, &policies_dir(), args)
+}
+
+pub fn command_with_policies(
+    env: &TestEnv,
+    policies: &std::path::Path,
+    args: &[&str],
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(binary());
+    cmd.args([
+        "--database-url",
+        &env.database_url,
+        "--keystore-url",
+        &env.keystore_url,
+    ])
+    .arg("--master-key-file")
+    .arg(env.master_key_file())
+    .arg("--policies-dir")
+    .arg(policies)
+    .args(args)
+    .env_remove("EVENTVAULT_MASTER_KEY")
+    .env("RUST_LOG", "info")
+    .kill_on_drop(true);
+    cmd
+}
+
+impl ServerProcess {
+    /// Starts `eventvault serve` on a free port and waits until it listens
+    /// (it logs its address), or returns what it printed if it exits first.
+    pub async fn start(env: &TestEnv) -> Result<ServerProcess, String> {
+        let mut child = command(env, &["serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn eventvault");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut printed = Vec::new();
+        let mut stdout_lines = Vec::new();
+        let mut stdout_open = true;
+        loop {
+            // Biased to stdout: the token is written there before the
+            // "listening" line reaches stderr, so it is read first.
+            tokio::select! {
+                biased;
+                line = stdout.next_line(), if stdout_open => match line {
+                    Ok(Some(l)) => stdout_lines.push(l),
+                    _ => stdout_open = false,
+                },
+                line = stderr.next_line() => match line {
+                    Ok(Some(l)) => {
+                        if let Some(addr) = l.split("addr=").nth(1) {
+                            let addr = addr.split_whitespace().next().unwrap().to_owned();
+                            // Keep draining the pipes so the child never blocks on them.
+                            tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
+                            if stdout_open {
+                                tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+                            }
+                            if let Some(t) = stdout_lines.last().filter(|t| t.starts_with("evt_")) {
+                                *env.token.lock().unwrap() = Some(t.clone());
+                            }
+                            return Ok(ServerProcess { child, base: format!("http://{addr}"), stdout_lines });
+                        }
+                        printed.push(l);
+                    }
+                    _ => {
+                        let _ = child.wait().await;
+                        printed.extend(stdout_lines);
+                        return Err(printed.join("\n"));
+                    }
+                },
+            }
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running") as i32;
+        std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        self.child.wait().await.unwrap()
+    }
+}
