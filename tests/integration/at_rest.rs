@@ -3,7 +3,6 @@
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use uuid::Uuid;
 
 use crate::both_backends;
 use crate::common::{Backend, ServerProcess, TestApp, TestEnv, batch, command};
