@@ -9,6 +9,12 @@ use eventvault::app::{self, Application, Config};
 use eventvault::principals::Principals;
 use zeroize::Zeroizing;
 
+/// The request path allocates and frees many small buffers (JSON, rows,
+/// ciphertexts); mimalloc serves that pattern far better than glibc malloc,
+/// which dominated the profile (see docs/PERFORMANCE.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A GDPR-aware, encrypted event store served over HTTP.
 #[derive(Parser)]
 #[command(version, about)]

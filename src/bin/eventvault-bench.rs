@@ -12,6 +12,11 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+/// Same allocator as the server: the load tool shares the cores with it, so
+/// every cycle it wastes is taken from the server.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Load generator for eventvault.
 #[derive(Parser, Clone)]
 #[command(about)]
