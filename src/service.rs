@@ -237,57 +237,43 @@ fn seal_event(
     keys: &HashMap<String, ActiveKey>,
     e: ProposedEvent,
 ) -> Result<PendingEvent, ServiceError> {
-    let metadata = serde_json::to_string(&e.metadata).expect("JSON values serialise");
-    let subject = e.subject.as_ref().map(|s| s.as_str().to_owned());
-    let Some(key) = e.subject.as_ref().map(|s| &keys[s.as_str()]) else {
-        // No subject: no personal data, stored as given.
-        let data = serde_json::to_string(&e.data).expect("JSON values serialise");
-        return Ok(PendingEvent {
-            id: e.id,
-            event_type: e.event_type.as_str().to_owned(),
-            subject,
-            key_id: None,
-            data,
-            sealed: None,
-            metadata,
-        });
+    let to_json = |m: &Map<String, Value>| serde_json::to_string(m).expect("JSON values serialise");
+    let metadata = to_json(&e.metadata);
+    let event_type = e.event_type.as_str().to_owned();
+    // Without a subject nothing is personal: everything is stored as given.
+    let key = e.subject.as_ref().map(|s| &keys[s.as_str()]);
+    let (clear, personal): (Map<String, Value>, Map<String, Value>) = match key {
+        None => (e.data, Map::new()),
+        Some(_) => e
+            .data
+            .into_iter()
+            .partition(|(field, _)| policies.classification.is_clear(&event_type, field)),
     };
-    let (clear, personal): (Map<String, Value>, Map<String, Value>) =
-        e.data.into_iter().partition(|(field, _)| {
-            policies
-                .classification
-                .is_clear(e.event_type.as_str(), field)
-        });
-    let data = serde_json::to_string(&clear).expect("JSON values serialise");
-    if personal.is_empty() {
-        return Ok(PendingEvent {
-            id: e.id,
-            event_type: e.event_type.as_str().to_owned(),
-            subject,
-            key_id: None,
-            data,
-            sealed: None,
-            metadata,
-        });
-    }
-    let plaintext = Zeroizing::new(serde_json::to_vec(&personal).expect("JSON values serialise"));
-    let at = EventAad {
-        event_id: e.id.as_bytes(),
-        stream_id: stream,
-        event_type: e.event_type.as_str(),
-        key_id: &key.key_id,
+    let (key_id, sealed) = match key.filter(|_| !personal.is_empty()) {
+        None => (None, None),
+        Some(key) => {
+            let plaintext =
+                Zeroizing::new(serde_json::to_vec(&personal).expect("JSON values serialise"));
+            let at = EventAad {
+                event_id: e.id.as_bytes(),
+                stream_id: stream,
+                event_type: &event_type,
+                key_id: &key.key_id,
+            };
+            let sealed = key
+                .dek
+                .seal_event(&plaintext, &at)
+                .map_err(KeyError::from)?;
+            (Some(key.key_id.to_string()), Some(sealed))
+        }
     };
-    let sealed = key
-        .dek
-        .seal_event(&plaintext, &at)
-        .map_err(KeyError::from)?;
     Ok(PendingEvent {
         id: e.id,
-        event_type: e.event_type.as_str().to_owned(),
-        subject,
-        key_id: Some(key.key_id.to_string()),
-        data,
-        sealed: Some(sealed),
+        event_type,
+        subject: e.subject.map(|s| s.as_str().to_owned()),
+        key_id,
+        data: to_json(&clear),
+        sealed,
         metadata,
     })
 }

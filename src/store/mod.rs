@@ -71,6 +71,24 @@ macro_rules! on_db {
 }
 pub(crate) use on_db;
 
+/// Like [`on_db`], for a query whose SQL differs per backend: `$sql` is bound
+/// to the SQLite or the PostgreSQL text of the `(sqlite, postgres)` pair.
+macro_rules! on_db_sql {
+    ($db:expr, $pair:expr, |$pool:ident, $sql:ident| $body:expr) => {{
+        let (sqlite_sql, postgres_sql) = $pair;
+        match $db {
+            $crate::store::Db::Sqlite($pool) => {
+                let $sql = sqlite_sql;
+                $body
+            }
+            $crate::store::Db::Postgres($pool) => {
+                let $sql = postgres_sql;
+                $body
+            }
+        }
+    }};
+}
+
 impl Db {
     /// Connects to `url` (`sqlite:…` or `postgres://…`), creating a SQLite
     /// file and its directory if needed, and runs the migrations for `purpose`.
@@ -277,7 +295,7 @@ impl EventStore {
         direction: Direction,
         as_of_us: Option<i64>,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let (lite, pg) = match direction {
+        let sql = match direction {
             Direction::Forward => select_events!(
                 "where stream_id = $1 and version >= $2 and recorded_at <= $3 order by version asc limit $4"
             ),
@@ -287,26 +305,15 @@ impl EventStore {
         };
         let from = i64::try_from(from).unwrap_or(i64::MAX);
         let as_of = as_of_us.unwrap_or(i64::MAX);
-        let rows = match &self.db {
-            Db::Sqlite(pool) => {
-                sqlx::query_as(lite)
-                    .bind(stream.as_str())
-                    .bind(from)
-                    .bind(as_of)
-                    .bind(i64::from(limit))
-                    .fetch_all(pool)
-                    .await
-            }
-            Db::Postgres(pool) => {
-                sqlx::query_as(pg)
-                    .bind(stream.as_str())
-                    .bind(from)
-                    .bind(as_of)
-                    .bind(i64::from(limit))
-                    .fetch_all(pool)
-                    .await
-            }
-        }?;
+        let rows = on_db_sql!(&self.db, sql, |pool, sql| {
+            sqlx::query_as(sql)
+                .bind(stream.as_str())
+                .bind(from)
+                .bind(as_of)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await
+        })?;
         Ok(rows)
     }
 
@@ -318,29 +325,19 @@ impl EventStore {
         limit: u32,
         as_of_us: Option<i64>,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let (lite, pg) = select_events!(
+        let sql = select_events!(
             "where position > $1 and recorded_at <= $2 order by position asc limit $3"
         );
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         let as_of = as_of_us.unwrap_or(i64::MAX);
-        let rows = match &self.db {
-            Db::Sqlite(pool) => {
-                sqlx::query_as(lite)
-                    .bind(after)
-                    .bind(as_of)
-                    .bind(i64::from(limit))
-                    .fetch_all(pool)
-                    .await
-            }
-            Db::Postgres(pool) => {
-                sqlx::query_as(pg)
-                    .bind(after)
-                    .bind(as_of)
-                    .bind(i64::from(limit))
-                    .fetch_all(pool)
-                    .await
-            }
-        }?;
+        let rows = on_db_sql!(&self.db, sql, |pool, sql| {
+            sqlx::query_as(sql)
+                .bind(after)
+                .bind(as_of)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await
+        })?;
         Ok(rows)
     }
 
