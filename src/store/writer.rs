@@ -423,44 +423,57 @@ async fn sqlite_snapshot(
     snapshot_from(head, versions, existing)
 }
 
+/// Two statements for the whole group, like the PostgreSQL path: the rows
+/// travel as one JSON array, unpacked by `json_each`. Each statement is a
+/// round trip to sqlx's SQLite worker thread, so one statement per row made
+/// thread hand-offs, not SQLite, the cost of a group.
 async fn sqlite_write(
     tx: &mut Transaction<'static, Sqlite>,
     plan: &Plan,
 ) -> Result<(), StoreError> {
-    for (stream, version) in &plan.streams {
-        sqlx::query(
-            "insert into streams (stream_id, version, created_at, updated_at) values ($1, $2, $3, $3)
-             on conflict (stream_id) do update set version = excluded.version, updated_at = excluded.updated_at",
-        )
-        .bind(stream)
-        .bind(version)
-        .bind(plan.recorded_at)
-        .execute(&mut **tx)
-        .await?;
+    if plan.streams.is_empty() {
+        return Ok(());
     }
+    let streams = serde_json::to_string(&plan.streams).expect("rows serialise");
+    sqlx::query(
+        "insert into streams (stream_id, version, created_at, updated_at)
+         select value ->> 0, value ->> 1, $2, $2 from json_each($1) where true
+         on conflict (stream_id) do update set version = excluded.version, updated_at = excluded.updated_at",
+    )
+    .bind(streams)
+    .bind(plan.recorded_at)
+    .execute(&mut **tx)
+    .await?;
     let r = &plan.rows;
-    for i in 0..r.position.len() {
-        sqlx::query(
-            "insert into events (position, stream_id, version, event_id, event_type, subject, key_id, data, sealed, metadata,
-                                 recorded_at, append_index, append_size)
-             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-        )
-        .bind(r.position[i])
-        .bind(&r.stream_id[i])
-        .bind(r.version[i])
-        .bind(r.event_id[i].to_string())
-        .bind(&r.event_type[i])
-        .bind(&r.subject[i])
-        .bind(&r.key_id[i])
-        .bind(&r.data[i])
-        .bind(&r.sealed[i])
-        .bind(&r.metadata[i])
-        .bind(plan.recorded_at)
-        .bind(r.append_index[i])
-        .bind(r.append_size[i])
-        .execute(&mut **tx)
-        .await?;
-    }
+    let rows: Vec<serde_json::Value> = (0..r.position.len())
+        .map(|i| {
+            serde_json::json!([
+                r.position[i],
+                r.stream_id[i],
+                r.version[i],
+                r.event_id[i].to_string(),
+                r.event_type[i],
+                r.subject[i],
+                r.key_id[i],
+                r.data[i],
+                r.sealed[i].as_ref().map(hex::encode),
+                r.metadata[i],
+                r.append_index[i],
+                r.append_size[i],
+            ])
+        })
+        .collect();
+    sqlx::query(
+        "insert into events (position, stream_id, version, event_id, event_type, subject, key_id, data, sealed, metadata,
+                             recorded_at, append_index, append_size)
+         select value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7,
+                unhex(value ->> 8), value ->> 9, $2, value ->> 10, value ->> 11
+         from json_each($1)",
+    )
+    .bind(serde_json::to_string(&rows).expect("rows serialise"))
+    .bind(plan.recorded_at)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
