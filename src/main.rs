@@ -153,7 +153,14 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 );
                 println!("{}", token.as_str());
             }
-            application.run_until(app::shutdown_signal()).await?;
+            // Signal handlers first: a SIGTERM right after the address is
+            // printed must shut down gracefully, not kill the process.
+            let shutdown = app::shutdown_signal()?;
+            println!(
+                "eventvault listening on http://{}",
+                application.local_addr()
+            );
+            application.run_until(shutdown).await?;
         }
         Command::Principal(cmd) => {
             let cfg = config(&cli, "127.0.0.1:0".parse()?, 0, 1);

@@ -402,7 +402,8 @@ pub fn command_with_policies(
 
 impl ServerProcess {
     /// Starts `eventvault serve` on a free port and waits until it listens
-    /// (it logs its address), or returns what it printed if it exits first.
+    /// (it prints its address on stdout, after the first-start token), or
+    /// returns what it printed if it exits first.
     pub async fn start(env: &TestEnv) -> Result<ServerProcess, String> {
         let mut child = command(env, &["serve", "--listen", "127.0.0.1:0"])
             .stdout(Stdio::piped())
@@ -410,43 +411,39 @@ impl ServerProcess {
             .spawn()
             .expect("spawn eventvault");
         let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut printed = Vec::new();
-        let mut stdout_lines = Vec::new();
-        let mut stdout_open = true;
-        loop {
-            // Biased to stdout: the token is written there before the
-            // "listening" line reaches stderr, so it is read first.
-            tokio::select! {
-                biased;
-                line = stdout.next_line(), if stdout_open => match line {
-                    Ok(Some(l)) => stdout_lines.push(l),
-                    _ => stdout_open = false,
-                },
-                line = stderr.next_line() => match line {
-                    Ok(Some(l)) => {
-                        if let Some(addr) = l.split("addr=").nth(1) {
-                            let addr = addr.split_whitespace().next().unwrap().to_owned();
-                            // Keep draining the pipes so the child never blocks on them.
-                            tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
-                            if stdout_open {
-                                tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
-                            }
-                            if let Some(t) = stdout_lines.last().filter(|t| t.starts_with("evt_")) {
-                                *env.token.lock().unwrap() = Some(t.clone());
-                            }
-                            return Ok(ServerProcess { child, base: format!("http://{addr}"), stdout_lines });
-                        }
-                        printed.push(l);
-                    }
-                    _ => {
-                        let _ = child.wait().await;
-                        printed.extend(stdout_lines);
-                        return Err(printed.join("\n"));
-                    }
-                },
+        let stderr = child.stderr.take().unwrap();
+        // Collect stderr concurrently, so the child never blocks on it and
+        // its messages can be shown if it fails to start.
+        let errors = tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut all = Vec::new();
+            while let Ok(Some(l)) = lines.next_line().await {
+                all.push(l);
             }
+            all
+        });
+        let mut stdout_lines = Vec::new();
+        while let Ok(Some(line)) = stdout.next_line().await {
+            if let Some(base) = line.strip_prefix("eventvault listening on ") {
+                tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+                if let Some(t) = stdout_lines
+                    .iter()
+                    .find(|t: &&String| t.starts_with("evt_"))
+                {
+                    *env.token.lock().unwrap() = Some(t.clone());
+                }
+                return Ok(ServerProcess {
+                    child,
+                    base: base.to_owned(),
+                    stdout_lines,
+                });
+            }
+            stdout_lines.push(line);
         }
+        let _ = child.wait().await;
+        let mut printed = errors.await.unwrap_or_default();
+        printed.extend(stdout_lines);
+        Err(printed.join("\n"))
     }
 
     /// SIGTERM, then wait for a clean exit.

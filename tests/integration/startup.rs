@@ -23,6 +23,7 @@ async fn first_start_prints_one_admin_token_and_sigterm_stops_cleanly(backend: B
     let env = TestEnv::new(&backend).await;
     let server = ServerProcess::start(&env).await.expect("starts");
     let token = server.stdout_lines.last().expect("printed a token").clone();
+    // The token is the last line before the listening address.
     assert!(token.starts_with("evt_"), "{:?}", server.stdout_lines);
     let client = reqwest::Client::new();
     for path in ["/healthz", "/readyz"] {
