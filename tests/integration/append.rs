@@ -384,16 +384,23 @@ async fn bad_input_is_refused_and_writes_nothing(backend: Backend) {
             .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
             .collect::<Vec<_>>(),
     );
-    let r = app
+    let sent = app
         .client
         .post(format!("{}/streams/s/events", app.base))
         .bearer_auth(app.token())
         .header("content-type", "application/json")
         .body(reqwest::Body::wrap_stream(chunks))
         .send()
-        .await
-        .unwrap();
-    problem(r, StatusCode::PAYLOAD_TOO_LARGE).await;
+        .await;
+    match sent {
+        Ok(r) => {
+            problem(r, StatusCode::PAYLOAD_TOO_LARGE).await;
+        }
+        // The server answers 413 and closes as soon as the limit is passed;
+        // a client still sending may see the connection reset before it
+        // reads that answer. Either way the body was refused.
+        Err(e) => assert!(e.is_request() || e.is_body(), "unexpected failure: {e}"),
+    }
 
     assert!(
         app.whole_log().await.is_empty(),
