@@ -28,7 +28,6 @@ const TAG_LEN: usize = 16;
 const KEY_LEN: usize = 32;
 
 const EVENT_AAD_LABEL: &[u8] = b"eventvault/event/v1";
-const SNAPSHOT_AAD_LABEL: &[u8] = b"eventvault/snapshot/v1";
 const DEK_AAD_LABEL: &[u8] = b"eventvault/dek/v1";
 const KEK_CHECK_LABEL: &[u8] = b"eventvault/kek-check/v1";
 const KEK_ID_LABEL: &[u8] = b"eventvault/kek-id/v1";
@@ -156,43 +155,6 @@ impl Dek {
         at: &EventAad<'_>,
     ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         open_with(&self.cipher, blob, &at.encode())
-    }
-
-    /// Seals a snapshot's state, bound to its stream, version and key.
-    pub fn seal_snapshot(
-        &self,
-        plaintext: &[u8],
-        stream_id: &str,
-        version: u64,
-        key_id: &str,
-    ) -> Result<Vec<u8>, CryptoError> {
-        let ad = aad(
-            SNAPSHOT_AAD_LABEL,
-            &[
-                stream_id.as_bytes(),
-                &version.to_be_bytes(),
-                key_id.as_bytes(),
-            ],
-        );
-        seal_with(&self.cipher, plaintext, &ad)
-    }
-
-    pub fn open_snapshot(
-        &self,
-        blob: &[u8],
-        stream_id: &str,
-        version: u64,
-        key_id: &str,
-    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        let ad = aad(
-            SNAPSHOT_AAD_LABEL,
-            &[
-                stream_id.as_bytes(),
-                &version.to_be_bytes(),
-                key_id.as_bytes(),
-            ],
-        );
-        open_with(&self.cipher, blob, &ad)
     }
 }
 

@@ -71,12 +71,6 @@ impl StreamId {
         Ok(Self(s.to_owned()))
     }
 
-    /// A system stream (`$…`); only the service itself appends to these.
-    pub fn system(name: &str) -> Self {
-        debug_assert!(name.starts_with('$'));
-        Self(name.to_owned())
-    }
-
     /// Trusted conversion for ids read back from the store, which only ever
     /// holds ids that passed [`StreamId::parse`] or [`StreamId::system`].
     pub fn from_store(s: String) -> Self {

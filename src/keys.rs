@@ -163,10 +163,6 @@ impl KeyManager {
         })
     }
 
-    pub fn kek_id(&self) -> &str {
-        self.kek.id()
-    }
-
     pub fn keystore(&self) -> &Keystore {
         &self.keystore
     }

@@ -353,6 +353,30 @@ mod tests {
     }
 
     #[test]
+    fn roles_deny_by_default() {
+        let p =
+            Policies::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/policies"))).unwrap();
+        let service = p.role("service").unwrap();
+        assert!(service.allows(Permission::Append, Some("accounts-1")));
+        assert!(
+            !service.allows(Permission::Append, Some("loans-1")),
+            "no grant for that stream"
+        );
+        assert!(
+            !service.allows(Permission::ReadPersonal, Some("accounts-1")),
+            "no grant for that permission"
+        );
+        assert!(!service.allows(Permission::Forget, None));
+        assert!(p.role("dpo").unwrap().allows(Permission::Forget, None));
+        assert!(
+            !p.role("auditor")
+                .unwrap()
+                .allows(Permission::Read, Some("accounts-1"))
+        );
+        assert!(p.role("support").unwrap().require_purpose);
+    }
+
+    #[test]
     fn patterns() {
         let p = StreamPattern::parse("accounts-*").unwrap();
         assert!(p.matches("accounts-1") && !p.matches("loans-1"));

@@ -45,15 +45,6 @@ impl Keystore {
         Ok(())
     }
 
-    /// Number of data keys each master key wraps: `(kek_id, count)`.
-    pub async fn dek_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        Ok(on_db!(&self.db, |pool| {
-            sqlx::query_as("select kek_id, count(*) from deks group by kek_id order by kek_id")
-                .fetch_all(pool)
-                .await
-        })?)
-    }
-
     /// The subject's active (not retired) data key, if any.
     pub async fn active_dek(&self, subject: &str) -> Result<Option<WrappedDek>, StoreError> {
         Ok(on_db!(&self.db, |pool| {

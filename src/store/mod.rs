@@ -41,6 +41,10 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The transaction of a group of appends failed; its cause is logged
+    /// once by the writer, and every request of the group gets this.
+    #[error("the group commit failed")]
+    GroupCommit,
     #[error("stored data is inconsistent: {0}")]
     Corrupt(String),
 }
@@ -339,16 +343,6 @@ impl EventStore {
                 .await
         })?;
         Ok(rows)
-    }
-
-    /// The highest position in the global log (0 when it is empty).
-    pub async fn head_position(&self) -> Result<u64, StoreError> {
-        let p: Option<i64> = on_db!(&self.db, |pool| {
-            sqlx::query_scalar("select max(position) from events")
-                .fetch_one(pool)
-                .await
-        })?;
-        Ok(p.unwrap_or(0) as u64)
     }
 }
 

@@ -139,9 +139,7 @@ async fn run(db: Db, mut rx: mpsc::Receiver<(AppendCommand, Reply)>) {
             Err(e) => {
                 tracing::error!(error = %e, requests = replies.len(), "group commit failed");
                 for reply in replies {
-                    let _ = reply.send(Err(WriteError::Store(StoreError::Corrupt(
-                        "group commit failed".into(),
-                    ))));
+                    let _ = reply.send(Err(WriteError::Store(StoreError::GroupCommit)));
                 }
             }
         }
@@ -197,7 +195,6 @@ struct Plan {
 /// transaction: later commands see the versions and ids of earlier ones.
 fn plan(cmds: &[AppendCommand], mut snap: Snapshot) -> Plan {
     let mut rows = Rows::default();
-    let mut next_position = snap.head_position + 1;
     let mut touched: Vec<String> = Vec::new();
     let mut outcomes = Vec::with_capacity(cmds.len());
     for cmd in cmds {
@@ -234,12 +231,10 @@ fn plan(cmds: &[AppendCommand], mut snap: Snapshot) -> Plan {
             if !touched.iter().any(|s| s == stream) {
                 touched.push(stream.to_owned());
             }
-            next_position = r.last_position + 1;
             snap.head_position = r.last_position;
         }
         outcomes.push(outcome);
     }
-    debug_assert_eq!(next_position, snap.head_position + 1);
     let streams = touched
         .into_iter()
         .map(|s| {

@@ -180,22 +180,11 @@ async fn the_events_table_is_append_only(backend: Backend) {
     app.append_ok("s", &batch(vec![json!({"type": "T", "data": {"x": 1}})]))
         .await;
     let db = events_db(&app.env).await;
-    for sql in [
-        "update events set data = '{}'",
-        "delete from events",
-        "update audit_log set action = 'x'",
-    ] {
-        let e = exec(&db, sql).await;
-        assert!(
-            e.is_err() || sql.contains("audit_log"),
-            "{sql} must be refused"
-        );
+    // The audit log's triggers are exercised with its records (access-control work).
+    for sql in ["update events set data = '{}'", "delete from events"] {
+        let e = exec(&db, sql).await.expect_err(sql).to_string();
+        assert!(e.contains("append-only"), "{sql}: {e}");
     }
-    let e = exec(&db, "delete from events")
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("append-only"), "{e}");
     assert_eq!(app.whole_log().await.len(), 1);
 }
 
