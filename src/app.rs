@@ -72,6 +72,14 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(
+        "principal {principal:?} has role {role:?}, which {roles_file} does not define; define it, or remove the principal with `eventvault principal remove {principal}`"
+    )]
+    UndefinedRole {
+        principal: String,
+        role: String,
+        roles_file: String,
+    },
     #[error("the keystore must be a separate database from the event store (both are {0})")]
     SharedDatabase(String),
 }
@@ -99,6 +107,25 @@ pub async fn open_key_manager(cfg: &Config) -> Result<(KeyManager, bool), StartE
     ))
 }
 
+/// Every role a principal holds must be defined: a role that vanished from
+/// the policies stops the start rather than silently granting nothing.
+async fn check_principal_roles(
+    principals: &Principals,
+    policies: &Policies,
+    cfg: &Config,
+) -> Result<(), StartError> {
+    for p in principals.list().await? {
+        if let Some(role) = p.roles.iter().find(|r| policies.role(r).is_none()) {
+            return Err(StartError::UndefinedRole {
+                principal: p.name,
+                role: role.clone(),
+                roles_file: cfg.policies_dir.join("roles.toml").display().to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
 pub struct Application {
     listener: TcpListener,
     state: AppState,
@@ -116,6 +143,7 @@ impl Application {
         let keys = Arc::new(keys);
         let principals = Arc::new(Principals::new(store.clone()));
         let admin_token = principals.bootstrap_admin(&policies).await?;
+        check_principal_roles(&principals, &policies, cfg).await?;
         let (writer, writer_task) = Writer::spawn(store.db.clone());
         let events = Events::new(store.clone(), writer, keys.clone(), policies.clone());
         let state = AppState {
@@ -123,6 +151,7 @@ impl Application {
             store,
             keys,
             principals,
+            policies,
             config: Arc::new(HttpConfig {
                 max_body_bytes: cfg.max_body_bytes,
             }),

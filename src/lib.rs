@@ -8,6 +8,7 @@
 //!   sees key bytes.
 //! - [`keys`]: the key manager (data keys per subject, master key, caches).
 //! - [`policy`]: `policies/*.toml` — field classification and roles.
+//! - [`audit`]: audit records, their canonical encoding and hash chain.
 //! - [`principals`]: callers, their roles and token hashes.
 //! - [`store`]: all SQL — connections, migrations, reads, the group-commit
 //!   writer, the keystore tables.
@@ -18,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod audit;
 pub mod crypto;
 pub mod domain;
 pub mod http;

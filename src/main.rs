@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use eventvault::app::{self, Application, Config};
 use eventvault::principals::Principals;
+use eventvault::store::audit::ChainReport;
 use zeroize::Zeroizing;
 
 /// The request path allocates and frees many small buffers (JSON, rows,
@@ -81,6 +82,16 @@ enum Command {
     /// Manage principals (callers and their tokens).
     #[command(subcommand)]
     Principal(PrincipalCommand),
+    /// Work with the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Walk the hash chain of the audit log: exit 0 if it holds, 1 naming the
+    /// first bad record if not.
+    Verify,
 }
 
 #[derive(Subcommand)]
@@ -183,6 +194,27 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 PrincipalCommand::Remove { name } => {
                     principals.remove(name).await?;
                     println!("Removed principal {name:?}.");
+                }
+            }
+        }
+        Command::Audit(AuditCommand::Verify) => {
+            let cfg = config(&cli, "127.0.0.1:0".parse()?, 0, 1);
+            let (store, _) = app::open_event_store(&cfg).await?;
+            match store.verify_audit_chain().await? {
+                ChainReport::Intact { records, head_hash } => {
+                    println!(
+                        "audit log intact: {records} records, head hash {}",
+                        hex::encode(head_hash)
+                    );
+                }
+                ChainReport::Broken {
+                    first_bad_seq,
+                    reason,
+                } => {
+                    return Err(format!(
+                        "audit log broken at record {first_bad_seq}: {reason}"
+                    )
+                    .into());
                 }
             }
         }

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -34,6 +35,20 @@ pub enum Permission {
     Forget,
     Audit,
     Admin,
+}
+
+impl Permission {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Append => "append",
+            Self::Read => "read",
+            Self::ReadPersonal => "read_personal",
+            Self::Export => "export",
+            Self::Forget => "forget",
+            Self::Audit => "audit",
+            Self::Admin => "admin",
+        }
+    }
 }
 
 /// `classification.toml`: per event type, the fields stored in clear.
@@ -158,11 +173,77 @@ impl Role {
     }
 }
 
+/// What a reader gets of an event's personal data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// Personal fields are left out (`"personal_data":"redacted"`).
+    Redacted,
+    /// Personal fields are decrypted, if the subject's key still exists.
+    Revealed,
+}
+
+/// What one caller may do: the union of its roles' grants under today's
+/// policies (never anything recorded with the event). Unknown role names
+/// grant nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Grants {
+    roles: Vec<Arc<Role>>,
+}
+
+impl Grants {
+    pub fn of(policies: &Policies, role_names: &[String]) -> Self {
+        Self {
+            roles: role_names
+                .iter()
+                .filter_map(|r| policies.roles.get(r).cloned())
+                .collect(),
+        }
+    }
+
+    /// Whether some role grants `permission` on `stream` (`None`: a
+    /// permission not about one stream).
+    pub fn allows(&self, permission: Permission, stream: Option<&str>) -> bool {
+        self.roles.iter().any(|r| r.allows(permission, stream))
+    }
+
+    /// The one access decision of every read path, per event: `None` when
+    /// the caller may not read `stream` at all, else whether it sees the
+    /// personal fields.
+    pub fn read_view(&self, stream: &str) -> Option<View> {
+        if !self.allows(Permission::Read, Some(stream)) {
+            None
+        } else if self.allows(Permission::ReadPersonal, Some(stream)) {
+            Some(View::Revealed)
+        } else {
+            Some(View::Redacted)
+        }
+    }
+
+    /// Whether the caller may read every stream (no per-event filtering).
+    pub fn reads_everything(&self) -> bool {
+        self.roles.iter().any(|r| {
+            r.grants.iter().any(|(patterns, perms)| {
+                perms.contains(&Permission::Read)
+                    && patterns.contains(&StreamPattern::Prefix(String::new()))
+            })
+        })
+    }
+
+    /// Whether a read of `stream` (`None`: of any stream) that may disclose
+    /// personal data must state a purpose: some role that grants
+    /// `read_personal` there requires one.
+    pub fn purpose_required(&self, stream: Option<&str>) -> bool {
+        self.roles
+            .iter()
+            .any(|r| r.require_purpose && r.allows(Permission::ReadPersonal, stream))
+    }
+}
+
 /// Everything loaded from the policies directory.
 #[derive(Debug, Clone)]
 pub struct Policies {
     pub classification: Classification,
-    pub roles: HashMap<String, Role>,
+    pub roles: HashMap<String, Arc<Role>>,
 }
 
 impl Policies {
@@ -177,7 +258,7 @@ impl Policies {
     }
 
     pub fn role(&self, name: &str) -> Option<&Role> {
-        self.roles.get(name)
+        self.roles.get(name).map(|r| &**r)
     }
 }
 
@@ -248,7 +329,7 @@ fn load_classification(path: &Path) -> Result<Classification, PolicyError> {
     Ok(Classification { clear })
 }
 
-fn load_roles(path: &Path) -> Result<HashMap<String, Role>, PolicyError> {
+fn load_roles(path: &Path) -> Result<HashMap<String, Arc<Role>>, PolicyError> {
     let text = read(path)?;
     let file: RolesFile = parse_toml(path, &text)?;
     let mut roles = HashMap::new();
@@ -275,12 +356,12 @@ fn load_roles(path: &Path) -> Result<HashMap<String, Role>, PolicyError> {
         }
         roles.insert(
             name.clone(),
-            Role {
+            Arc::new(Role {
                 name,
                 description: spec.description,
                 require_purpose: spec.require_purpose,
                 grants,
-            },
+            }),
         );
     }
     Ok(roles)

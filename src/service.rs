@@ -15,12 +15,13 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
+use crate::audit::AuditEntry;
 use crate::crypto::{Dek, EventAad};
 use crate::domain::{
     EventBatch, ExpectedVersion, PersonalData, ProposedEvent, ReadEvent, StreamId,
 };
 use crate::keys::{ActiveKey, KeyError, KeyManager};
-use crate::policy::Policies;
+use crate::policy::{Grants, Policies, View};
 use crate::store::writer::{
     AppendCommand, AppendRejection, Appended, PendingEvent, WriteError, Writer,
 };
@@ -28,6 +29,10 @@ use crate::store::{Direction, EventStore, StoreError, StoredEvent};
 
 /// Batches larger than this are sealed or opened on the blocking pool.
 const INLINE_CRYPTO_EVENTS: usize = 16;
+
+/// Most rows of the global log one request scans for a caller who may read
+/// only some streams; the page then ends early and `next` moves past them.
+const MAX_LOG_SCAN: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -98,12 +103,14 @@ impl Events {
         }
     }
 
-    /// Classifies, seals and appends a batch atomically.
+    /// Classifies, seals and appends a batch atomically, with its audit
+    /// record in the same transaction.
     pub async fn append(
         &self,
         stream: StreamId,
         expected: ExpectedVersion,
         batch: EventBatch,
+        audit: AuditEntry,
     ) -> Result<Appended, ServiceError> {
         let events = batch.into_inner();
         let inline = events.len() <= INLINE_CRYPTO_EVENTS;
@@ -135,15 +142,24 @@ impl Events {
         };
         Ok(self
             .writer
-            .append(AppendCommand {
-                stream,
-                expected,
-                events: pending,
-            })
+            .append(
+                AppendCommand {
+                    stream,
+                    expected,
+                    events: pending,
+                },
+                audit,
+            )
             .await?)
     }
 
-    /// A page of a stream, as it was at `as_of_us` if given.
+    /// Writes an audit record; returns once it is durable.
+    pub async fn audit(&self, entry: AuditEntry) -> Result<(), ServiceError> {
+        Ok(self.writer.audit(entry).await?)
+    }
+
+    /// A page of a stream, as it was at `as_of_us` if given. The caller must
+    /// have been allowed to read `stream` (checked before any data is read).
     pub async fn read_stream(
         &self,
         stream: &StreamId,
@@ -151,7 +167,7 @@ impl Events {
         limit: u32,
         direction: Direction,
         as_of_us: Option<i64>,
-        reveal: bool,
+        grants: &Grants,
     ) -> Result<StreamPage, ServiceError> {
         let current = self
             .store
@@ -175,7 +191,7 @@ impl Events {
                 _ => None,
             }
         });
-        let events = self.open_all(rows, reveal).await?;
+        let events = self.open_all(rows, grants).await?;
         Ok(StreamPage {
             current_version: current,
             events,
@@ -183,41 +199,74 @@ impl Events {
         })
     }
 
-    /// A page of the global log after `after`.
+    /// A page of the global log after `after`: only events of streams the
+    /// caller may read. `next` moves past what was scanned, hidden or not,
+    /// so a caller who may read little still walks the log to its end.
     pub async fn read_all(
         &self,
         after: u64,
         limit: u32,
         as_of_us: Option<i64>,
-        reveal: bool,
+        grants: &Grants,
     ) -> Result<LogPage, ServiceError> {
-        let rows = self.store.read_all(after, limit, as_of_us).await?;
-        let next = rows.last().map_or(after, |r| r.position as u64);
-        let events = self.open_all(rows, reveal).await?;
-        Ok(LogPage { events, next })
+        let limit_rows = limit as usize;
+        let mut visible = Vec::new();
+        let mut cursor = after;
+        let mut scanned = 0;
+        loop {
+            let rows = self.store.read_all(cursor, limit, as_of_us).await?;
+            let fetched = rows.len();
+            scanned += fetched;
+            if let Some(last) = rows.last() {
+                cursor = last.position as u64;
+            }
+            visible.extend(
+                rows.into_iter()
+                    .filter(|r| grants.read_view(&r.stream_id).is_some()),
+            );
+            if visible.len() >= limit_rows || fetched < limit_rows || scanned >= MAX_LOG_SCAN {
+                break;
+            }
+        }
+        if visible.len() > limit_rows {
+            visible.truncate(limit_rows);
+            cursor = visible.last().map_or(cursor, |r| r.position as u64);
+        }
+        let events = self.open_all(visible, grants).await?;
+        Ok(LogPage {
+            events,
+            next: cursor,
+        })
     }
 
-    /// Turns stored rows into events for a reader: opens the sealed fields
-    /// when `reveal`, and says for each what became of its personal data.
+    /// Turns stored rows into events for a reader: decides per event what
+    /// the caller sees ([`Grants::read_view`]: rows of streams it may not
+    /// read are dropped), opens the sealed fields it may see, and says for
+    /// each what became of its personal data.
     async fn open_all(
         &self,
         rows: Vec<StoredEvent>,
-        reveal: bool,
+        grants: &Grants,
     ) -> Result<Vec<ReadEvent>, ServiceError> {
+        let rows: Vec<(StoredEvent, bool)> = rows
+            .into_iter()
+            .filter_map(|r| {
+                let view = grants.read_view(&r.stream_id)?;
+                Some((r, view == View::Revealed))
+            })
+            .collect();
         let mut deks: HashMap<String, Option<Arc<Dek>>> = HashMap::new();
-        if reveal {
-            for r in &rows {
-                if let Some(k) = &r.key_id
-                    && !deks.contains_key(k)
-                {
-                    deks.insert(k.clone(), self.keys.key_by_id(k).await?);
-                }
+        for (r, _) in rows.iter().filter(|(_, reveal)| *reveal) {
+            if let Some(k) = &r.key_id
+                && !deks.contains_key(k)
+            {
+                deks.insert(k.clone(), self.keys.key_by_id(k).await?);
             }
         }
         let inline = rows.len() <= INLINE_CRYPTO_EVENTS;
         let open = move || {
             rows.into_iter()
-                .map(|r| open_event(r, reveal, &deks))
+                .map(|(r, reveal)| open_event(r, reveal, &deks))
                 .collect::<Result<Vec<_>, _>>()
         };
         if inline {

@@ -1,8 +1,7 @@
-//! Authentication: the `Caller` extractor turns a bearer token into a
-//! principal, or refuses the request with 401. No route that touches data is
-//! reachable without it.
-
-use std::sync::Arc;
+//! Authentication and authorisation: the `Caller` extractor turns a bearer
+//! token into a principal and its grants under today's policies, or refuses
+//! the request with 401. No route that touches data is reachable without it,
+//! and every handler asks [`Caller::require`] before it touches data.
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
@@ -10,17 +9,48 @@ use axum::http::request::Parts;
 
 use super::AppState;
 use super::problem::ApiError;
-use crate::principals::Principal;
+use super::trail::AuditSlot;
+use crate::policy::{Grants, Permission};
 
-/// The authenticated principal of a request.
+/// The authenticated principal of a request, what it may do, and the audit
+/// record of the request.
 #[derive(Debug, Clone)]
-pub struct Caller(
-    #[expect(
-        dead_code,
-        reason = "read by the per-role access decision, which comes with the roles and audit work"
-    )]
-    pub Arc<Principal>,
-);
+pub struct Caller {
+    pub grants: Grants,
+    pub audit: AuditSlot,
+}
+
+impl Caller {
+    /// 403 unless the caller's roles grant `permission` on `stream` (`None`:
+    /// a permission not about one stream). Says nothing about whether the
+    /// stream exists: the check comes before any data is read.
+    pub fn require(&self, permission: Permission, stream: Option<&str>) -> Result<(), ApiError> {
+        if self.grants.allows(permission, stream) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "the caller's roles do not grant '{}'{}",
+                permission.as_str(),
+                if stream.is_some() {
+                    " on this stream"
+                } else {
+                    ""
+                }
+            )))
+        }
+    }
+
+    /// 400 if a read that may disclose personal data of `stream` (`None`: of
+    /// any stream) lacks the purpose one of the caller's roles requires.
+    pub fn require_purpose(&self, stream: Option<&str>) -> Result<(), ApiError> {
+        if self.audit.context().purpose.is_none() && self.grants.purpose_required(stream) {
+            return Err(ApiError::BadRequest(
+                "the caller's role requires a purpose for reads of personal data: send an X-Purpose header".into(),
+            ));
+        }
+        Ok(())
+    }
+}
 
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
@@ -29,6 +59,14 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
+        let audit = parts
+            .extensions
+            .get::<AuditSlot>()
+            .cloned()
+            .ok_or_else(|| {
+                tracing::error!("a data route is not wrapped by the audit middleware");
+                ApiError::Internal
+            })?;
         let header = parts
             .headers
             .get(AUTHORIZATION)
@@ -46,9 +84,14 @@ impl FromRequestParts<AppState> for Caller {
                 "the Authorization header must be 'Bearer <token>'",
             ))?;
         match state.principals.authenticate(token).await {
-            Ok(Some(p)) => {
-                tracing::Span::current().record("principal", p.name.as_str());
-                Ok(Caller(p))
+            Ok(Some(principal)) => {
+                tracing::Span::current().record("principal", principal.name.as_str());
+                audit.set_principal(&principal.name);
+                let grants = Grants::of(&state.policies, &principal.roles);
+                Ok(Caller {
+                    grants,
+                    audit,
+                })
             }
             Ok(None) => Err(ApiError::Unauthorized("the token is not valid")),
             Err(e) => {

@@ -11,8 +11,9 @@ use serde::Deserialize;
 use super::AppState;
 use super::auth::Caller;
 use super::problem::ApiError;
-use super::streams::{as_of, limit};
+use super::streams::{as_of, limit, note_disclosure};
 use super::views::{EventList, json_response};
+use crate::policy::Permission;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/events", get(read_all))
@@ -35,19 +36,29 @@ struct LogPageView<'a> {
 
 async fn read_all(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     params: Result<Query<LogParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    // `read` on at least one stream; the events of the others are left out.
+    caller.require(Permission::Read, None)?;
+    caller.require_purpose(None)?;
     let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let after = p.after.unwrap_or(0);
     let page = state
         .events
         .read_all(
-            p.after.unwrap_or(0),
+            after,
             limit(p.limit)?,
             as_of(p.as_of.as_deref())?,
-            true,
+            &caller.grants,
         )
         .await?;
+    caller.audit.set_resource(if page.next > after {
+        format!("positions:{}-{}", after + 1, page.next)
+    } else {
+        format!("positions:>{after}")
+    });
+    note_disclosure(&caller, &page.events);
     Ok(json_response(
         StatusCode::OK,
         &LogPageView {

@@ -1,12 +1,14 @@
 //! The HTTP API (axum): one module per resource, each with its own
 //! `router()`. Only this module knows the JSON shapes of the API.
 
+mod audit;
 mod auth;
 mod body;
 mod health;
 mod log;
 mod problem;
 mod streams;
+mod trail;
 mod views;
 
 use std::sync::Arc;
@@ -20,6 +22,7 @@ use tower_http::trace::TraceLayer;
 pub use problem::ApiError;
 
 use crate::keys::KeyManager;
+use crate::policy::Policies;
 use crate::principals::Principals;
 use crate::service::Events;
 use crate::store::EventStore;
@@ -39,6 +42,7 @@ pub struct AppState {
     pub store: EventStore,
     pub keys: Arc<KeyManager>,
     pub principals: Arc<Principals>,
+    pub policies: Arc<Policies>,
     pub config: Arc<HttpConfig>,
 }
 
@@ -47,9 +51,17 @@ static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The whole API.
 pub fn router(state: AppState) -> Router {
     let request_id = REQUEST_ID.clone();
-    Router::new()
+    // Every data route writes one audit record per request, refused or not.
+    let data = Router::new()
         .merge(streams::router())
         .merge(log::router())
+        .merge(audit::router())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            trail::record_requests,
+        ));
+    Router::new()
+        .merge(data)
         .merge(health::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .with_state(state)

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::service::ServiceError;
+use crate::store::StoreError;
 use crate::store::writer::AppendRejection;
 
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +16,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     Unauthorized(&'static str),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{detail}")]
@@ -39,6 +42,7 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -53,6 +57,7 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => "bad-request",
             Self::Unauthorized(_) => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
             Self::NotFound(_) => "not-found",
             Self::Conflict {
                 current_version: Some(_),
@@ -119,6 +124,9 @@ impl From<ServiceError> for ApiError {
                 Self::Integrity
             }
             ServiceError::Unavailable => Self::Unavailable("the service is shutting down"),
+            ServiceError::Store(StoreError::GroupCommit) => {
+                Self::Unavailable("the request could not be committed; nothing was written")
+            }
             other => {
                 tracing::error!(error = %other, "request failed");
                 Self::Internal

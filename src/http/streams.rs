@@ -15,7 +15,13 @@ use super::auth::Caller;
 use super::body::JsonBody;
 use super::problem::ApiError;
 use super::views::{AppendView, EventList, json_response, parse_rfc3339};
-use crate::domain::{EventBatch, EventType, ExpectedVersion, ProposedEvent, StreamId, Subject};
+use crate::audit::Outcome;
+use crate::domain::{
+    EventBatch, EventType, ExpectedVersion, PersonalData, ProposedEvent, ReadEvent, StreamId,
+    Subject,
+};
+use crate::policy::Permission;
+use crate::service::ServiceError;
 use crate::store::Direction;
 use crate::store::writer::Appended;
 
@@ -89,15 +95,31 @@ fn proposed(body: AppendBody) -> Result<EventBatch, ApiError> {
 
 async fn append(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody<AppendBody>,
+    body: Result<JsonBody<AppendBody>, ApiError>,
 ) -> Result<Response, ApiError> {
     let stream = stream_id(path)?;
+    caller.require(Permission::Append, Some(stream.as_str()))?;
+    let JsonBody(body) = body?;
     let expected = expected_version(&headers)?;
     let batch = proposed(body)?;
-    let (status, result) = match state.events.append(stream.clone(), expected, batch).await? {
+    // The writer commits the audit record with the events (or, for a
+    // rejected append, alone); it sets the outcome and the event count.
+    let appended = state
+        .events
+        .append(
+            stream.clone(),
+            expected,
+            batch,
+            caller.audit.entry(Outcome::Ok),
+        )
+        .await;
+    if matches!(appended, Ok(_) | Err(ServiceError::Rejected(_))) {
+        caller.audit.mark_recorded();
+    }
+    let (status, result) = match appended? {
         Appended::Created(r) => (StatusCode::CREATED, r),
         Appended::AlreadyAppended(r) => (StatusCode::OK, r),
     };
@@ -148,13 +170,24 @@ struct StreamPageView<'a> {
     next: Option<u64>,
 }
 
+/// Tells the audit record how many events a response carries and whether
+/// any of them in clear personal data.
+pub fn note_disclosure(caller: &Caller, events: &[ReadEvent]) {
+    let personal = events
+        .iter()
+        .any(|e| e.personal_data == PersonalData::Decrypted);
+    caller.audit.disclosed(events.len() as u64, personal);
+}
+
 async fn read(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     path: Result<Path<String>, PathRejection>,
     params: Result<Query<ReadParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let stream = stream_id(path)?;
+    caller.require(Permission::Read, Some(stream.as_str()))?;
+    caller.require_purpose(Some(stream.as_str()))?;
     let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let direction = match p.direction.unwrap_or(DirectionParam::Forward) {
         DirectionParam::Forward => Direction::Forward,
@@ -168,9 +201,10 @@ async fn read(
             limit(p.limit)?,
             direction,
             as_of(p.as_of.as_deref())?,
-            true,
+            &caller.grants,
         )
         .await?;
+    note_disclosure(&caller, &page.events);
     Ok(json_response(
         StatusCode::OK,
         &StreamPageView {

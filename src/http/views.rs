@@ -3,6 +3,7 @@
 use serde::Serialize;
 use serde::ser::SerializeStruct;
 
+use crate::audit::AuditRecord;
 use crate::domain::{AppendResult, ReadEvent};
 
 /// RFC 3339 with microseconds, UTC.
@@ -88,6 +89,47 @@ pub fn json_response(
         Err(e) => {
             tracing::error!(error = %e, "response serialisation failed");
             super::ApiError::Internal.into_response()
+        }
+    }
+}
+
+/// An audit record as the API shows it; hashes in hex.
+#[derive(Serialize)]
+pub struct AuditRecordView {
+    pub seq: u64,
+    pub recorded_at: String,
+    pub principal: Option<String>,
+    pub action: String,
+    pub resource: String,
+    pub outcome: &'static str,
+    pub event_count: u64,
+    pub personal_data: bool,
+    pub correlation_id: Option<String>,
+    pub causation_id: Option<String>,
+    pub purpose: Option<String>,
+    pub request_id: Option<String>,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+impl From<AuditRecord> for AuditRecordView {
+    fn from(r: AuditRecord) -> Self {
+        let e = r.entry;
+        Self {
+            seq: r.seq,
+            recorded_at: rfc3339(r.recorded_at_us),
+            principal: e.principal,
+            action: e.action,
+            resource: e.resource,
+            outcome: e.outcome.as_str(),
+            event_count: e.event_count,
+            personal_data: e.personal_data,
+            correlation_id: e.correlation_id,
+            causation_id: e.causation_id,
+            purpose: e.purpose,
+            request_id: e.request_id,
+            prev_hash: hex::encode(r.prev_hash),
+            hash: hex::encode(r.hash),
         }
     }
 }

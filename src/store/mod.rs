@@ -6,6 +6,7 @@
 //! placeholders work on both); where they differ (array parameters, advisory
 //! locks, `uuid` columns) each has its own small function next to the other.
 
+pub mod audit;
 pub mod keystore;
 pub mod principals;
 pub mod writer;
@@ -92,6 +93,7 @@ macro_rules! on_db_sql {
         }
     }};
 }
+pub(crate) use on_db_sql;
 
 impl Db {
     /// Connects to `url` (`sqlite:…` or `postgres://…`), creating a SQLite

@@ -8,7 +8,13 @@
 //! and only then answers every waiter. Under load a single fsync thus serves
 //! many requests; alone, a request pays for one commit as before.
 //!
-//! Positions are assigned here, in commit order and without gaps: on SQLite
+//! Audit records travel the same path: an append carries its record into the
+//! transaction of its events (so an append and its audit record commit or
+//! fail together), and a read hands its record over and waits until it is
+//! durable before the response leaves. The records of a group are numbered
+//! and hash-chained here, after the last record stored.
+//!
+//! Positions (and audit sequence numbers) are assigned here, in commit order and without gaps: on SQLite
 //! `BEGIN IMMEDIATE` makes the transaction the only writer of the file; on
 //! PostgreSQL a transaction-level advisory lock serialises the writers of all
 //! eventvault processes sharing the database. The lock is released only after
@@ -21,7 +27,8 @@ use sqlx::{Postgres, Sqlite, Transaction};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{Db, StoreError, now_us};
+use super::{Db, StoreError, audit, now_us};
+use crate::audit::{AuditEntry, AuditRecord, Outcome, seal_records};
 use crate::domain::{AppendResult, ExpectedVersion, StreamId};
 
 /// Upper bound of events gathered into one transaction: keeps a commit's
@@ -88,12 +95,28 @@ pub enum WriteError {
     Stopped,
 }
 
-type Reply = oneshot::Sender<Result<Appended, WriteError>>;
+/// One unit of work for the writer: an audit record, and the append it
+/// describes if it describes one (the writer then fills in its outcome and
+/// event count).
+#[derive(Debug)]
+pub struct Job {
+    pub append: Option<AppendCommand>,
+    pub audit: AuditEntry,
+}
+
+impl Job {
+    fn size(&self) -> usize {
+        1 + self.append.as_ref().map_or(0, |a| a.events.len())
+    }
+}
+
+/// `None` for a job without an append.
+type Reply = oneshot::Sender<Result<Option<Appended>, WriteError>>;
 
 /// The handle through which requests reach the writer task. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Writer {
-    tx: mpsc::Sender<(AppendCommand, Reply)>,
+    tx: mpsc::Sender<(Job, Reply)>,
 }
 
 impl Writer {
@@ -105,32 +128,58 @@ impl Writer {
         (Self { tx }, task)
     }
 
-    /// Queues `cmd` and waits until its group has committed (or failed).
-    pub async fn append(&self, cmd: AppendCommand) -> Result<Appended, WriteError> {
+    async fn submit(&self, job: Job) -> Result<Option<Appended>, WriteError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send((cmd, reply))
+            .send((job, reply))
             .await
             .map_err(|_| WriteError::Stopped)?;
         answer.await.map_err(|_| WriteError::Stopped)?
     }
+
+    /// Queues `cmd` with its audit record and waits until its group has
+    /// committed (or failed). A rejected append's record is committed too,
+    /// with outcome `error`.
+    pub async fn append(
+        &self,
+        cmd: AppendCommand,
+        audit: AuditEntry,
+    ) -> Result<Appended, WriteError> {
+        let appended = self
+            .submit(Job {
+                append: Some(cmd),
+                audit,
+            })
+            .await?;
+        Ok(appended.expect("an append job is answered with its outcome"))
+    }
+
+    /// Queues an audit record and waits until it is durable.
+    pub async fn audit(&self, audit: AuditEntry) -> Result<(), WriteError> {
+        self.submit(Job {
+            append: None,
+            audit,
+        })
+        .await
+        .map(|_| ())
+    }
 }
 
-async fn run(db: Db, mut rx: mpsc::Receiver<(AppendCommand, Reply)>) {
+async fn run(db: Db, mut rx: mpsc::Receiver<(Job, Reply)>) {
     while let Some(first) = rx.recv().await {
-        let mut events = first.0.events.len();
+        let mut size = first.0.size();
         let mut group = vec![first];
-        while events < MAX_GROUP_EVENTS {
+        while size < MAX_GROUP_EVENTS {
             match rx.try_recv() {
                 Ok(next) => {
-                    events += next.0.events.len();
+                    size += next.0.size();
                     group.push(next);
                 }
                 Err(_) => break,
             }
         }
-        let (cmds, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
-        match commit_group(&db, &cmds).await {
+        let (jobs, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+        match commit_group(&db, jobs).await {
             Ok(outcomes) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(outcome.map_err(WriteError::from));
@@ -148,6 +197,8 @@ async fn run(db: Db, mut rx: mpsc::Receiver<(AppendCommand, Reply)>) {
 
 /// What the group's transaction found before deciding.
 struct Snapshot {
+    /// Number and hash of the last audit record.
+    audit_head: (u64, [u8; 32]),
     head_position: u64,
     last_recorded_at: i64,
     versions: HashMap<String, u64>,
@@ -182,23 +233,41 @@ struct Rows {
     append_size: Vec<i32>,
 }
 
-/// The group's decisions: one outcome per command, the rows to insert and
-/// each touched stream's new version.
+/// One job's outcome: `None` for a job without an append.
+type Outcomes = Vec<Result<Option<Appended>, AppendRejection>>;
+
+/// The group's decisions: one outcome per job, the rows to insert, each
+/// touched stream's new version and the chained audit records.
 struct Plan {
-    outcomes: Vec<Result<Appended, AppendRejection>>,
+    outcomes: Outcomes,
     rows: Rows,
     streams: Vec<(String, i64)>,
     recorded_at: i64,
+    audit: Vec<AuditRecord>,
 }
 
-/// Decides every command of the group in order, as if each had been its own
-/// transaction: later commands see the versions and ids of earlier ones.
-fn plan(cmds: &[AppendCommand], mut snap: Snapshot) -> Plan {
+/// Decides every job of the group in order, as if each had been its own
+/// transaction: later appends see the versions and ids of earlier ones.
+fn plan(jobs: Vec<Job>, mut snap: Snapshot) -> Plan {
     let mut rows = Rows::default();
     let mut touched: Vec<String> = Vec::new();
-    let mut outcomes = Vec::with_capacity(cmds.len());
-    for cmd in cmds {
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    let mut entries = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let Job { append, mut audit } = job;
+        let Some(cmd) = append else {
+            outcomes.push(Ok(None));
+            entries.push(audit);
+            continue;
+        };
+        let cmd = &cmd;
         let outcome = decide(cmd, &snap);
+        (audit.outcome, audit.event_count) = match &outcome {
+            Ok(Appended::Created(_)) => (Outcome::Ok, cmd.events.len() as u64),
+            Ok(Appended::AlreadyAppended(_)) => (Outcome::Ok, 0),
+            Err(_) => (Outcome::Error, 0),
+        };
+        entries.push(audit);
         if let Ok(Appended::Created(r)) = &outcome {
             let stream = cmd.stream.as_str();
             for (i, e) in cmd.events.iter().enumerate() {
@@ -233,7 +302,7 @@ fn plan(cmds: &[AppendCommand], mut snap: Snapshot) -> Plan {
             }
             snap.head_position = r.last_position;
         }
-        outcomes.push(outcome);
+        outcomes.push(outcome.map(Some));
     }
     let streams = touched
         .into_iter()
@@ -246,11 +315,13 @@ fn plan(cmds: &[AppendCommand], mut snap: Snapshot) -> Plan {
     // that an `as_of` read is always a prefix of the log and every commit's
     // time names exactly the state after it.
     let recorded_at = now_us().max(snap.last_recorded_at + 1);
+    let (head_seq, head_hash) = snap.audit_head;
     Plan {
         outcomes,
         rows,
         streams,
         recorded_at,
+        audit: seal_records(head_seq, head_hash, recorded_at, entries),
     }
 }
 
@@ -315,16 +386,15 @@ fn replay(cmd: &AppendCommand, known: &[&Existing]) -> Result<Appended, AppendRe
     }))
 }
 
-async fn commit_group(
-    db: &Db,
-    cmds: &[AppendCommand],
-) -> Result<Vec<Result<Appended, AppendRejection>>, StoreError> {
+async fn commit_group(db: &Db, jobs: Vec<Job>) -> Result<Outcomes, StoreError> {
+    let cmds: Vec<&AppendCommand> = jobs.iter().filter_map(|j| j.append.as_ref()).collect();
     match db {
         Db::Sqlite(pool) => {
             let mut tx = pool.begin_with("begin immediate").await?;
-            let snap = sqlite_snapshot(&mut tx, cmds).await?;
-            let plan = plan(cmds, snap);
+            let snap = sqlite_snapshot(&mut tx, &cmds).await?;
+            let plan = plan(jobs, snap);
             sqlite_write(&mut tx, &plan).await?;
+            audit::sqlite_insert(&mut tx, &plan.audit).await?;
             tx.commit().await?;
             Ok(plan.outcomes)
         }
@@ -334,23 +404,24 @@ async fn commit_group(
                 .bind(PG_WRITER_LOCK)
                 .execute(&mut *tx)
                 .await?;
-            let snap = pg_snapshot(&mut tx, cmds).await?;
-            let plan = plan(cmds, snap);
+            let snap = pg_snapshot(&mut tx, &cmds).await?;
+            let plan = plan(jobs, snap);
             pg_write(&mut tx, &plan).await?;
+            audit::pg_insert(&mut tx, &plan.audit).await?;
             tx.commit().await?;
             Ok(plan.outcomes)
         }
     }
 }
 
-fn distinct_streams(cmds: &[AppendCommand]) -> Vec<String> {
+fn distinct_streams(cmds: &[&AppendCommand]) -> Vec<String> {
     let mut s: Vec<String> = cmds.iter().map(|c| c.stream.as_str().to_owned()).collect();
     s.sort();
     s.dedup();
     s
 }
 
-fn all_ids(cmds: &[AppendCommand]) -> Vec<Uuid> {
+fn all_ids(cmds: &[&AppendCommand]) -> Vec<Uuid> {
     cmds.iter()
         .flat_map(|c| c.events.iter().map(|e| e.id))
         .collect()
@@ -362,6 +433,7 @@ const HEAD_SQL: &str = "select position, recorded_at from events order by positi
 type ExistingRow = (String, String, i64, i64, i32, i32);
 
 fn snapshot_from(
+    audit_head: (u64, [u8; 32]),
     head: Option<(i64, i64)>,
     versions: Vec<(String, i64)>,
     existing: Vec<ExistingRow>,
@@ -389,6 +461,7 @@ fn snapshot_from(
         )
         .collect::<Result<_, StoreError>>()?;
     Ok(Snapshot {
+        audit_head,
         head_position: head_position as u64,
         last_recorded_at,
         versions: versions.into_iter().map(|(s, v)| (s, v as u64)).collect(),
@@ -398,9 +471,13 @@ fn snapshot_from(
 
 async fn sqlite_snapshot(
     tx: &mut Transaction<'static, Sqlite>,
-    cmds: &[AppendCommand],
+    cmds: &[&AppendCommand],
 ) -> Result<Snapshot, StoreError> {
+    let audit_head = audit::sqlite_head(tx).await?;
     let head = sqlx::query_as(HEAD_SQL).fetch_optional(&mut **tx).await?;
+    if cmds.is_empty() {
+        return snapshot_from(audit_head, head, vec![], vec![]);
+    }
     // SQLite has no array parameters: the id lists travel as one JSON array.
     let streams = serde_json::to_string(&distinct_streams(cmds)).expect("strings serialise");
     let versions = sqlx::query_as("select stream_id, version from streams where stream_id in (select value from json_each($1))")
@@ -415,7 +492,7 @@ async fn sqlite_snapshot(
     .bind(serde_json::to_string(&ids).expect("strings serialise"))
     .fetch_all(&mut **tx)
     .await?;
-    snapshot_from(head, versions, existing)
+    snapshot_from(audit_head, head, versions, existing)
 }
 
 /// Two statements for the whole group, like the PostgreSQL path: the rows
@@ -474,9 +551,13 @@ async fn sqlite_write(
 
 async fn pg_snapshot(
     tx: &mut Transaction<'static, Postgres>,
-    cmds: &[AppendCommand],
+    cmds: &[&AppendCommand],
 ) -> Result<Snapshot, StoreError> {
+    let audit_head = audit::pg_head(tx).await?;
     let head = sqlx::query_as(HEAD_SQL).fetch_optional(&mut **tx).await?;
+    if cmds.is_empty() {
+        return snapshot_from(audit_head, head, vec![], vec![]);
+    }
     let versions =
         sqlx::query_as("select stream_id, version from streams where stream_id = any($1)")
             .bind(distinct_streams(cmds))
@@ -489,7 +570,7 @@ async fn pg_snapshot(
     .bind(all_ids(cmds))
     .fetch_all(&mut **tx)
     .await?;
-    snapshot_from(head, versions, existing)
+    snapshot_from(audit_head, head, versions, existing)
 }
 
 async fn pg_write(tx: &mut Transaction<'static, Postgres>, plan: &Plan) -> Result<(), StoreError> {
@@ -559,8 +640,29 @@ mod tests {
         }
     }
 
+    fn jobs(cmds: Vec<AppendCommand>) -> Vec<Job> {
+        cmds.into_iter()
+            .map(|c| Job {
+                append: Some(c),
+                audit: AuditEntry {
+                    principal: None,
+                    action: "events.append".into(),
+                    resource: "stream".into(),
+                    outcome: Outcome::Ok,
+                    event_count: 0,
+                    personal_data: false,
+                    correlation_id: None,
+                    causation_id: None,
+                    purpose: None,
+                    request_id: None,
+                },
+            })
+            .collect()
+    }
+
     fn empty() -> Snapshot {
         Snapshot {
+            audit_head: (0, crate::audit::GENESIS),
             head_position: 0,
             last_recorded_at: 0,
             versions: HashMap::new(),
@@ -578,15 +680,15 @@ mod tests {
             cmd("a", ExpectedVersion::Any, &[1, 2]), // retry of the first
             cmd("b", ExpectedVersion::Any, &[2]),    // id used in a
         ];
-        let p = plan(&cmds, empty());
+        let p = plan(jobs(cmds), empty());
         assert_eq!(
             p.outcomes[0],
-            Ok(Appended::Created(AppendResult {
+            Ok(Some(Appended::Created(AppendResult {
                 first_version: 1,
                 last_version: 2,
                 first_position: 1,
                 last_position: 2
-            }))
+            })))
         );
         assert_eq!(
             p.outcomes[1],
@@ -594,12 +696,12 @@ mod tests {
         );
         assert_eq!(
             p.outcomes[2],
-            Ok(Appended::Created(AppendResult {
+            Ok(Some(Appended::Created(AppendResult {
                 first_version: 3,
                 last_version: 3,
                 first_position: 3,
                 last_position: 3
-            }))
+            })))
         );
         assert_eq!(
             p.outcomes[3],
@@ -607,12 +709,12 @@ mod tests {
         );
         assert_eq!(
             p.outcomes[4],
-            Ok(Appended::AlreadyAppended(AppendResult {
+            Ok(Some(Appended::AlreadyAppended(AppendResult {
                 first_version: 1,
                 last_version: 2,
                 first_position: 1,
                 last_position: 2
-            }))
+            })))
         );
         assert!(matches!(p.outcomes[5], Err(AppendRejection::IdsInUse(_))));
         assert_eq!(p.rows.position, vec![1, 2, 3]);
@@ -621,7 +723,7 @@ mod tests {
 
     #[test]
     fn partial_or_reordered_retries_conflict() {
-        let first = plan(&[cmd("a", ExpectedVersion::Any, &[1, 2, 3])], empty());
+        let first = plan(jobs(vec![cmd("a", ExpectedVersion::Any, &[1, 2, 3])]), empty());
         assert!(first.outcomes[0].is_ok());
         let mut snap = empty();
         snap.head_position = 3;
@@ -638,12 +740,12 @@ mod tests {
             snap.existing.insert(Uuid::from_u128(*id), e);
         }
         let p = plan(
-            &[
+            jobs(vec![
                 cmd("a", ExpectedVersion::Any, &[1, 2]),
                 cmd("a", ExpectedVersion::Any, &[2, 1, 3]),
                 cmd("a", ExpectedVersion::Any, &[3, 9]),
                 cmd("a", ExpectedVersion::Exact(0), &[1, 2, 3]),
-            ],
+            ]),
             snap,
         );
         assert!(
@@ -653,9 +755,19 @@ mod tests {
         assert!(matches!(p.outcomes[1], Err(AppendRejection::IdsInUse(_))));
         assert!(matches!(p.outcomes[2], Err(AppendRejection::IdsInUse(_))));
         assert!(
-            matches!(p.outcomes[3], Ok(Appended::AlreadyAppended(_))),
+            matches!(p.outcomes[3], Ok(Some(Appended::AlreadyAppended(_)))),
             "a retry wins over its stale expected version"
         );
         assert!(p.rows.position.is_empty());
+        assert_eq!(
+            p.audit.iter().map(|r| (r.seq, r.entry.outcome)).collect::<Vec<_>>(),
+            vec![
+                (1, Outcome::Error),
+                (2, Outcome::Error),
+                (3, Outcome::Error),
+                (4, Outcome::Ok)
+            ],
+            "every append is audited, rejected ones as errors"
+        );
     }
 }

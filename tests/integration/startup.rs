@@ -87,6 +87,7 @@ async fn principal_commands_add_list_and_remove(backend: Backend) {
         .client
         .get(format!("{}/events", server.base))
         .bearer_auth(&token)
+        .header("X-Purpose", "account review")
         .send()
         .await
         .unwrap();

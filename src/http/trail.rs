@@ -1,0 +1,234 @@
+//! One audit record per data request, whatever its outcome.
+//!
+//! The [`record_requests`] middleware wraps every data route. Before the
+//! handler runs it reads the request's audit headers and puts an
+//! [`AuditSlot`] into the request; the `Caller` extractor writes the
+//! principal into it and the handler the resource details, the event count
+//! and whether personal data is disclosed. When the response is ready the
+//! middleware writes the record through the group-commit writer and waits
+//! until it is durable: only then does the response leave. If the record
+//! cannot be written the caller gets a 503 instead, and no data.
+//!
+//! An append hands its record to the writer itself, to commit it in the same
+//! transaction as its events, and marks the slot as recorded.
+
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{MatchedPath, RawPathParams, Request, State};
+use axum::http::{HeaderMap, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use super::problem::ApiError;
+use crate::audit::{AuditEntry, Outcome};
+use crate::domain::{StreamId, Subject};
+
+/// Longest accepted value of an audit header.
+const MAX_HEADER_CHARS: usize = 200;
+
+/// The audit headers of a request, and its request id.
+#[derive(Debug, Clone, Default)]
+pub struct RequestContext {
+    pub correlation_id: Option<String>,
+    pub causation_id: Option<String>,
+    pub purpose: Option<String>,
+    pub request_id: Option<String>,
+}
+
+/// Reads one optional header: printable text of at most
+/// [`MAX_HEADER_CHARS`] characters.
+fn header(headers: &HeaderMap, name: &'static str) -> Result<Option<String>, String> {
+    let Some(v) = headers.get(name) else {
+        return Ok(None);
+    };
+    let s = v
+        .to_str()
+        .ok()
+        .filter(|s| !s.is_empty() && s.chars().count() <= MAX_HEADER_CHARS)
+        .filter(|s| s.chars().all(|c| !c.is_control()))
+        .ok_or_else(|| {
+            format!("header {name} must be 1 to {MAX_HEADER_CHARS} printable ASCII characters")
+        })?;
+    Ok(Some(s.to_owned()))
+}
+
+impl RequestContext {
+    /// The context, or the first malformed header (the request is then
+    /// refused, and recorded without it).
+    fn from_headers(headers: &HeaderMap) -> (Self, Option<String>) {
+        let mut bad = None;
+        let mut take = |name| {
+            header(headers, name).unwrap_or_else(|e| {
+                bad.get_or_insert(e);
+                None
+            })
+        };
+        let ctx = Self {
+            correlation_id: take("x-correlation-id"),
+            causation_id: take("x-causation-id"),
+            purpose: take("x-purpose"),
+            request_id: take("x-request-id"),
+        };
+        (ctx, bad)
+    }
+}
+
+/// What the record of one request will say; filled in as the request runs.
+#[derive(Debug)]
+struct Draft {
+    principal: Option<String>,
+    resource: String,
+    event_count: u64,
+    personal_data: bool,
+    /// The handler already committed the record (appends).
+    recorded: bool,
+}
+
+/// The audit record of the current request, shared by the middleware, the
+/// `Caller` extractor and the handler.
+#[derive(Debug, Clone)]
+pub struct AuditSlot {
+    action: &'static str,
+    ctx: Arc<RequestContext>,
+    draft: Arc<Mutex<Draft>>,
+}
+
+impl AuditSlot {
+    pub fn context(&self) -> &RequestContext {
+        &self.ctx
+    }
+
+    fn draft(&self) -> std::sync::MutexGuard<'_, Draft> {
+        self.draft.lock().expect("audit draft lock")
+    }
+
+    pub fn set_principal(&self, name: &str) {
+        self.draft().principal = Some(name.to_owned());
+    }
+
+    /// Replaces the resource named from the path (e.g. with a position range).
+    pub fn set_resource(&self, resource: String) {
+        self.draft().resource = resource;
+    }
+
+    /// The response carries `events` events, some with personal data in clear
+    /// when `personal_data`.
+    pub fn disclosed(&self, events: u64, personal_data: bool) {
+        let mut d = self.draft();
+        d.event_count = events;
+        d.personal_data = personal_data;
+    }
+
+    /// The record was committed by the handler (with its append).
+    pub fn mark_recorded(&self) {
+        self.draft().recorded = true;
+    }
+
+    /// The record as it stands, with `outcome`.
+    pub fn entry(&self, outcome: Outcome) -> AuditEntry {
+        let d = self.draft();
+        AuditEntry {
+            principal: d.principal.clone(),
+            action: self.action.to_owned(),
+            resource: d.resource.clone(),
+            outcome,
+            event_count: d.event_count,
+            personal_data: d.personal_data,
+            correlation_id: self.ctx.correlation_id.clone(),
+            causation_id: self.ctx.causation_id.clone(),
+            purpose: self.ctx.purpose.clone(),
+            request_id: self.ctx.request_id.clone(),
+        }
+    }
+}
+
+/// The audit action of a route.
+fn action_of(method: &Method, route: &str) -> &'static str {
+    match (method.as_str(), route) {
+        ("POST", "/streams/{stream}/events") => "stream.append",
+        ("GET", "/streams/{stream}/events") => "stream.read",
+        ("GET", "/events") => "log.read",
+        ("GET", "/audit") => "audit.read",
+        ("GET", "/audit/verify") => "audit.verify",
+        _ => "request",
+    }
+}
+
+/// The resource a request names in its path: a stream or a subject id (ids
+/// that are not valid are not copied into the log), or the route itself.
+fn resource_of(route: &str, params: Option<&RawPathParams>) -> String {
+    for (name, value) in params.into_iter().flat_map(|p| p.iter()) {
+        match name {
+            "stream" => {
+                return match StreamId::parse(value) {
+                    Ok(s) => format!("stream:{}", s.as_str()),
+                    Err(_) => "stream:(invalid id)".into(),
+                };
+            }
+            "subject" => {
+                return match Subject::parse(value) {
+                    Ok(s) => format!("subject:{}", s.as_str()),
+                    Err(_) => "subject:(invalid id)".into(),
+                };
+            }
+            _ => {}
+        }
+    }
+    route.trim_start_matches('/').replace('/', ":")
+}
+
+/// The middleware: see the module documentation.
+pub async fn record_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| req.uri().path().to_owned(), |m| m.as_str().to_owned());
+    let action = action_of(req.method(), &route);
+    let (mut parts, body) = req.into_parts();
+    let params = {
+        use axum::extract::FromRequestParts;
+        RawPathParams::from_request_parts(&mut parts, &state).await.ok()
+    };
+    let (ctx, bad_header) = RequestContext::from_headers(&parts.headers);
+    let slot = AuditSlot {
+        action,
+        ctx: Arc::new(ctx),
+        draft: Arc::new(Mutex::new(Draft {
+            principal: None,
+            resource: resource_of(&route, params.as_ref()),
+            event_count: 0,
+            personal_data: false,
+            recorded: false,
+        })),
+    };
+    let response = match bad_header {
+        Some(problem) => ApiError::BadRequest(problem).into_response(),
+        None => {
+            let mut req = Request::from_parts(parts, body);
+            req.extensions_mut().insert(slot.clone());
+            next.run(req).await
+        }
+    };
+    let status = response.status();
+    let outcome = Outcome::from_status(status.as_u16());
+    let recorded = slot.draft().recorded;
+    let response = if recorded {
+        response
+    } else {
+        match state.events.audit(slot.entry(outcome)).await {
+            Ok(()) => response,
+            Err(e) => {
+                tracing::error!(error = %e, "the audit record could not be written; the response is withheld");
+                ApiError::Unavailable("the request could not be audited; nothing was disclosed")
+                    .into_response()
+            }
+        }
+    };
+    tracing::info!(
+        status = response.status().as_u16(),
+        outcome = Outcome::from_status(response.status().as_u16()).as_str(),
+        "request"
+    );
+    response
+}

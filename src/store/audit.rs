@@ -1,0 +1,303 @@
+//! The `audit_log` table: inserting chained records (inside the writer's
+//! transaction), listing them with filters, and walking the chain.
+
+use sqlx::{Postgres, Sqlite, Transaction};
+
+use super::{EventStore, StoreError, on_db, on_db_sql};
+use crate::audit::{AuditEntry, AuditRecord, Break, ChainVerifier, GENESIS, Outcome};
+
+/// An audit row as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct AuditRow {
+    seq: i64,
+    recorded_at: i64,
+    principal: Option<String>,
+    action: String,
+    resource: String,
+    outcome: String,
+    event_count: i64,
+    personal_data: bool,
+    correlation_id: Option<String>,
+    causation_id: Option<String>,
+    purpose: Option<String>,
+    request_id: Option<String>,
+    prev_hash: Vec<u8>,
+    hash: Vec<u8>,
+}
+
+/// A `select` of whole audit rows followed by `$rest`.
+macro_rules! select_audit {
+    ($rest:literal) => {
+        concat!(
+            "select seq, recorded_at, principal, action, resource, outcome, event_count, personal_data, ",
+            "correlation_id, causation_id, purpose, request_id, prev_hash, hash from audit_log ",
+            $rest
+        )
+    };
+}
+
+impl TryFrom<AuditRow> for AuditRecord {
+    type Error = StoreError;
+
+    fn try_from(r: AuditRow) -> Result<Self, StoreError> {
+        let bad = |what: &str| StoreError::Corrupt(format!("audit record {}: {what}", r.seq));
+        let outcome = match r.outcome.as_str() {
+            "ok" => Outcome::Ok,
+            "denied" => Outcome::Denied,
+            "error" => Outcome::Error,
+            _ => return Err(bad("unknown outcome")),
+        };
+        let prev_hash = r
+            .prev_hash
+            .as_slice()
+            .try_into()
+            .map_err(|_| bad("prev_hash is not 32 bytes"))?;
+        let hash = r
+            .hash
+            .as_slice()
+            .try_into()
+            .map_err(|_| bad("hash is not 32 bytes"))?;
+        Ok(AuditRecord {
+            seq: u64::try_from(r.seq).map_err(|_| bad("negative seq"))?,
+            recorded_at_us: r.recorded_at,
+            entry: AuditEntry {
+                principal: r.principal,
+                action: r.action,
+                resource: r.resource,
+                outcome,
+                event_count: u64::try_from(r.event_count).map_err(|_| bad("negative count"))?,
+                personal_data: r.personal_data,
+                correlation_id: r.correlation_id,
+                causation_id: r.causation_id,
+                purpose: r.purpose,
+                request_id: r.request_id,
+            },
+            prev_hash,
+            hash,
+        })
+    }
+}
+
+const HEAD_SQL: &str = "select seq, hash from audit_log order by seq desc limit 1";
+
+fn head_from(row: Option<(i64, Vec<u8>)>) -> Result<(u64, [u8; 32]), StoreError> {
+    match row {
+        None => Ok((0, GENESIS)),
+        Some((seq, hash)) => Ok((
+            seq as u64,
+            hash.as_slice().try_into().map_err(|_| {
+                StoreError::Corrupt(format!("audit record {seq}: hash is not 32 bytes"))
+            })?,
+        )),
+    }
+}
+
+/// The last record's number and hash, inside the writer's transaction.
+pub(super) async fn sqlite_head(
+    tx: &mut Transaction<'static, Sqlite>,
+) -> Result<(u64, [u8; 32]), StoreError> {
+    head_from(sqlx::query_as(HEAD_SQL).fetch_optional(&mut **tx).await?)
+}
+
+pub(super) async fn pg_head(
+    tx: &mut Transaction<'static, Postgres>,
+) -> Result<(u64, [u8; 32]), StoreError> {
+    head_from(sqlx::query_as(HEAD_SQL).fetch_optional(&mut **tx).await?)
+}
+
+/// Inserts sealed records in one statement (rows as one JSON array).
+pub(super) async fn sqlite_insert(
+    tx: &mut Transaction<'static, Sqlite>,
+    records: &[AuditRecord],
+) -> Result<(), StoreError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<serde_json::Value> = records
+        .iter()
+        .map(|r| {
+            let e = &r.entry;
+            serde_json::json!([
+                r.seq,
+                r.recorded_at_us,
+                e.principal,
+                e.action,
+                e.resource,
+                e.outcome.as_str(),
+                e.event_count,
+                e.personal_data,
+                e.correlation_id,
+                e.causation_id,
+                e.purpose,
+                e.request_id,
+                hex::encode(r.prev_hash),
+                hex::encode(r.hash),
+            ])
+        })
+        .collect();
+    sqlx::query(
+        "insert into audit_log (seq, recorded_at, principal, action, resource, outcome, event_count, personal_data,
+                                correlation_id, causation_id, purpose, request_id, prev_hash, hash)
+         select value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7,
+                value ->> 8, value ->> 9, value ->> 10, value ->> 11, unhex(value ->> 12), unhex(value ->> 13)
+         from json_each($1)",
+    )
+    .bind(serde_json::to_string(&rows).expect("rows serialise"))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Inserts sealed records in one statement (arrays per column, unnested).
+pub(super) async fn pg_insert(
+    tx: &mut Transaction<'static, Postgres>,
+    records: &[AuditRecord],
+) -> Result<(), StoreError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let col = |f: fn(&AuditRecord) -> Option<String>| records.iter().map(f).collect::<Vec<_>>();
+    let seq: Vec<i64> = records.iter().map(|r| r.seq as i64).collect();
+    let recorded_at: Vec<i64> = records.iter().map(|r| r.recorded_at_us).collect();
+    let action: Vec<&str> = records.iter().map(|r| r.entry.action.as_str()).collect();
+    let resource: Vec<&str> = records.iter().map(|r| r.entry.resource.as_str()).collect();
+    let outcome: Vec<&str> = records.iter().map(|r| r.entry.outcome.as_str()).collect();
+    let count: Vec<i64> = records.iter().map(|r| r.entry.event_count as i64).collect();
+    let personal: Vec<bool> = records.iter().map(|r| r.entry.personal_data).collect();
+    let prev: Vec<Vec<u8>> = records.iter().map(|r| r.prev_hash.to_vec()).collect();
+    let hash: Vec<Vec<u8>> = records.iter().map(|r| r.hash.to_vec()).collect();
+    sqlx::query(
+        "insert into audit_log (seq, recorded_at, principal, action, resource, outcome, event_count, personal_data,
+                                correlation_id, causation_id, purpose, request_id, prev_hash, hash)
+         select * from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
+                              $8::boolean[], $9::text[], $10::text[], $11::text[], $12::text[], $13::bytea[], $14::bytea[])",
+    )
+    .bind(seq)
+    .bind(recorded_at)
+    .bind(col(|r| r.entry.principal.clone()))
+    .bind(action)
+    .bind(resource)
+    .bind(outcome)
+    .bind(count)
+    .bind(personal)
+    .bind(col(|r| r.entry.correlation_id.clone()))
+    .bind(col(|r| r.entry.causation_id.clone()))
+    .bind(col(|r| r.entry.purpose.clone()))
+    .bind(col(|r| r.entry.request_id.clone()))
+    .bind(prev)
+    .bind(hash)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Filters of an audit listing; `None` matches everything.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub principal: Option<String>,
+    pub action: Option<String>,
+    pub resource: Option<String>,
+    /// Records at or after this time (µs).
+    pub since_us: Option<i64>,
+    /// Records before this time (µs).
+    pub until_us: Option<i64>,
+}
+
+/// The result of walking the whole chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChainReport {
+    Intact {
+        records: u64,
+        head_hash: [u8; 32],
+    },
+    Broken {
+        first_bad_seq: u64,
+        reason: String,
+    },
+}
+
+/// Records read per round trip while verifying.
+const VERIFY_PAGE: i64 = 5_000;
+
+impl EventStore {
+    /// Up to `limit` records after `after`, in order, that match `filter`.
+    pub async fn audit_records(
+        &self,
+        after: u64,
+        limit: u32,
+        filter: &AuditFilter,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let sqls = (
+            select_audit!(
+                "where seq > $1
+                   and ($2 is null or principal = $2) and ($3 is null or action = $3)
+                   and ($4 is null or resource = $4) and ($5 is null or recorded_at >= $5)
+                   and ($6 is null or recorded_at < $6)
+                 order by seq limit $7"
+            ),
+            select_audit!(
+                "where seq > $1
+                   and ($2::text is null or principal = $2) and ($3::text is null or action = $3)
+                   and ($4::text is null or resource = $4) and ($5::bigint is null or recorded_at >= $5)
+                   and ($6::bigint is null or recorded_at < $6)
+                 order by seq limit $7"
+            ),
+        );
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let rows: Vec<AuditRow> = on_db_sql!(&self.db, sqls, |pool, sql| {
+            sqlx::query_as(sql)
+                .bind(after)
+                .bind(filter.principal.as_deref())
+                .bind(filter.action.as_deref())
+                .bind(filter.resource.as_deref())
+                .bind(filter.since_us)
+                .bind(filter.until_us)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await
+        })?;
+        rows.into_iter().map(AuditRecord::try_from).collect()
+    }
+
+    /// Walks the whole chain from record 1, a page at a time.
+    pub async fn verify_audit_chain(&self) -> Result<ChainReport, StoreError> {
+        let sql = select_audit!("where seq > $1 order by seq limit $2");
+        let mut verifier = ChainVerifier::default();
+        let mut after = 0i64;
+        loop {
+            let rows: Vec<AuditRow> = on_db!(&self.db, |pool| {
+                sqlx::query_as(sql)
+                    .bind(after)
+                    .bind(VERIFY_PAGE)
+                    .fetch_all(pool)
+                    .await
+            })?;
+            let Some(last) = rows.last() else {
+                return Ok(ChainReport::Intact {
+                    records: verifier.records(),
+                    head_hash: verifier.head_hash(),
+                });
+            };
+            after = last.seq;
+            for row in rows {
+                let bad = |reason: &str| ChainReport::Broken {
+                    first_bad_seq: verifier.records() + 1,
+                    reason: reason.to_owned(),
+                };
+                if row.seq as u64 != verifier.records() + 1 {
+                    return Ok(bad(Break::Missing.as_str()));
+                }
+                let record = match AuditRecord::try_from(row) {
+                    Ok(r) => r,
+                    Err(_) => return Ok(bad("it cannot be read")),
+                };
+                if let Err((seq, why)) = verifier.check(&record) {
+                    return Ok(ChainReport::Broken {
+                        first_bad_seq: seq,
+                        reason: why.as_str().to_owned(),
+                    });
+                }
+            }
+        }
+    }
+}
