@@ -53,6 +53,15 @@ impl Outcome {
         }
     }
 
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ok" => Some(Self::Ok),
+            "denied" => Some(Self::Denied),
+            "error" => Some(Self::Error),
+            _ => None,
+        }
+    }
+
     /// From an HTTP status: 2xx ok, 401/403 denied, anything else error.
     pub fn from_status(status: u16) -> Self {
         match status {

@@ -211,10 +211,9 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     first_bad_seq,
                     reason,
                 } => {
-                    return Err(format!(
-                        "audit log broken at record {first_bad_seq}: {reason}"
-                    )
-                    .into());
+                    return Err(
+                        format!("audit log broken at record {first_bad_seq}: {reason}").into(),
+                    );
                 }
             }
         }

@@ -55,7 +55,12 @@ struct Args {
 /// Runs `op` from `clients` concurrent tasks until `seconds` have passed;
 /// `op(client, n)` returns how many events a successful request moved, or
 /// `None` for a failed one. Prints one line of figures under `label`.
-async fn phase<F, Fut>(label: &str, clients: usize, seconds: u64, op: F) -> Result<(), Box<dyn std::error::Error>>
+async fn phase<F, Fut>(
+    label: &str,
+    clients: usize,
+    seconds: u64,
+    op: F,
+) -> Result<(), Box<dyn std::error::Error>>
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Option<u64>> + Send,
@@ -154,22 +159,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             args.clients, args.stream_read_seconds
         );
         let (c, a) = (client.clone(), shared.clone());
-        phase("stream read", args.clients, args.stream_read_seconds, move |_, n| {
-            let (client, args) = (c.clone(), a.clone());
-            async move {
-                let stream = format!("accounts-{}", n as usize % args.streams);
-                let r = client
-                    .get(format!("{}/streams/{stream}/events?limit=10", args.url))
-                    .bearer_auth(&args.token)
-                    .header("X-Purpose", "load test")
-                    .send()
-                    .await
-                    .ok()
-                    .filter(|r| r.status().is_success())?;
-                let page: Value = r.json().await.ok()?;
-                page["events"].as_array().map(|e| e.len() as u64)
-            }
-        })
+        phase(
+            "stream read",
+            args.clients,
+            args.stream_read_seconds,
+            move |_, n| {
+                let (client, args) = (c.clone(), a.clone());
+                async move {
+                    let stream = format!("accounts-{}", n as usize % args.streams);
+                    let r = client
+                        .get(format!("{}/streams/{stream}/events?limit=10", args.url))
+                        .bearer_auth(&args.token)
+                        .header("X-Purpose", "load test")
+                        .send()
+                        .await
+                        .ok()
+                        .filter(|r| r.status().is_success())?;
+                    let page: Value = r.json().await.ok()?;
+                    page["events"].as_array().map(|e| e.len() as u64)
+                }
+            },
+        )
         .await?;
     }
     if args.no_read {

@@ -14,6 +14,7 @@ use super::auth::Caller;
 use super::problem::ApiError;
 use super::streams::limit;
 use super::views::{AuditRecordView, json_response, parse_rfc3339};
+use crate::audit::Outcome;
 use crate::policy::Permission;
 use crate::service::ServiceError;
 use crate::store::audit::{AuditFilter, ChainReport};
@@ -32,6 +33,8 @@ struct AuditParams {
     principal: Option<String>,
     action: Option<String>,
     resource: Option<String>,
+    /// `ok`, `denied` or `error`.
+    outcome: Option<String>,
     /// RFC 3339: records at or after this time.
     since: Option<String>,
     /// RFC 3339: records before this time.
@@ -66,6 +69,14 @@ async fn list(
         principal: p.principal,
         action: p.action,
         resource: p.resource,
+        outcome: p
+            .outcome
+            .map(|o| {
+                Outcome::parse(&o).ok_or_else(|| {
+                    ApiError::BadRequest(format!("outcome {o:?} is none of ok, denied, error"))
+                })
+            })
+            .transpose()?,
     };
     let after = p.after.unwrap_or(0);
     let records = state

@@ -88,10 +88,7 @@ impl FromRequestParts<AppState> for Caller {
                 tracing::Span::current().record("principal", principal.name.as_str());
                 audit.set_principal(&principal.name);
                 let grants = Grants::of(&state.policies, &principal.roles);
-                Ok(Caller {
-                    grants,
-                    audit,
-                })
+                Ok(Caller { grants, audit })
             }
             Ok(None) => Err(ApiError::Unauthorized("the token is not valid")),
             Err(e) => {

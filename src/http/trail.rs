@@ -188,7 +188,9 @@ pub async fn record_requests(State(state): State<AppState>, req: Request, next: 
     let (mut parts, body) = req.into_parts();
     let params = {
         use axum::extract::FromRequestParts;
-        RawPathParams::from_request_parts(&mut parts, &state).await.ok()
+        RawPathParams::from_request_parts(&mut parts, &state)
+            .await
+            .ok()
     };
     let (ctx, bad_header) = RequestContext::from_headers(&parts.headers);
     let slot = AuditSlot {

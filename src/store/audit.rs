@@ -41,12 +41,7 @@ impl TryFrom<AuditRow> for AuditRecord {
 
     fn try_from(r: AuditRow) -> Result<Self, StoreError> {
         let bad = |what: &str| StoreError::Corrupt(format!("audit record {}: {what}", r.seq));
-        let outcome = match r.outcome.as_str() {
-            "ok" => Outcome::Ok,
-            "denied" => Outcome::Denied,
-            "error" => Outcome::Error,
-            _ => return Err(bad("unknown outcome")),
-        };
+        let outcome = Outcome::parse(&r.outcome).ok_or_else(|| bad("unknown outcome"))?;
         let prev_hash = r
             .prev_hash
             .as_slice()
@@ -197,6 +192,7 @@ pub struct AuditFilter {
     pub principal: Option<String>,
     pub action: Option<String>,
     pub resource: Option<String>,
+    pub outcome: Option<Outcome>,
     /// Records at or after this time (µs).
     pub since_us: Option<i64>,
     /// Records before this time (µs).
@@ -206,14 +202,8 @@ pub struct AuditFilter {
 /// The result of walking the whole chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChainReport {
-    Intact {
-        records: u64,
-        head_hash: [u8; 32],
-    },
-    Broken {
-        first_bad_seq: u64,
-        reason: String,
-    },
+    Intact { records: u64, head_hash: [u8; 32] },
+    Broken { first_bad_seq: u64, reason: String },
 }
 
 /// Records read per round trip while verifying.
@@ -232,14 +222,14 @@ impl EventStore {
                 "where seq > $1
                    and ($2 is null or principal = $2) and ($3 is null or action = $3)
                    and ($4 is null or resource = $4) and ($5 is null or recorded_at >= $5)
-                   and ($6 is null or recorded_at < $6)
+                   and ($6 is null or recorded_at < $6) and ($8 is null or outcome = $8)
                  order by seq limit $7"
             ),
             select_audit!(
                 "where seq > $1
                    and ($2::text is null or principal = $2) and ($3::text is null or action = $3)
                    and ($4::text is null or resource = $4) and ($5::bigint is null or recorded_at >= $5)
-                   and ($6::bigint is null or recorded_at < $6)
+                   and ($6::bigint is null or recorded_at < $6) and ($8::text is null or outcome = $8)
                  order by seq limit $7"
             ),
         );
@@ -253,6 +243,7 @@ impl EventStore {
                 .bind(filter.since_us)
                 .bind(filter.until_us)
                 .bind(i64::from(limit))
+                .bind(filter.outcome.map(Outcome::as_str))
                 .fetch_all(pool)
                 .await
         })?;

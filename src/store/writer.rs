@@ -723,7 +723,10 @@ mod tests {
 
     #[test]
     fn partial_or_reordered_retries_conflict() {
-        let first = plan(jobs(vec![cmd("a", ExpectedVersion::Any, &[1, 2, 3])]), empty());
+        let first = plan(
+            jobs(vec![cmd("a", ExpectedVersion::Any, &[1, 2, 3])]),
+            empty(),
+        );
         assert!(first.outcomes[0].is_ok());
         let mut snap = empty();
         snap.head_position = 3;
@@ -760,7 +763,10 @@ mod tests {
         );
         assert!(p.rows.position.is_empty());
         assert_eq!(
-            p.audit.iter().map(|r| (r.seq, r.entry.outcome)).collect::<Vec<_>>(),
+            p.audit
+                .iter()
+                .map(|r| (r.seq, r.entry.outcome))
+                .collect::<Vec<_>>(),
             vec![
                 (1, Outcome::Error),
                 (2, Outcome::Error),

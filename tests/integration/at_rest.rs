@@ -66,7 +66,7 @@ pub async fn distinct_key_ids(db: &Db) -> Vec<String> {
 
 /// Executes `sql` directly, bypassing the service (as an attacker or a
 /// careless operator with database access would).
-async fn exec(db: &Db, sql: &'static str) -> Result<u64, sqlx::Error> {
+pub async fn exec(db: &Db, sql: &'static str) -> Result<u64, sqlx::Error> {
     match db {
         Db::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|r| r.rows_affected()),
         Db::Postgres(p) => sqlx::query(sql).execute(p).await.map(|r| r.rows_affected()),

@@ -27,7 +27,9 @@ macro_rules! both_backends {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name($crate::common::Backend::Sqlite).await
+                    $crate::common::capture_logs();
+                    super::$name($crate::common::Backend::Sqlite).await;
+                    $crate::common::assert_logs_hold_no_secret();
                 }
             )*
         }
@@ -35,13 +37,88 @@ macro_rules! both_backends {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
+                    $crate::common::capture_logs();
                     if let Some(backend) = $crate::common::Backend::postgres().await {
-                        super::$name(backend).await
+                        super::$name(backend).await;
+                        $crate::common::assert_logs_hold_no_secret();
                     }
                 }
             )*
         }
     };
+}
+
+/// Personal values the tests put into events. None of them, and no token or
+/// master key, may ever appear in what the service logs.
+pub const PERSONAL_VALUES: &[&str] = &[
+    "Jane Roe",
+    "Payer of ",
+    "DE89370400440532013000",
+    "Alice Secret",
+    "Other Name",
+    "Zebulon Quackenbush",
+    "DE44500105175407324931",
+    "zebulon@example.org",
+];
+
+/// Everything logged in this test process (the in-process services, at
+/// debug level) and by the child processes (their stderr).
+static LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+/// Tokens and master keys handed out during the suite.
+static SECRETS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOG.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sends this process's logs to the capture buffer (once per process).
+pub fn capture_logs() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("debug,sqlx=info"))
+            .with_writer(|| LogWriter)
+            .with_ansi(false)
+            .init();
+    });
+}
+
+pub fn append_to_log(text: &str) {
+    let mut log = LOG.lock().unwrap();
+    log.extend_from_slice(text.as_bytes());
+    log.push(b'\n');
+}
+
+/// Remembers a secret that must never be logged.
+pub fn remember_secret(secret: &str) {
+    SECRETS.lock().unwrap().push(secret.to_owned());
+}
+
+/// Fails if anything logged so far in the suite holds a personal value, a
+/// token or a master key.
+pub fn assert_logs_hold_no_secret() {
+    let log = String::from_utf8_lossy(&LOG.lock().unwrap()).into_owned();
+    assert!(!log.is_empty(), "the log capture caught nothing");
+    let secrets = SECRETS.lock().unwrap().clone();
+    for s in PERSONAL_VALUES
+        .iter()
+        .copied()
+        .chain(secrets.iter().map(String::as_str))
+    {
+        if let Some(at) = log.find(s) {
+            let line = log[..at].rfind('\n').map_or(0, |i| i + 1);
+            let end = log[at..].find('\n').map_or(log.len(), |i| at + i);
+            panic!("a secret appears in the service's log: {}", &log[line..end]);
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -105,6 +182,8 @@ pub struct TestEnv {
     pg_databases: Vec<String>,
     /// The admin token printed on first start.
     pub token: Mutex<Option<String>>,
+    /// The policies directory the application starts with.
+    pub policies: Mutex<PathBuf>,
 }
 
 impl TestEnv {
@@ -146,6 +225,7 @@ impl TestEnv {
             keystore_url,
             pg_databases,
             token: Mutex::new(None),
+            policies: Mutex::new(policies_dir()),
         })
     }
 
@@ -160,7 +240,7 @@ impl TestEnv {
             keystore_url: self.keystore_url.clone(),
             master_key_file: self.master_key_file(),
             master_key: None,
-            policies_dir: policies_dir(),
+            policies_dir: self.policies.lock().unwrap().clone(),
             max_body_bytes: 4 * 1024 * 1024,
             key_cache_capacity: 1000,
             max_db_connections: 8,
@@ -173,6 +253,27 @@ impl TestEnv {
             .unwrap()
             .clone()
             .expect("the first start printed an admin token")
+    }
+
+    pub fn set_token(&self, token: &str) {
+        remember_secret(token);
+        *self.token.lock().unwrap() = Some(token.to_owned());
+    }
+
+    /// Creates a principal with `roles` (as `eventvault principal add`
+    /// does) and returns its token.
+    pub async fn add_principal(&self, name: &str, roles: &[&str]) -> String {
+        let (store, policies) = eventvault::app::open_event_store(&self.config())
+            .await
+            .expect("open the event store");
+        let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+        let token = eventvault::principals::Principals::new(store.clone())
+            .add(&policies, name, &roles)
+            .await
+            .expect("add principal");
+        store.db.close().await;
+        remember_secret(&token);
+        token.to_string()
     }
 }
 
@@ -229,7 +330,10 @@ impl TestApp {
             .await
             .expect("application starts");
         if let Some(t) = app.take_admin_token() {
-            *env.token.lock().unwrap() = Some(t.to_string());
+            env.set_token(&t);
+        }
+        if let Ok(key) = std::fs::read_to_string(env.master_key_file()) {
+            remember_secret(key.trim());
         }
         let base = format!("http://{}", app.local_addr());
         let (stop, stopped) = oneshot::channel::<()>();
@@ -395,7 +499,7 @@ pub fn command_with_policies(
     .arg(policies)
     .args(args)
     .env_remove("EVENTVAULT_MASTER_KEY")
-    .env("RUST_LOG", "info")
+    .env("RUST_LOG", "debug,sqlx=info")
     .kill_on_drop(true);
     cmd
 }
@@ -418,6 +522,7 @@ impl ServerProcess {
             let mut lines = BufReader::new(stderr).lines();
             let mut all = Vec::new();
             while let Ok(Some(l)) = lines.next_line().await {
+                append_to_log(&l);
                 all.push(l);
             }
             all
@@ -430,7 +535,10 @@ impl ServerProcess {
                     .iter()
                     .find(|t: &&String| t.starts_with("evt_"))
                 {
-                    *env.token.lock().unwrap() = Some(t.clone());
+                    env.set_token(t);
+                }
+                if let Ok(key) = std::fs::read_to_string(env.master_key_file()) {
+                    remember_secret(key.trim());
                 }
                 return Ok(ServerProcess {
                     child,

@@ -2,8 +2,10 @@
 
 mod common;
 
+mod access;
 mod append;
 mod at_rest;
+mod audit;
 mod concurrency;
 mod read;
 mod startup;

@@ -1,0 +1,514 @@
+//! The audit log: one record per request with the request's metadata,
+//! appends audited in their own transaction, tampering found by
+//! `GET /audit/verify` and `eventvault audit verify`, a failed audit write
+//! withholding the response, and one chain for several processes.
+
+use std::sync::Arc;
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::access::{audit_records, call};
+use crate::at_rest::{events_db, exec};
+use crate::both_backends;
+use crate::common::{Backend, PERSONAL_VALUES, TestApp, batch, command, deposit};
+use eventvault::store::Db;
+
+both_backends!(
+    records_carry_the_request_metadata,
+    an_append_and_its_record_commit_together,
+    any_changed_byte_is_found_at_its_record,
+    a_deleted_or_moved_record_is_found,
+    a_failed_audit_write_discloses_nothing,
+    several_processes_write_one_chain,
+    the_listing_filters_and_pages,
+);
+
+async fn verify(app: &TestApp) -> Value {
+    let (status, text) = call(
+        app,
+        Method::GET,
+        "/audit/verify",
+        Some(&app.token()),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Runs `eventvault audit verify` on the app's database: (success, output).
+async fn verify_cli(app: &TestApp) -> (bool, String) {
+    let out = command(&app.env, &["audit", "verify"])
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Lets the test rewrite the audit log, as someone with database access could.
+async fn allow_tampering(db: &Db) {
+    match db {
+        Db::Sqlite(_) => {
+            exec(db, "drop trigger audit_log_no_update").await.unwrap();
+            exec(db, "drop trigger audit_log_no_delete").await.unwrap();
+        }
+        Db::Postgres(_) => {
+            exec(db, "alter table audit_log disable trigger user")
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// Runs the SQLite or the PostgreSQL form of a statement.
+async fn exec_either(db: &Db, sqlite: &'static str, postgres: &'static str) {
+    let sql = match db {
+        Db::Sqlite(_) => sqlite,
+        Db::Postgres(_) => postgres,
+    };
+    let n = exec(db, sql).await.unwrap();
+    assert!(n >= 1, "{sql} changed nothing");
+}
+
+/// Ten requests of several kinds, so that there are records to tamper with.
+async fn make_records(app: &TestApp) {
+    for i in 0..4 {
+        app.append_ok(
+            "accounts-1",
+            &batch(vec![deposit(Uuid::new_v4(), "c", &i.to_string())]),
+        )
+        .await;
+        assert_eq!(app.read("accounts-1", "").await.status(), StatusCode::OK);
+    }
+    let (s, _) = call(app, Method::GET, "/events", None, &[], None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(app.log("").await.status(), StatusCode::OK);
+}
+
+async fn records_carry_the_request_metadata(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    let body = batch(vec![
+        deposit(Uuid::new_v4(), "cust-9", "1.00"),
+        deposit(Uuid::new_v4(), "cust-9", "2.00"),
+    ]);
+    let r = app
+        .client
+        .post(format!("{}/streams/accounts-9/events", app.base))
+        .bearer_auth(app.token())
+        .header("X-Correlation-Id", "corr-1")
+        .header("X-Causation-Id", "cause-1")
+        .header("X-Request-Id", "req-append-1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = app
+        .client
+        .get(format!("{}/streams/accounts-9/events", app.base))
+        .bearer_auth(app.token())
+        .header("X-Correlation-Id", "corr-1")
+        .header("X-Causation-Id", "cause-2")
+        .header("X-Purpose", "dispute 12")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let request_id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+
+    let records = audit_records(&app, "resource=stream:accounts-9").await;
+    assert_eq!(records.len(), 2, "{records:?}");
+    let (append, read) = (&records[0], &records[1]);
+    assert_eq!(append["seq"], 1);
+    assert_eq!(append["principal"], "admin");
+    assert_eq!(append["action"], "stream.append");
+    assert_eq!(append["resource"], "stream:accounts-9");
+    assert_eq!(append["outcome"], "ok");
+    assert_eq!(append["event_count"], 2);
+    assert_eq!(append["personal_data"], false);
+    assert_eq!(append["correlation_id"], "corr-1");
+    assert_eq!(append["causation_id"], "cause-1");
+    assert_eq!(append["request_id"], "req-append-1");
+    assert_eq!(append["purpose"], Value::Null);
+    assert_eq!(append["prev_hash"], "0".repeat(64));
+
+    assert_eq!(read["seq"], 2);
+    assert_eq!(read["action"], "stream.read");
+    assert_eq!(read["event_count"], 2);
+    assert_eq!(read["personal_data"], true);
+    assert_eq!(read["purpose"], "dispute 12");
+    assert_eq!(read["causation_id"], "cause-2");
+    assert_eq!(read["request_id"], request_id.as_str());
+    assert_eq!(read["prev_hash"], append["hash"]);
+
+    // No payload in the log, and the chain holds.
+    let text = serde_json::to_string(&records).unwrap();
+    for v in PERSONAL_VALUES {
+        assert!(!text.contains(v), "{v} in the audit log");
+    }
+    let v = verify(&app).await;
+    assert_eq!(v["ok"], true, "{v}");
+    // The two requests and the listing above.
+    assert_eq!(v["records"], 3, "{v}");
+    let (ok, out) = verify_cli(&app).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("intact") && out.contains("records"), "{out}");
+}
+
+async fn an_append_and_its_record_commit_together(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    let first = batch(vec![deposit(Uuid::new_v4(), "c", "1")]);
+    app.append_ok("accounts-1", &first).await;
+    // A retry: 200, nothing written; a conflict: 409.
+    assert_eq!(
+        app.append("accounts-1", None, &first).await.status(),
+        StatusCode::OK
+    );
+    let other = batch(vec![deposit(Uuid::new_v4(), "c", "2")]);
+    assert_eq!(
+        app.append("accounts-1", Some("0"), &other).await.status(),
+        StatusCode::CONFLICT
+    );
+    // Refused before the writer: malformed.
+    assert_eq!(
+        app.append("accounts-1", None, &serde_json::json!({"events": []}))
+            .await
+            .status(),
+        StatusCode::BAD_REQUEST
+    );
+    let records = audit_records(&app, "action=stream.append").await;
+    let summary: Vec<(&str, u64)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["outcome"].as_str().unwrap(),
+                r["event_count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![("ok", 1), ("ok", 0), ("error", 0), ("error", 0)],
+        "exactly one record per request"
+    );
+    // The append's record and its events share one transaction: they carry
+    // the same commit time.
+    let page: Value = app.read("accounts-1", "").await.json().await.unwrap();
+    let db = events_db(&app.env).await;
+    let times: Vec<(i64, i64)> = match &db {
+        Db::Sqlite(p) => sqlx::query_as(
+            "select e.recorded_at, a.recorded_at from events e, audit_log a where a.seq = 1",
+        )
+        .fetch_all(p)
+        .await
+        .unwrap(),
+        Db::Postgres(p) => sqlx::query_as(
+            "select e.recorded_at, a.recorded_at from events e, audit_log a where a.seq = 1",
+        )
+        .fetch_all(p)
+        .await
+        .unwrap(),
+    };
+    assert_eq!(times.len(), 1);
+    assert_eq!(times[0].0, times[0].1);
+    assert_eq!(page["current_version"], 1);
+}
+
+async fn any_changed_byte_is_found_at_its_record(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    make_records(&app).await;
+    assert_eq!(verify(&app).await["ok"], true);
+    let db = events_db(&app.env).await;
+    allow_tampering(&db).await;
+    // From the last record down, one field at a time: each time the first
+    // bad record is the one just changed.
+    let changes: [(u64, &str, &str); 9] = [
+        (
+            10,
+            "update audit_log set hash = zeroblob(32) where seq = 10",
+            "update audit_log set hash = decode(repeat('00', 32), 'hex') where seq = 10",
+        ),
+        (
+            9,
+            "update audit_log set resource = 'X' || substr(resource, 2) where seq = 9",
+            "update audit_log set resource = overlay(resource placing 'X' from 1 for 1) where seq = 9",
+        ),
+        (
+            8,
+            "update audit_log set event_count = event_count + 1 where seq = 8",
+            "update audit_log set event_count = event_count + 1 where seq = 8",
+        ),
+        (
+            7,
+            "update audit_log set personal_data = 1 - personal_data where seq = 7",
+            "update audit_log set personal_data = not personal_data where seq = 7",
+        ),
+        (
+            6,
+            "update audit_log set principal = 'Xdmin' where seq = 6",
+            "update audit_log set principal = 'Xdmin' where seq = 6",
+        ),
+        (
+            5,
+            "update audit_log set outcome = 'error' where seq = 5",
+            "update audit_log set outcome = 'error' where seq = 5",
+        ),
+        (
+            4,
+            "update audit_log set recorded_at = recorded_at + 1 where seq = 4",
+            "update audit_log set recorded_at = recorded_at + 1 where seq = 4",
+        ),
+        (
+            3,
+            "update audit_log set request_id = 'X' || substr(request_id, 2) where seq = 3",
+            "update audit_log set request_id = overlay(request_id placing 'X' from 1 for 1) where seq = 3",
+        ),
+        (
+            2,
+            "update audit_log set prev_hash = zeroblob(32) where seq = 2",
+            "update audit_log set prev_hash = decode(repeat('00', 32), 'hex') where seq = 2",
+        ),
+    ];
+    for (seq, sqlite, postgres) in changes {
+        exec_either(&db, sqlite, postgres).await;
+        let v = verify(&app).await;
+        assert_eq!(v["ok"], false, "after changing record {seq}: {v}");
+        assert_eq!(v["first_bad_seq"], seq, "{v}");
+        let (ok, out) = verify_cli(&app).await;
+        assert!(!ok, "the command must fail: {out}");
+        assert!(out.contains(&format!("record {seq}")), "{out}");
+    }
+}
+
+async fn a_deleted_or_moved_record_is_found(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    make_records(&app).await;
+    let db = events_db(&app.env).await;
+    allow_tampering(&db).await;
+    // Two records swap places.
+    exec_either(
+        &db,
+        "update audit_log set seq = -1 where seq = 6",
+        "update audit_log set seq = -1 where seq = 6",
+    )
+    .await;
+    exec_either(
+        &db,
+        "update audit_log set seq = 6 where seq = 3",
+        "update audit_log set seq = 6 where seq = 3",
+    )
+    .await;
+    exec_either(
+        &db,
+        "update audit_log set seq = 3 where seq = -1",
+        "update audit_log set seq = 3 where seq = -1",
+    )
+    .await;
+    let v = verify(&app).await;
+    assert_eq!(v["ok"], false, "{v}");
+    assert_eq!(v["first_bad_seq"], 3, "{v}");
+    let (ok, out) = verify_cli(&app).await;
+    assert!(!ok && out.contains("record 3"), "{out}");
+
+    // A record deleted (an earlier one than the swap).
+    exec_either(
+        &db,
+        "delete from audit_log where seq = 2",
+        "delete from audit_log where seq = 2",
+    )
+    .await;
+    let v = verify(&app).await;
+    assert_eq!(v["ok"], false, "{v}");
+    assert_eq!(v["first_bad_seq"], 2, "{v}");
+    let (ok, out) = verify_cli(&app).await;
+    assert!(
+        !ok && out.contains("record 2") && out.contains("missing"),
+        "{out}"
+    );
+}
+
+async fn a_failed_audit_write_discloses_nothing(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    app.append_ok(
+        "accounts-5",
+        &batch(vec![deposit(Uuid::new_v4(), "cust-5", "5.00")]),
+    )
+    .await;
+    let db = events_db(&app.env).await;
+    // The audit table turns read-only.
+    match &db {
+        Db::Sqlite(_) => {
+            exec(
+                &db,
+                "create trigger audit_read_only before insert on audit_log
+                 begin select raise(abort, 'read-only'); end",
+            )
+            .await
+            .unwrap();
+        }
+        Db::Postgres(_) => {
+            exec(
+                &db,
+                "create function audit_read_only() returns trigger language plpgsql as
+                 $$ begin raise exception 'read-only'; end; $$",
+            )
+            .await
+            .unwrap();
+            exec(
+                &db,
+                "create trigger audit_read_only before insert on audit_log
+                 for each row execute function audit_read_only()",
+            )
+            .await
+            .unwrap();
+        }
+    }
+    let r = app
+        .client
+        .get(format!("{}/streams/accounts-5/events", app.base))
+        .bearer_auth(app.token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let text = r.text().await.unwrap();
+    for v in PERSONAL_VALUES {
+        assert!(!text.contains(v), "{v} disclosed without an audit record");
+    }
+    assert!(!text.contains("5.00"), "nothing of the event: {text}");
+    // An append cannot commit without its record either.
+    let r = app
+        .append(
+            "accounts-5",
+            None,
+            &batch(vec![deposit(Uuid::new_v4(), "cust-5", "6.00")]),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    let drop = match &db {
+        Db::Sqlite(_) => "drop trigger audit_read_only",
+        Db::Postgres(_) => "drop trigger audit_read_only on audit_log",
+    };
+    exec(&db, drop).await.unwrap();
+    let page: Value = app.read("accounts-5", "").await.json().await.unwrap();
+    assert_eq!(
+        page["current_version"], 1,
+        "the failed append wrote nothing"
+    );
+    let v = verify(&app).await;
+    assert_eq!(v["ok"], true, "{v}");
+}
+
+async fn several_processes_write_one_chain(backend: Backend) {
+    let one = Arc::new(TestApp::spawn(&backend).await);
+    let two = Arc::new(TestApp::start(one.env.clone()).await);
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let app = if i % 2 == 0 { one.clone() } else { two.clone() };
+            tokio::spawn(async move {
+                let body = batch(vec![deposit(Uuid::new_v4(), "c", &i.to_string())]);
+                app.append_ok(&format!("accounts-{}", i % 3), &body).await;
+                assert_eq!(app.log("").await.status(), StatusCode::OK);
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let v = verify(&one).await;
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["records"], 80);
+    let records = audit_records(&two, "").await;
+    let seqs: Vec<u64> = records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+}
+
+async fn the_listing_filters_and_pages(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    make_records(&app).await;
+    let officer = app.env.add_principal("officer", &["auditor"]).await;
+    // An auditor reads the log.
+    let (status, text) = call(
+        &app,
+        Method::GET,
+        "/audit?limit=3",
+        Some(&officer),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let page: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(page["records"].as_array().unwrap().len(), 3);
+    assert_eq!(page["next"], 3);
+    let page: Value = serde_json::from_str(
+        &call(
+            &app,
+            Method::GET,
+            "/audit?after=3&limit=2",
+            Some(&officer),
+            &[],
+            None,
+        )
+        .await
+        .1,
+    )
+    .unwrap();
+    let seqs: Vec<u64> = page["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![4, 5]);
+
+    assert_eq!(audit_records(&app, "action=stream.append").await.len(), 4);
+    assert_eq!(
+        audit_records(&app, "resource=stream:accounts-1")
+            .await
+            .len(),
+        8
+    );
+    assert_eq!(audit_records(&app, "outcome=denied").await.len(), 1);
+    assert!(
+        audit_records(&app, "principal=admin")
+            .await
+            .iter()
+            .all(|r| r["principal"] == "admin")
+    );
+    assert_eq!(
+        audit_records(&app, "until=2000-01-01T00:00:00Z")
+            .await
+            .len(),
+        0
+    );
+    assert!(
+        audit_records(&app, "since=2000-01-01T00:00:00Z")
+            .await
+            .len()
+            >= 10
+    );
+    let (status, text) = call(
+        &app,
+        Method::GET,
+        "/audit?since=yesterday",
+        Some(&officer),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(text.contains("since"), "{text}");
+    // The auditor sees no event data.
+    let (status, _) = call(&app, Method::GET, "/events", Some(&officer), &[], None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
