@@ -1,8 +1,10 @@
 //! Named callers and their bearer tokens.
 //!
 //! A token is 256 random bits shown once when the principal is created; only
-//! its SHA-256 is stored. Authentication hashes the presented token and looks
-//! the hash up. Recent answers (also "unknown") are cached briefly so that a
+//! its SHA-256 is stored. Authentication hashes the presented token, looks
+//! the hash up and compares it with the stored one in constant time (a
+//! lookup's timing could only ever tell something about the hash, never about
+//! the token). Recent answers (also "unknown") are cached briefly so that a
 //! busy caller does not cost a database round trip per request, and a removed
 //! principal loses access within [`CACHE_TTL`].
 
@@ -97,11 +99,18 @@ impl Principals {
             return Ok(p.clone());
         }
         let found = match self.store.principal_by_token_hash(&hash).await? {
-            Some(row) => Some(Arc::new(Principal {
-                roles: parse_roles(&row.name, &row.roles)?,
-                name: row.name,
-            })),
-            None => None,
+            Some(row)
+                if bool::from(subtle::ConstantTimeEq::ct_eq(
+                    row.token_hash.as_bytes(),
+                    hash.as_bytes(),
+                )) =>
+            {
+                Some(Arc::new(Principal {
+                    roles: parse_roles(&row.name, &row.roles)?,
+                    name: row.name,
+                }))
+            }
+            _ => None,
         };
         self.cache
             .lock()

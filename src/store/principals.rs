@@ -7,6 +7,7 @@ use super::{EventStore, StoreError, now_us, on_db};
 pub struct PrincipalRow {
     pub name: String,
     pub roles: String,
+    pub token_hash: String,
     pub created_at: i64,
 }
 
@@ -39,18 +40,22 @@ impl EventStore {
         token_hash: &str,
     ) -> Result<Option<PrincipalRow>, StoreError> {
         Ok(on_db!(&self.db, |pool| {
-            sqlx::query_as("select name, roles, created_at from principals where token_hash = $1")
-                .bind(token_hash)
-                .fetch_optional(pool)
-                .await
+            sqlx::query_as(
+                "select name, roles, token_hash, created_at from principals where token_hash = $1",
+            )
+            .bind(token_hash)
+            .fetch_optional(pool)
+            .await
         })?)
     }
 
     pub async fn list_principals(&self) -> Result<Vec<PrincipalRow>, StoreError> {
         Ok(on_db!(&self.db, |pool| {
-            sqlx::query_as("select name, roles, created_at from principals order by name")
-                .fetch_all(pool)
-                .await
+            sqlx::query_as(
+                "select name, roles, token_hash, created_at from principals order by name",
+            )
+            .fetch_all(pool)
+            .await
         })?)
     }
 
