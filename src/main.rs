@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use eventvault::app::{self, Application, Config};
 use eventvault::principals::Principals;
-use eventvault::store::audit::ChainReport;
+use eventvault::store::audit::{ChainReport, parse_expectation};
+use eventvault::store::{Db, EventStore};
 use zeroize::Zeroizing;
 
 /// The request path allocates and frees many small buffers (JSON, rows,
@@ -90,8 +91,13 @@ enum Command {
 #[derive(Subcommand)]
 enum AuditCommand {
     /// Walk the hash chain of the audit log: exit 0 if it holds, 1 naming the
-    /// first bad record if not.
-    Verify,
+    /// first bad record if not. Opens the event store read-only.
+    Verify {
+        /// `SEQ:HASH` printed by an earlier run: that record must still be
+        /// there with that hash (finds the newest records cut off).
+        #[arg(long)]
+        expect: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -197,14 +203,22 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
         }
-        Command::Audit(AuditCommand::Verify) => {
-            let cfg = config(&cli, "127.0.0.1:0".parse()?, 0, 1);
-            let (store, _) = app::open_event_store(&cfg).await?;
-            match store.verify_audit_chain().await? {
+        Command::Audit(AuditCommand::Verify { expect }) => {
+            let expect = expect
+                .as_deref()
+                .map(|e| {
+                    parse_expectation(e).ok_or(
+                        "--expect must be SEQ:HASH, a record number and its 64 hex digit hash",
+                    )
+                })
+                .transpose()?;
+            let store = EventStore::new(Db::open_existing(&cli.database_url).await?);
+            match store.verify_audit_chain(expect).await? {
                 ChainReport::Intact { records, head_hash } => {
+                    let head = hex::encode(head_hash);
+                    println!("audit log intact: {records} records, head hash {head}");
                     println!(
-                        "audit log intact: {records} records, head hash {}",
-                        hex::encode(head_hash)
+                        "keep this line where the database's administrators cannot write, and check later with: --expect {records}:{head}"
                     );
                 }
                 ChainReport::Broken {

@@ -38,6 +38,12 @@ pub enum Permission {
 }
 
 impl Permission {
+    /// Whether the permission is granted per stream (`append`, `read`,
+    /// `read_personal`) rather than everywhere at once.
+    pub fn per_stream(self) -> bool {
+        matches!(self, Self::Append | Self::Read | Self::ReadPersonal)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Append => "append",
@@ -352,6 +358,23 @@ fn load_roles(path: &Path) -> Result<HashMap<String, Arc<Role>>, PolicyError> {
                         .map_err(|m| invalid(path, &text, s, format!("role {name}: {m}")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
+            // Permissions that are not about one stream cannot be limited to
+            // some streams: such a grant would give them everywhere.
+            if let Some(p) = g.permissions.iter().find(|p| !p.per_stream())
+                && patterns
+                    .iter()
+                    .any(|s| *s != StreamPattern::Prefix(String::new()))
+            {
+                return Err(invalid(
+                    path,
+                    &text,
+                    &name,
+                    format!(
+                        "role {name}: '{}' is not about one stream; grant it on streams = [\"*\"] only",
+                        p.as_str()
+                    ),
+                ));
+            }
             grants.push((patterns, g.permissions.into_iter().collect()));
         }
         roles.insert(
@@ -431,6 +454,17 @@ mod tests {
         );
         let e = Policies::load(dir.path()).unwrap_err().to_string();
         assert!(e.contains("line 3"), "{e}");
+
+        write(
+            dir.path(),
+            "roles.toml",
+            "[roles.a]\n[[roles.a.grant]]\nstreams = [\"*\"]\npermissions = [\"read\"]\n\n[roles.narrow]\n[[roles.narrow.grant]]\nstreams = [\"accounts-*\"]\npermissions = [\"audit\"]\n",
+        );
+        let e = Policies::load(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("line 6") && e.contains("'audit' is not about one stream"),
+            "{e}"
+        );
     }
 
     #[test]

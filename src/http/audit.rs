@@ -12,12 +12,12 @@ use serde::{Deserialize, Serialize};
 use super::AppState;
 use super::auth::Caller;
 use super::problem::ApiError;
-use super::streams::limit;
-use super::views::{AuditRecordView, json_response, parse_rfc3339};
+use super::streams::{limit, time_param};
+use super::views::{AuditRecordView, json_response};
 use crate::audit::Outcome;
 use crate::policy::Permission;
 use crate::service::ServiceError;
-use crate::store::audit::{AuditFilter, ChainReport};
+use crate::store::audit::{AuditFilter, ChainReport, parse_expectation};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -39,14 +39,6 @@ struct AuditParams {
     since: Option<String>,
     /// RFC 3339: records before this time.
     until: Option<String>,
-}
-
-fn time_param(name: &str, raw: Option<&str>) -> Result<Option<i64>, ApiError> {
-    raw.map(|s| {
-        parse_rfc3339(s)
-            .ok_or_else(|| ApiError::BadRequest(format!("{name} {s:?} is not an RFC 3339 time")))
-    })
-    .transpose()
 }
 
 #[derive(Serialize)]
@@ -94,11 +86,34 @@ async fn list(
     ))
 }
 
-async fn verify(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyParams {
+    /// `SEQ:HASH` from an earlier verification: that record must still be
+    /// there with that hash.
+    expect: Option<String>,
+}
+
+async fn verify(
+    State(state): State<AppState>,
+    caller: Caller,
+    params: Result<Query<VerifyParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
     caller.require(Permission::Audit, None)?;
+    let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let expect = p
+        .expect
+        .map(|e| {
+            parse_expectation(&e).ok_or_else(|| {
+                ApiError::BadRequest(
+                    "expect must be SEQ:HASH, a record number and its 64 hex digit hash".into(),
+                )
+            })
+        })
+        .transpose()?;
     let report = state
         .store
-        .verify_audit_chain()
+        .verify_audit_chain(expect)
         .await
         .map_err(ServiceError::from)?;
     let body = match report {

@@ -87,6 +87,9 @@ impl FromRequestParts<AppState> for Caller {
             Ok(Some(principal)) => {
                 tracing::Span::current().record("principal", principal.name.as_str());
                 audit.set_principal(&principal.name);
+                if let Some(problem) = audit.bad_header() {
+                    return Err(ApiError::BadRequest(problem.to_owned()));
+                }
                 let grants = Grants::of(&state.policies, &principal.roles);
                 Ok(Caller { grants, audit })
             }

@@ -154,12 +154,17 @@ pub fn limit(raw: Option<u32>) -> Result<u32, ApiError> {
     }
 }
 
-pub fn as_of(raw: Option<&str>) -> Result<Option<i64>, ApiError> {
+/// An optional RFC 3339 query parameter, in microseconds since the epoch.
+pub fn time_param(name: &str, raw: Option<&str>) -> Result<Option<i64>, ApiError> {
     raw.map(|s| {
         parse_rfc3339(s)
-            .ok_or_else(|| ApiError::BadRequest(format!("as_of {s:?} is not an RFC 3339 time")))
+            .ok_or_else(|| ApiError::BadRequest(format!("{name} {s:?} is not an RFC 3339 time")))
     })
     .transpose()
+}
+
+pub fn as_of(raw: Option<&str>) -> Result<Option<i64>, ApiError> {
+    time_param("as_of", raw)
 }
 
 #[derive(serde::Serialize)]

@@ -91,12 +91,19 @@ struct Draft {
 pub struct AuditSlot {
     action: &'static str,
     ctx: Arc<RequestContext>,
+    /// A malformed audit header: the request is refused with this problem
+    /// once the caller is authenticated (and recorded without the header).
+    bad_header: Option<String>,
     draft: Arc<Mutex<Draft>>,
 }
 
 impl AuditSlot {
     pub fn context(&self) -> &RequestContext {
         &self.ctx
+    }
+
+    pub fn bad_header(&self) -> Option<&str> {
+        self.bad_header.as_deref()
     }
 
     fn draft(&self) -> std::sync::MutexGuard<'_, Draft> {
@@ -145,7 +152,13 @@ impl AuditSlot {
 
 /// The audit action of a route.
 fn action_of(method: &Method, route: &str) -> &'static str {
-    match (method.as_str(), route) {
+    // HEAD runs the GET handler (the body is dropped on the way out).
+    let method = if method == Method::HEAD {
+        "GET"
+    } else {
+        method.as_str()
+    };
+    match (method, route) {
         ("POST", "/streams/{stream}/events") => "stream.append",
         ("GET", "/streams/{stream}/events") => "stream.read",
         ("GET", "/events") => "log.read",
@@ -178,8 +191,21 @@ fn resource_of(route: &str, params: Option<&RawPathParams>) -> String {
     route.trim_start_matches('/').replace('/', ":")
 }
 
-/// The middleware: see the module documentation.
+/// The middleware: see the module documentation. The handler and the audit
+/// write run in a task of their own, so a client that goes away cannot
+/// cancel the record, and a handler that panics is recorded as an error
+/// (and answered with a 500).
 pub async fn record_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    use tracing::Instrument;
+    let task = tokio::spawn(audited(state, req, next).instrument(tracing::Span::current()));
+    task.await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "request task failed");
+        ApiError::Internal.into_response()
+    })
+}
+
+async fn audited(state: AppState, req: Request, next: Next) -> Response {
+    use futures::FutureExt;
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -196,6 +222,7 @@ pub async fn record_requests(State(state): State<AppState>, req: Request, next: 
     let slot = AuditSlot {
         action,
         ctx: Arc::new(ctx),
+        bad_header,
         draft: Arc::new(Mutex::new(Draft {
             principal: None,
             resource: resource_of(&route, params.as_ref()),
@@ -204,16 +231,16 @@ pub async fn record_requests(State(state): State<AppState>, req: Request, next: 
             recorded: false,
         })),
     };
-    let response = match bad_header {
-        Some(problem) => ApiError::BadRequest(problem).into_response(),
-        None => {
-            let mut req = Request::from_parts(parts, body);
-            req.extensions_mut().insert(slot.clone());
-            next.run(req).await
-        }
-    };
-    let status = response.status();
-    let outcome = Outcome::from_status(status.as_u16());
+    let mut req = Request::from_parts(parts, body);
+    req.extensions_mut().insert(slot.clone());
+    let response = std::panic::AssertUnwindSafe(next.run(req))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| {
+            tracing::error!("the handler panicked");
+            ApiError::Internal.into_response()
+        });
+    let outcome = Outcome::from_status(response.status().as_u16());
     let recorded = slot.draft().recorded;
     let response = if recorded {
         response

@@ -3,7 +3,7 @@
 
 use sqlx::{Postgres, Sqlite, Transaction};
 
-use super::{EventStore, StoreError, on_db, on_db_sql};
+use super::{EventStore, StoreError, on_db_sql};
 use crate::audit::{AuditEntry, AuditRecord, Break, ChainVerifier, GENESIS, Outcome};
 
 /// An audit row as stored.
@@ -16,7 +16,7 @@ struct AuditRow {
     resource: String,
     outcome: String,
     event_count: i64,
-    personal_data: bool,
+    personal_data: i32,
     correlation_id: Option<String>,
     causation_id: Option<String>,
     purpose: Option<String>,
@@ -25,13 +25,25 @@ struct AuditRow {
     hash: Vec<u8>,
 }
 
-/// A `select` of whole audit rows followed by `$rest`.
+/// A `select` of whole audit rows followed by `$rest`, for SQLite and for
+/// PostgreSQL. `personal_data` is read as a number on both, so that a value
+/// other than 0 or 1 (possible in SQLite) is refused, not taken as true.
 macro_rules! select_audit {
     ($rest:literal) => {
-        concat!(
-            "select seq, recorded_at, principal, action, resource, outcome, event_count, personal_data, ",
-            "correlation_id, causation_id, purpose, request_id, prev_hash, hash from audit_log ",
-            $rest
+        select_audit!($rest, $rest)
+    };
+    ($sqlite:literal, $postgres:literal) => {
+        (
+            concat!(
+                "select seq, recorded_at, principal, action, resource, outcome, event_count, personal_data, ",
+                "correlation_id, causation_id, purpose, request_id, prev_hash, hash from audit_log ",
+                $sqlite
+            ),
+            concat!(
+                "select seq, recorded_at, principal, action, resource, outcome, event_count, personal_data::int4 as personal_data, ",
+                "correlation_id, causation_id, purpose, request_id, prev_hash, hash from audit_log ",
+                $postgres
+            ),
         )
     };
 }
@@ -61,7 +73,11 @@ impl TryFrom<AuditRow> for AuditRecord {
                 resource: r.resource,
                 outcome,
                 event_count: u64::try_from(r.event_count).map_err(|_| bad("negative count"))?,
-                personal_data: r.personal_data,
+                personal_data: match r.personal_data {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(bad("personal_data is neither 0 nor 1")),
+                },
                 correlation_id: r.correlation_id,
                 causation_id: r.causation_id,
                 purpose: r.purpose,
@@ -84,6 +100,54 @@ fn head_from(row: Option<(i64, Vec<u8>)>) -> Result<(u64, [u8; 32]), StoreError>
                 StoreError::Corrupt(format!("audit record {seq}: hash is not 32 bytes"))
             })?,
         )),
+    }
+}
+
+/// The stored hash of record `seq`, inside the writer's transaction.
+pub(super) async fn sqlite_hash_at(
+    tx: &mut Transaction<'static, Sqlite>,
+    seq: u64,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(sqlx::query_scalar(HASH_AT_SQL)
+        .bind(seq as i64)
+        .fetch_optional(&mut **tx)
+        .await?)
+}
+
+pub(super) async fn pg_hash_at(
+    tx: &mut Transaction<'static, Postgres>,
+    seq: u64,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(sqlx::query_scalar(HASH_AT_SQL)
+        .bind(seq as i64)
+        .fetch_optional(&mut **tx)
+        .await?)
+}
+
+const HASH_AT_SQL: &str = "select hash from audit_log where seq = $1";
+
+/// Refuses to extend a chain that no longer holds the last record this
+/// process wrote (`anchor`): the newest records were deleted or rewritten.
+/// `kept` is the stored hash at the anchor's number when the head is past it.
+pub(super) fn check_anchor(
+    anchor: Option<(u64, [u8; 32])>,
+    head: (u64, [u8; 32]),
+    kept: Option<Vec<u8>>,
+) -> Result<(), StoreError> {
+    let Some((seq, hash)) = anchor else {
+        return Ok(());
+    };
+    let holds = match head.0.cmp(&seq) {
+        std::cmp::Ordering::Less => false,
+        std::cmp::Ordering::Equal => head.1 == hash,
+        std::cmp::Ordering::Greater => kept.as_deref() == Some(hash.as_slice()),
+    };
+    if holds {
+        Ok(())
+    } else {
+        Err(StoreError::Corrupt(format!(
+            "the audit log no longer holds record {seq} as this process wrote it (records were deleted or rewritten); no more records are written until an operator has looked"
+        )))
     }
 }
 
@@ -199,6 +263,15 @@ pub struct AuditFilter {
     pub until_us: Option<i64>,
 }
 
+/// Parses `SEQ:HASH` (a record number and its hash in hex), as `audit
+/// verify` prints them.
+pub fn parse_expectation(s: &str) -> Option<(u64, [u8; 32])> {
+    let (seq, hash) = s.split_once(':')?;
+    let seq = seq.parse().ok().filter(|s| *s > 0)?;
+    let hash = hex::decode(hash).ok()?.try_into().ok()?;
+    Some((seq, hash))
+}
+
 /// The result of walking the whole chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChainReport {
@@ -217,21 +290,17 @@ impl EventStore {
         limit: u32,
         filter: &AuditFilter,
     ) -> Result<Vec<AuditRecord>, StoreError> {
-        let sqls = (
-            select_audit!(
+        let sqls = select_audit!(
                 "where seq > $1
                    and ($2 is null or principal = $2) and ($3 is null or action = $3)
                    and ($4 is null or resource = $4) and ($5 is null or recorded_at >= $5)
                    and ($6 is null or recorded_at < $6) and ($8 is null or outcome = $8)
-                 order by seq limit $7"
-            ),
-            select_audit!(
+                 order by seq limit $7",
                 "where seq > $1
                    and ($2::text is null or principal = $2) and ($3::text is null or action = $3)
                    and ($4::text is null or resource = $4) and ($5::bigint is null or recorded_at >= $5)
                    and ($6::bigint is null or recorded_at < $6) and ($8::text is null or outcome = $8)
                  order by seq limit $7"
-            ),
         );
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         let rows: Vec<AuditRow> = on_db_sql!(&self.db, sqls, |pool, sql| {
@@ -250,13 +319,19 @@ impl EventStore {
         rows.into_iter().map(AuditRecord::try_from).collect()
     }
 
-    /// Walks the whole chain from record 1, a page at a time.
-    pub async fn verify_audit_chain(&self) -> Result<ChainReport, StoreError> {
-        let sql = select_audit!("where seq > $1 order by seq limit $2");
+    /// Walks the whole chain from record 1, a page at a time. With `expect`
+    /// (a record number and hash kept from an earlier run), the chain must
+    /// still reach that record and it must have that hash: this finds the
+    /// newest records cut off, which the chain alone cannot show.
+    pub async fn verify_audit_chain(
+        &self,
+        expect: Option<(u64, [u8; 32])>,
+    ) -> Result<ChainReport, StoreError> {
+        let sqls = select_audit!("where seq > $1 order by seq limit $2");
         let mut verifier = ChainVerifier::default();
         let mut after = 0i64;
         loop {
-            let rows: Vec<AuditRow> = on_db!(&self.db, |pool| {
+            let rows: Vec<AuditRow> = on_db_sql!(&self.db, sqls, |pool, sql| {
                 sqlx::query_as(sql)
                     .bind(after)
                     .bind(VERIFY_PAGE)
@@ -264,9 +339,18 @@ impl EventStore {
                     .await
             })?;
             let Some(last) = rows.last() else {
-                return Ok(ChainReport::Intact {
-                    records: verifier.records(),
-                    head_hash: verifier.head_hash(),
+                let records = verifier.records();
+                return Ok(match expect {
+                    Some((seq, _)) if seq > records => ChainReport::Broken {
+                        first_bad_seq: records + 1,
+                        reason: format!(
+                            "the chain ends at record {records}, but record {seq} was expected"
+                        ),
+                    },
+                    _ => ChainReport::Intact {
+                        records,
+                        head_hash: verifier.head_hash(),
+                    },
                 });
             };
             after = last.seq;
@@ -286,6 +370,15 @@ impl EventStore {
                     return Ok(ChainReport::Broken {
                         first_bad_seq: seq,
                         reason: why.as_str().to_owned(),
+                    });
+                }
+                if let Some((seq, hash)) = expect
+                    && seq == record.seq
+                    && hash != record.hash
+                {
+                    return Ok(ChainReport::Broken {
+                        first_bad_seq: seq,
+                        reason: "its hash is not the one expected".into(),
                     });
                 }
             }

@@ -157,6 +157,33 @@ impl Db {
         Ok(db)
     }
 
+    /// Opens an existing event store to read it (SQLite read-only): creates
+    /// nothing and runs no migration, so a mistyped URL fails instead of
+    /// checking an empty new database.
+    pub async fn open_existing(url: &str) -> Result<Self, StoreError> {
+        if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let opts = PgConnectOptions::from_str(url)?.application_name("eventvault");
+            Ok(Db::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(2)
+                    .connect_with(opts)
+                    .await?,
+            ))
+        } else if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)?
+                .read_only(true)
+                .create_if_missing(false);
+            Ok(Db::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(2)
+                    .connect_with(opts)
+                    .await?,
+            ))
+        } else {
+            Err(StoreError::UnsupportedUrl(redact_url(url)))
+        }
+    }
+
     /// A trivial round trip, for readiness checks.
     pub async fn ping(&self) -> Result<(), StoreError> {
         on_db!(self, |pool| sqlx::query("select 1")

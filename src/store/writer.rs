@@ -166,6 +166,9 @@ impl Writer {
 }
 
 async fn run(db: Db, mut rx: mpsc::Receiver<(Job, Reply)>) {
+    // The last audit record this process committed (or found): the chain
+    // must still hold it when the next group is written.
+    let mut anchor: Option<(u64, [u8; 32])> = None;
     while let Some(first) = rx.recv().await {
         let mut size = first.0.size();
         let mut group = vec![first];
@@ -179,7 +182,7 @@ async fn run(db: Db, mut rx: mpsc::Receiver<(Job, Reply)>) {
             }
         }
         let (jobs, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
-        match commit_group(&db, jobs).await {
+        match commit_group(&db, jobs, &mut anchor).await {
             Ok(outcomes) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(outcome.map_err(WriteError::from));
@@ -352,11 +355,11 @@ fn decide(cmd: &AppendCommand, snap: &Snapshot) -> Result<Appended, AppendReject
 /// all of them do, in this stream, in this order, one after the other.
 fn replay(cmd: &AppendCommand, known: &[&Existing]) -> Result<Appended, AppendRejection> {
     let stream = cmd.stream.as_str();
-    if let Some(other) = known.iter().find(|e| e.stream_id != stream) {
-        return Err(AppendRejection::IdsInUse(format!(
-            "event ids of this append are already used in another stream (stream {:?})",
-            other.stream_id
-        )));
+    // The other stream is not named: the caller may have no right to know it.
+    if known.iter().any(|e| e.stream_id != stream) {
+        return Err(AppendRejection::IdsInUse(
+            "event ids of this append are already used in another stream".into(),
+        ));
     }
     if known.len() != cmd.events.len() {
         return Err(AppendRejection::IdsInUse(format!(
@@ -386,17 +389,28 @@ fn replay(cmd: &AppendCommand, known: &[&Existing]) -> Result<Appended, AppendRe
     }))
 }
 
-async fn commit_group(db: &Db, jobs: Vec<Job>) -> Result<Outcomes, StoreError> {
+async fn commit_group(
+    db: &Db,
+    jobs: Vec<Job>,
+    anchor: &mut Option<(u64, [u8; 32])>,
+) -> Result<Outcomes, StoreError> {
     let cmds: Vec<&AppendCommand> = jobs.iter().filter_map(|j| j.append.as_ref()).collect();
-    match db {
+    let plan = match db {
         Db::Sqlite(pool) => {
             let mut tx = pool.begin_with("begin immediate").await?;
             let snap = sqlite_snapshot(&mut tx, &cmds).await?;
+            let kept = match *anchor {
+                Some((seq, _)) if seq < snap.audit_head.0 => {
+                    audit::sqlite_hash_at(&mut tx, seq).await?
+                }
+                _ => None,
+            };
+            audit::check_anchor(*anchor, snap.audit_head, kept)?;
             let plan = plan(jobs, snap);
             sqlite_write(&mut tx, &plan).await?;
             audit::sqlite_insert(&mut tx, &plan.audit).await?;
             tx.commit().await?;
-            Ok(plan.outcomes)
+            plan
         }
         Db::Postgres(pool) => {
             let mut tx = pool.begin().await?;
@@ -405,13 +419,24 @@ async fn commit_group(db: &Db, jobs: Vec<Job>) -> Result<Outcomes, StoreError> {
                 .execute(&mut *tx)
                 .await?;
             let snap = pg_snapshot(&mut tx, &cmds).await?;
+            let kept = match *anchor {
+                Some((seq, _)) if seq < snap.audit_head.0 => {
+                    audit::pg_hash_at(&mut tx, seq).await?
+                }
+                _ => None,
+            };
+            audit::check_anchor(*anchor, snap.audit_head, kept)?;
             let plan = plan(jobs, snap);
             pg_write(&mut tx, &plan).await?;
             audit::pg_insert(&mut tx, &plan.audit).await?;
             tx.commit().await?;
-            Ok(plan.outcomes)
+            plan
         }
+    };
+    if let Some(last) = plan.audit.last() {
+        *anchor = Some((last.seq, last.hash));
     }
+    Ok(plan.outcomes)
 }
 
 fn distinct_streams(cmds: &[&AppendCommand]) -> Vec<String> {

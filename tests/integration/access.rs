@@ -426,15 +426,23 @@ async fn what_a_reader_sees_follows_todays_policy(backend: Backend) {
         .await;
     let admin_view: Value = app.read("s-1", "").await.json().await.unwrap();
     assert_eq!(admin_view["events"][0]["personal_data"], "redacted");
-    let (_, text) = call(
-        &app,
-        Method::GET,
-        "/streams/s-1/events",
-        Some(&reader),
-        &[],
-        None,
-    )
-    .await;
+    let read = |app: TestApp| {
+        let reader = reader.clone();
+        async move {
+            let (status, text) = call(
+                &app,
+                Method::GET,
+                "/streams/s-1/events",
+                Some(&reader),
+                &[],
+                None,
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "{text}");
+            (app, text)
+        }
+    };
+    let (app, text) = read(app).await;
     let page: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(page["events"][0]["personal_data"], "decrypted");
     app.stop().await;
@@ -442,16 +450,7 @@ async fn what_a_reader_sees_follows_todays_policy(backend: Backend) {
     // Today the reader may no longer see personal data: the same event reads
     // redacted.
     roles(false);
-    let app = TestApp::start(env.clone()).await;
-    let (_, text) = call(
-        &app,
-        Method::GET,
-        "/streams/s-1/events",
-        Some(&reader),
-        &[],
-        None,
-    )
-    .await;
+    let (_app, text) = read(TestApp::start(env.clone()).await).await;
     let page: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(page["events"][0]["personal_data"], "redacted");
     assert_no_personal_value(&text);

@@ -547,7 +547,11 @@ async fn the_documented_script_verifies_the_chain() {
     );
     let (ok, cli) = verify_cli_env(&env).await;
     assert!(ok, "{cli}");
-    let head = cli.split("head hash ").nth(1).unwrap().trim();
+    let head = cli
+        .split("head hash ")
+        .nth(1)
+        .and_then(|rest| rest.lines().next())
+        .unwrap();
     assert_eq!(stdout.trim(), format!("intact: 10 records, head {head}"));
 
     allow_tampering(&db).await;
