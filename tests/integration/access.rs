@@ -176,7 +176,9 @@ async fn a_service_reader_sees_personal_data_redacted(backend: Backend) {
     for path in [
         "/streams/accounts-7/events",
         "/streams/accounts-7/events?direction=backward",
+        "/streams/accounts-7/events?as_of=2100-01-01T00:00:00Z",
         "/events",
+        "/events?as_of=2100-01-01T00:00:00Z",
     ] {
         let (status, text) = call(&app, Method::GET, path, Some(&service), &[], None).await;
         assert_eq!(status, StatusCode::OK, "{path}: {text}");
@@ -203,7 +205,7 @@ async fn a_service_reader_sees_personal_data_redacted(backend: Backend) {
     .await;
     assert_eq!(status, StatusCode::CREATED, "{text}");
     let records = audit_records(&app, "principal=ledger&action=stream.read").await;
-    assert_eq!(records.len(), 2);
+    assert_eq!(records.len(), 3);
     assert!(
         records
             .iter()

@@ -12,7 +12,9 @@ use uuid::Uuid;
 use crate::access::{audit_records, call};
 use crate::at_rest::{events_db, exec};
 use crate::both_backends;
-use crate::common::{Backend, PERSONAL_VALUES, TestApp, TestEnv, batch, command, deposit};
+use crate::common::{
+    Backend, PERSONAL_VALUES, ServerProcess, TestApp, TestEnv, batch, command, deposit,
+};
 use eventvault::store::Db;
 
 both_backends!(
@@ -20,8 +22,11 @@ both_backends!(
     an_append_and_its_record_commit_together,
     any_changed_byte_is_found_at_its_record,
     a_deleted_or_moved_record_is_found,
+    cut_off_newest_records_are_found,
+    verify_never_creates_a_database,
     a_failed_audit_write_discloses_nothing,
     several_processes_write_one_chain,
+    every_outcome_is_recorded_once,
     the_listing_filters_and_pages,
 );
 
@@ -226,12 +231,39 @@ async fn an_append_and_its_record_commit_together(backend: Backend) {
 async fn any_changed_byte_is_found_at_its_record(backend: Backend) {
     let app = TestApp::spawn(&backend).await;
     make_records(&app).await;
+    make_records(&app).await;
     assert_eq!(verify(&app).await["ok"], true);
     let db = events_db(&app.env).await;
     allow_tampering(&db).await;
     // From the last record down, one field at a time: each time the first
     // bad record is the one just changed.
-    let changes: [(u64, &str, &str); 9] = [
+    let changes: [(u64, &str, &str); 14] = [
+        (
+            15,
+            "update audit_log set action = 'X' || substr(action, 2) where seq = 15",
+            "update audit_log set action = overlay(action placing 'X' from 1 for 1) where seq = 15",
+        ),
+        // An absent value made present, and the other way round.
+        (
+            14,
+            "update audit_log set correlation_id = 'c' where seq = 14",
+            "update audit_log set correlation_id = 'c' where seq = 14",
+        ),
+        (
+            13,
+            "update audit_log set causation_id = '' where seq = 13",
+            "update audit_log set causation_id = '' where seq = 13",
+        ),
+        (
+            12,
+            "update audit_log set purpose = 'audit' where seq = 12",
+            "update audit_log set purpose = 'audit' where seq = 12",
+        ),
+        (
+            11,
+            "update audit_log set principal = null where seq = 11",
+            "update audit_log set principal = null where seq = 11",
+        ),
         (
             10,
             "update audit_log set hash = zeroblob(32) where seq = 10",
@@ -336,6 +368,95 @@ async fn a_deleted_or_moved_record_is_found(backend: Backend) {
     );
 }
 
+async fn cut_off_newest_records_are_found(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    make_records(&app).await;
+    // An auditor keeps the head that verify prints.
+    let (ok, out) = verify_cli(&app).await;
+    assert!(ok, "{out}");
+    let expect = out.split("--expect ").nth(1).unwrap().trim().to_owned();
+    assert!(expect.starts_with("10:"), "{expect}");
+
+    let db = events_db(&app.env).await;
+    allow_tampering(&db).await;
+    exec_either(
+        &db,
+        "delete from audit_log where seq > 7",
+        "delete from audit_log where seq > 7",
+    )
+    .await;
+    // The chain that is left is consistent ...
+    let (ok, out) = verify_cli(&app).await;
+    assert!(ok, "{out}");
+    // ... but not against what the auditor kept,
+    let out = command(&app.env, &["audit", "verify", "--expect", &expect])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("record 8") && text.contains("record 10"),
+        "{text}"
+    );
+    // ... and the running service, which wrote those records, refuses to
+    // write over the cut (and so to serve data).
+    let r = app.read("accounts-1", "").await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let (s, _) = call(
+        &app,
+        Method::GET,
+        "/audit/verify",
+        Some(&app.token()),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    let n: i64 = match &db {
+        Db::Sqlite(p) => sqlx::query_scalar("select count(*) from audit_log")
+            .fetch_one(p)
+            .await
+            .unwrap(),
+        Db::Postgres(p) => sqlx::query_scalar("select count(*) from audit_log")
+            .fetch_one(p)
+            .await
+            .unwrap(),
+    };
+    assert_eq!(n, 7, "nothing was chained onto the cut");
+
+    // The same check over HTTP, on a service started afresh.
+    let env = app.stop().await;
+    let app = TestApp::start(env).await;
+    let (_, text) = call(
+        &app,
+        Method::GET,
+        &format!("/audit/verify?expect={expect}"),
+        Some(&app.token()),
+        &[],
+        None,
+    )
+    .await;
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["ok"], false, "{v}");
+    assert_eq!(v["first_bad_seq"], 8, "{v}");
+}
+
+async fn verify_never_creates_a_database(backend: Backend) {
+    let env = TestEnv::new(&backend).await;
+    // Nothing has started on these databases: no event store exists yet.
+    let out = command(&env, &["audit", "verify"]).output().await.unwrap();
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    if let Backend::Sqlite = backend {
+        let file = env.database_url.trim_start_matches("sqlite://");
+        assert!(!std::path::Path::new(file).exists(), "no file was created");
+    }
+}
+
 async fn a_failed_audit_write_discloses_nothing(backend: Backend) {
     let app = TestApp::spawn(&backend).await;
     app.append_ok(
@@ -385,6 +506,10 @@ async fn a_failed_audit_write_discloses_nothing(backend: Backend) {
         assert!(!text.contains(v), "{v} disclosed without an audit record");
     }
     assert!(!text.contains("5.00"), "nothing of the event: {text}");
+    let r = app.log("").await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("cust-5") && !text.contains("5.00"), "{text}");
     // An append cannot commit without its record either.
     let r = app
         .append(
@@ -410,8 +535,15 @@ async fn a_failed_audit_write_discloses_nothing(backend: Backend) {
 }
 
 async fn several_processes_write_one_chain(backend: Backend) {
-    let one = Arc::new(TestApp::spawn(&backend).await);
-    let two = Arc::new(TestApp::start(one.env.clone()).await);
+    let env = TestEnv::new(&backend).await;
+    let first = ServerProcess::start(&env)
+        .await
+        .expect("first process starts");
+    let second = ServerProcess::start(&env)
+        .await
+        .expect("second process starts");
+    let one = Arc::new(TestApp::client_for(env.clone(), first.base.clone()));
+    let two = Arc::new(TestApp::client_for(env.clone(), second.base.clone()));
     let tasks: Vec<_> = (0..40)
         .map(|i| {
             let app = if i % 2 == 0 { one.clone() } else { two.clone() };
@@ -431,6 +563,10 @@ async fn several_processes_write_one_chain(backend: Backend) {
     let records = audit_records(&two, "").await;
     let seqs: Vec<u64> = records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    assert!(first.terminate().await.success());
+    assert!(second.terminate().await.success());
+    let (ok, out) = verify_cli_env(&env).await;
+    assert!(ok, "{out}");
 }
 
 async fn the_listing_filters_and_pages(backend: Backend) {
@@ -480,12 +616,9 @@ async fn the_listing_filters_and_pages(backend: Backend) {
         8
     );
     assert_eq!(audit_records(&app, "outcome=denied").await.len(), 1);
-    assert!(
-        audit_records(&app, "principal=admin")
-            .await
-            .iter()
-            .all(|r| r["principal"] == "admin")
-    );
+    let by_admin = audit_records(&app, "principal=admin").await;
+    assert!(by_admin.len() >= 9, "{by_admin:?}");
+    assert!(by_admin.iter().all(|r| r["principal"] == "admin"));
     assert_eq!(
         audit_records(&app, "until=2000-01-01T00:00:00Z")
             .await
@@ -566,4 +699,84 @@ async fn the_documented_script_verifies_the_chain() {
         String::from_utf8_lossy(&out.stderr)
     );
     crate::common::assert_logs_hold_no_secret();
+}
+
+async fn every_outcome_is_recorded_once(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    app.append_ok(
+        "accounts-1",
+        &batch(vec![deposit(Uuid::new_v4(), "c", "1")]),
+    )
+    .await;
+    // 404 for an unknown stream, 400 for a bad parameter, a HEAD request,
+    // 413 for a body over the limit, a malformed header without a token.
+    assert_eq!(
+        app.read("accounts-2", "").await.status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        app.read("accounts-1", "direction=sideways").await.status(),
+        StatusCode::BAD_REQUEST
+    );
+    let r = app
+        .client
+        .head(format!("{}/streams/accounts-1/events", app.base))
+        .bearer_auth(app.token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let huge = "x".repeat(5 * 1024 * 1024);
+    let r = app
+        .client
+        .post(format!("{}/streams/accounts-1/events", app.base))
+        .bearer_auth(app.token())
+        .header("content-type", "application/json")
+        .body(format!(
+            "{{\"events\":[{{\"type\":\"T\",\"data\":{{\"x\":\"{huge}\"}}}}]}}"
+        ))
+        .send()
+        .await;
+    if let Ok(r) = r {
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+    let long = "p".repeat(201);
+    let (status, _) = call(
+        &app,
+        Method::GET,
+        "/events",
+        None,
+        &[("X-Purpose", &long)],
+        None,
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "authentication comes first"
+    );
+
+    let records = audit_records(&app, "").await;
+    let summary: Vec<(&str, &str, &str)> = records
+        .iter()
+        .filter(|r| r["action"] != "audit.read")
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap(),
+                r["resource"].as_str().unwrap(),
+                r["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("stream.append", "stream:accounts-1", "ok"),
+            ("stream.read", "stream:accounts-2", "error"),
+            ("stream.read", "stream:accounts-1", "error"),
+            ("stream.read", "stream:accounts-1", "ok"),
+            ("stream.append", "stream:accounts-1", "error"),
+            ("log.read", "events", "denied"),
+        ]
+    );
 }
