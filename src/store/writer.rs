@@ -499,10 +499,11 @@ async fn sqlite_snapshot(
     cmds: &[&AppendCommand],
 ) -> Result<Snapshot, StoreError> {
     let audit_head = audit::sqlite_head(tx).await?;
-    let head = sqlx::query_as(HEAD_SQL).fetch_optional(&mut **tx).await?;
     if cmds.is_empty() {
-        return snapshot_from(audit_head, head, vec![], vec![]);
+        // Only audit records: no event position or time is needed.
+        return snapshot_from(audit_head, None, vec![], vec![]);
     }
+    let head = sqlx::query_as(HEAD_SQL).fetch_optional(&mut **tx).await?;
     // SQLite has no array parameters: the id lists travel as one JSON array.
     let streams = serde_json::to_string(&distinct_streams(cmds)).expect("strings serialise");
     let versions = sqlx::query_as("select stream_id, version from streams where stream_id in (select value from json_each($1))")
@@ -579,10 +580,11 @@ async fn pg_snapshot(
     cmds: &[&AppendCommand],
 ) -> Result<Snapshot, StoreError> {
     let audit_head = audit::pg_head(tx).await?;
-    let head = sqlx::query_as(HEAD_SQL).fetch_optional(&mut **tx).await?;
     if cmds.is_empty() {
-        return snapshot_from(audit_head, head, vec![], vec![]);
+        // Only audit records: no event position or time is needed.
+        return snapshot_from(audit_head, None, vec![], vec![]);
     }
+    let head = sqlx::query_as(HEAD_SQL).fetch_optional(&mut **tx).await?;
     let versions =
         sqlx::query_as("select stream_id, version from streams where stream_id = any($1)")
             .bind(distinct_streams(cmds))
