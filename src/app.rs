@@ -67,6 +67,8 @@ pub enum StartError {
     Key(#[from] KeyError),
     #[error("{0}")]
     Principal(#[from] PrincipalError),
+    #[error("re-applying the forget ledger failed: {0}")]
+    Forget(crate::service::ServiceError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -145,7 +147,23 @@ impl Application {
         let admin_token = principals.bootstrap_admin(&policies).await?;
         check_principal_roles(&principals, &policies, cfg).await?;
         let (writer, writer_task) = Writer::spawn(store.db.clone());
+        keys.follow_evictions();
         let events = Events::new(store.clone(), writer, keys.clone(), policies.clone());
+        // Before the first request: a restored keystore must not bring a
+        // forgotten subject back, and an interrupted forget is finished.
+        let reapplied = events.reapply_forgets().await.map_err(StartError::Forget)?;
+        if reapplied.reshredded > 0 {
+            tracing::warn!(
+                subjects = reapplied.reshredded,
+                "forgotten subjects had data keys again (a restored keystore?); shredded them again"
+            );
+        }
+        if reapplied.completed > 0 {
+            tracing::warn!(
+                subjects = reapplied.completed,
+                "completed forgets that had been interrupted"
+            );
+        }
         let state = AppState {
             events,
             store,

@@ -71,8 +71,13 @@ impl StreamId {
         Ok(Self(s.to_owned()))
     }
 
+    /// The system stream of forget records.
+    pub fn subjects_ledger() -> Self {
+        Self("$subjects".to_owned())
+    }
+
     /// Trusted conversion for ids read back from the store, which only ever
-    /// holds ids that passed [`StreamId::parse`] or [`StreamId::system`].
+    /// holds ids that passed [`StreamId::parse`] or system streams.
     pub fn from_store(s: String) -> Self {
         Self(s)
     }

@@ -98,6 +98,15 @@ pub fn load_master_key(env_value: Option<&str>, path: &Path) -> Result<(Kek, boo
     }
 }
 
+/// The PostgreSQL channel on which a forget tells every process to evict.
+const EVICT_CHANNEL: &str = "eventvault_key_evictions";
+
+#[derive(serde::Deserialize)]
+struct Eviction {
+    subject: String,
+    key_ids: Vec<String>,
+}
+
 /// A subject's current key for new encryptions.
 #[derive(Clone)]
 pub struct ActiveKey {
@@ -224,6 +233,73 @@ impl KeyManager {
             .expect("cache lock")
             .put(stored.key_id, dek.clone());
         Ok(Some(dek))
+    }
+
+    /// Destroys every key of `subject`: deleted and scrubbed from the
+    /// keystore's files, evicted from this process's caches and, on a
+    /// PostgreSQL keystore, from every other process listening on it.
+    /// Returns how many keys were destroyed.
+    pub async fn destroy_subject(&self, subject: &str) -> Result<u64, KeyError> {
+        let ids = self.keystore.delete_subject_keys(subject).await?;
+        self.evict(subject, &ids);
+        let payload = serde_json::json!({ "subject": subject, "key_ids": ids }).to_string();
+        self.keystore.announce(EVICT_CHANNEL, &payload).await?;
+        Ok(ids.len() as u64)
+    }
+
+    /// Drops a subject's keys from the caches (its ids may be unknown here:
+    /// every cached key of the subject goes).
+    fn evict(&self, subject: &str, key_ids: &[String]) {
+        self.by_subject.lock().expect("cache lock").pop(subject);
+        let mut by_id = self.by_id.lock().expect("cache lock");
+        for id in key_ids {
+            by_id.pop(id);
+        }
+    }
+
+    /// On a PostgreSQL keystore, follows the evictions of other processes
+    /// (`LISTEN`), so that a forget anywhere takes effect here at once. The
+    /// task ends when the key manager is dropped. If the connection fails it
+    /// reconnects; while it is down, the whole cache is dropped on every
+    /// reconnect so that no eviction can have been missed.
+    pub fn follow_evictions(self: &Arc<Self>) {
+        if !self.keystore.can_announce() {
+            return;
+        }
+        let keystore = self.keystore.clone();
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let mut listener = match keystore.listen(EVICT_CHANNEL).await {
+                    Ok(Some(l)) => l,
+                    Ok(None) => return,
+                    Err(_) if this.strong_count() == 0 => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot listen for key evictions; retrying in 1 s");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                // Anything cached before listening may have missed a notice.
+                match this.upgrade() {
+                    Some(km) => km.clear_caches(),
+                    None => return,
+                }
+                loop {
+                    let Ok(n) = listener.recv().await else { break };
+                    let Some(km) = this.upgrade() else { return };
+                    match serde_json::from_str::<Eviction>(n.payload()) {
+                        Ok(ev) => km.evict(&ev.subject, &ev.key_ids),
+                        Err(_) => km.clear_caches(),
+                    }
+                }
+            }
+        });
+    }
+
+    fn clear_caches(&self) {
+        self.by_subject.lock().expect("cache lock").clear();
+        self.by_id.lock().expect("cache lock").clear();
     }
 
     fn unwrap(&self, stored: &WrappedDek) -> Result<Arc<Dek>, KeyError> {

@@ -79,6 +79,32 @@ pub struct LogPage {
     pub next: u64,
 }
 
+/// The result of a forget.
+#[derive(Debug, Clone, Copy)]
+pub struct ForgetReport {
+    pub forgotten_at_us: i64,
+    /// Keys destroyed by this subject's forget, over all calls.
+    pub keys_destroyed: u64,
+    pub events_affected: u64,
+}
+
+/// What a start found to re-apply in the forget ledger.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Reapplied {
+    /// Forgotten subjects that had keys again (a restored keystore).
+    pub reshredded: u64,
+    /// Forgets that had not run to their end and were completed.
+    pub completed: u64,
+}
+
+/// What a subject's state is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubjectState {
+    Active,
+    Forgotten,
+    Unknown,
+}
+
 /// The event services shared by all handlers.
 #[derive(Clone, Debug)]
 pub struct Events {
@@ -114,6 +140,17 @@ impl Events {
     ) -> Result<Appended, ServiceError> {
         let events = batch.into_inner();
         let inline = events.len() <= INLINE_CRYPTO_EVENTS;
+        // Refuse forgotten subjects before any key is made for them (the
+        // writer checks again inside its transaction, which is what counts).
+        let mut subjects: Vec<String> = events
+            .iter()
+            .filter_map(|e| e.subject.as_ref().map(|s| s.as_str().to_owned()))
+            .collect();
+        subjects.sort();
+        subjects.dedup();
+        if let Some(s) = self.store.forgotten_among(&subjects).await?.pop() {
+            return Err(AppendRejection::Forgotten(s).into());
+        }
         let mut keys: HashMap<String, ActiveKey> = HashMap::new();
         for e in &events {
             if let Some(s) = &e.subject
@@ -151,6 +188,136 @@ impl Events {
                 audit,
             )
             .await?)
+    }
+
+    /// Forgets `subject` by crypto-shredding, in the order of DESIGN.md:
+    /// (1) record the intent in the ledger, (2) delete and scrub its keys,
+    /// (3) evict them from every cache, (4) append a `$subjects` event with
+    /// `audit` (the request's record) in one transaction, then mark the
+    /// forget complete. Idempotent: a second call finds the ledger entry,
+    /// destroys what might have appeared since (nothing, normally) and
+    /// returns the first call's time. Returns the report and whether the
+    /// audit record was written (only when step 4 ran).
+    pub async fn forget(
+        &self,
+        subject: &str,
+        reason: Option<&str>,
+        audit: AuditEntry,
+    ) -> Result<(ForgetReport, bool), ServiceError> {
+        let entry = self.store.record_forget(subject, reason).await?;
+        let destroyed = self.keys.destroy_subject(subject).await?;
+        let events_affected = self.store.subject_event_count(subject).await?;
+        let recorded = entry.completed_at.is_none();
+        if recorded {
+            self.finish_forget(subject, destroyed, events_affected, audit)
+                .await?;
+        }
+        Ok((
+            ForgetReport {
+                forgotten_at_us: entry.forgotten_at,
+                keys_destroyed: entry.keys_destroyed as u64 + destroyed,
+                events_affected,
+            },
+            recorded,
+        ))
+    }
+
+    /// Step 4: the `$subjects` event (no personal data: the pseudonymous
+    /// subject id and counts) with its audit record, then the ledger entry
+    /// is marked complete.
+    async fn finish_forget(
+        &self,
+        subject: &str,
+        destroyed: u64,
+        events_affected: u64,
+        audit: AuditEntry,
+    ) -> Result<(), ServiceError> {
+        let data = serde_json::json!({
+            "subject": subject,
+            "keys_destroyed": destroyed,
+            "events_affected": events_affected,
+        });
+        let event = PendingEvent {
+            id: Uuid::now_v7(),
+            event_type: "SubjectForgotten".into(),
+            subject: None,
+            key_id: None,
+            data: data.to_string(),
+            sealed: None,
+            metadata: "{}".into(),
+        };
+        self.writer
+            .append_recorded(
+                AppendCommand {
+                    stream: StreamId::subjects_ledger(),
+                    expected: ExpectedVersion::Any,
+                    events: vec![event],
+                },
+                audit,
+            )
+            .await?;
+        self.store.complete_forget(subject, destroyed).await?;
+        Ok(())
+    }
+
+    /// At start: every forgotten subject whose keys exist again (a keystore
+    /// restored from a backup) is shredded again, and every forget that did
+    /// not reach its end is completed, before the service answers.
+    pub async fn reapply_forgets(&self) -> Result<Reapplied, ServiceError> {
+        const PAGE: u32 = 1000;
+        let mut done = Reapplied::default();
+        let mut after = String::new();
+        loop {
+            let page = self.store.forgotten_page(&after, PAGE).await?;
+            let Some(last) = page.last() else {
+                return Ok(done);
+            };
+            after = last.subject.clone();
+            let names: Vec<String> = page.iter().map(|e| e.subject.clone()).collect();
+            let with_keys = self.keys.keystore().subjects_with_keys(&names).await?;
+            for e in &page {
+                let destroyed = if with_keys.contains(&e.subject) {
+                    done.reshredded += 1;
+                    self.keys.destroy_subject(&e.subject).await?
+                } else {
+                    0
+                };
+                if e.completed_at.is_none() {
+                    let events = self.store.subject_event_count(&e.subject).await?;
+                    let audit = AuditEntry {
+                        principal: None,
+                        action: "subject.forget.resume".into(),
+                        resource: format!("subject:{}", e.subject),
+                        outcome: crate::audit::Outcome::Ok,
+                        event_count: events,
+                        personal_data: false,
+                        correlation_id: None,
+                        causation_id: None,
+                        purpose: None,
+                        request_id: None,
+                    };
+                    self.finish_forget(&e.subject, destroyed, events, audit)
+                        .await?;
+                    done.completed += 1;
+                }
+            }
+            if page.len() < PAGE as usize {
+                return Ok(done);
+            }
+        }
+    }
+
+    /// A subject's state and how many events name it.
+    pub async fn subject_state(&self, subject: &str) -> Result<(SubjectState, u64), ServiceError> {
+        let events = self.store.subject_event_count(subject).await?;
+        let state = if self.store.forgotten(subject).await?.is_some() {
+            SubjectState::Forgotten
+        } else if events > 0 {
+            SubjectState::Active
+        } else {
+            SubjectState::Unknown
+        };
+        Ok((state, events))
     }
 
     /// Writes an audit record; returns once it is durable.
@@ -256,7 +423,9 @@ impl Events {
             })
             .collect();
         let mut deks: HashMap<String, Option<Arc<Dek>>> = HashMap::new();
-        for (r, _) in rows.iter().filter(|(_, reveal)| *reveal) {
+        // Every row's key is looked up, revealed or not: a destroyed key makes
+        // the event `erased` for every caller.
+        for (r, _) in &rows {
             if let Some(k) = &r.key_id
                 && !deks.contains_key(k)
             {
@@ -334,7 +503,7 @@ fn corrupt(what: &str, position: i64) -> ServiceError {
 }
 
 /// Opens one stored event for a reader. `deks` holds every key the rows
-/// need when `reveal` (a `None` entry: the key is gone, the data erased).
+/// name (a `None` entry: the key is gone, the data erased for everyone).
 fn open_event(
     r: StoredEvent,
     reveal: bool,
@@ -346,8 +515,9 @@ fn open_event(
         serde_json::from_str(&r.metadata).map_err(|_| corrupt("metadata", r.position))?;
     let id = Uuid::parse_str(&r.event_id).map_err(|_| corrupt("id", r.position))?;
     let personal_data = match (&r.sealed, &r.key_id) {
-        (Some(blob), Some(key_id)) if reveal => match deks.get(key_id).and_then(Option::as_ref) {
+        (Some(blob), Some(key_id)) => match deks.get(key_id).and_then(Option::as_ref) {
             None => PersonalData::Erased,
+            Some(_) if !reveal => PersonalData::Redacted,
             Some(dek) => {
                 let at = EventAad {
                     event_id: id.as_bytes(),
@@ -368,7 +538,6 @@ fn open_event(
                 PersonalData::Decrypted
             }
         },
-        (Some(_), _) => PersonalData::Redacted,
         _ => PersonalData::None,
     };
     Ok(ReadEvent {

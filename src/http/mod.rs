@@ -8,6 +8,7 @@ mod health;
 mod log;
 mod problem;
 mod streams;
+mod subjects;
 mod trail;
 mod views;
 
@@ -56,6 +57,7 @@ pub fn router(state: AppState) -> Router {
         .merge(streams::router())
         .merge(log::router())
         .merge(audit::router())
+        .merge(subjects::router())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             trail::record_requests,

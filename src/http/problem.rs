@@ -25,6 +25,8 @@ pub enum ApiError {
         detail: String,
         current_version: Option<u64>,
     },
+    #[error("{0}")]
+    Gone(String),
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
     #[error("{0}")]
@@ -45,6 +47,7 @@ impl ApiError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::Gone(_) => StatusCode::GONE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Integrity | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -64,6 +67,7 @@ impl ApiError {
                 ..
             } => "wrong-expected-version",
             Self::Conflict { .. } => "duplicate-event-ids",
+            Self::Gone(_) => "subject-forgotten",
             Self::PayloadTooLarge(_) => "payload-too-large",
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
             Self::Integrity => "integrity-failure",
@@ -115,6 +119,7 @@ impl From<ServiceError> for ApiError {
                 detail,
                 current_version: None,
             },
+            ServiceError::Rejected(r @ AppendRejection::Forgotten(_)) => Self::Gone(r.to_string()),
             ServiceError::StreamNotFound => Self::NotFound("stream not found".into()),
             ServiceError::Integrity { position } => {
                 tracing::error!(

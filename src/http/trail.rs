@@ -164,6 +164,8 @@ fn action_of(method: &Method, route: &str) -> &'static str {
         ("GET", "/events") => "log.read",
         ("GET", "/audit") => "audit.read",
         ("GET", "/audit/verify") => "audit.verify",
+        ("GET", "/subjects/{subject}") => "subject.read",
+        ("POST", "/subjects/{subject}/forget") => "subject.forget",
         _ => "request",
     }
 }

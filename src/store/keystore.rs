@@ -85,4 +85,91 @@ impl Keystore {
         })?;
         Ok(done == 1)
     }
+
+    /// Deletes every data key of `subject` (step 2 of a forget) and returns
+    /// their ids, then makes sure the bytes are gone from the files, not only
+    /// from the table: SQLite overwrites deleted cells (`secure_delete`) and
+    /// a truncating WAL checkpoint drops the log's copies; PostgreSQL vacuums
+    /// the table so the dead rows' space is reclaimed.
+    pub async fn delete_subject_keys(&self, subject: &str) -> Result<Vec<String>, StoreError> {
+        let ids: Vec<String> = on_db!(&self.db, |pool| {
+            sqlx::query_scalar("delete from deks where subject = $1 returning key_id")
+                .bind(subject)
+                .fetch_all(pool)
+                .await
+        })?;
+        if !ids.is_empty() {
+            match &self.db {
+                Db::Sqlite(pool) => {
+                    let (busy, _, _): (i64, i64, i64) =
+                        sqlx::query_as("pragma wal_checkpoint(truncate)")
+                            .fetch_one(pool)
+                            .await?;
+                    if busy != 0 {
+                        return Err(StoreError::Corrupt(
+                            "the keystore's WAL could not be checkpointed after a key deletion"
+                                .into(),
+                        ));
+                    }
+                }
+                Db::Postgres(pool) => {
+                    sqlx::query("vacuum deks").execute(pool).await?;
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Which of `subjects` still have a data key.
+    pub async fn subjects_with_keys(&self, subjects: &[String]) -> Result<Vec<String>, StoreError> {
+        if subjects.is_empty() {
+            return Ok(vec![]);
+        }
+        Ok(match &self.db {
+            Db::Sqlite(pool) => {
+                sqlx::query_scalar(
+                    "select distinct subject from deks where subject in (select value from json_each($1))",
+                )
+                .bind(serde_json::to_string(subjects).expect("strings serialise"))
+                .fetch_all(pool)
+                .await?
+            }
+            Db::Postgres(pool) => {
+                sqlx::query_scalar("select distinct subject from deks where subject = any($1)")
+                    .bind(subjects)
+                    .fetch_all(pool)
+                    .await?
+            }
+        })
+    }
+
+    /// Whether other processes can be told of changes (a PostgreSQL keystore).
+    pub fn can_announce(&self) -> bool {
+        matches!(self.db, Db::Postgres(_))
+    }
+
+    /// `NOTIFY` on a PostgreSQL keystore; nothing on SQLite.
+    pub async fn announce(&self, channel: &str, payload: &str) -> Result<(), StoreError> {
+        if let Db::Postgres(pool) = &self.db {
+            sqlx::query("select pg_notify($1, $2)")
+                .bind(channel)
+                .bind(payload)
+                .execute(pool)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A listener on `channel` (PostgreSQL keystore only).
+    pub async fn listen(
+        &self,
+        channel: &str,
+    ) -> Result<Option<sqlx::postgres::PgListener>, StoreError> {
+        let Db::Postgres(pool) = &self.db else {
+            return Ok(None);
+        };
+        let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+        listener.listen(channel).await?;
+        Ok(Some(listener))
+    }
 }

@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod keystore;
 pub mod principals;
+pub mod subjects;
 pub mod writer;
 
 use std::str::FromStr;

@@ -83,6 +83,9 @@ pub enum AppendRejection {
     WrongVersion { current: u64 },
     #[error("{0}")]
     IdsInUse(String),
+    /// An event is about a subject that has been forgotten.
+    #[error("subject {0:?} has been forgotten; no event about it is accepted")]
+    Forgotten(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +105,9 @@ pub enum WriteError {
 pub struct Job {
     pub append: Option<AppendCommand>,
     pub audit: AuditEntry,
+    /// The writer sets the record's outcome and event count from the append
+    /// (`false`: the record says what it says, e.g. for a forget).
+    pub describe_append: bool,
 }
 
 impl Job {
@@ -149,6 +155,24 @@ impl Writer {
             .submit(Job {
                 append: Some(cmd),
                 audit,
+                describe_append: true,
+            })
+            .await?;
+        Ok(appended.expect("an append job is answered with its outcome"))
+    }
+
+    /// Appends `cmd` (a system event) with an audit record that describes
+    /// something else (the request that caused it), in one transaction.
+    pub async fn append_recorded(
+        &self,
+        cmd: AppendCommand,
+        audit: AuditEntry,
+    ) -> Result<Appended, WriteError> {
+        let appended = self
+            .submit(Job {
+                append: Some(cmd),
+                audit,
+                describe_append: false,
             })
             .await?;
         Ok(appended.expect("an append job is answered with its outcome"))
@@ -159,6 +183,7 @@ impl Writer {
         self.submit(Job {
             append: None,
             audit,
+            describe_append: false,
         })
         .await
         .map(|_| ())
@@ -206,6 +231,8 @@ struct Snapshot {
     last_recorded_at: i64,
     versions: HashMap<String, u64>,
     existing: HashMap<Uuid, Existing>,
+    /// Subjects of the group's events that are in the forget ledger.
+    forgotten: std::collections::HashSet<String>,
 }
 
 /// Where an already stored (or already planned) event sits.
@@ -257,7 +284,11 @@ fn plan(jobs: Vec<Job>, mut snap: Snapshot) -> Plan {
     let mut outcomes = Vec::with_capacity(jobs.len());
     let mut entries = Vec::with_capacity(jobs.len());
     for job in jobs {
-        let Job { append, mut audit } = job;
+        let Job {
+            append,
+            mut audit,
+            describe_append,
+        } = job;
         let Some(cmd) = append else {
             outcomes.push(Ok(None));
             entries.push(audit);
@@ -265,11 +296,13 @@ fn plan(jobs: Vec<Job>, mut snap: Snapshot) -> Plan {
         };
         let cmd = &cmd;
         let outcome = decide(cmd, &snap);
-        (audit.outcome, audit.event_count) = match &outcome {
-            Ok(Appended::Created(_)) => (Outcome::Ok, cmd.events.len() as u64),
-            Ok(Appended::AlreadyAppended(_)) => (Outcome::Ok, 0),
-            Err(_) => (Outcome::Error, 0),
-        };
+        if describe_append {
+            (audit.outcome, audit.event_count) = match &outcome {
+                Ok(Appended::Created(_)) => (Outcome::Ok, cmd.events.len() as u64),
+                Ok(Appended::AlreadyAppended(_)) => (Outcome::Ok, 0),
+                Err(_) => (Outcome::Error, 0),
+            };
+        }
         entries.push(audit);
         if let Ok(Appended::Created(r)) = &outcome {
             let stream = cmd.stream.as_str();
@@ -336,6 +369,14 @@ fn decide(cmd: &AppendCommand, snap: &Snapshot) -> Result<Appended, AppendReject
         .collect();
     if !known.is_empty() {
         return replay(cmd, &known);
+    }
+    if let Some(s) = cmd
+        .events
+        .iter()
+        .filter_map(|e| e.subject.as_ref())
+        .find(|s| snap.forgotten.contains(*s))
+    {
+        return Err(AppendRejection::Forgotten(s.clone()));
     }
     let current = snap.versions.get(cmd.stream.as_str()).copied().unwrap_or(0);
     if !cmd.expected.admits(current) {
@@ -446,6 +487,16 @@ fn distinct_streams(cmds: &[&AppendCommand]) -> Vec<String> {
     s
 }
 
+fn all_subjects(cmds: &[&AppendCommand]) -> Vec<String> {
+    let mut s: Vec<String> = cmds
+        .iter()
+        .flat_map(|c| c.events.iter().filter_map(|e| e.subject.clone()))
+        .collect();
+    s.sort();
+    s.dedup();
+    s
+}
+
 fn all_ids(cmds: &[&AppendCommand]) -> Vec<Uuid> {
     cmds.iter()
         .flat_map(|c| c.events.iter().map(|e| e.id))
@@ -462,6 +513,7 @@ fn snapshot_from(
     head: Option<(i64, i64)>,
     versions: Vec<(String, i64)>,
     existing: Vec<ExistingRow>,
+    forgotten: Vec<String>,
 ) -> Result<Snapshot, StoreError> {
     let (head_position, last_recorded_at) = head.unwrap_or((0, 0));
     let existing = existing
@@ -491,6 +543,7 @@ fn snapshot_from(
         last_recorded_at,
         versions: versions.into_iter().map(|(s, v)| (s, v as u64)).collect(),
         existing,
+        forgotten: forgotten.into_iter().collect(),
     })
 }
 
@@ -501,7 +554,7 @@ async fn sqlite_snapshot(
     let audit_head = audit::sqlite_head(tx).await?;
     if cmds.is_empty() {
         // Only audit records: no event position or time is needed.
-        return snapshot_from(audit_head, None, vec![], vec![]);
+        return snapshot_from(audit_head, None, vec![], vec![], vec![]);
     }
     let head = sqlx::query_as(HEAD_SQL).fetch_optional(&mut **tx).await?;
     // SQLite has no array parameters: the id lists travel as one JSON array.
@@ -518,7 +571,13 @@ async fn sqlite_snapshot(
     .bind(serde_json::to_string(&ids).expect("strings serialise"))
     .fetch_all(&mut **tx)
     .await?;
-    snapshot_from(audit_head, head, versions, existing)
+    let forgotten = sqlx::query_scalar(
+        "select subject from forgotten_subjects where subject in (select value from json_each($1))",
+    )
+    .bind(serde_json::to_string(&all_subjects(cmds)).expect("strings serialise"))
+    .fetch_all(&mut **tx)
+    .await?;
+    snapshot_from(audit_head, head, versions, existing, forgotten)
 }
 
 /// Two statements for the whole group, like the PostgreSQL path: the rows
@@ -582,7 +641,7 @@ async fn pg_snapshot(
     let audit_head = audit::pg_head(tx).await?;
     if cmds.is_empty() {
         // Only audit records: no event position or time is needed.
-        return snapshot_from(audit_head, None, vec![], vec![]);
+        return snapshot_from(audit_head, None, vec![], vec![], vec![]);
     }
     let head = sqlx::query_as(HEAD_SQL).fetch_optional(&mut **tx).await?;
     let versions =
@@ -597,7 +656,12 @@ async fn pg_snapshot(
     .bind(all_ids(cmds))
     .fetch_all(&mut **tx)
     .await?;
-    snapshot_from(audit_head, head, versions, existing)
+    let forgotten =
+        sqlx::query_scalar("select subject from forgotten_subjects where subject = any($1)")
+            .bind(all_subjects(cmds))
+            .fetch_all(&mut **tx)
+            .await?;
+    snapshot_from(audit_head, head, versions, existing, forgotten)
 }
 
 async fn pg_write(tx: &mut Transaction<'static, Postgres>, plan: &Plan) -> Result<(), StoreError> {
@@ -683,6 +747,7 @@ mod tests {
                     purpose: None,
                     request_id: None,
                 },
+                describe_append: true,
             })
             .collect()
     }
@@ -694,6 +759,7 @@ mod tests {
             last_recorded_at: 0,
             versions: HashMap::new(),
             existing: HashMap::new(),
+            forgotten: Default::default(),
         }
     }
 

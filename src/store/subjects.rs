@@ -1,0 +1,123 @@
+//! The forget ledger (`forgotten_subjects`) and per-subject counts.
+
+use super::{Db, EventStore, StoreError, now_us, on_db};
+
+/// A subject's entry in the forget ledger.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ForgottenRow {
+    pub subject: String,
+    pub forgotten_at: i64,
+    pub keys_destroyed: i64,
+    pub completed_at: Option<i64>,
+}
+
+impl EventStore {
+    /// Records the intent to forget `subject` (step 1) unless it is recorded
+    /// already; returns the ledger entry either way.
+    pub async fn record_forget(
+        &self,
+        subject: &str,
+        reason: Option<&str>,
+    ) -> Result<ForgottenRow, StoreError> {
+        on_db!(&self.db, |pool| {
+            sqlx::query(
+                "insert into forgotten_subjects (subject, forgotten_at, reason) values ($1, $2, $3)
+                 on conflict (subject) do nothing",
+            )
+            .bind(subject)
+            .bind(now_us())
+            .bind(reason)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected())
+        })?;
+        self.forgotten(subject)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("a recorded forget vanished".into()))
+    }
+
+    pub async fn forgotten(&self, subject: &str) -> Result<Option<ForgottenRow>, StoreError> {
+        Ok(on_db!(&self.db, |pool| {
+            sqlx::query_as(
+                "select subject, forgotten_at, keys_destroyed, completed_at from forgotten_subjects where subject = $1",
+            )
+            .bind(subject)
+            .fetch_optional(pool)
+            .await
+        })?)
+    }
+
+    /// Marks a forget as carried out to the end.
+    pub async fn complete_forget(
+        &self,
+        subject: &str,
+        keys_destroyed: u64,
+    ) -> Result<(), StoreError> {
+        on_db!(&self.db, |pool| {
+            sqlx::query(
+                "update forgotten_subjects set keys_destroyed = keys_destroyed + $2, completed_at = $3
+                 where subject = $1 and completed_at is null",
+            )
+            .bind(subject)
+            .bind(keys_destroyed as i64)
+            .bind(now_us())
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected())
+        })?;
+        Ok(())
+    }
+
+    /// Forgotten subjects after `after` in name order, `limit` at a time
+    /// (for the re-shred at start).
+    pub async fn forgotten_page(
+        &self,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<ForgottenRow>, StoreError> {
+        Ok(on_db!(&self.db, |pool| {
+            sqlx::query_as(
+                "select subject, forgotten_at, keys_destroyed, completed_at from forgotten_subjects
+                 where subject > $1 order by subject limit $2",
+            )
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await
+        })?)
+    }
+
+    /// Which of `subjects` are in the forget ledger.
+    pub async fn forgotten_among(&self, subjects: &[String]) -> Result<Vec<String>, StoreError> {
+        if subjects.is_empty() {
+            return Ok(vec![]);
+        }
+        Ok(match &self.db {
+            Db::Sqlite(pool) => {
+                sqlx::query_scalar(
+                    "select subject from forgotten_subjects where subject in (select value from json_each($1))",
+                )
+                .bind(serde_json::to_string(subjects).expect("strings serialise"))
+                .fetch_all(pool)
+                .await?
+            }
+            Db::Postgres(pool) => {
+                sqlx::query_scalar("select subject from forgotten_subjects where subject = any($1)")
+                    .bind(subjects)
+                    .fetch_all(pool)
+                    .await?
+            }
+        })
+    }
+
+    /// How many events name `subject`.
+    pub async fn subject_event_count(&self, subject: &str) -> Result<u64, StoreError> {
+        let n: i64 = on_db!(&self.db, |pool| {
+            sqlx::query_scalar("select count(*) from events where subject = $1")
+                .bind(subject)
+                .fetch_one(pool)
+                .await
+        })?;
+        Ok(n as u64)
+    }
+}
