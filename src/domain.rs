@@ -71,6 +71,18 @@ impl StreamId {
         Ok(Self(s.to_owned()))
     }
 
+    /// A stream id to read: like [`StreamId::parse`], but system streams
+    /// (`$…`) may be named too (they are written only by eventvault).
+    pub fn parse_to_read(s: &str) -> Result<Self, InvalidInput> {
+        match s.strip_prefix('$') {
+            Some(rest) => {
+                check_name("stream id", rest, &['@'])?;
+                Ok(Self(s.to_owned()))
+            }
+            None => Self::parse(s),
+        }
+    }
+
     /// The system stream of forget records.
     pub fn subjects_ledger() -> Self {
         Self("$subjects".to_owned())

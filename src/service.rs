@@ -209,6 +209,10 @@ impl Events {
         let events_affected = self.store.subject_event_count(subject).await?;
         let recorded = entry.completed_at.is_none();
         if recorded {
+            let audit = AuditEntry {
+                event_count: events_affected,
+                ..audit
+            };
             self.finish_forget(subject, destroyed, events_affected, audit)
                 .await?;
         }

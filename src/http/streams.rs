@@ -57,6 +57,12 @@ pub fn stream_id(path: Result<Path<String>, PathRejection>) -> Result<StreamId, 
     StreamId::parse(&raw).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
+/// A stream id to read: system streams (`$subjects`) included.
+fn stream_id_to_read(path: Result<Path<String>, PathRejection>) -> Result<StreamId, ApiError> {
+    let Path(raw) = path.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    StreamId::parse_to_read(&raw).map_err(|e| ApiError::BadRequest(e.to_string()))
+}
+
 fn expected_version(headers: &HeaderMap) -> Result<ExpectedVersion, ApiError> {
     match headers.get("expected-version") {
         None => Ok(ExpectedVersion::Any),
@@ -190,7 +196,7 @@ async fn read(
     path: Result<Path<String>, PathRejection>,
     params: Result<Query<ReadParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let stream = stream_id(path)?;
+    let stream = stream_id_to_read(path)?;
     caller.require(Permission::Read, Some(stream.as_str()))?;
     caller.require_purpose(Some(stream.as_str()))?;
     let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;

@@ -176,7 +176,7 @@ fn resource_of(route: &str, params: Option<&RawPathParams>) -> String {
     for (name, value) in params.into_iter().flat_map(|p| p.iter()) {
         match name {
             "stream" => {
-                return match StreamId::parse(value) {
+                return match StreamId::parse_to_read(value) {
                     Ok(s) => format!("stream:{}", s.as_str()),
                     Err(_) => "stream:(invalid id)".into(),
                 };

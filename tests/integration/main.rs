@@ -7,5 +7,6 @@ mod append;
 mod at_rest;
 mod audit;
 mod concurrency;
+mod forget;
 mod read;
 mod startup;

@@ -1,0 +1,494 @@
+//! Forget (crypto-shredding): personal data erased for every reader on every
+//! path while clear fields stay, 410 for later appends, idempotence, the key
+//! bytes gone from the keystore's files, restored keystores and interrupted
+//! forgets put right at start, and other processes' caches evicted.
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::access::{audit_records, call};
+use crate::at_rest::{exec, key_ids_of, keystore_db};
+use crate::both_backends;
+use crate::common::{Backend, PERSONAL_VALUES, ServerProcess, TestApp, TestEnv, batch, deposit};
+use eventvault::store::Db;
+
+both_backends!(
+    a_forget_erases_personal_data_for_everyone_and_keeps_the_clear_fields,
+    a_forget_is_idempotent_and_refuses_later_appends,
+    only_the_dpo_may_forget_and_refusals_are_audited,
+    the_wrapped_key_leaves_the_keystore,
+    a_restored_keystore_is_shredded_again_at_start,
+    an_interrupted_forget_is_completed_at_start,
+);
+
+mod postgres_only {
+    // Cache eviction across processes goes through PostgreSQL's
+    // LISTEN/NOTIFY; several processes on one SQLite file are not a
+    // supported deployment (see SECURITY.md).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_forget_reaches_every_process_within_a_second() {
+        crate::common::capture_logs();
+        if let Some(backend) = crate::common::Backend::postgres().await {
+            super::a_forget_reaches_every_process_within_a_second(backend).await;
+            crate::common::assert_logs_hold_no_secret();
+        }
+    }
+}
+
+async fn forget(app: &TestApp, token: &str, subject: &str) -> (StatusCode, Value) {
+    let (status, text) = call(
+        app,
+        Method::POST,
+        &format!("/subjects/{subject}/forget"),
+        Some(token),
+        &[],
+        Some(&json!({"reason": "ticket 81"})),
+    )
+    .await;
+    (status, serde_json::from_str(&text).unwrap())
+}
+
+/// Deposits about cust-1 in two streams and one about cust-2.
+async fn seed(app: &TestApp) {
+    app.append_ok(
+        "accounts-1",
+        &batch(vec![
+            deposit(Uuid::new_v4(), "cust-1", "10.50"),
+            deposit(Uuid::new_v4(), "cust-2", "20.00"),
+        ]),
+    )
+    .await;
+    app.append_ok(
+        "payments-1",
+        &batch(vec![deposit(Uuid::new_v4(), "cust-1", "0.25")]),
+    )
+    .await;
+}
+
+fn events_of<'a>(events: &'a [Value], subject: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["subject"] == subject).collect()
+}
+
+async fn a_forget_erases_personal_data_for_everyone_and_keeps_the_clear_fields(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    seed(&app).await;
+    let before = app.whole_log().await;
+    let before_time = before[2]["recorded_at"].as_str().unwrap().to_owned();
+    let dpo = app.env.add_principal("dpo", &["dpo"]).await;
+    let service = app.env.add_principal("ledger", &["service"]).await;
+
+    let (status, body) = forget(&app, &dpo, "cust-1").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["subject"], "cust-1");
+    assert_eq!(body["keys_destroyed"], 1);
+    assert_eq!(body["events_affected"], 2);
+    assert!(body["forgotten_at"].as_str().unwrap().ends_with('Z'));
+
+    let after = app.whole_log().await;
+    for e in events_of(&after, "cust-1") {
+        assert_eq!(e["personal_data"], "erased", "{e}");
+        assert!(e["data"].get("payer_name").is_none());
+        assert_eq!(e["data"]["currency"], "EUR", "clear fields stay");
+    }
+    let amounts = |log: &[Value]| -> Vec<String> {
+        events_of(log, "cust-1")
+            .iter()
+            .map(|e| e["data"]["amount"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(amounts(&after), amounts(&before), "totals do not change");
+    let other = events_of(&after, "cust-2");
+    assert_eq!(other[0]["personal_data"], "decrypted", "others keep theirs");
+
+    // Every path, every caller: stream, backward, as_of, service role.
+    for (token, query) in [
+        (app.token(), String::new()),
+        (app.token(), "direction=backward".to_owned()),
+        (app.token(), format!("as_of={before_time}")),
+        (service.clone(), String::new()),
+    ] {
+        let (status, text) = call(
+            &app,
+            Method::GET,
+            &format!("/streams/payments-1/events?{query}"),
+            Some(&token),
+            &[],
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let page: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(page["events"][0]["personal_data"], "erased", "{query}");
+        assert!(!text.contains("Payer of cust-1"), "{text}");
+    }
+    // The ledger stream says what happened, without personal data.
+    let (status, text) = call(
+        &app,
+        Method::GET,
+        "/streams/$subjects/events",
+        Some(&app.token()),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let page: Value = serde_json::from_str(&text).unwrap();
+    let e = &page["events"][0];
+    assert_eq!(e["type"], "SubjectForgotten");
+    assert_eq!(e["data"]["subject"], "cust-1");
+    assert_eq!(e["personal_data"], "none");
+    assert!(
+        !text.contains("ticket 81"),
+        "the reason stays in the ledger"
+    );
+    // The subject's state.
+    for (subject, state, events) in [
+        ("cust-1", "forgotten", 2),
+        ("cust-2", "active", 1),
+        ("cust-9", "unknown", 0),
+    ] {
+        let (status, text) = call(
+            &app,
+            Method::GET,
+            &format!("/subjects/{subject}"),
+            Some(&dpo),
+            &[],
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            v,
+            json!({"subject": subject, "state": state, "events": events})
+        );
+    }
+}
+
+async fn a_forget_is_idempotent_and_refuses_later_appends(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    seed(&app).await;
+    let dpo = app.env.add_principal("dpo", &["dpo"]).await;
+    let (_, first) = forget(&app, &dpo, "cust-1").await;
+    let (status, second) = forget(&app, &dpo, "cust-1").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(first, second, "the same answer, nothing more destroyed");
+    let page: Value = app.read("$subjects", "").await.json().await.unwrap();
+    assert_eq!(page["current_version"], 1, "one ledger event");
+
+    let r = app
+        .append(
+            "accounts-1",
+            None,
+            &batch(vec![deposit(Uuid::new_v4(), "cust-1", "1.00")]),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::GONE);
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("urn:eventvault:problem:subject-forgotten"),
+        "{text}"
+    );
+
+    // An unknown subject is recorded as forgotten too.
+    let (status, body) = forget(&app, &dpo, "cust-never").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (
+            body["keys_destroyed"].clone(),
+            body["events_affected"].clone()
+        ),
+        (json!(0), json!(0))
+    );
+    let r = app
+        .append(
+            "accounts-2",
+            None,
+            &batch(vec![deposit(Uuid::new_v4(), "cust-never", "1.00")]),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::GONE);
+    // No key was made for it by the refused append.
+    let ks = keystore_db(&app.env).await;
+    assert!(key_ids_of(&ks, "cust-never").await.is_empty());
+
+    let records = audit_records(&app, "action=subject.forget").await;
+    assert_eq!(records.len(), 3, "{records:?}");
+    assert!(
+        records
+            .iter()
+            .all(|r| r["outcome"] == "ok" && r["principal"] == "dpo")
+    );
+    assert_eq!(records[0]["resource"], "subject:cust-1");
+    assert_eq!(records[0]["event_count"], 2);
+}
+
+async fn only_the_dpo_may_forget_and_refusals_are_audited(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    seed(&app).await;
+    let service = app.env.add_principal("ledger", &["service"]).await;
+    let auditor = app.env.add_principal("inspector", &["auditor"]).await;
+    for (method, path) in [
+        (Method::POST, "/subjects/cust-1/forget"),
+        (Method::GET, "/subjects/cust-1"),
+    ] {
+        let (status, _) = call(&app, method.clone(), path, None, &[], None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        for token in [&service, &auditor] {
+            let (status, text) = call(&app, method.clone(), path, Some(token), &[], None).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {text}");
+        }
+    }
+    let denied = audit_records(&app, "outcome=denied&resource=subject:cust-1").await;
+    assert_eq!(denied.len(), 6, "{denied:?}");
+    // Nothing was forgotten.
+    let page: Value = app.read("payments-1", "").await.json().await.unwrap();
+    assert_eq!(page["events"][0]["personal_data"], "decrypted");
+    // Bad input: an invalid subject id, an unknown body field.
+    let (status, _) = call(
+        &app,
+        Method::POST,
+        "/subjects/no%20spaces/forget",
+        Some(&app.token()),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, text) = call(
+        &app,
+        Method::POST,
+        "/subjects/cust-1/forget",
+        Some(&app.token()),
+        &[],
+        Some(&json!({"why": "x"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    let page: Value = app.read("payments-1", "").await.json().await.unwrap();
+    assert_eq!(page["events"][0]["personal_data"], "decrypted");
+}
+
+/// The wrapped key of `subject`, as stored.
+async fn wrapped_key(ks: &Db, subject: &str) -> Vec<u8> {
+    let q = "select wrapped from deks where subject = $1";
+    match ks {
+        Db::Sqlite(p) => sqlx::query_scalar(q).bind(subject).fetch_one(p).await,
+        Db::Postgres(p) => sqlx::query_scalar(q).bind(subject).fetch_one(p).await,
+    }
+    .unwrap()
+}
+
+async fn the_wrapped_key_leaves_the_keystore(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    seed(&app).await;
+    let ks = keystore_db(&app.env).await;
+    let wrapped = wrapped_key(&ks, "cust-1").await;
+    ks.close().await;
+    let (status, _) = forget(&app, &app.token(), "cust-1").await;
+    assert_eq!(status, StatusCode::OK);
+    let ks = keystore_db(&app.env).await;
+    assert!(key_ids_of(&ks, "cust-1").await.is_empty());
+    assert_eq!(key_ids_of(&ks, "cust-2").await.len(), 1);
+    match &ks {
+        Db::Sqlite(_) => {
+            // The hard way: the bytes must be in none of the keystore's files.
+            let dir = app.env.dir.path().join("keys");
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                let bytes = std::fs::read(&path).unwrap();
+                assert!(
+                    !bytes
+                        .windows(wrapped.len())
+                        .any(|w| w == wrapped.as_slice()),
+                    "the wrapped key is still in {}",
+                    path.display()
+                );
+            }
+        }
+        Db::Postgres(p) => {
+            let vacuumed: Option<String> = sqlx::query_scalar(
+                "select last_vacuum::text from pg_stat_user_tables where relname = 'deks'",
+            )
+            .fetch_one(p)
+            .await
+            .unwrap();
+            assert!(
+                vacuumed.is_some(),
+                "the key table was vacuumed after the delete"
+            );
+        }
+    }
+}
+
+/// Copies the keystore aside (`back = false`) or puts the copy back.
+async fn keystore_copy(env: &TestEnv, back: bool) {
+    match &env.backend {
+        Backend::Sqlite => {
+            let keys = env.dir.path().join("keys");
+            let copy = env.dir.path().join("keys-backup");
+            let (from, to) = if back { (&copy, &keys) } else { (&keys, &copy) };
+            std::fs::create_dir_all(to).unwrap();
+            for f in ["keystore.db", "keystore.db-wal", "keystore.db-shm"] {
+                let _ = std::fs::remove_file(to.join(f));
+                if from.join(f).exists() {
+                    std::fs::copy(from.join(f), to.join(f)).unwrap();
+                }
+            }
+        }
+        Backend::Postgres(admin) => {
+            use sqlx::Connection as _;
+            let name = env.keystore_url.rsplit('/').next().unwrap().to_owned();
+            let copy = format!("{name}_bak");
+            let mut conn = sqlx::PgConnection::connect(admin).await.unwrap();
+            let sql = if back {
+                vec![
+                    format!("drop database \"{name}\" with (force)"),
+                    format!("create database \"{name}\" template \"{copy}\""),
+                    format!("drop database \"{copy}\""),
+                ]
+            } else {
+                vec![format!("create database \"{copy}\" template \"{name}\"")]
+            };
+            for s in sql {
+                sqlx::query(sqlx::AssertSqlSafe(s))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
+async fn a_restored_keystore_is_shredded_again_at_start(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    seed(&app).await;
+    let env = app.stop().await;
+    keystore_copy(&env, false).await; // last night's backup
+    let app = TestApp::start(env).await;
+    let (status, _) = forget(&app, &app.token(), "cust-1").await;
+    assert_eq!(status, StatusCode::OK);
+    let env = app.stop().await;
+    keystore_copy(&env, true).await; // restored
+    let ks = keystore_db(&env).await;
+    assert_eq!(
+        key_ids_of(&ks, "cust-1").await.len(),
+        1,
+        "the backup has the key"
+    );
+    ks.close().await;
+
+    let app = TestApp::start(env).await;
+    let ks = keystore_db(&app.env).await;
+    assert!(
+        key_ids_of(&ks, "cust-1").await.is_empty(),
+        "shredded again at start"
+    );
+    let page: Value = app.read("payments-1", "").await.json().await.unwrap();
+    assert_eq!(page["events"][0]["personal_data"], "erased");
+    let log = app.whole_log().await;
+    assert_eq!(events_of(&log, "cust-2")[0]["personal_data"], "decrypted");
+}
+
+async fn an_interrupted_forget_is_completed_at_start(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    seed(&app).await;
+    let ks = keystore_db(&app.env).await;
+    // The key deletion fails once.
+    match &ks {
+        Db::Sqlite(_) => {
+            exec(
+                &ks,
+                "create trigger no_delete before delete on deks begin select raise(abort, 'disk on fire'); end",
+            )
+            .await
+            .unwrap();
+        }
+        Db::Postgres(_) => {
+            exec(
+                &ks,
+                "create function no_delete() returns trigger language plpgsql as $$ begin raise exception 'disk on fire'; end; $$",
+            )
+            .await
+            .unwrap();
+            exec(
+                &ks,
+                "create trigger no_delete before delete on deks for each row execute function no_delete()",
+            )
+            .await
+            .unwrap();
+        }
+    }
+    let (status, body) = forget(&app, &app.token(), "cust-1").await;
+    assert!(status.is_server_error(), "{status} {body}");
+    assert!(
+        !body.to_string().contains("disk on fire"),
+        "no internals: {body}"
+    );
+    // The intent is recorded: the subject is forgotten, appends are refused.
+    let (_, text) = call(
+        &app,
+        Method::GET,
+        "/subjects/cust-1",
+        Some(&app.token()),
+        &[],
+        None,
+    )
+    .await;
+    assert!(text.contains("\"forgotten\""), "{text}");
+    let env = app.stop().await;
+    match &ks {
+        Db::Sqlite(_) => exec(&ks, "drop trigger no_delete").await.unwrap(),
+        Db::Postgres(_) => exec(&ks, "drop trigger no_delete on deks").await.unwrap(),
+    };
+    ks.close().await;
+
+    let app = TestApp::start(env).await;
+    let ks = keystore_db(&app.env).await;
+    assert!(key_ids_of(&ks, "cust-1").await.is_empty());
+    let page: Value = app.read("payments-1", "").await.json().await.unwrap();
+    assert_eq!(page["events"][0]["personal_data"], "erased");
+    let ledger: Value = app.read("$subjects", "").await.json().await.unwrap();
+    assert_eq!(ledger["events"][0]["data"]["subject"], "cust-1");
+    let resumed = audit_records(&app, "action=subject.forget.resume").await;
+    assert_eq!(resumed.len(), 1);
+    // A forget now answers with the first call's time and destroys nothing.
+    let (status, body) = forget(&app, &app.token(), "cust-1").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["keys_destroyed"], 1);
+}
+
+async fn a_forget_reaches_every_process_within_a_second(backend: Backend) {
+    let env = TestEnv::new(&backend).await;
+    let one = ServerProcess::start(&env).await.expect("first process");
+    let two = ServerProcess::start(&env).await.expect("second process");
+    let a = TestApp::client_for(env.clone(), one.base.clone());
+    let b = TestApp::client_for(env.clone(), two.base.clone());
+    seed(&a).await;
+    // Both processes have the key in their caches.
+    for app in [&a, &b] {
+        let page: Value = app.read("payments-1", "").await.json().await.unwrap();
+        assert_eq!(page["events"][0]["personal_data"], "decrypted");
+    }
+    let (status, _) = forget(&a, &a.token(), "cust-1").await;
+    assert_eq!(status, StatusCode::OK);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let text = b.read("payments-1", "").await.text().await.unwrap();
+        if text.contains("\"erased\"") {
+            for v in PERSONAL_VALUES {
+                assert!(!text.contains(v), "{v} in {text}");
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the other process still decrypts a second after the forget: {text}"
+        );
+    }
+    assert!(one.terminate().await.success());
+    assert!(two.terminate().await.success());
+}
