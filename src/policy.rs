@@ -188,6 +188,15 @@ pub enum View {
     Revealed,
 }
 
+/// Why events are being read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadKind {
+    /// Streams and the global log (and, later, snapshots and subscriptions).
+    Read,
+    /// A subject's export.
+    Export,
+}
+
 /// What one caller may do: the union of its roles' grants under today's
 /// policies (never anything recorded with the event). Unknown role names
 /// grant nothing.
@@ -213,16 +222,28 @@ impl Grants {
     }
 
     /// The one access decision of every read path, per event: `None` when
-    /// the caller may not read `stream` at all, else whether it sees the
-    /// personal fields.
-    pub fn read_view(&self, stream: &str) -> Option<View> {
-        if !self.allows(Permission::Read, Some(stream)) {
-            None
-        } else if self.allows(Permission::ReadPersonal, Some(stream)) {
-            Some(View::Revealed)
-        } else {
-            Some(View::Redacted)
+    /// the caller may not see events of `stream` this way at all, else
+    /// whether it sees their personal fields. A read needs `read` on the
+    /// stream (and `read_personal` there to see personal fields); an export
+    /// (a data subject's own data, GDPR Art. 15) needs `export`, which shows
+    /// them.
+    pub fn view(&self, how: ReadKind, stream: &str) -> Option<View> {
+        match how {
+            ReadKind::Read if !self.allows(Permission::Read, Some(stream)) => None,
+            ReadKind::Read if self.allows(Permission::ReadPersonal, Some(stream)) => {
+                Some(View::Revealed)
+            }
+            ReadKind::Read => Some(View::Redacted),
+            ReadKind::Export if self.allows(Permission::Export, Some(stream)) => {
+                Some(View::Revealed)
+            }
+            ReadKind::Export => None,
         }
+    }
+
+    /// [`Grants::view`] for a read.
+    pub fn read_view(&self, stream: &str) -> Option<View> {
+        self.view(ReadKind::Read, stream)
     }
 
     /// Whether the caller may read every stream (no per-event filtering).

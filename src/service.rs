@@ -21,7 +21,7 @@ use crate::domain::{
     EventBatch, ExpectedVersion, PersonalData, ProposedEvent, ReadEvent, StreamId,
 };
 use crate::keys::{ActiveKey, KeyError, KeyManager};
-use crate::policy::{Grants, Policies, View};
+use crate::policy::{Grants, Policies, ReadKind, View};
 use crate::store::writer::{
     AppendCommand, AppendRejection, Appended, PendingEvent, WriteError, Writer,
 };
@@ -362,7 +362,7 @@ impl Events {
                 _ => None,
             }
         });
-        let events = self.open_all(rows, grants).await?;
+        let events = self.open_all(rows, grants, ReadKind::Read).await?;
         Ok(StreamPage {
             current_version: current,
             events,
@@ -403,26 +403,41 @@ impl Events {
             visible.truncate(limit_rows);
             cursor = visible.last().map_or(cursor, |r| r.position as u64);
         }
-        let events = self.open_all(visible, grants).await?;
+        let events = self.open_all(visible, grants, ReadKind::Read).await?;
         Ok(LogPage {
             events,
             next: cursor,
         })
     }
 
+    /// Up to `limit` events about `subject` after position `after`, in
+    /// position order, across all streams, as the caller's `export` shows
+    /// them (decrypted, or erased after a forget).
+    pub async fn export_page(
+        &self,
+        subject: &str,
+        after: u64,
+        limit: u32,
+        grants: &Grants,
+    ) -> Result<Vec<ReadEvent>, ServiceError> {
+        let rows = self.store.read_subject(subject, after, limit).await?;
+        self.open_all(rows, grants, ReadKind::Export).await
+    }
+
     /// Turns stored rows into events for a reader: decides per event what
-    /// the caller sees ([`Grants::read_view`]: rows of streams it may not
-    /// read are dropped), opens the sealed fields it may see, and says for
-    /// each what became of its personal data.
+    /// the caller sees ([`Grants::view`]: rows it may not see are dropped),
+    /// opens the sealed fields it may see, and says for each what became of
+    /// its personal data.
     async fn open_all(
         &self,
         rows: Vec<StoredEvent>,
         grants: &Grants,
+        how: ReadKind,
     ) -> Result<Vec<ReadEvent>, ServiceError> {
         let rows: Vec<(StoredEvent, bool)> = rows
             .into_iter()
             .filter_map(|r| {
-                let view = grants.read_view(&r.stream_id)?;
+                let view = grants.view(how, &r.stream_id)?;
                 Some((r, view == View::Revealed))
             })
             .collect();

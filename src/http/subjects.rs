@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::AppState;
 use super::auth::Caller;
 use super::problem::ApiError;
-use super::views::{json_response, rfc3339};
+use super::views::{EventView, json_response, rfc3339};
 use crate::audit::Outcome;
 use crate::domain::Subject;
 use crate::policy::Permission;
@@ -26,6 +26,104 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/subjects/{subject}", get(state))
         .route("/subjects/{subject}/forget", post(forget))
+        .route("/subjects/{subject}/export", get(export))
+}
+
+/// Events per page of an export: what one export holds in memory at once.
+const EXPORT_PAGE: u32 = 1000;
+
+fn state_name(s: SubjectState) -> &'static str {
+    match s {
+        SubjectState::Active => "active",
+        SubjectState::Forgotten => "forgotten",
+        SubjectState::Unknown => "unknown",
+    }
+}
+
+/// Everything stored about a subject (GDPR Art. 15 and 20), in position
+/// order across all streams: `{"subject","state","events":[…]}`. Streamed a
+/// page at a time, so a subject with 100,000 events is never held in memory
+/// whole. The disclosure is audited before the first byte leaves; a failure
+/// mid-way cuts the connection (the JSON is then visibly incomplete).
+async fn export(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    caller.require(Permission::Export, None)?;
+    let subject = subject(path)?;
+    let (s, count) = state.events.subject_state(subject.as_str()).await?;
+    caller
+        .audit
+        .disclosed(count, s == SubjectState::Active && count > 0);
+    if state
+        .events
+        .audit(caller.audit.entry(Outcome::Ok))
+        .await
+        .is_err()
+    {
+        return Err(ApiError::Unavailable(
+            "the request could not be audited; nothing was disclosed",
+        ));
+    }
+    caller.audit.mark_recorded();
+
+    let head = format!(
+        "{{\"subject\":{},\"state\":\"{}\",\"events\":[",
+        serde_json::to_string(subject.as_str()).expect("strings serialise"),
+        state_name(s)
+    );
+    let events = state.events.clone();
+    let grants = caller.grants.clone();
+    let subject = subject.as_str().to_owned();
+    // (next position to read after, events written so far, finished)
+    let body = futures::stream::unfold(
+        (Some(head), 0u64, 0u64, false),
+        move |(head, after, written, done)| {
+            let (events, grants, subject) = (events.clone(), grants.clone(), subject.clone());
+            async move {
+                if let Some(h) = head {
+                    return Some((Ok(Bytes::from(h)), (None, after, written, done)));
+                }
+                if done {
+                    return None;
+                }
+                let page = match events
+                    .export_page(&subject, after, EXPORT_PAGE, &grants)
+                    .await
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "export failed mid-way; the response is cut");
+                        return Some((
+                            Err(std::io::Error::other("export failed")),
+                            (None, after, written, true),
+                        ));
+                    }
+                };
+                let mut chunk = Vec::new();
+                let mut n = written;
+                for e in &page {
+                    if n > 0 {
+                        chunk.push(b',');
+                    }
+                    serde_json::to_writer(&mut chunk, &EventView(e)).expect("events serialise");
+                    n += 1;
+                }
+                let last = page.last().map_or(after, |e| e.position);
+                let finished = page.len() < EXPORT_PAGE as usize;
+                if finished {
+                    chunk.extend_from_slice(b"]}");
+                }
+                Some((Ok(Bytes::from(chunk)), (None, last, n, finished)))
+            }
+        },
+    );
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(axum::http::header::CONTENT_TYPE, "application/json")
+        .body(axum::body::Body::from_stream(body))
+        .expect("a valid response"))
 }
 
 fn subject(path: Result<Path<String>, PathRejection>) -> Result<Subject, ApiError> {
@@ -54,11 +152,7 @@ async fn state(
         StatusCode::OK,
         &StateView {
             subject: subject.as_str(),
-            state: match s {
-                SubjectState::Active => "active",
-                SubjectState::Forgotten => "forgotten",
-                SubjectState::Unknown => "unknown",
-            },
+            state: state_name(s),
             events,
         },
     ))

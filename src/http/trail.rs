@@ -166,6 +166,7 @@ fn action_of(method: &Method, route: &str) -> &'static str {
         ("GET", "/audit/verify") => "audit.verify",
         ("GET", "/subjects/{subject}") => "subject.read",
         ("POST", "/subjects/{subject}/forget") => "subject.forget",
+        ("GET", "/subjects/{subject}/export") => "subject.export",
         _ => "request",
     }
 }

@@ -351,6 +351,28 @@ impl EventStore {
         Ok(rows)
     }
 
+    /// Up to `limit` events about `subject` after position `after`, in
+    /// position order.
+    pub async fn read_subject(
+        &self,
+        subject: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let sql =
+            select_events!("where subject = $1 and position > $2 order by position asc limit $3");
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let rows = on_db_sql!(&self.db, sql, |pool, sql| {
+            sqlx::query_as(sql)
+                .bind(subject)
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await
+        })?;
+        Ok(rows)
+    }
+
     /// Up to `limit` events of the global log after position `after`,
     /// recorded at or before `as_of_us`.
     pub async fn read_all(

@@ -22,6 +22,7 @@ both_backends!(
     the_wrapped_key_leaves_the_keystore,
     a_restored_keystore_is_shredded_again_at_start,
     an_interrupted_forget_is_completed_at_start,
+    an_export_holds_everything_about_the_subject,
 );
 
 mod postgres_only {
@@ -491,4 +492,83 @@ async fn a_forget_reaches_every_process_within_a_second(backend: Backend) {
     }
     assert!(one.terminate().await.success());
     assert!(two.terminate().await.success());
+}
+
+async fn export(app: &TestApp, token: &str, subject: &str) -> (StatusCode, String) {
+    call(
+        app,
+        Method::GET,
+        &format!("/subjects/{subject}/export"),
+        Some(token),
+        &[],
+        None,
+    )
+    .await
+}
+
+async fn an_export_holds_everything_about_the_subject(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    seed(&app).await;
+    // More than two pages of the export, in two streams, interleaved.
+    for (stream, n) in [
+        ("accounts-7", 1000),
+        ("payments-7", 1),
+        ("accounts-7", 1000),
+        ("accounts-7", 100),
+    ] {
+        let events = (0..n)
+            .map(|i| deposit(Uuid::new_v4(), "cust-7", &format!("{i}.00")))
+            .collect();
+        app.append_ok(stream, &batch(events)).await;
+    }
+    let dpo = app.env.add_principal("dpo", &["dpo"]).await;
+    let (status, text) = export(&app, &dpo, "cust-7").await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let v: Value = serde_json::from_str(&text).expect("one complete JSON document");
+    assert_eq!(v["subject"], "cust-7");
+    assert_eq!(v["state"], "active");
+    let events = v["events"].as_array().unwrap();
+    assert_eq!(events.len(), 2101);
+    let positions: Vec<u64> = events
+        .iter()
+        .map(|e| e["position"].as_u64().unwrap())
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "position order");
+    assert!(events.iter().all(|e| e["subject"] == "cust-7"
+        && e["personal_data"] == "decrypted"
+        && e["data"]["payer_name"] == "Payer of cust-7"));
+    assert_eq!(events[1000]["stream_id"], "payments-7");
+    let records = audit_records(&app, "action=subject.export").await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["personal_data"], true);
+    assert_eq!(records[0]["event_count"], 2101);
+    assert_eq!(records[0]["resource"], "subject:cust-7");
+
+    // Without `export`: refused. An unknown subject: nothing.
+    let service = app.env.add_principal("ledger", &["service"]).await;
+    let (status, _) = export(&app, &service, "cust-7").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (_, text) = export(&app, &dpo, "cust-none").await;
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        v,
+        json!({"subject": "cust-none", "state": "unknown", "events": []})
+    );
+
+    // After a forget the events are still listed, erased.
+    let (status, _) = forget(&app, &dpo, "cust-7").await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, text) = export(&app, &dpo, "cust-7").await;
+    assert!(!text.contains("Payer of cust-7"));
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["state"], "forgotten");
+    let events = v["events"].as_array().unwrap();
+    assert_eq!(events.len(), 2101);
+    assert!(
+        events
+            .iter()
+            .all(|e| e["personal_data"] == "erased" && e["data"]["currency"] == "EUR")
+    );
+    let records = audit_records(&app, "action=subject.export&outcome=ok").await;
+    assert_eq!(records.last().unwrap()["personal_data"], false);
 }
