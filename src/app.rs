@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use zeroize::Zeroizing;
 
 use crate::http::{AppState, HttpConfig, router};
-use crate::keys::{KeyError, KeyManager, load_master_key};
+use crate::keys::{KeyError, KeyManager, load_master_key, next_master_key_path};
 use crate::policy::{Policies, PolicyError};
 use crate::principals::{PrincipalError, Principals};
 use crate::service::Events;
@@ -93,10 +93,25 @@ pub async fn open_event_store(cfg: &Config) -> Result<(EventStore, Arc<Policies>
     Ok((EventStore::new(db), policies))
 }
 
+/// Opens the keystore alone (for the `keys` commands).
+pub async fn open_keystore(cfg: &Config) -> Result<Keystore, StartError> {
+    if cfg.database_url == cfg.keystore_url {
+        return Err(StartError::SharedDatabase(redact_url(&cfg.database_url)));
+    }
+    let db = Db::connect(&cfg.keystore_url, Purpose::Keystore, cfg.max_db_connections).await?;
+    Ok(Keystore::new(db))
+}
+
 /// Opens the keystore and proves the master key against it.
 pub async fn open_key_manager(cfg: &Config) -> Result<(KeyManager, bool), StartError> {
     if cfg.database_url == cfg.keystore_url {
         return Err(StartError::SharedDatabase(redact_url(&cfg.database_url)));
+    }
+    if cfg.master_key.is_none() && next_master_key_path(&cfg.master_key_file).exists() {
+        return Err(StartError::Key(KeyError::MasterKey(format!(
+            "a master key rotation is unfinished ({} exists); run `eventvault keys rotate-kek` again to finish it",
+            next_master_key_path(&cfg.master_key_file).display()
+        ))));
     }
     let (kek, created) = load_master_key(
         cfg.master_key.as_deref().map(String::as_str),

@@ -313,3 +313,121 @@ impl KeyManager {
         )?))
     }
 }
+
+/// Where the next master key waits while a rotation runs.
+pub fn next_master_key_path(path: &Path) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".next");
+    p.into()
+}
+
+/// What a finished master-key rotation did.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    pub old_kek_id: String,
+    pub new_kek_id: String,
+    pub rewrapped: u64,
+    /// Where the old master key now is: to be destroyed once no backup that
+    /// it could open is kept any more.
+    pub retired_key_file: std::path::PathBuf,
+}
+
+/// Rotates the master key kept in `path`: a new key is written beside it
+/// (`<path>.next`, mode 0600), registered in the keystore, and every data
+/// key is re-wrapped under it in transactions of `batch` keys (`progress`
+/// is told `(done, total)` after each). Only when none is left under the old
+/// key are the files swapped: the old key is kept as `<path>.retired-<id>`.
+/// Safe to interrupt and run again: the next key, and the keys already
+/// re-wrapped, are picked up where they were. No event is touched.
+pub async fn rotate_master_key(
+    keystore: &Keystore,
+    path: &Path,
+    batch: u32,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<Rotation, KeyError> {
+    let next_path = next_master_key_path(path);
+    if !path.exists() {
+        return Err(KeyError::MasterKey(format!(
+            "{} does not exist: there is no master key to rotate",
+            path.display()
+        )));
+    }
+    let (old, _) = load_master_key(None, path)?;
+    let known = keystore.keks().await?;
+    match known.iter().find(|(id, _)| id == old.id()) {
+        Some((_, check)) => old.verify_check(check)?,
+        None => {
+            return Err(KeyError::WrongMasterKey {
+                configured: old.id().to_owned(),
+                known: known
+                    .iter()
+                    .map(|(id, _)| id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+    }
+    let (new, _) = load_master_key(None, &next_path)?;
+    keystore.insert_kek(new.id(), &new.seal_check()?).await?;
+    let counts = keystore.dek_counts_by_kek().await?;
+    if let Some((stray, n)) = counts
+        .iter()
+        .find(|(id, n)| *n > 0 && id != old.id() && id != new.id())
+    {
+        return Err(KeyError::MasterKey(format!(
+            "{n} data key(s) are wrapped by master key {stray}, which is neither the configured one nor the new one"
+        )));
+    }
+    let total = counts
+        .iter()
+        .find(|(id, _)| id == old.id())
+        .map_or(0, |(_, n)| *n as u64);
+    let mut done = 0;
+    progress(done, total);
+    loop {
+        let keys = keystore.deks_wrapped_by(old.id(), batch.max(1)).await?;
+        if keys.is_empty() {
+            break;
+        }
+        let rewrapped = keys
+            .iter()
+            .map(|k| {
+                Ok((
+                    k.key_id.clone(),
+                    new.rewrap_from(&old, &k.wrapped, &k.key_id, &k.subject)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, CryptoError>>()?;
+        keystore
+            .store_rewrapped(old.id(), new.id(), &rewrapped)
+            .await?;
+        done += rewrapped.len() as u64;
+        progress(done, total.max(done));
+    }
+    let mut retired = path.as_os_str().to_owned();
+    retired.push(format!(".retired-{}", old.id()));
+    let retired: std::path::PathBuf = retired.into();
+    let swap = |from: &Path, to: &Path| {
+        std::fs::rename(from, to).map_err(|e| {
+            KeyError::MasterKey(format!(
+                "cannot rename {} to {}: {e}",
+                from.display(),
+                to.display()
+            ))
+        })
+    };
+    swap(path, &retired)?;
+    swap(&next_path, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| KeyError::MasterKey(format!("cannot sync {}: {e}", dir.display())))?;
+    }
+    keystore.delete_kek(old.id()).await?;
+    Ok(Rotation {
+        old_kek_id: old.id().to_owned(),
+        new_kek_id: new.id().to_owned(),
+        rewrapped: done,
+        retired_key_file: retired,
+    })
+}

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use eventvault::app::{self, Application, Config};
+use eventvault::keys::rotate_master_key;
 use eventvault::principals::Principals;
 use eventvault::store::audit::{ChainReport, parse_expectation};
 use eventvault::store::{Db, EventStore};
@@ -86,6 +87,23 @@ enum Command {
     /// Work with the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Manage the master key.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Generate a new master key and re-wrap every data key under it (no
+    /// event is touched). Run it with every eventvault process stopped; it
+    /// is safe to interrupt and run again.
+    RotateKek {
+        /// Data keys re-wrapped per transaction.
+        #[arg(long, default_value_t = 500)]
+        batch_size: u32,
+    },
+    /// The master keys the keystore knows and how many data keys each wraps.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -201,6 +219,51 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     principals.remove(name).await?;
                     println!("Removed principal {name:?}.");
                 }
+            }
+        }
+        Command::Keys(KeysCommand::RotateKek { batch_size }) => {
+            if std::env::var_os("EVENTVAULT_MASTER_KEY").is_some() {
+                return Err("keys rotate-kek works on the master key file; unset EVENTVAULT_MASTER_KEY and point --master-key-file at the key (or rotate in your secret manager with the file as a staging copy)".into());
+            }
+            let cfg = config(&cli, "127.0.0.1:0".parse()?, 0, 1);
+            let keystore = app::open_keystore(&cfg).await?;
+            let rotation = rotate_master_key(
+                &keystore,
+                &cfg.master_key_file,
+                *batch_size,
+                |done, total| {
+                    eprint!("\rre-wrapping data keys: {done}/{total}");
+                },
+            )
+            .await;
+            eprintln!();
+            let r = rotation?;
+            println!(
+                "Rotated the master key: {} -> {}; {} data keys re-wrapped.",
+                r.old_kek_id, r.new_kek_id, r.rewrapped
+            );
+            println!(
+                "The old master key is now {}: keep it until every keystore backup taken before now has expired, then destroy it.",
+                r.retired_key_file.display()
+            );
+        }
+        Command::Keys(KeysCommand::Status) => {
+            let cfg = config(&cli, "127.0.0.1:0".parse()?, 0, 1);
+            let keystore = app::open_keystore(&cfg).await?;
+            let configured = std::fs::metadata(&cfg.master_key_file)
+                .ok()
+                .and_then(|_| eventvault::keys::load_master_key(None, &cfg.master_key_file).ok())
+                .map(|(k, _)| k.id().to_owned());
+            for (kek_id, count) in keystore.dek_counts_by_kek().await? {
+                let mark = if configured.as_deref() == Some(kek_id.as_str()) {
+                    " (configured)"
+                } else {
+                    ""
+                };
+                println!("{kek_id}\t{count} data keys{mark}");
+            }
+            if eventvault::keys::next_master_key_path(&cfg.master_key_file).exists() {
+                println!("a rotation is unfinished: run `eventvault keys rotate-kek` to finish it");
             }
         }
         Command::Audit(AuditCommand::Verify { expect }) => {

@@ -172,4 +172,88 @@ impl Keystore {
         listener.listen(channel).await?;
         Ok(Some(listener))
     }
+
+    /// How many data keys each master key wraps: `(kek_id, count)`, every
+    /// known master key listed (0 when it wraps none).
+    pub async fn dek_counts_by_kek(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(on_db!(&self.db, |pool| {
+            sqlx::query_as(
+                "select k.kek_id, (select count(*) from deks d where d.kek_id = k.kek_id)
+                 from keks k order by k.created_at",
+            )
+            .fetch_all(pool)
+            .await
+        })?)
+    }
+
+    /// Up to `limit` data keys wrapped by master key `kek_id`.
+    pub async fn deks_wrapped_by(
+        &self,
+        kek_id: &str,
+        limit: u32,
+    ) -> Result<Vec<WrappedDek>, StoreError> {
+        Ok(on_db!(&self.db, |pool| {
+            sqlx::query_as(
+                "select key_id, subject, kek_id, wrapped from deks where kek_id = $1 order by key_id limit $2",
+            )
+            .bind(kek_id)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await
+        })?)
+    }
+
+    /// Stores re-wrapped data keys in one transaction: each `(key_id, wrapped)`
+    /// moves from master key `from` to master key `to` (a key no longer
+    /// wrapped by `from`, e.g. forgotten meanwhile, is left alone).
+    pub async fn store_rewrapped(
+        &self,
+        from: &str,
+        to: &str,
+        keys: &[(String, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        const SQL: &str =
+            "update deks set wrapped = $1, kek_id = $2 where key_id = $3 and kek_id = $4";
+        match &self.db {
+            Db::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                for (id, wrapped) in keys {
+                    sqlx::query(SQL)
+                        .bind(wrapped)
+                        .bind(to)
+                        .bind(id)
+                        .bind(from)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+            }
+            Db::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                for (id, wrapped) in keys {
+                    sqlx::query(SQL)
+                        .bind(wrapped)
+                        .bind(to)
+                        .bind(id)
+                        .bind(from)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets a master key that wraps nothing any more.
+    pub async fn delete_kek(&self, kek_id: &str) -> Result<(), StoreError> {
+        on_db!(&self.db, |pool| {
+            sqlx::query("delete from keks where kek_id = $1 and not exists (select 1 from deks where kek_id = $1)")
+                .bind(kek_id)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected())
+        })?;
+        Ok(())
+    }
 }

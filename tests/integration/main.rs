@@ -8,5 +8,6 @@ mod at_rest;
 mod audit;
 mod concurrency;
 mod forget;
+mod keys;
 mod read;
 mod startup;
