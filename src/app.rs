@@ -37,6 +37,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Unwrapped data keys kept in memory (per cache).
     pub key_cache_capacity: usize,
+    /// Events a data key seals before it is retired.
+    pub dek_max_encryptions: u64,
     /// Connections per database pool.
     pub max_db_connections: u32,
 }
@@ -119,7 +121,13 @@ pub async fn open_key_manager(cfg: &Config) -> Result<(KeyManager, bool), StartE
     )?;
     let db = Db::connect(&cfg.keystore_url, Purpose::Keystore, cfg.max_db_connections).await?;
     Ok((
-        KeyManager::open(Keystore::new(db), kek, cfg.key_cache_capacity).await?,
+        KeyManager::open(
+            Keystore::new(db),
+            kek,
+            cfg.key_cache_capacity,
+            cfg.dek_max_encryptions,
+        )
+        .await?,
         created,
     ))
 }

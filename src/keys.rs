@@ -107,12 +107,34 @@ struct Eviction {
     key_ids: Vec<String>,
 }
 
-/// A subject's current key for new encryptions.
+/// A subject's current key for new encryptions, with the encryptions this
+/// process has reserved for it in the keystore and not used yet.
 #[derive(Clone)]
 pub struct ActiveKey {
     pub key_id: Arc<str>,
     pub dek: Arc<Dek>,
+    budget: Arc<std::sync::atomic::AtomicU64>,
 }
+
+impl ActiveKey {
+    /// Takes `n` encryptions from the reserved budget, if there are that many.
+    fn take(&self, n: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        self.budget
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| b.checked_sub(n))
+            .is_ok()
+    }
+}
+
+/// A data key is retired (and the subject given a new one) before it has
+/// sealed this many events: half the 2^32 random-nonce limit of AES-GCM
+/// (NIST SP 800-38D), a wide margin.
+pub const DEFAULT_MAX_ENCRYPTIONS: u64 = 1 << 31;
+
+/// Encryptions reserved in the keystore at a time (per process and key), so
+/// that counting costs one keystore write per this many events, not one per
+/// event. The stored count is thus an upper bound: never an underestimate.
+const RESERVATION: u64 = 1 << 16;
 
 /// Owns the data keys. Shared by all handlers behind an `Arc`.
 pub struct KeyManager {
@@ -124,6 +146,8 @@ pub struct KeyManager {
     by_subject: Mutex<LruCache<String, ActiveKey>>,
     /// Key id → key, for reads.
     by_id: Mutex<LruCache<String, Arc<Dek>>>,
+    /// Encryptions after which a key is retired.
+    max_encryptions: u64,
 }
 
 impl std::fmt::Debug for KeyManager {
@@ -142,6 +166,7 @@ impl KeyManager {
         keystore: Keystore,
         kek: Kek,
         cache_capacity: usize,
+        max_encryptions: u64,
     ) -> Result<Self, KeyError> {
         let known = keystore.keks().await?;
         match known.iter().find(|(id, _)| id == kek.id()) {
@@ -169,6 +194,7 @@ impl KeyManager {
             kek,
             by_subject: Mutex::new(LruCache::new(cap)),
             by_id: Mutex::new(LruCache::new(cap)),
+            max_encryptions: max_encryptions.max(1),
         })
     }
 
@@ -176,13 +202,52 @@ impl KeyManager {
         &self.keystore
     }
 
-    /// The subject's active key, created (and stored wrapped) on first use.
-    /// Two requests racing to create it end up with the same key: the
-    /// keystore keeps one active key per subject and the loser reads it back.
-    pub async fn key_for_subject(&self, subject: &str) -> Result<ActiveKey, KeyError> {
-        if let Some(k) = self.by_subject.lock().expect("cache lock").get(subject) {
-            return Ok(k.clone());
+    /// The subject's active key, with `n` encryptions taken from its budget:
+    /// created (and stored wrapped) on first use; retired, and replaced by a
+    /// new one, when its count would pass the limit. Two requests racing to
+    /// create a key end up with the same key: the keystore keeps one active
+    /// key per subject and the loser reads it back.
+    pub async fn key_for_subject(&self, subject: &str, n: u64) -> Result<ActiveKey, KeyError> {
+        if n > self.max_encryptions {
+            return Err(KeyError::MasterKey(format!(
+                "{n} events about one subject exceed a data key's limit of {} encryptions",
+                self.max_encryptions
+            )));
         }
+        loop {
+            let cached = self
+                .by_subject
+                .lock()
+                .expect("cache lock")
+                .get(subject)
+                .cloned();
+            let key = match cached {
+                Some(k) => k,
+                None => self.load_active(subject).await?,
+            };
+            if key.take(n) {
+                return Ok(key);
+            }
+            let want = RESERVATION.min(self.max_encryptions).max(n);
+            let reserved = self
+                .keystore
+                .reserve_encryptions(&key.key_id, want, self.max_encryptions)
+                .await?;
+            if reserved {
+                key.budget
+                    .fetch_add(want, std::sync::atomic::Ordering::AcqRel);
+            } else {
+                // The key has sealed (or reserved) all it may: retire it; the
+                // next round creates the subject's new key.
+                self.keystore.retire_dek(&key.key_id).await?;
+                self.by_subject.lock().expect("cache lock").pop(subject);
+            }
+        }
+    }
+
+    /// Reads or creates the subject's active key and caches it (with an
+    /// empty budget: encryptions are reserved as they are needed).
+    async fn load_active(&self, subject: &str) -> Result<ActiveKey, KeyError> {
         let stored = match self.keystore.active_dek(subject).await? {
             Some(w) => w,
             None => {
@@ -207,6 +272,7 @@ impl KeyManager {
         let key = ActiveKey {
             key_id: Arc::from(stored.key_id.as_str()),
             dek,
+            budget: Arc::default(),
         };
         self.by_id
             .lock()

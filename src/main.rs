@@ -149,6 +149,7 @@ fn config(cli: &Cli, listen: SocketAddr, max_body_bytes: usize, key_cache: usize
         policies_dir: cli.policies_dir.clone(),
         max_body_bytes,
         key_cache_capacity: key_cache,
+        dek_max_encryptions: eventvault::keys::DEFAULT_MAX_ENCRYPTIONS,
         max_db_connections: cli.db_connections,
     }
 }

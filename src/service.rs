@@ -151,16 +151,14 @@ impl Events {
         if let Some(s) = self.store.forgotten_among(&subjects).await?.pop() {
             return Err(AppendRejection::Forgotten(s).into());
         }
+        // Each subject's key, with as many encryptions as it has events here.
+        let mut per_subject: HashMap<&str, u64> = HashMap::new();
+        for s in events.iter().filter_map(|e| e.subject.as_ref()) {
+            *per_subject.entry(s.as_str()).or_default() += 1;
+        }
         let mut keys: HashMap<String, ActiveKey> = HashMap::new();
-        for e in &events {
-            if let Some(s) = &e.subject
-                && !keys.contains_key(s.as_str())
-            {
-                keys.insert(
-                    s.as_str().to_owned(),
-                    self.keys.key_for_subject(s.as_str()).await?,
-                );
-            }
+        for (s, n) in per_subject {
+            keys.insert(s.to_owned(), self.keys.key_for_subject(s, n).await?);
         }
         let policies = self.policies.clone();
         let stream_name = stream.as_str().to_owned();

@@ -256,4 +256,41 @@ impl Keystore {
         })?;
         Ok(())
     }
+
+    /// Adds `n` to the key's encryption count if it stays within `max` and
+    /// the key is active; `false` when it would not (the key must retire).
+    pub async fn reserve_encryptions(
+        &self,
+        key_id: &str,
+        n: u64,
+        max: u64,
+    ) -> Result<bool, StoreError> {
+        let done = on_db!(&self.db, |pool| {
+            sqlx::query(
+                "update deks set encryptions = encryptions + $1
+                 where key_id = $2 and retired_at is null and encryptions + $1 <= $3",
+            )
+            .bind(n as i64)
+            .bind(key_id)
+            .bind(max as i64)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected())
+        })?;
+        Ok(done == 1)
+    }
+
+    /// Retires a data key: it still opens what it sealed, but seals nothing
+    /// more; the subject gets a new active key.
+    pub async fn retire_dek(&self, key_id: &str) -> Result<(), StoreError> {
+        on_db!(&self.db, |pool| {
+            sqlx::query("update deks set retired_at = $1 where key_id = $2 and retired_at is null")
+                .bind(now_us())
+                .bind(key_id)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected())
+        })?;
+        Ok(())
+    }
 }

@@ -184,6 +184,8 @@ pub struct TestEnv {
     pub token: Mutex<Option<String>>,
     /// The policies directory the application starts with.
     pub policies: Mutex<PathBuf>,
+    /// Events a data key seals before it is retired.
+    pub dek_max_encryptions: Mutex<u64>,
 }
 
 impl TestEnv {
@@ -226,6 +228,7 @@ impl TestEnv {
             pg_databases,
             token: Mutex::new(None),
             policies: Mutex::new(policies_dir()),
+            dek_max_encryptions: Mutex::new(eventvault::keys::DEFAULT_MAX_ENCRYPTIONS),
         })
     }
 
@@ -243,6 +246,7 @@ impl TestEnv {
             policies_dir: self.policies.lock().unwrap().clone(),
             max_body_bytes: 4 * 1024 * 1024,
             key_cache_capacity: 1000,
+            dek_max_encryptions: *self.dek_max_encryptions.lock().unwrap(),
             max_db_connections: 8,
         }
     }

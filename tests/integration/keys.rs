@@ -7,10 +7,13 @@ use uuid::Uuid;
 
 use crate::at_rest::{exec, keystore_db};
 use crate::both_backends;
-use crate::common::{Backend, TestApp, batch, command, deposit};
+use crate::common::{Backend, TestApp, TestEnv, batch, command, deposit};
 use eventvault::store::Db;
 
-both_backends!(rotation_rewraps_every_key_and_resumes_after_an_interruption);
+both_backends!(
+    rotation_rewraps_every_key_and_resumes_after_an_interruption,
+    a_key_is_retired_before_its_encryption_limit,
+);
 
 async fn run(env: &crate::common::TestEnv, args: &[&str]) -> (bool, String, String) {
     let out = command(env, args).output().await.unwrap();
@@ -122,4 +125,61 @@ async fn rotation_rewraps_every_key_and_resumes_after_an_interruption(backend: B
     let env = app.stop().await;
     let (_, status, _) = run(&env, &["keys", "status"]).await;
     assert!(status.contains("4 data keys (configured)"), "{status}");
+}
+
+async fn a_key_is_retired_before_its_encryption_limit(backend: Backend) {
+    let env = TestEnv::new(&backend).await;
+    *env.dek_max_encryptions.lock().unwrap() = 3;
+    let app = TestApp::start(env).await;
+    for i in 0..8 {
+        app.append_ok(
+            "accounts-1",
+            &batch(vec![deposit(Uuid::new_v4(), "cust-r", &format!("{i}.00"))]),
+        )
+        .await;
+    }
+    app.append_ok(
+        "accounts-1",
+        &batch(vec![
+            deposit(Uuid::new_v4(), "cust-r", "8.00"),
+            deposit(Uuid::new_v4(), "cust-r", "9.00"),
+        ]),
+    )
+    .await;
+    let ks = keystore_db(&app.env).await;
+    let q = "select encryptions, retired_at is null from deks where subject = $1";
+    let keys: Vec<(i64, bool)> = match &ks {
+        Db::Sqlite(p) => sqlx::query_as(q).bind("cust-r").fetch_all(p).await,
+        Db::Postgres(p) => sqlx::query_as(q).bind("cust-r").fetch_all(p).await,
+    }
+    .unwrap();
+    assert!(keys.len() >= 4, "10 events, at most 3 per key: {keys:?}");
+    assert!(keys.iter().all(|(n, _)| *n <= 3), "{keys:?}");
+    assert_eq!(
+        keys.iter().filter(|(_, active)| *active).count(),
+        1,
+        "{keys:?}"
+    );
+    let page: Value = app.read("accounts-1", "").await.json().await.unwrap();
+    let events = page["events"].as_array().unwrap();
+    assert_eq!(events.len(), 10);
+    assert!(events.iter().all(|e| e["personal_data"] == "decrypted"));
+    // A forget destroys every key of the subject, retired ones too.
+    let r = app
+        .client
+        .post(format!("{}/subjects/cust-r/forget", app.base))
+        .bearer_auth(app.token())
+        .send()
+        .await
+        .unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["keys_destroyed"], keys.len());
+    let page: Value = app.read("accounts-1", "").await.json().await.unwrap();
+    assert!(
+        page["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["personal_data"] == "erased")
+    );
 }
