@@ -104,7 +104,13 @@ const EVICT_CHANNEL: &str = "eventvault_key_evictions";
 #[derive(serde::Deserialize)]
 struct Eviction {
     subject: String,
-    key_ids: Vec<String>,
+}
+
+/// A cached data key and the subject it belongs to (a forget evicts by
+/// subject).
+struct CachedDek {
+    subject: String,
+    dek: Arc<Dek>,
 }
 
 /// A subject's current key for new encryptions, with the encryptions this
@@ -145,7 +151,7 @@ pub struct KeyManager {
     /// Subject → its active key, for appends.
     by_subject: Mutex<LruCache<String, ActiveKey>>,
     /// Key id → key, for reads.
-    by_id: Mutex<LruCache<String, Arc<Dek>>>,
+    by_id: Mutex<LruCache<String, CachedDek>>,
     /// Encryptions after which a key is retired.
     max_encryptions: u64,
 }
@@ -274,10 +280,13 @@ impl KeyManager {
             dek,
             budget: Arc::default(),
         };
-        self.by_id
-            .lock()
-            .expect("cache lock")
-            .put(stored.key_id, key.dek.clone());
+        self.by_id.lock().expect("cache lock").put(
+            stored.key_id,
+            CachedDek {
+                subject: stored.subject,
+                dek: key.dek.clone(),
+            },
+        );
         self.by_subject
             .lock()
             .expect("cache lock")
@@ -288,38 +297,48 @@ impl KeyManager {
     /// The key with this id, or `None` when it no longer exists (destroyed).
     pub async fn key_by_id(&self, key_id: &str) -> Result<Option<Arc<Dek>>, KeyError> {
         if let Some(k) = self.by_id.lock().expect("cache lock").get(key_id) {
-            return Ok(Some(k.clone()));
+            return Ok(Some(k.dek.clone()));
         }
         let Some(stored) = self.keystore.dek_by_id(key_id).await? else {
             return Ok(None);
         };
         let dek = self.unwrap(&stored)?;
-        self.by_id
-            .lock()
-            .expect("cache lock")
-            .put(stored.key_id, dek.clone());
+        self.by_id.lock().expect("cache lock").put(
+            stored.key_id,
+            CachedDek {
+                subject: stored.subject,
+                dek: dek.clone(),
+            },
+        );
         Ok(Some(dek))
     }
 
-    /// Destroys every key of `subject`: deleted and scrubbed from the
-    /// keystore's files, evicted from this process's caches and, on a
-    /// PostgreSQL keystore, from every other process listening on it.
-    /// Returns how many keys were destroyed.
+    /// Destroys every key of `subject`: deleted from the keystore, evicted
+    /// from this process's caches and (PostgreSQL keystore) announced to
+    /// every other process, and only then scrubbed from the keystore's files
+    /// (which may wait for readers). The scrub runs even when there was
+    /// nothing left to delete, so a retry after a failed scrub completes it.
+    /// Returns how many keys this call deleted.
     pub async fn destroy_subject(&self, subject: &str) -> Result<u64, KeyError> {
         let ids = self.keystore.delete_subject_keys(subject).await?;
-        self.evict(subject, &ids);
-        let payload = serde_json::json!({ "subject": subject, "key_ids": ids }).to_string();
+        self.evict(subject);
+        let payload = serde_json::json!({ "subject": subject }).to_string();
         self.keystore.announce(EVICT_CHANNEL, &payload).await?;
+        self.keystore.scrub_deleted_keys().await?;
         Ok(ids.len() as u64)
     }
 
-    /// Drops a subject's keys from the caches (its ids may be unknown here:
-    /// every cached key of the subject goes).
-    fn evict(&self, subject: &str, key_ids: &[String]) {
+    /// Drops every cached key of `subject`.
+    fn evict(&self, subject: &str) {
         self.by_subject.lock().expect("cache lock").pop(subject);
         let mut by_id = self.by_id.lock().expect("cache lock");
-        for id in key_ids {
-            by_id.pop(id);
+        let ids: Vec<String> = by_id
+            .iter()
+            .filter(|(_, k)| k.subject == subject)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            by_id.pop(&id);
         }
     }
 
@@ -352,11 +371,21 @@ impl KeyManager {
                     None => return,
                 }
                 loop {
-                    let Ok(n) = listener.recv().await else { break };
+                    // `try_recv` says `None` when the connection was lost
+                    // (sqlx then reconnects by itself): notices sent
+                    // meanwhile are gone, so the whole cache goes.
+                    let next = listener.try_recv().await;
                     let Some(km) = this.upgrade() else { return };
-                    match serde_json::from_str::<Eviction>(n.payload()) {
-                        Ok(ev) => km.evict(&ev.subject, &ev.key_ids),
-                        Err(_) => km.clear_caches(),
+                    match next {
+                        Ok(Some(n)) => match serde_json::from_str::<Eviction>(n.payload()) {
+                            Ok(ev) => km.evict(&ev.subject),
+                            Err(_) => km.clear_caches(),
+                        },
+                        Ok(None) => km.clear_caches(),
+                        Err(_) => {
+                            km.clear_caches();
+                            break;
+                        }
                     }
                 }
             }

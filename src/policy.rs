@@ -131,6 +131,8 @@ impl StreamPattern {
             return Err(format!("stream pattern {s:?}: '*' may only end a pattern"));
         }
         if !body
+            .strip_prefix('$')
+            .unwrap_or(body)
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '@' | '-'))
         {
@@ -148,9 +150,13 @@ impl StreamPattern {
         })
     }
 
+    /// Whether the pattern covers `stream`. System streams (`$…`, e.g. the
+    /// `$subjects` list of forgotten subjects) are covered only by a pattern
+    /// that names them (`$subjects`, `$*`), never by `*` alone.
     pub fn matches(&self, stream: &str) -> bool {
         match self {
             Self::Exact(s) => s == stream,
+            Self::Prefix(p) if p.is_empty() => !stream.starts_with('$'),
             Self::Prefix(p) => stream.starts_with(p.as_str()),
         }
     }
@@ -244,16 +250,6 @@ impl Grants {
     /// [`Grants::view`] for a read.
     pub fn read_view(&self, stream: &str) -> Option<View> {
         self.view(ReadKind::Read, stream)
-    }
-
-    /// Whether the caller may read every stream (no per-event filtering).
-    pub fn reads_everything(&self) -> bool {
-        self.roles.iter().any(|r| {
-            r.grants.iter().any(|(patterns, perms)| {
-                perms.contains(&Permission::Read)
-                    && patterns.contains(&StreamPattern::Prefix(String::new()))
-            })
-        })
     }
 
     /// Whether a read of `stream` (`None`: of any stream) that may disclose
@@ -517,6 +513,8 @@ mod tests {
         let p = StreamPattern::parse("accounts-*").unwrap();
         assert!(p.matches("accounts-1") && !p.matches("loans-1"));
         assert!(StreamPattern::parse("*").unwrap().matches("anything"));
+        assert!(!StreamPattern::parse("*").unwrap().matches("$subjects"));
+        assert!(StreamPattern::parse("$*").unwrap().matches("$subjects"));
         assert!(StreamPattern::parse("exact").unwrap().matches("exact"));
         assert!(!StreamPattern::parse("exact").unwrap().matches("exactly"));
     }

@@ -203,7 +203,7 @@ impl Events {
         audit: AuditEntry,
     ) -> Result<(ForgetReport, bool), ServiceError> {
         let entry = self.store.record_forget(subject, reason).await?;
-        let destroyed = self.keys.destroy_subject(subject).await?;
+        let destroyed = self.destroy_keys(subject).await?;
         let events_affected = self.store.subject_event_count(subject).await?;
         let recorded = entry.completed_at.is_none();
         if recorded {
@@ -258,8 +258,17 @@ impl Events {
                 audit,
             )
             .await?;
-        self.store.complete_forget(subject, destroyed).await?;
+        self.store.complete_forget(subject).await?;
         Ok(())
+    }
+
+    /// Steps 2 and 3, with the count kept in the ledger at once.
+    async fn destroy_keys(&self, subject: &str) -> Result<u64, ServiceError> {
+        let destroyed = self.keys.destroy_subject(subject).await?;
+        if destroyed > 0 {
+            self.store.add_keys_destroyed(subject, destroyed).await?;
+        }
+        Ok(destroyed)
     }
 
     /// At start: every forgotten subject whose keys exist again (a keystore
@@ -278,13 +287,9 @@ impl Events {
             let names: Vec<String> = page.iter().map(|e| e.subject.clone()).collect();
             let with_keys = self.keys.keystore().subjects_with_keys(&names).await?;
             for e in &page {
-                let destroyed = if with_keys.contains(&e.subject) {
-                    done.reshredded += 1;
-                    self.keys.destroy_subject(&e.subject).await?
-                } else {
-                    0
-                };
                 if e.completed_at.is_none() {
+                    // Interrupted: every step again (the scrub too).
+                    let destroyed = self.destroy_keys(&e.subject).await?;
                     let events = self.store.subject_event_count(&e.subject).await?;
                     let audit = AuditEntry {
                         principal: None,
@@ -301,6 +306,9 @@ impl Events {
                     self.finish_forget(&e.subject, destroyed, events, audit)
                         .await?;
                     done.completed += 1;
+                } else if with_keys.contains(&e.subject) {
+                    self.destroy_keys(&e.subject).await?;
+                    done.reshredded += 1;
                 }
             }
             if page.len() < PAGE as usize {
@@ -411,15 +419,40 @@ impl Events {
     /// Up to `limit` events about `subject` after position `after`, in
     /// position order, across all streams, as the caller's `export` shows
     /// them (decrypted, or erased after a forget).
+    /// Returns the events, how many rows were read and the position of the
+    /// last one (the cursor goes by rows, not by what the caller may see).
     pub async fn export_page(
         &self,
         subject: &str,
         after: u64,
+        until: u64,
         limit: u32,
         grants: &Grants,
-    ) -> Result<Vec<ReadEvent>, ServiceError> {
-        let rows = self.store.read_subject(subject, after, limit).await?;
-        self.open_all(rows, grants, ReadKind::Export).await
+    ) -> Result<(Vec<ReadEvent>, usize, u64), ServiceError> {
+        let rows = self
+            .store
+            .read_subject(subject, after, until, limit)
+            .await?;
+        let (read, last) = (rows.len(), rows.last().map_or(after, |r| r.position as u64));
+        Ok((
+            self.open_all(rows, grants, ReadKind::Export).await?,
+            read,
+            last,
+        ))
+    }
+
+    /// The position of the newest event.
+    pub async fn head_position(&self) -> Result<u64, ServiceError> {
+        Ok(self.store.head_position().await?)
+    }
+
+    /// How many events about `subject` exist up to position `until`.
+    pub async fn subject_events_until(
+        &self,
+        subject: &str,
+        until: u64,
+    ) -> Result<u64, ServiceError> {
+        Ok(self.store.subject_event_count_until(subject, until).await?)
     }
 
     /// Turns stored rows into events for a reader: decides per event what
@@ -439,6 +472,21 @@ impl Events {
                 Some((r, view == View::Revealed))
             })
             .collect();
+        // A subject in the forget ledger is erased whatever any cache or a
+        // not yet finished key deletion still holds.
+        let mut sealed_subjects: Vec<String> = rows
+            .iter()
+            .filter(|(r, _)| r.sealed.is_some())
+            .filter_map(|(r, _)| r.subject.clone())
+            .collect();
+        sealed_subjects.sort();
+        sealed_subjects.dedup();
+        let forgotten: std::collections::HashSet<String> = self
+            .store
+            .forgotten_among(&sealed_subjects)
+            .await?
+            .into_iter()
+            .collect();
         let mut deks: HashMap<String, Option<Arc<Dek>>> = HashMap::new();
         // Every row's key is looked up, revealed or not: a destroyed key makes
         // the event `erased` for every caller.
@@ -446,7 +494,13 @@ impl Events {
             if let Some(k) = &r.key_id
                 && !deks.contains_key(k)
             {
-                deks.insert(k.clone(), self.keys.key_by_id(k).await?);
+                let gone = r.subject.as_ref().is_some_and(|s| forgotten.contains(s));
+                let dek = if gone {
+                    None
+                } else {
+                    self.keys.key_by_id(k).await?
+                };
+                deks.insert(k.clone(), dek);
             }
         }
         let inline = rows.len() <= INLINE_CRYPTO_EVENTS;

@@ -52,7 +52,16 @@ async fn export(
 ) -> Result<Response, ApiError> {
     caller.require(Permission::Export, None)?;
     let subject = subject(path)?;
-    let (s, count) = state.events.subject_state(subject.as_str()).await?;
+    // The export is of the store as it is now: events appended meanwhile
+    // wait for the next one, so the audited count is exact and the export ends.
+    let until = state.events.head_position().await?;
+    let (s, _) = state.events.subject_state(subject.as_str()).await?;
+    let count = state
+        .events
+        .subject_events_until(subject.as_str(), until)
+        .await?;
+    // A forgotten subject's events are erased on every read path (the
+    // ledger is checked per page), so only an active one discloses.
     caller
         .audit
         .disclosed(count, s == SubjectState::Active && count > 0);
@@ -88,8 +97,8 @@ async fn export(
                 if done {
                     return None;
                 }
-                let page = match events
-                    .export_page(&subject, after, EXPORT_PAGE, &grants)
+                let (page, read, last) = match events
+                    .export_page(&subject, after, until, EXPORT_PAGE, &grants)
                     .await
                 {
                     Ok(p) => p,
@@ -110,8 +119,7 @@ async fn export(
                     serde_json::to_writer(&mut chunk, &EventView(e)).expect("events serialise");
                     n += 1;
                 }
-                let last = page.last().map_or(after, |e| e.position);
-                let finished = page.len() < EXPORT_PAGE as usize;
+                let finished = read < EXPORT_PAGE as usize;
                 if finished {
                     chunk.extend_from_slice(b"]}");
                 }

@@ -87,37 +87,40 @@ impl Keystore {
     }
 
     /// Deletes every data key of `subject` (step 2 of a forget) and returns
-    /// their ids, then makes sure the bytes are gone from the files, not only
-    /// from the table: SQLite overwrites deleted cells (`secure_delete`) and
-    /// a truncating WAL checkpoint drops the log's copies; PostgreSQL vacuums
-    /// the table so the dead rows' space is reclaimed.
+    /// their ids.
     pub async fn delete_subject_keys(&self, subject: &str) -> Result<Vec<String>, StoreError> {
-        let ids: Vec<String> = on_db!(&self.db, |pool| {
+        Ok(on_db!(&self.db, |pool| {
             sqlx::query_scalar("delete from deks where subject = $1 returning key_id")
                 .bind(subject)
                 .fetch_all(pool)
                 .await
-        })?;
-        if !ids.is_empty() {
-            match &self.db {
-                Db::Sqlite(pool) => {
-                    let (busy, _, _): (i64, i64, i64) =
-                        sqlx::query_as("pragma wal_checkpoint(truncate)")
-                            .fetch_one(pool)
-                            .await?;
-                    if busy != 0 {
-                        return Err(StoreError::Corrupt(
-                            "the keystore's WAL could not be checkpointed after a key deletion"
-                                .into(),
-                        ));
-                    }
-                }
-                Db::Postgres(pool) => {
-                    sqlx::query("vacuum deks").execute(pool).await?;
+        })?)
+    }
+
+    /// Removes deleted keys' bytes from the files as far as the backend
+    /// allows. SQLite: deleted cells are overwritten (`secure_delete`) and a
+    /// truncating WAL checkpoint drops the log that held the inserted keys.
+    /// PostgreSQL: `VACUUM` reclaims the dead rows; it does not overwrite
+    /// them, nor reach WAL archives (see SECURITY.md).
+    pub async fn scrub_deleted_keys(&self) -> Result<(), StoreError> {
+        match &self.db {
+            Db::Sqlite(pool) => {
+                let (busy, _, _): (i64, i64, i64) =
+                    sqlx::query_as("pragma wal_checkpoint(truncate)")
+                        .fetch_one(pool)
+                        .await?;
+                if busy != 0 {
+                    return Err(StoreError::Corrupt(
+                        "the keystore's WAL could not be checkpointed after a key deletion (readers kept it busy); retry the forget"
+                            .into(),
+                    ));
                 }
             }
+            Db::Postgres(pool) => {
+                sqlx::query("vacuum deks").execute(pool).await?;
+            }
         }
-        Ok(ids)
+        Ok(())
     }
 
     /// Which of `subjects` still have a data key.

@@ -351,26 +351,40 @@ impl EventStore {
         Ok(rows)
     }
 
-    /// Up to `limit` events about `subject` after position `after`, in
-    /// position order.
+    /// Up to `limit` events about `subject` after position `after` and up
+    /// to position `until`, in position order.
     pub async fn read_subject(
         &self,
         subject: &str,
         after: u64,
+        until: u64,
         limit: u32,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let sql =
-            select_events!("where subject = $1 and position > $2 order by position asc limit $3");
+        let sql = select_events!(
+            "where subject = $1 and position > $2 and position <= $4 order by position asc limit $3"
+        );
         let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let until = i64::try_from(until).unwrap_or(i64::MAX);
         let rows = on_db_sql!(&self.db, sql, |pool, sql| {
             sqlx::query_as(sql)
                 .bind(subject)
                 .bind(after)
                 .bind(i64::from(limit))
+                .bind(until)
                 .fetch_all(pool)
                 .await
         })?;
         Ok(rows)
+    }
+
+    /// The position of the last event (0 for an empty store).
+    pub async fn head_position(&self) -> Result<u64, StoreError> {
+        let p: Option<i64> = on_db!(&self.db, |pool| {
+            sqlx::query_scalar("select max(position) from events")
+                .fetch_one(pool)
+                .await
+        })?;
+        Ok(p.unwrap_or(0) as u64)
     }
 
     /// Up to `limit` events of the global log after position `after`,

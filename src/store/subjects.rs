@@ -47,19 +47,28 @@ impl EventStore {
         })?)
     }
 
-    /// Marks a forget as carried out to the end.
-    pub async fn complete_forget(
-        &self,
-        subject: &str,
-        keys_destroyed: u64,
-    ) -> Result<(), StoreError> {
+    /// Adds keys destroyed by a forget to its ledger entry.
+    pub async fn add_keys_destroyed(&self, subject: &str, n: u64) -> Result<(), StoreError> {
         on_db!(&self.db, |pool| {
             sqlx::query(
-                "update forgotten_subjects set keys_destroyed = keys_destroyed + $2, completed_at = $3
-                 where subject = $1 and completed_at is null",
+                "update forgotten_subjects set keys_destroyed = keys_destroyed + $2 where subject = $1",
             )
             .bind(subject)
-            .bind(keys_destroyed as i64)
+            .bind(n as i64)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected())
+        })?;
+        Ok(())
+    }
+
+    /// Marks a forget as carried out to the end.
+    pub async fn complete_forget(&self, subject: &str) -> Result<(), StoreError> {
+        on_db!(&self.db, |pool| {
+            sqlx::query(
+                "update forgotten_subjects set completed_at = $2 where subject = $1 and completed_at is null",
+            )
+            .bind(subject)
             .bind(now_us())
             .execute(pool)
             .await
@@ -108,6 +117,22 @@ impl EventStore {
                     .await?
             }
         })
+    }
+
+    /// How many events name `subject`, up to position `until`.
+    pub async fn subject_event_count_until(
+        &self,
+        subject: &str,
+        until: u64,
+    ) -> Result<u64, StoreError> {
+        let n: i64 = on_db!(&self.db, |pool| {
+            sqlx::query_scalar("select count(*) from events where subject = $1 and position <= $2")
+                .bind(subject)
+                .bind(i64::try_from(until).unwrap_or(i64::MAX))
+                .fetch_one(pool)
+                .await
+        })?;
+        Ok(n as u64)
     }
 
     /// How many events name `subject`.

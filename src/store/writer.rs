@@ -815,6 +815,23 @@ mod tests {
     }
 
     #[test]
+    fn events_about_forgotten_subjects_are_refused_in_the_transaction() {
+        let mut forgotten = cmd("a", ExpectedVersion::Any, &[1]);
+        forgotten.events[0].subject = Some("gone".into());
+        let mut other = cmd("a", ExpectedVersion::Any, &[2]);
+        other.events[0].subject = Some("here".into());
+        let mut snap = empty();
+        snap.forgotten.insert("gone".into());
+        let p = plan(jobs(vec![forgotten, other]), snap);
+        assert_eq!(
+            p.outcomes[0],
+            Err(AppendRejection::Forgotten("gone".into()))
+        );
+        assert!(matches!(p.outcomes[1], Ok(Some(Appended::Created(_)))));
+        assert_eq!(p.rows.position, vec![1]);
+    }
+
+    #[test]
     fn partial_or_reordered_retries_conflict() {
         let first = plan(
             jobs(vec![cmd("a", ExpectedVersion::Any, &[1, 2, 3])]),

@@ -145,6 +145,28 @@ async fn a_forget_erases_personal_data_for_everyone_and_keeps_the_clear_fields(b
         !text.contains("ticket 81"),
         "the reason stays in the ledger"
     );
+    // Who was forgotten is itself personal: `*` does not reach `$subjects`.
+    let support = app.env.add_principal("officer", &["support"]).await;
+    let (status, _) = call(
+        &app,
+        Method::GET,
+        "/streams/$subjects/events",
+        Some(&support),
+        &[("X-Purpose", "curiosity")],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = call(
+        &app,
+        Method::GET,
+        "/streams/$subjects/events",
+        Some(&dpo),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
     // The subject's state.
     for (subject, state, events) in [
         ("cust-1", "forgotten", 2),
@@ -440,6 +462,22 @@ async fn an_interrupted_forget_is_completed_at_start(backend: Backend) {
     )
     .await;
     assert!(text.contains("\"forgotten\""), "{text}");
+    // ... and reads show it erased although its key could not be deleted yet.
+    let r = app
+        .append(
+            "payments-1",
+            None,
+            &batch(vec![deposit(Uuid::new_v4(), "cust-1", "3.00")]),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::GONE);
+    let text = app.read("payments-1", "").await.text().await.unwrap();
+    assert!(
+        text.contains("\"erased\"") && !text.contains("Payer of cust-1"),
+        "{text}"
+    );
+    let (_, text) = export(&app, &app.token(), "cust-1").await;
+    assert!(!text.contains("Payer of cust-1"), "{text}");
     let env = app.stop().await;
     match &ks {
         Db::Sqlite(_) => exec(&ks, "drop trigger no_delete").await.unwrap(),
