@@ -217,8 +217,8 @@ impl Keystore {
     ) -> Result<(), StoreError> {
         const SQL: &str =
             "update deks set wrapped = $1, kek_id = $2 where key_id = $3 and kek_id = $4";
-        match &self.db {
-            Db::Sqlite(pool) => {
+        on_db!(&self.db, |pool| {
+            async {
                 let mut tx = pool.begin().await?;
                 for (id, wrapped) in keys {
                     sqlx::query(SQL)
@@ -229,22 +229,10 @@ impl Keystore {
                         .execute(&mut *tx)
                         .await?;
                 }
-                tx.commit().await?;
+                tx.commit().await
             }
-            Db::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
-                for (id, wrapped) in keys {
-                    sqlx::query(SQL)
-                        .bind(wrapped)
-                        .bind(to)
-                        .bind(id)
-                        .bind(from)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                tx.commit().await?;
-            }
-        }
+            .await
+        })?;
         Ok(())
     }
 

@@ -151,14 +151,7 @@ impl Writer {
         cmd: AppendCommand,
         audit: AuditEntry,
     ) -> Result<Appended, WriteError> {
-        let appended = self
-            .submit(Job {
-                append: Some(cmd),
-                audit,
-                describe_append: true,
-            })
-            .await?;
-        Ok(appended.expect("an append job is answered with its outcome"))
+        self.append_job(cmd, audit, true).await
     }
 
     /// Appends `cmd` (a system event) with an audit record that describes
@@ -168,11 +161,20 @@ impl Writer {
         cmd: AppendCommand,
         audit: AuditEntry,
     ) -> Result<Appended, WriteError> {
+        self.append_job(cmd, audit, false).await
+    }
+
+    async fn append_job(
+        &self,
+        cmd: AppendCommand,
+        audit: AuditEntry,
+        describe_append: bool,
+    ) -> Result<Appended, WriteError> {
         let appended = self
             .submit(Job {
                 append: Some(cmd),
                 audit,
-                describe_append: false,
+                describe_append,
             })
             .await?;
         Ok(appended.expect("an append job is answered with its outcome"))
