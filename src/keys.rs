@@ -328,6 +328,15 @@ impl KeyManager {
         Ok(ids.len() as u64)
     }
 
+    /// Deletes and evicts the keys of a forgotten subject that a refused
+    /// append made; they sealed nothing stored; no scrub, which a flood of
+    /// such appends could otherwise turn into a flood of checkpoints.
+    pub async fn discard_subject_keys(&self, subject: &str) -> Result<(), KeyError> {
+        self.keystore.delete_subject_keys(subject).await?;
+        self.evict(subject);
+        Ok(())
+    }
+
     /// Drops every cached key of `subject`.
     fn evict(&self, subject: &str) {
         self.by_subject.lock().expect("cache lock").pop(subject);

@@ -140,17 +140,6 @@ impl Events {
     ) -> Result<Appended, ServiceError> {
         let events = batch.into_inner();
         let inline = events.len() <= INLINE_CRYPTO_EVENTS;
-        // Refuse forgotten subjects before any key is made for them (the
-        // writer checks again inside its transaction, which is what counts).
-        let mut subjects: Vec<String> = events
-            .iter()
-            .filter_map(|e| e.subject.as_ref().map(|s| s.as_str().to_owned()))
-            .collect();
-        subjects.sort();
-        subjects.dedup();
-        if let Some(s) = self.store.forgotten_among(&subjects).await?.pop() {
-            return Err(AppendRejection::Forgotten(s).into());
-        }
         // Each subject's key, with as many encryptions as it has events here.
         let mut per_subject: HashMap<&str, u64> = HashMap::new();
         for s in events.iter().filter_map(|e| e.subject.as_ref()) {
@@ -175,7 +164,7 @@ impl Events {
                 .await
                 .map_err(|_| ServiceError::Unavailable)??
         };
-        Ok(self
+        let appended = self
             .writer
             .append(
                 AppendCommand {
@@ -185,7 +174,17 @@ impl Events {
                 },
                 audit,
             )
-            .await?)
+            .await;
+        if let Err(WriteError::Rejected(AppendRejection::Forgotten(s))) = &appended {
+            // The writer refused a forgotten subject (checked in its
+            // transaction); a key this request may have made for it sealed
+            // nothing that was stored: delete it at once.
+            // Best effort: what is left is removed at the next start.
+            if let Err(e) = self.keys.discard_subject_keys(s).await {
+                tracing::warn!(error = %e, "could not discard a key made for a forgotten subject");
+            }
+        }
+        Ok(appended?)
     }
 
     /// Forgets `subject` by crypto-shredding, in the order of DESIGN.md:
@@ -472,21 +471,6 @@ impl Events {
                 Some((r, view == View::Revealed))
             })
             .collect();
-        // A subject in the forget ledger is erased whatever any cache or a
-        // not yet finished key deletion still holds.
-        let mut sealed_subjects: Vec<String> = rows
-            .iter()
-            .filter(|(r, _)| r.sealed.is_some())
-            .filter_map(|(r, _)| r.subject.clone())
-            .collect();
-        sealed_subjects.sort();
-        sealed_subjects.dedup();
-        let forgotten: std::collections::HashSet<String> = self
-            .store
-            .forgotten_among(&sealed_subjects)
-            .await?
-            .into_iter()
-            .collect();
         let mut deks: HashMap<String, Option<Arc<Dek>>> = HashMap::new();
         // Every row's key is looked up, revealed or not: a destroyed key makes
         // the event `erased` for every caller.
@@ -494,8 +478,9 @@ impl Events {
             if let Some(k) = &r.key_id
                 && !deks.contains_key(k)
             {
-                let gone = r.subject.as_ref().is_some_and(|s| forgotten.contains(s));
-                let dek = if gone {
+                // A subject in the forget ledger is erased whatever a cache or
+                // a not yet finished key deletion still holds.
+                let dek = if r.forgotten {
                     None
                 } else {
                     self.keys.key_by_id(k).await?

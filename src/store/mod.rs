@@ -255,6 +255,9 @@ pub struct StoredEvent {
     pub sealed: Option<Vec<u8>>,
     pub metadata: String,
     pub recorded_at: i64,
+    /// The subject is in the forget ledger (read with the row, so that no
+    /// cache can outlive a forget).
+    pub forgotten: bool,
 }
 
 /// Builds one `select` of event rows for each backend; PostgreSQL keeps ids
@@ -263,11 +266,13 @@ macro_rules! select_events {
     ($rest:literal) => {
         (
             concat!(
-                "select position, stream_id, version, event_id, event_type, subject, key_id, data, sealed, metadata, recorded_at from events ",
+                "select position, stream_id, version, event_id, event_type, subject, key_id, data, sealed, metadata, recorded_at, ",
+                "exists (select 1 from forgotten_subjects f where f.subject = events.subject) as forgotten from events ",
                 $rest
             ),
             concat!(
-                "select position, stream_id, version, event_id::text as event_id, event_type, subject, key_id, data, sealed, metadata, recorded_at from events ",
+                "select position, stream_id, version, event_id::text as event_id, event_type, subject, key_id, data, sealed, metadata, recorded_at, ",
+                "exists (select 1 from forgotten_subjects f where f.subject = events.subject) as forgotten from events ",
                 $rest
             ),
         )

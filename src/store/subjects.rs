@@ -1,6 +1,6 @@
 //! The forget ledger (`forgotten_subjects`) and per-subject counts.
 
-use super::{Db, EventStore, StoreError, now_us, on_db};
+use super::{EventStore, StoreError, now_us, on_db};
 
 /// A subject's entry in the forget ledger.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -94,29 +94,6 @@ impl EventStore {
             .fetch_all(pool)
             .await
         })?)
-    }
-
-    /// Which of `subjects` are in the forget ledger.
-    pub async fn forgotten_among(&self, subjects: &[String]) -> Result<Vec<String>, StoreError> {
-        if subjects.is_empty() {
-            return Ok(vec![]);
-        }
-        Ok(match &self.db {
-            Db::Sqlite(pool) => {
-                sqlx::query_scalar(
-                    "select subject from forgotten_subjects where subject in (select value from json_each($1))",
-                )
-                .bind(serde_json::to_string(subjects).expect("strings serialise"))
-                .fetch_all(pool)
-                .await?
-            }
-            Db::Postgres(pool) => {
-                sqlx::query_scalar("select subject from forgotten_subjects where subject = any($1)")
-                    .bind(subjects)
-                    .fetch_all(pool)
-                    .await?
-            }
-        })
     }
 
     /// How many events name `subject`, up to position `until`.
