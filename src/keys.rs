@@ -251,9 +251,12 @@ impl KeyManager {
         }
     }
 
-    /// Reads or creates the subject's active key and caches it (with an
-    /// empty budget: encryptions are reserved as they are needed).
+    /// Reads or creates the subject's active key and caches it. A key it
+    /// creates comes with a first reservation of encryptions; a key it reads
+    /// comes with none (reserved as they are needed).
     async fn load_active(&self, subject: &str) -> Result<ActiveKey, KeyError> {
+        let reservation = RESERVATION.min(self.max_encryptions);
+        let mut budget = 0;
         let stored = match self.keystore.active_dek(subject).await? {
             Some(w) => w,
             None => {
@@ -265,7 +268,8 @@ impl KeyManager {
                     kek_id: self.kek.id().to_owned(),
                     wrapped: fresh.wrapped,
                 };
-                if self.keystore.insert_dek_if_none(&row).await? {
+                if self.keystore.insert_dek_if_none(&row, reservation).await? {
+                    budget = reservation;
                     row
                 } else {
                     self.keystore.active_dek(subject).await?.ok_or_else(|| {
@@ -278,7 +282,7 @@ impl KeyManager {
         let key = ActiveKey {
             key_id: Arc::from(stored.key_id.as_str()),
             dek,
-            budget: Arc::default(),
+            budget: Arc::new(budget.into()),
         };
         self.by_id.lock().expect("cache lock").put(
             stored.key_id,

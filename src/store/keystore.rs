@@ -68,10 +68,16 @@ impl Keystore {
 
     /// Stores a new active key for its subject unless the subject already has
     /// one (a concurrent request won the race); returns whether it was stored.
-    pub async fn insert_dek_if_none(&self, dek: &WrappedDek) -> Result<bool, StoreError> {
+    /// `reserved` encryptions are counted for the new key at once (the
+    /// creator's first reservation).
+    pub async fn insert_dek_if_none(
+        &self,
+        dek: &WrappedDek,
+        reserved: u64,
+    ) -> Result<bool, StoreError> {
         let done = on_db!(&self.db, |pool| {
             sqlx::query(
-                "insert into deks (key_id, subject, kek_id, wrapped, created_at) values ($1, $2, $3, $4, $5)
+                "insert into deks (key_id, subject, kek_id, wrapped, created_at, encryptions) values ($1, $2, $3, $4, $5, $6)
                  on conflict (subject) where retired_at is null do nothing",
             )
             .bind(&dek.key_id)
@@ -79,6 +85,7 @@ impl Keystore {
             .bind(&dek.kek_id)
             .bind(&dek.wrapped)
             .bind(now_us())
+            .bind(reserved as i64)
             .execute(pool)
             .await
             .map(|r| r.rows_affected())
