@@ -97,6 +97,13 @@ pub fn append_to_log(text: &str) {
     log.push(b'\n');
 }
 
+/// Whether a line logged so far in this process contains every one of `parts`.
+pub fn log_has_line_with(parts: &[&str]) -> bool {
+    String::from_utf8_lossy(&LOG.lock().unwrap())
+        .lines()
+        .any(|l| parts.iter().all(|p| l.contains(p)))
+}
+
 /// Remembers a secret that must never be logged.
 pub fn remember_secret(secret: &str) {
     SECRETS.lock().unwrap().push(secret.to_owned());

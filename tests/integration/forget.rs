@@ -410,6 +410,14 @@ async fn a_restored_keystore_is_shredded_again_at_start(backend: Backend) {
         key_ids_of(&ks, "cust-1").await.is_empty(),
         "shredded again at start"
     );
+    // The operator is told how many.
+    assert!(
+        crate::common::log_has_line_with(&[
+            "forgotten subjects had data keys again (a restored keystore?); shredded them again",
+            "subjects=1",
+        ]),
+        "the start-up warning says how many subjects were shredded again"
+    );
     let page: Value = app.read("payments-1", "").await.json().await.unwrap();
     assert_eq!(page["events"][0]["personal_data"], "erased");
     let log = app.whole_log().await;
