@@ -203,7 +203,7 @@ impl Events {
     ) -> Result<(ForgetReport, bool), ServiceError> {
         let entry = self.store.record_forget(subject, reason).await?;
         let destroyed = self.destroy_keys(subject).await?;
-        let events_affected = self.store.subject_event_count(subject).await?;
+        let events_affected = self.store.subject_event_count(subject, u64::MAX).await?;
         let recorded = entry.completed_at.is_none();
         if recorded {
             let audit = AuditEntry {
@@ -289,7 +289,7 @@ impl Events {
                 if e.completed_at.is_none() {
                     // Interrupted: every step again (the scrub too).
                     let destroyed = self.destroy_keys(&e.subject).await?;
-                    let events = self.store.subject_event_count(&e.subject).await?;
+                    let events = self.store.subject_event_count(&e.subject, u64::MAX).await?;
                     let audit = AuditEntry {
                         principal: None,
                         action: "subject.forget.resume".into(),
@@ -316,9 +316,14 @@ impl Events {
         }
     }
 
-    /// A subject's state and how many events name it.
-    pub async fn subject_state(&self, subject: &str) -> Result<(SubjectState, u64), ServiceError> {
-        let events = self.store.subject_event_count(subject).await?;
+    /// A subject's state and how many events name it, up to position
+    /// `until` (`u64::MAX`: all of them).
+    pub async fn subject_state(
+        &self,
+        subject: &str,
+        until: u64,
+    ) -> Result<(SubjectState, u64), ServiceError> {
+        let events = self.store.subject_event_count(subject, until).await?;
         let state = if self.store.forgotten(subject).await?.is_some() {
             SubjectState::Forgotten
         } else if events > 0 {
@@ -445,15 +450,6 @@ impl Events {
         Ok(self.store.head_position().await?)
     }
 
-    /// How many events about `subject` exist up to position `until`.
-    pub async fn subject_events_until(
-        &self,
-        subject: &str,
-        until: u64,
-    ) -> Result<u64, ServiceError> {
-        Ok(self.store.subject_event_count_until(subject, until).await?)
-    }
-
     /// Turns stored rows into events for a reader: decides per event what
     /// the caller sees ([`Grants::view`]: rows it may not see are dropped),
     /// opens the sealed fields it may see, and says for each what became of
@@ -472,20 +468,14 @@ impl Events {
             })
             .collect();
         let mut deks: HashMap<String, Option<Arc<Dek>>> = HashMap::new();
-        // Every row's key is looked up, revealed or not: a destroyed key makes
-        // the event `erased` for every caller.
-        for (r, _) in &rows {
+        // Keys are needed only where personal data is shown; a subject in the
+        // forget ledger is erased whatever a cache or a not yet finished key
+        // deletion still holds, so its keys are not even looked up.
+        for (r, _) in rows.iter().filter(|(r, reveal)| *reveal && !r.forgotten) {
             if let Some(k) = &r.key_id
                 && !deks.contains_key(k)
             {
-                // A subject in the forget ledger is erased whatever a cache or
-                // a not yet finished key deletion still holds.
-                let dek = if r.forgotten {
-                    None
-                } else {
-                    self.keys.key_by_id(k).await?
-                };
-                deks.insert(k.clone(), dek);
+                deks.insert(k.clone(), self.keys.key_by_id(k).await?);
             }
         }
         let inline = rows.len() <= INLINE_CRYPTO_EVENTS;
@@ -558,8 +548,9 @@ fn corrupt(what: &str, position: i64) -> ServiceError {
     )))
 }
 
-/// Opens one stored event for a reader. `deks` holds every key the rows
-/// name (a `None` entry: the key is gone, the data erased for everyone).
+/// Opens one stored event for a reader. `deks` holds the key of every
+/// revealed row of a subject not forgotten (a `None` entry: the key is gone,
+/// the data erased).
 fn open_event(
     r: StoredEvent,
     reveal: bool,
@@ -571,9 +562,10 @@ fn open_event(
         serde_json::from_str(&r.metadata).map_err(|_| corrupt("metadata", r.position))?;
     let id = Uuid::parse_str(&r.event_id).map_err(|_| corrupt("id", r.position))?;
     let personal_data = match (&r.sealed, &r.key_id) {
+        (Some(_), Some(_)) if r.forgotten => PersonalData::Erased,
+        (Some(_), Some(_)) if !reveal => PersonalData::Redacted,
         (Some(blob), Some(key_id)) => match deks.get(key_id).and_then(Option::as_ref) {
             None => PersonalData::Erased,
-            Some(_) if !reveal => PersonalData::Redacted,
             Some(dek) => {
                 let at = EventAad {
                     event_id: id.as_bytes(),

@@ -47,6 +47,16 @@ pub struct AppState {
     pub config: Arc<HttpConfig>,
 }
 
+/// The id in a request path (a stream or a subject), checked by `parse`:
+/// 400 with its message otherwise.
+fn path_id<T>(
+    path: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+    parse: fn(&str) -> Result<T, crate::domain::InvalidInput>,
+) -> Result<T, ApiError> {
+    let axum::extract::Path(raw) = path.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    parse(&raw).map_err(|e| ApiError::BadRequest(e.to_string()))
+}
+
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The whole API.

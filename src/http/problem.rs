@@ -40,6 +40,12 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The answer when a request's audit record could not be written: the
+    /// response it would have had is withheld.
+    pub fn not_audited() -> Self {
+        Self::Unavailable("the request could not be audited; nothing was disclosed")
+    }
+
     pub fn status_code(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,

@@ -10,11 +10,11 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use super::AppState;
 use super::auth::Caller;
 use super::body::JsonBody;
 use super::problem::ApiError;
 use super::views::{AppendView, EventList, json_response, parse_rfc3339};
+use super::{AppState, path_id};
 use crate::audit::Outcome;
 use crate::domain::{
     EventBatch, EventType, ExpectedVersion, PersonalData, ProposedEvent, ReadEvent, StreamId,
@@ -50,17 +50,6 @@ struct EventBody {
     data: Map<String, Value>,
     #[serde(default)]
     metadata: Map<String, Value>,
-}
-
-pub fn stream_id(path: Result<Path<String>, PathRejection>) -> Result<StreamId, ApiError> {
-    let Path(raw) = path.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    StreamId::parse(&raw).map_err(|e| ApiError::BadRequest(e.to_string()))
-}
-
-/// A stream id to read: system streams (`$subjects`) included.
-fn stream_id_to_read(path: Result<Path<String>, PathRejection>) -> Result<StreamId, ApiError> {
-    let Path(raw) = path.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    StreamId::parse_to_read(&raw).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
 fn expected_version(headers: &HeaderMap) -> Result<ExpectedVersion, ApiError> {
@@ -106,7 +95,7 @@ async fn append(
     headers: HeaderMap,
     body: Result<JsonBody<AppendBody>, ApiError>,
 ) -> Result<Response, ApiError> {
-    let stream = stream_id(path)?;
+    let stream = path_id(path, StreamId::parse)?;
     caller.require(Permission::Append, Some(stream.as_str()))?;
     let JsonBody(body) = body?;
     let expected = expected_version(&headers)?;
@@ -196,7 +185,8 @@ async fn read(
     path: Result<Path<String>, PathRejection>,
     params: Result<Query<ReadParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let stream = stream_id_to_read(path)?;
+    // System streams (`$subjects`) may be read, never appended to.
+    let stream = path_id(path, StreamId::parse_to_read)?;
     caller.require(Permission::Read, Some(stream.as_str()))?;
     caller.require_purpose(Some(stream.as_str()))?;
     let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;

@@ -10,10 +10,10 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
-use super::AppState;
 use super::auth::Caller;
 use super::problem::ApiError;
 use super::views::{EventView, json_response, rfc3339};
+use super::{AppState, path_id};
 use crate::audit::Outcome;
 use crate::domain::Subject;
 use crate::policy::Permission;
@@ -51,15 +51,11 @@ async fn export(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     caller.require(Permission::Export, None)?;
-    let subject = subject(path)?;
+    let subject = path_id(path, Subject::parse)?;
     // The export is of the store as it is now: events appended meanwhile
     // wait for the next one, so the audited count is exact and the export ends.
     let until = state.events.head_position().await?;
-    let (s, _) = state.events.subject_state(subject.as_str()).await?;
-    let count = state
-        .events
-        .subject_events_until(subject.as_str(), until)
-        .await?;
+    let (s, count) = state.events.subject_state(subject.as_str(), until).await?;
     // A forgotten subject's events are erased on every read path (the
     // ledger is checked per page), so only an active one discloses.
     caller
@@ -71,9 +67,7 @@ async fn export(
         .await
         .is_err()
     {
-        return Err(ApiError::Unavailable(
-            "the request could not be audited; nothing was disclosed",
-        ));
+        return Err(ApiError::not_audited());
     }
     caller.audit.mark_recorded();
 
@@ -134,11 +128,6 @@ async fn export(
         .expect("a valid response"))
 }
 
-fn subject(path: Result<Path<String>, PathRejection>) -> Result<Subject, ApiError> {
-    let Path(raw) = path.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    Subject::parse(&raw).map_err(|e| ApiError::BadRequest(e.to_string()))
-}
-
 #[derive(Serialize)]
 struct StateView<'a> {
     subject: &'a str,
@@ -154,8 +143,11 @@ async fn state(
     if !caller.grants.allows(Permission::Export, None) {
         caller.require(Permission::Forget, None)?;
     }
-    let subject = subject(path)?;
-    let (s, events) = state.events.subject_state(subject.as_str()).await?;
+    let subject = path_id(path, Subject::parse)?;
+    let (s, events) = state
+        .events
+        .subject_state(subject.as_str(), u64::MAX)
+        .await?;
     Ok(json_response(
         StatusCode::OK,
         &StateView {
@@ -189,7 +181,7 @@ async fn forget(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     caller.require(Permission::Forget, None)?;
-    let subject = subject(path)?;
+    let subject = path_id(path, Subject::parse)?;
     let reason = if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {

@@ -252,8 +252,7 @@ async fn audited(state: AppState, req: Request, next: Next) -> Response {
             Ok(()) => response,
             Err(e) => {
                 tracing::error!(error = %e, "the audit record could not be written; the response is withheld");
-                ApiError::Unavailable("the request could not be audited; nothing was disclosed")
-                    .into_response()
+                ApiError::not_audited().into_response()
             }
         }
     };

@@ -96,27 +96,13 @@ impl EventStore {
         })?)
     }
 
-    /// How many events name `subject`, up to position `until`.
-    pub async fn subject_event_count_until(
-        &self,
-        subject: &str,
-        until: u64,
-    ) -> Result<u64, StoreError> {
+    /// How many events name `subject`, up to position `until` (`u64::MAX`:
+    /// all of them).
+    pub async fn subject_event_count(&self, subject: &str, until: u64) -> Result<u64, StoreError> {
         let n: i64 = on_db!(&self.db, |pool| {
             sqlx::query_scalar("select count(*) from events where subject = $1 and position <= $2")
                 .bind(subject)
                 .bind(i64::try_from(until).unwrap_or(i64::MAX))
-                .fetch_one(pool)
-                .await
-        })?;
-        Ok(n as u64)
-    }
-
-    /// How many events name `subject`.
-    pub async fn subject_event_count(&self, subject: &str) -> Result<u64, StoreError> {
-        let n: i64 = on_db!(&self.db, |pool| {
-            sqlx::query_scalar("select count(*) from events where subject = $1")
-                .bind(subject)
                 .fetch_one(pool)
                 .await
         })?;

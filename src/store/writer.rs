@@ -573,12 +573,17 @@ async fn sqlite_snapshot(
     .bind(serde_json::to_string(&ids).expect("strings serialise"))
     .fetch_all(&mut **tx)
     .await?;
-    let forgotten = sqlx::query_scalar(
-        "select subject from forgotten_subjects where subject in (select value from json_each($1))",
-    )
-    .bind(serde_json::to_string(&all_subjects(cmds)).expect("strings serialise"))
-    .fetch_all(&mut **tx)
-    .await?;
+    let subjects = all_subjects(cmds);
+    let forgotten = if subjects.is_empty() {
+        vec![]
+    } else {
+        sqlx::query_scalar(
+            "select subject from forgotten_subjects where subject in (select value from json_each($1))",
+        )
+        .bind(serde_json::to_string(&subjects).expect("strings serialise"))
+        .fetch_all(&mut **tx)
+        .await?
+    };
     snapshot_from(audit_head, head, versions, existing, forgotten)
 }
 
@@ -658,11 +663,15 @@ async fn pg_snapshot(
     .bind(all_ids(cmds))
     .fetch_all(&mut **tx)
     .await?;
-    let forgotten =
+    let subjects = all_subjects(cmds);
+    let forgotten = if subjects.is_empty() {
+        vec![]
+    } else {
         sqlx::query_scalar("select subject from forgotten_subjects where subject = any($1)")
-            .bind(all_subjects(cmds))
+            .bind(subjects)
             .fetch_all(&mut **tx)
-            .await?;
+            .await?
+    };
     snapshot_from(audit_head, head, versions, existing, forgotten)
 }
 

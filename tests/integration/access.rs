@@ -43,6 +43,11 @@ pub async fn call(
     (r.status(), r.text().await.unwrap())
 }
 
+/// A GET with a bearer token and no other header.
+pub async fn get(app: &TestApp, path: &str, token: &str) -> (StatusCode, String) {
+    call(app, Method::GET, path, Some(token), &[], None).await
+}
+
 /// Every audit record, read with the admin token (which holds `audit`). A
 /// short page ends the listing: each listing is itself audited, so the log
 /// grows while it is read.
@@ -50,13 +55,10 @@ pub async fn audit_records(app: &TestApp, query: &str) -> Vec<Value> {
     let mut out = Vec::new();
     let mut after = 0;
     loop {
-        let (status, text) = call(
+        let (status, text) = get(
             app,
-            Method::GET,
             &format!("/audit?after={after}&limit=1000&{query}"),
-            Some(&app.token()),
-            &[],
-            None,
+            &app.token(),
         )
         .await;
         assert_eq!(status, StatusCode::OK, "{text}");
@@ -180,7 +182,7 @@ async fn a_service_reader_sees_personal_data_redacted(backend: Backend) {
         "/events",
         "/events?as_of=2100-01-01T00:00:00Z",
     ] {
-        let (status, text) = call(&app, Method::GET, path, Some(&service), &[], None).await;
+        let (status, text) = get(&app, path, &service).await;
         assert_eq!(status, StatusCode::OK, "{path}: {text}");
         assert_no_personal_value(&text);
         let page: Value = serde_json::from_str(&text).unwrap();
@@ -222,7 +224,7 @@ async fn a_support_reader_needs_a_purpose_and_then_sees_personal_data(backend: B
     .await;
     let support = app.env.add_principal("officer", &["support"]).await;
     for path in ["/streams/loans-3/events", "/events"] {
-        let (status, text) = call(&app, Method::GET, path, Some(&support), &[], None).await;
+        let (status, text) = get(&app, path, &support).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {text}");
         assert!(text.contains("X-Purpose"), "{text}");
         assert_no_personal_value(&text);
@@ -310,15 +312,7 @@ async fn the_global_log_hides_streams_outside_the_grant(backend: Backend) {
     let mut after = 0;
     let mut pages = 0;
     loop {
-        let (status, text) = call(
-            &app,
-            Method::GET,
-            &format!("/events?after={after}&limit=4"),
-            Some(&service),
-            &[],
-            None,
-        )
-        .await;
+        let (status, text) = get(&app, &format!("/events?after={after}&limit=4"), &service).await;
         assert_eq!(status, StatusCode::OK, "{text}");
         assert!(!text.contains("loans-"), "a hidden stream leaked: {text}");
         let page: Value = serde_json::from_str(&text).unwrap();
@@ -351,24 +345,8 @@ async fn a_refusal_says_nothing_about_whether_the_stream_exists(backend: Backend
     app.append_ok("loans-1", &batch(vec![deposit(Uuid::new_v4(), "l", "1")]))
         .await;
     let service = app.env.add_principal("ledger", &["service"]).await;
-    let (s1, existing) = call(
-        &app,
-        Method::GET,
-        "/streams/loans-1/events",
-        Some(&service),
-        &[],
-        None,
-    )
-    .await;
-    let (s2, missing) = call(
-        &app,
-        Method::GET,
-        "/streams/loans-404/events",
-        Some(&service),
-        &[],
-        None,
-    )
-    .await;
+    let (s1, existing) = get(&app, "/streams/loans-1/events", &service).await;
+    let (s2, missing) = get(&app, "/streams/loans-404/events", &service).await;
     assert_eq!((s1, s2), (StatusCode::FORBIDDEN, StatusCode::FORBIDDEN));
     assert_eq!(existing, missing, "the same answer either way");
     // Also when the request is malformed: permission comes first.
@@ -382,15 +360,7 @@ async fn a_refusal_says_nothing_about_whether_the_stream_exists(backend: Backend
     )
     .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, _) = call(
-        &app,
-        Method::GET,
-        "/streams/loans-1/events?limit=oops",
-        Some(&service),
-        &[],
-        None,
-    )
-    .await;
+    let (status, _) = get(&app, "/streams/loans-1/events?limit=oops", &service).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
 
@@ -431,15 +401,7 @@ async fn what_a_reader_sees_follows_todays_policy(backend: Backend) {
     let read = |app: TestApp| {
         let reader = reader.clone();
         async move {
-            let (status, text) = call(
-                &app,
-                Method::GET,
-                "/streams/s-1/events",
-                Some(&reader),
-                &[],
-                None,
-            )
-            .await;
+            let (status, text) = get(&app, "/streams/s-1/events", &reader).await;
             assert_eq!(status, StatusCode::OK, "{text}");
             (app, text)
         }

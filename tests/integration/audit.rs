@@ -9,7 +9,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::access::{audit_records, call};
+use crate::access::{audit_records, call, get};
 use crate::at_rest::{events_db, exec};
 use crate::both_backends;
 use crate::common::{
@@ -31,15 +31,7 @@ both_backends!(
 );
 
 async fn verify(app: &TestApp) -> Value {
-    let (status, text) = call(
-        app,
-        Method::GET,
-        "/audit/verify",
-        Some(&app.token()),
-        &[],
-        None,
-    )
-    .await;
+    let (status, text) = get(app, "/audit/verify", &app.token()).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     serde_json::from_str(&text).unwrap()
 }
@@ -383,15 +375,7 @@ async fn cut_off_newest_records_are_found(backend: Backend) {
     // write over the cut (and so to serve data).
     let r = app.read("accounts-1", "").await;
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let (s, _) = call(
-        &app,
-        Method::GET,
-        "/audit/verify",
-        Some(&app.token()),
-        &[],
-        None,
-    )
-    .await;
+    let (s, _) = get(&app, "/audit/verify", &app.token()).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     let n: i64 = match &db {
         Db::Sqlite(p) => sqlx::query_scalar("select count(*) from audit_log")
@@ -408,13 +392,10 @@ async fn cut_off_newest_records_are_found(backend: Backend) {
     // The same check over HTTP, on a service started afresh.
     let env = app.stop().await;
     let app = TestApp::start(env).await;
-    let (_, text) = call(
+    let (_, text) = get(
         &app,
-        Method::GET,
         &format!("/audit/verify?expect={expect}"),
-        Some(&app.token()),
-        &[],
-        None,
+        &app.token(),
     )
     .await;
     let v: Value = serde_json::from_str(&text).unwrap();
@@ -554,32 +535,13 @@ async fn the_listing_filters_and_pages(backend: Backend) {
     make_records(&app).await;
     let officer = app.env.add_principal("officer", &["auditor"]).await;
     // An auditor reads the log.
-    let (status, text) = call(
-        &app,
-        Method::GET,
-        "/audit?limit=3",
-        Some(&officer),
-        &[],
-        None,
-    )
-    .await;
+    let (status, text) = get(&app, "/audit?limit=3", &officer).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     let page: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(page["records"].as_array().unwrap().len(), 3);
     assert_eq!(page["next"], 3);
-    let page: Value = serde_json::from_str(
-        &call(
-            &app,
-            Method::GET,
-            "/audit?after=3&limit=2",
-            Some(&officer),
-            &[],
-            None,
-        )
-        .await
-        .1,
-    )
-    .unwrap();
+    let page: Value =
+        serde_json::from_str(&get(&app, "/audit?after=3&limit=2", &officer).await.1).unwrap();
     let seqs: Vec<u64> = page["records"]
         .as_array()
         .unwrap()
@@ -611,19 +573,11 @@ async fn the_listing_filters_and_pages(backend: Backend) {
             .len()
             >= 10
     );
-    let (status, text) = call(
-        &app,
-        Method::GET,
-        "/audit?since=yesterday",
-        Some(&officer),
-        &[],
-        None,
-    )
-    .await;
+    let (status, text) = get(&app, "/audit?since=yesterday", &officer).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(text.contains("since"), "{text}");
     // The auditor sees no event data.
-    let (status, _) = call(&app, Method::GET, "/events", Some(&officer), &[], None).await;
+    let (status, _) = get(&app, "/events", &officer).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
 

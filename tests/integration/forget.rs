@@ -9,7 +9,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::access::{audit_records, call};
+use crate::access::{audit_records, call, get};
 use crate::at_rest::{exec, key_ids_of, keystore_db};
 use crate::both_backends;
 use crate::common::{Backend, PERSONAL_VALUES, ServerProcess, TestApp, TestEnv, batch, deposit};
@@ -111,30 +111,15 @@ async fn a_forget_erases_personal_data_for_everyone_and_keeps_the_clear_fields(b
         (app.token(), format!("as_of={before_time}")),
         (service.clone(), String::new()),
     ] {
-        let (status, text) = call(
-            &app,
-            Method::GET,
-            &format!("/streams/payments-1/events?{query}"),
-            Some(&token),
-            &[],
-            None,
-        )
-        .await;
+        let (status, text) =
+            get(&app, &format!("/streams/payments-1/events?{query}"), &token).await;
         assert_eq!(status, StatusCode::OK, "{text}");
         let page: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(page["events"][0]["personal_data"], "erased", "{query}");
         assert!(!text.contains("Payer of cust-1"), "{text}");
     }
     // The ledger stream says what happened, without personal data.
-    let (status, text) = call(
-        &app,
-        Method::GET,
-        "/streams/$subjects/events",
-        Some(&app.token()),
-        &[],
-        None,
-    )
-    .await;
+    let (status, text) = get(&app, "/streams/$subjects/events", &app.token()).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     let page: Value = serde_json::from_str(&text).unwrap();
     let e = &page["events"][0];
@@ -157,15 +142,7 @@ async fn a_forget_erases_personal_data_for_everyone_and_keeps_the_clear_fields(b
     )
     .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, _) = call(
-        &app,
-        Method::GET,
-        "/streams/$subjects/events",
-        Some(&dpo),
-        &[],
-        None,
-    )
-    .await;
+    let (status, _) = get(&app, "/streams/$subjects/events", &dpo).await;
     assert_eq!(status, StatusCode::OK);
     // The subject's state.
     for (subject, state, events) in [
@@ -173,15 +150,7 @@ async fn a_forget_erases_personal_data_for_everyone_and_keeps_the_clear_fields(b
         ("cust-2", "active", 1),
         ("cust-9", "unknown", 0),
     ] {
-        let (status, text) = call(
-            &app,
-            Method::GET,
-            &format!("/subjects/{subject}"),
-            Some(&dpo),
-            &[],
-            None,
-        )
-        .await;
+        let (status, text) = get(&app, &format!("/subjects/{subject}"), &dpo).await;
         assert_eq!(status, StatusCode::OK, "{text}");
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(
@@ -460,15 +429,7 @@ async fn an_interrupted_forget_is_completed_at_start(backend: Backend) {
         "no internals: {body}"
     );
     // The intent is recorded: the subject is forgotten, appends are refused.
-    let (_, text) = call(
-        &app,
-        Method::GET,
-        "/subjects/cust-1",
-        Some(&app.token()),
-        &[],
-        None,
-    )
-    .await;
+    let (_, text) = get(&app, "/subjects/cust-1", &app.token()).await;
     assert!(text.contains("\"forgotten\""), "{text}");
     // ... and reads show it erased although its key could not be deleted yet.
     let r = app
@@ -541,15 +502,7 @@ async fn a_forget_reaches_every_process_within_a_second(backend: Backend) {
 }
 
 async fn export(app: &TestApp, token: &str, subject: &str) -> (StatusCode, String) {
-    call(
-        app,
-        Method::GET,
-        &format!("/subjects/{subject}/export"),
-        Some(token),
-        &[],
-        None,
-    )
-    .await
+    get(app, &format!("/subjects/{subject}/export"), token).await
 }
 
 async fn an_export_holds_everything_about_the_subject(backend: Backend) {
