@@ -9,11 +9,13 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use zeroize::Zeroizing;
 
+use crate::http::conn::DeadlineListener;
 use crate::http::{AppState, HttpConfig, router};
 use crate::keys::{KeyError, KeyManager, load_master_key, next_master_key_path};
 use crate::policy::{Policies, PolicyError};
 use crate::principals::{PrincipalError, Principals};
 use crate::service::Events;
+use crate::store::feed::{self, Feed};
 use crate::store::keystore::Keystore;
 use crate::store::writer::Writer;
 use crate::store::{Db, EventStore, Purpose, StoreError, redact_url};
@@ -41,6 +43,9 @@ pub struct Config {
     pub dek_max_encryptions: u64,
     /// Connections per database pool.
     pub max_db_connections: u32,
+    /// How long a write to a client may wait for it to read before the
+    /// connection is closed (stalled subscribers, slow readers).
+    pub write_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -156,6 +161,9 @@ pub struct Application {
     state: AppState,
     writer_task: tokio::task::JoinHandle<()>,
     admin_token: Option<Zeroizing<String>>,
+    /// Tells long-lived responses (subscriptions) that the service stops.
+    shutdown: tokio::sync::watch::Sender<bool>,
+    write_timeout: std::time::Duration,
 }
 
 impl Application {
@@ -169,7 +177,9 @@ impl Application {
         let principals = Arc::new(Principals::new(store.clone()));
         let admin_token = principals.bootstrap_admin(&policies).await?;
         check_principal_roles(&principals, &policies, cfg).await?;
-        let (writer, writer_task) = Writer::spawn(store.db.clone());
+        let feed = Feed::new(store.head_position().await?);
+        feed::follow_other_processes(&store, &feed);
+        let (writer, writer_task) = Writer::spawn(store.db.clone(), feed);
         keys.follow_evictions();
         let events = Events::new(store.clone(), writer, keys.clone(), policies.clone());
         // Before the first request: a restored keystore must not bring a
@@ -187,6 +197,7 @@ impl Application {
                 "completed forgets that had been interrupted"
             );
         }
+        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         let state = AppState {
             events,
             store,
@@ -196,6 +207,7 @@ impl Application {
             config: Arc::new(HttpConfig {
                 max_body_bytes: cfg.max_body_bytes,
             }),
+            shutdown: shutdown_rx,
         };
         let listener = TcpListener::bind(cfg.listen)
             .await
@@ -208,6 +220,8 @@ impl Application {
             state,
             writer_task,
             admin_token,
+            shutdown: shutdown_tx,
+            write_timeout: cfg.write_timeout,
         })
     }
 
@@ -232,13 +246,20 @@ impl Application {
             listener,
             state,
             writer_task,
+            shutdown: stopping,
+            write_timeout,
             ..
         } = self;
         let store = state.store.clone();
         let keystore = state.keys.keystore().clone();
         let app = router(state);
         tracing::info!(addr = %listener.local_addr()?, "eventvault listening");
-        axum::serve(listener, app)
+        let shutdown = async move {
+            shutdown.await;
+            // Subscriptions end, so that their connections can close.
+            let _ = stopping.send(true);
+        };
+        axum::serve(DeadlineListener::new(listener, write_timeout), app)
             .with_graceful_shutdown(shutdown)
             .await?;
         // The router (and with it every writer handle) is gone: the writer

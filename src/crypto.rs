@@ -28,6 +28,7 @@ const TAG_LEN: usize = 16;
 const KEY_LEN: usize = 32;
 
 const EVENT_AAD_LABEL: &[u8] = b"eventvault/event/v1";
+const SNAPSHOT_AAD_LABEL: &[u8] = b"eventvault/snapshot/v1";
 const DEK_AAD_LABEL: &[u8] = b"eventvault/dek/v1";
 const KEK_CHECK_LABEL: &[u8] = b"eventvault/kek-check/v1";
 const KEK_ID_LABEL: &[u8] = b"eventvault/kek-id/v1";
@@ -136,6 +137,27 @@ impl EventAad<'_> {
     }
 }
 
+/// Where a snapshot's sealed state belongs: its stream, the version it
+/// folds and its key, bound into the ciphertext as associated data.
+pub struct SnapshotAad<'a> {
+    pub stream_id: &'a str,
+    pub version: u64,
+    pub key_id: &'a str,
+}
+
+impl SnapshotAad<'_> {
+    fn encode(&self) -> Vec<u8> {
+        aad(
+            SNAPSHOT_AAD_LABEL,
+            &[
+                self.stream_id.as_bytes(),
+                &self.version.to_be_bytes(),
+                self.key_id.as_bytes(),
+            ],
+        )
+    }
+}
+
 /// A data subject's data-encryption key. No `Debug`, no `Clone`, zeroized on
 /// drop; shared between tasks only behind an `Arc`.
 pub struct Dek {
@@ -153,6 +175,24 @@ impl Dek {
         &self,
         blob: &[u8],
         at: &EventAad<'_>,
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        open_with(&self.cipher, blob, &at.encode())
+    }
+
+    /// Seals a snapshot's state.
+    pub fn seal_snapshot(
+        &self,
+        plaintext: &[u8],
+        at: &SnapshotAad<'_>,
+    ) -> Result<Vec<u8>, CryptoError> {
+        seal_with(&self.cipher, plaintext, &at.encode())
+    }
+
+    /// Opens a snapshot's state; any mismatch is [`CryptoError::Integrity`].
+    pub fn open_snapshot(
+        &self,
+        blob: &[u8],
+        at: &SnapshotAad<'_>,
     ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         open_with(&self.cipher, blob, &at.encode())
     }

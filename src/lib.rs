@@ -15,6 +15,7 @@
 //! - [`service`]: classify + seal on append, open + mark on read.
 //! - [`http`]: the axum API; the only module that knows its JSON shapes.
 //! - [`app`]: configuration, start-up and graceful shutdown.
+//! - [`sse`]: a Server-Sent Events reader for clients of the subscriptions.
 
 #![forbid(unsafe_code)]
 
@@ -27,4 +28,5 @@ pub mod keys;
 pub mod policy;
 pub mod principals;
 pub mod service;
+pub mod sse;
 pub mod store;

@@ -80,6 +80,10 @@ enum Command {
         /// Unwrapped data keys kept in memory.
         #[arg(long, env = "EVENTVAULT_KEY_CACHE", default_value_t = 100_000)]
         key_cache: usize,
+        /// Seconds a write may wait for a client that does not read (a
+        /// stalled subscriber) before its connection is closed.
+        #[arg(long, env = "EVENTVAULT_WRITE_TIMEOUT_SECS", default_value_t = 30)]
+        write_timeout_secs: u64,
     },
     /// Manage principals (callers and their tokens).
     #[command(subcommand)]
@@ -138,6 +142,12 @@ enum PrincipalCommand {
 }
 
 fn config(cli: &Cli, listen: SocketAddr, max_body_bytes: usize, key_cache: usize) -> Config {
+    let write_timeout_secs = match &cli.command {
+        Command::Serve {
+            write_timeout_secs, ..
+        } => *write_timeout_secs,
+        _ => 30,
+    };
     Config {
         listen,
         database_url: cli.database_url.clone(),
@@ -151,6 +161,7 @@ fn config(cli: &Cli, listen: SocketAddr, max_body_bytes: usize, key_cache: usize
         key_cache_capacity: key_cache,
         dek_max_encryptions: eventvault::keys::DEFAULT_MAX_ENCRYPTIONS,
         max_db_connections: cli.db_connections,
+        write_timeout: std::time::Duration::from_secs(write_timeout_secs.max(1)),
     }
 }
 
@@ -180,6 +191,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             listen,
             max_body_bytes,
             key_cache,
+            ..
         } => {
             let cfg = config(&cli, *listen, *max_body_bytes, *key_cache);
             let mut application = Application::build(&cfg).await?;

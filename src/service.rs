@@ -16,12 +16,13 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::audit::AuditEntry;
-use crate::crypto::{Dek, EventAad};
+use crate::crypto::{Dek, EventAad, SnapshotAad};
 use crate::domain::{
-    EventBatch, ExpectedVersion, PersonalData, ProposedEvent, ReadEvent, StreamId,
+    EventBatch, ExpectedVersion, PersonalData, ProposedEvent, ReadEvent, StreamId, Subject,
 };
 use crate::keys::{ActiveKey, KeyError, KeyManager};
 use crate::policy::{Grants, Policies, ReadKind, View};
+use crate::store::snapshots::{NewSnapshot, SnapshotRefusal};
 use crate::store::writer::{
     AppendCommand, AppendRejection, Appended, PendingEvent, WriteError, Writer,
 };
@@ -40,10 +41,19 @@ pub enum ServiceError {
     Rejected(#[from] AppendRejection),
     #[error("stream not found")]
     StreamNotFound,
+    /// A version the stream does not have (yet): `current` is its version.
+    #[error("the stream has no such version (its version is {current})")]
+    NoSuchVersion { current: u64 },
+    /// A snapshot older than the one stored.
+    #[error("a snapshot of version {stored} is stored; an older one does not replace it")]
+    OlderSnapshot { stored: u64 },
     /// A stored ciphertext failed to open: it was moved, altered or damaged.
     /// Never carries plaintext or key material.
     #[error("integrity check failed for the event at position {position}")]
     Integrity { position: u64 },
+    /// A stored snapshot failed to open (names the stream).
+    #[error("integrity check failed for the snapshot of {0}")]
+    SnapshotIntegrity(String),
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(transparent)]
@@ -69,6 +79,25 @@ pub struct StreamPage {
     pub events: Vec<ReadEvent>,
     /// The `from` of the next page, if there may be one.
     pub next: Option<u64>,
+}
+
+/// Where in history a stream read looks: as it was at a time, at a
+/// version, or both (whichever is earlier); the present when both are `None`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AsOf {
+    pub as_of_us: Option<i64>,
+    pub to_version: Option<u64>,
+}
+
+/// A snapshot as a reader sees it.
+#[derive(Debug)]
+pub struct SnapshotRead {
+    pub version: u64,
+    pub subject: Option<String>,
+    /// `None` unless decrypted or stored in clear.
+    pub state: Option<Value>,
+    pub personal_data: PersonalData,
+    pub recorded_at_us: i64,
 }
 
 /// A page of the global log.
@@ -334,34 +363,156 @@ impl Events {
         Ok((state, events))
     }
 
+    /// Saves the stream's snapshot at `version`. With a subject the whole
+    /// state is sealed under the subject's key, so a forget erases it like
+    /// the subject's events; without one it is stored in clear.
+    pub async fn save_snapshot(
+        &self,
+        stream: &StreamId,
+        version: u64,
+        subject: Option<&Subject>,
+        state: &Value,
+    ) -> Result<(), ServiceError> {
+        let text = Zeroizing::new(serde_json::to_string(state).expect("JSON values serialise"));
+        let forgotten =
+            |s: &Subject| ServiceError::Rejected(AppendRejection::Forgotten(s.as_str().to_owned()));
+        let (key_id, sealed, clear) = match subject {
+            None => (None, None, Some(text.to_string())),
+            Some(s) => {
+                // Refused before a key is made for a forgotten subject; the
+                // statement below checks again, for a forget that races.
+                if self.store.forgotten(s.as_str()).await?.is_some() {
+                    return Err(forgotten(s));
+                }
+                let key = self.keys.key_for_subject(s.as_str(), 1).await?;
+                let at = SnapshotAad {
+                    stream_id: stream.as_str(),
+                    version,
+                    key_id: &key.key_id,
+                };
+                let sealed = key
+                    .dek
+                    .seal_snapshot(text.as_bytes(), &at)
+                    .map_err(KeyError::from)?;
+                (Some(key.key_id.to_string()), Some(sealed), None)
+            }
+        };
+        let refusal = self
+            .store
+            .save_snapshot(NewSnapshot {
+                stream_id: stream.as_str(),
+                version,
+                subject: subject.map(Subject::as_str),
+                key_id: key_id.as_deref(),
+                state: clear,
+                sealed,
+            })
+            .await?;
+        match refusal {
+            Ok(()) => Ok(()),
+            Err(SnapshotRefusal::NoSuchVersion { current }) => {
+                Err(ServiceError::NoSuchVersion { current })
+            }
+            Err(SnapshotRefusal::Older { stored }) => Err(ServiceError::OlderSnapshot { stored }),
+            Err(SnapshotRefusal::Forgotten) => {
+                let s = subject.expect("only a snapshot with a subject is refused as forgotten");
+                if let Err(e) = self.keys.discard_subject_keys(s.as_str()).await {
+                    tracing::warn!(error = %e, "could not discard a key made for a forgotten subject");
+                }
+                Err(forgotten(s))
+            }
+        }
+    }
+
+    /// The stream's snapshot as the caller may see it: the state decrypted,
+    /// or left out (`redacted`; `erased` once the subject is forgotten).
+    /// The caller must have been allowed to read `stream`.
+    pub async fn load_snapshot(
+        &self,
+        stream: &StreamId,
+        grants: &Grants,
+    ) -> Result<Option<SnapshotRead>, ServiceError> {
+        let Some(row) = self.store.load_snapshot(stream.as_str()).await? else {
+            return Ok(None);
+        };
+        let reveal = grants.read_view(stream.as_str()) == Some(View::Revealed);
+        let broken = || ServiceError::SnapshotIntegrity(row.stream_id.clone());
+        let (state, personal_data) = match (&row.sealed, &row.key_id, &row.state) {
+            (Some(_), Some(_), _) if row.forgotten => (None, PersonalData::Erased),
+            (Some(_), Some(_), _) if !reveal => (None, PersonalData::Redacted),
+            (Some(blob), Some(key_id), _) => match self.keys.key_by_id(key_id).await? {
+                None => (None, PersonalData::Erased),
+                Some(dek) => {
+                    let at = SnapshotAad {
+                        stream_id: &row.stream_id,
+                        version: row.version as u64,
+                        key_id,
+                    };
+                    let plain = dek.open_snapshot(blob, &at).map_err(|_| broken())?;
+                    let state = serde_json::from_slice(&plain).map_err(|_| broken())?;
+                    (Some(state), PersonalData::Decrypted)
+                }
+            },
+            (None, None, Some(text)) => (
+                Some(serde_json::from_str(text).map_err(|_| {
+                    ServiceError::Store(StoreError::Corrupt(format!(
+                        "the snapshot of {}",
+                        row.stream_id
+                    )))
+                })?),
+                PersonalData::None,
+            ),
+            _ => {
+                return Err(ServiceError::Store(StoreError::Corrupt(format!(
+                    "the snapshot of {}",
+                    row.stream_id
+                ))));
+            }
+        };
+        Ok(Some(SnapshotRead {
+            version: row.version as u64,
+            subject: row.subject,
+            state,
+            personal_data,
+            recorded_at_us: row.recorded_at,
+        }))
+    }
+
     /// Writes an audit record; returns once it is durable.
     pub async fn audit(&self, entry: AuditEntry) -> Result<(), ServiceError> {
         Ok(self.writer.audit(entry).await?)
     }
 
-    /// A page of a stream, as it was at `as_of_us` if given. The caller must
-    /// have been allowed to read `stream` (checked before any data is read).
+    /// A page of a stream, as it was at `at.as_of_us` and at version
+    /// `at.to_version` if given. The caller must have been allowed to read
+    /// `stream` (checked before any data is read).
     pub async fn read_stream(
         &self,
         stream: &StreamId,
         from: Option<u64>,
         limit: u32,
         direction: Direction,
-        as_of_us: Option<i64>,
+        at: AsOf,
         grants: &Grants,
     ) -> Result<StreamPage, ServiceError> {
-        let current = self
+        let mut current = self
             .store
-            .stream_version(stream, as_of_us)
+            .stream_version(stream, at.as_of_us)
             .await?
             .ok_or(ServiceError::StreamNotFound)?;
+        if let Some(v) = at.to_version {
+            if v == 0 || v > current {
+                return Err(ServiceError::NoSuchVersion { current });
+            }
+            current = v;
+        }
         let from = from.unwrap_or(match direction {
             Direction::Forward => 1,
             Direction::Backward => current,
         });
         let rows = self
             .store
-            .read_stream(stream, from, limit, direction, as_of_us)
+            .read_stream(stream, (from, current), limit, direction, at.as_of_us)
             .await?;
         let full = rows.len() == limit as usize;
         let next = rows.last().and_then(|last| {
@@ -443,6 +594,12 @@ impl Events {
             read,
             last,
         ))
+    }
+
+    /// A handle on the commit feed: it moves when events are committed
+    /// (by this process or, on PostgreSQL, any other).
+    pub fn follow(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.writer.feed().follow()
     }
 
     /// The position of the newest event.

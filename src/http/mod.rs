@@ -4,11 +4,14 @@
 mod audit;
 mod auth;
 mod body;
+pub mod conn;
 mod health;
 mod log;
 mod problem;
+mod snapshots;
 mod streams;
 mod subjects;
+mod subscribe;
 mod trail;
 mod views;
 
@@ -45,6 +48,8 @@ pub struct AppState {
     pub principals: Arc<Principals>,
     pub policies: Arc<Policies>,
     pub config: Arc<HttpConfig>,
+    /// Becomes `true` when the service begins to stop: subscriptions end.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The id in a request path (a stream or a subject), checked by `parse`:
@@ -65,9 +70,11 @@ pub fn router(state: AppState) -> Router {
     // Every data route writes one audit record per request, refused or not.
     let data = Router::new()
         .merge(streams::router())
+        .merge(snapshots::router())
         .merge(log::router())
         .merge(audit::router())
         .merge(subjects::router())
+        .merge(subscribe::router())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             trail::record_requests,

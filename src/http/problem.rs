@@ -27,6 +27,9 @@ pub enum ApiError {
     },
     #[error("{0}")]
     Gone(String),
+    /// A snapshot older than the stored one.
+    #[error("{0}")]
+    StaleSnapshot(String),
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
     #[error("{0}")]
@@ -54,6 +57,7 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::Gone(_) => StatusCode::GONE,
+            Self::StaleSnapshot(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Integrity | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -74,6 +78,7 @@ impl ApiError {
             } => "wrong-expected-version",
             Self::Conflict { .. } => "duplicate-event-ids",
             Self::Gone(_) => "subject-forgotten",
+            Self::StaleSnapshot(_) => "stale-snapshot",
             Self::PayloadTooLarge(_) => "payload-too-large",
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
             Self::Integrity => "integrity-failure",
@@ -127,10 +132,19 @@ impl From<ServiceError> for ApiError {
             },
             ServiceError::Rejected(r @ AppendRejection::Forgotten(_)) => Self::Gone(r.to_string()),
             ServiceError::StreamNotFound => Self::NotFound("stream not found".into()),
+            e @ ServiceError::NoSuchVersion { .. } => Self::BadRequest(e.to_string()),
+            e @ ServiceError::OlderSnapshot { .. } => Self::StaleSnapshot(e.to_string()),
             ServiceError::Integrity { position } => {
                 tracing::error!(
                     position,
                     "stored ciphertext failed its integrity check; nothing was disclosed"
+                );
+                Self::Integrity
+            }
+            ServiceError::SnapshotIntegrity(stream) => {
+                tracing::error!(
+                    stream,
+                    "a stored snapshot failed its integrity check; nothing was disclosed"
                 );
                 Self::Integrity
             }

@@ -21,7 +21,7 @@ use crate::domain::{
     Subject,
 };
 use crate::policy::Permission;
-use crate::service::ServiceError;
+use crate::service::{AsOf, ServiceError};
 use crate::store::Direction;
 use crate::store::writer::Appended;
 
@@ -138,6 +138,7 @@ struct ReadParams {
     limit: Option<u32>,
     direction: Option<DirectionParam>,
     as_of: Option<String>,
+    to_version: Option<u64>,
 }
 
 pub fn limit(raw: Option<u32>) -> Result<u32, ApiError> {
@@ -201,7 +202,10 @@ async fn read(
             p.from,
             limit(p.limit)?,
             direction,
-            as_of(p.as_of.as_deref())?,
+            AsOf {
+                as_of_us: as_of(p.as_of.as_deref())?,
+                to_version: p.to_version,
+            },
             &caller.grants,
         )
         .await?;

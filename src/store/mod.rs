@@ -7,8 +7,10 @@
 //! locks, `uuid` columns) each has its own small function next to the other.
 
 pub mod audit;
+pub mod feed;
 pub mod keystore;
 pub mod principals;
+pub mod snapshots;
 pub mod subjects;
 pub mod writer;
 
@@ -325,21 +327,21 @@ impl EventStore {
     }
 
     /// Up to `limit` events of a stream starting at version `from` (inclusive)
-    /// in `direction`, recorded at or before `as_of_us`.
+    /// in `direction`, up to version `to` and recorded at or before `as_of_us`.
     pub async fn read_stream(
         &self,
         stream: &StreamId,
-        from: u64,
+        (from, to): (u64, u64),
         limit: u32,
         direction: Direction,
         as_of_us: Option<i64>,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let sql = match direction {
             Direction::Forward => select_events!(
-                "where stream_id = $1 and version >= $2 and recorded_at <= $3 order by version asc limit $4"
+                "where stream_id = $1 and version >= $2 and version <= $5 and recorded_at <= $3 order by version asc limit $4"
             ),
             Direction::Backward => select_events!(
-                "where stream_id = $1 and version <= $2 and recorded_at <= $3 order by version desc limit $4"
+                "where stream_id = $1 and version <= $2 and version <= $5 and recorded_at <= $3 order by version desc limit $4"
             ),
         };
         let from = i64::try_from(from).unwrap_or(i64::MAX);
@@ -350,6 +352,7 @@ impl EventStore {
                 .bind(from)
                 .bind(as_of)
                 .bind(i64::from(limit))
+                .bind(i64::try_from(to).unwrap_or(i64::MAX))
                 .fetch_all(pool)
                 .await
         })?;

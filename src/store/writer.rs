@@ -27,6 +27,7 @@ use sqlx::{Postgres, Sqlite, Transaction};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use super::feed::{COMMIT_CHANNEL, Feed};
 use super::{Db, StoreError, audit, now_us};
 use crate::audit::{AuditEntry, AuditRecord, Outcome, seal_records};
 use crate::domain::{AppendResult, ExpectedVersion, StreamId};
@@ -123,15 +124,22 @@ type Reply = oneshot::Sender<Result<Option<Appended>, WriteError>>;
 #[derive(Clone, Debug)]
 pub struct Writer {
     tx: mpsc::Sender<(Job, Reply)>,
+    feed: Feed,
 }
 
 impl Writer {
     /// Starts the writer task on `db`; it ends once every handle is dropped
     /// and the queue is drained, so in-flight appends finish on shutdown.
-    pub fn spawn(db: Db) -> (Self, tokio::task::JoinHandle<()>) {
+    /// Every commit that writes events advances `feed`.
+    pub fn spawn(db: Db, feed: Feed) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        let task = tokio::spawn(run(db, rx));
-        (Self { tx }, task)
+        let task = tokio::spawn(run(db, rx, feed.clone()));
+        (Self { tx, feed }, task)
+    }
+
+    /// The commit feed this writer advances.
+    pub fn feed(&self) -> &Feed {
+        &self.feed
     }
 
     async fn submit(&self, job: Job) -> Result<Option<Appended>, WriteError> {
@@ -192,7 +200,7 @@ impl Writer {
     }
 }
 
-async fn run(db: Db, mut rx: mpsc::Receiver<(Job, Reply)>) {
+async fn run(db: Db, mut rx: mpsc::Receiver<(Job, Reply)>, feed: Feed) {
     // The last audit record this process committed (or found): the chain
     // must still hold it when the next group is written.
     let mut anchor: Option<(u64, [u8; 32])> = None;
@@ -210,7 +218,10 @@ async fn run(db: Db, mut rx: mpsc::Receiver<(Job, Reply)>) {
         }
         let (jobs, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
         match commit_group(&db, jobs, &mut anchor).await {
-            Ok(outcomes) => {
+            Ok((outcomes, head)) => {
+                if let Some(head) = head {
+                    feed.advance(head);
+                }
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(outcome.map_err(WriteError::from));
                 }
@@ -436,7 +447,7 @@ async fn commit_group(
     db: &Db,
     jobs: Vec<Job>,
     anchor: &mut Option<(u64, [u8; 32])>,
-) -> Result<Outcomes, StoreError> {
+) -> Result<(Outcomes, Option<u64>), StoreError> {
     let cmds: Vec<&AppendCommand> = jobs.iter().filter_map(|j| j.append.as_ref()).collect();
     let plan = match db {
         Db::Sqlite(pool) => {
@@ -472,6 +483,14 @@ async fn commit_group(
             let plan = plan(jobs, snap);
             pg_write(&mut tx, &plan).await?;
             audit::pg_insert(&mut tx, &plan.audit).await?;
+            if let Some(head) = plan.rows.position.last() {
+                // Delivered to the other processes only if this commits.
+                sqlx::query("select pg_notify($1, $2)")
+                    .bind(COMMIT_CHANNEL)
+                    .bind(head.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+            }
             tx.commit().await?;
             plan
         }
@@ -479,7 +498,8 @@ async fn commit_group(
     if let Some(last) = plan.audit.last() {
         *anchor = Some((last.seq, last.hash));
     }
-    Ok(plan.outcomes)
+    let head = plan.rows.position.last().map(|p| *p as u64);
+    Ok((plan.outcomes, head))
 }
 
 fn distinct_streams(cmds: &[&AppendCommand]) -> Vec<String> {

@@ -107,6 +107,34 @@ async fn every_endpoint_refuses_and_audits_unauthenticated_and_unauthorised_call
             &auditor,
         ),
         (Method::GET, "/events", "log.read", "events", &auditor),
+        (
+            Method::PUT,
+            "/streams/accounts-1/snapshot",
+            "snapshot.save",
+            "stream:accounts-1",
+            &auditor,
+        ),
+        (
+            Method::GET,
+            "/streams/accounts-1/snapshot",
+            "snapshot.read",
+            "stream:accounts-1",
+            &auditor,
+        ),
+        (
+            Method::GET,
+            "/events/subscribe",
+            "log.subscribe",
+            "events:subscribe",
+            &auditor,
+        ),
+        (
+            Method::GET,
+            "/streams/accounts-1/subscribe",
+            "stream.subscribe",
+            "stream:accounts-1",
+            &auditor,
+        ),
         (Method::GET, "/audit", "audit.read", "audit", &service),
         (
             Method::GET,
@@ -116,8 +144,13 @@ async fn every_endpoint_refuses_and_audits_unauthenticated_and_unauthorised_call
             &service,
         ),
     ];
+    let snapshot = json!({"version": 1, "subject": "c1", "state": {"balance": "1"}});
     for (method, path, action, resource, wrong_role) in &endpoints {
-        let body = (*method == Method::POST).then_some(&body);
+        let body = match *method {
+            Method::POST => Some(&body),
+            Method::PUT => Some(&snapshot),
+            _ => None,
+        };
         for token in [None, Some("evt_not-a-token"), Some("")] {
             let (status, text) = call(&app, method.clone(), path, token, &[], body).await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}: {text}");
@@ -158,9 +191,11 @@ async fn every_endpoint_refuses_and_audits_unauthenticated_and_unauthorised_call
         assert_eq!(forbidden["resource"], *resource);
         assert_eq!(forbidden["correlation_id"], "corr-403");
     }
-    // The refused append wrote nothing.
+    // The refused append wrote nothing, nor the refused snapshot.
     let page: Value = app.read("accounts-1", "").await.json().await.unwrap();
     assert_eq!(page["current_version"], 1);
+    let (status, _) = get(&app, "/streams/accounts-1/snapshot", &app.token()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
 async fn a_service_reader_sees_personal_data_redacted(backend: Backend) {

@@ -193,6 +193,8 @@ pub struct TestEnv {
     pub policies: Mutex<PathBuf>,
     /// Events a data key seals before it is retired.
     pub dek_max_encryptions: Mutex<u64>,
+    /// The service's write deadline (shortened by the slow-client tests).
+    pub write_timeout: Mutex<std::time::Duration>,
 }
 
 impl TestEnv {
@@ -236,6 +238,7 @@ impl TestEnv {
             token: Mutex::new(None),
             policies: Mutex::new(policies_dir()),
             dek_max_encryptions: Mutex::new(eventvault::keys::DEFAULT_MAX_ENCRYPTIONS),
+            write_timeout: Mutex::new(std::time::Duration::from_secs(30)),
         })
     }
 
@@ -255,6 +258,7 @@ impl TestEnv {
             key_cache_capacity: 1000,
             dek_max_encryptions: *self.dek_max_encryptions.lock().unwrap(),
             max_db_connections: 8,
+            write_timeout: *self.write_timeout.lock().unwrap(),
         }
     }
 

@@ -10,4 +10,6 @@ mod concurrency;
 mod forget;
 mod keys;
 mod read;
+mod snapshots;
 mod startup;
+mod subscribe;

@@ -1,0 +1,326 @@
+//! Live subscriptions as Server-Sent Events: `GET /events/subscribe` (the
+//! global log; `id:` is the position) and `GET /streams/{stream}/subscribe`
+//! (one stream; `id:` is the stream version).
+//!
+//! A subscription first catches up from the store, then waits on the
+//! process's commit feed and reads what is new each time it moves. Both
+//! phases read by cursor (position or version) from the store, so there is
+//! no seam: nothing is skipped and nothing delivered twice. Every event goes
+//! through the same read decision as `GET /events` (filtered, decrypted,
+//! redacted or erased for this caller). The body is produced only as fast as
+//! the client reads it; a client that stops reading is cut off by the
+//! connection's write deadline (see `conn.rs`) and resumes with
+//! `Last-Event-ID`.
+//!
+//! Audit: the request's record (`log.subscribe` / `stream.subscribe`) is
+//! written when the subscription opens; every batch that carries personal
+//! data in clear is recorded (`….deliver`) before it leaves; the close is
+//! recorded (`….close`) with the number of events delivered.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use super::auth::Caller;
+use super::problem::ApiError;
+use super::views::EventView;
+use super::{AppState, path_id};
+use crate::audit::{AuditEntry, Outcome};
+use crate::domain::{PersonalData, ReadEvent, StreamId};
+use crate::policy::{Grants, Permission};
+use crate::service::{AsOf, Events, ServiceError};
+use crate::store::Direction;
+
+/// Events read from the store at a time.
+const PAGE: u32 = 500;
+
+/// A comment line is sent after this long without an event, so that
+/// proxies and load balancers keep an idle subscription open.
+pub const HEARTBEAT: Duration = Duration::from_secs(15);
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/events/subscribe", get(subscribe_log))
+        .route("/streams/{stream}/subscribe", get(subscribe_stream))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogParams {
+    after: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamParams {
+    from: Option<u64>,
+}
+
+/// The `Last-Event-ID` header: the id of the last event the client got.
+fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    headers
+        .get("last-event-id")
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::BadRequest(
+                        "Last-Event-ID must be the id of an event (a number)".into(),
+                    )
+                })
+        })
+        .transpose()
+}
+
+async fn subscribe_log(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    params: Result<Query<LogParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    caller.require(Permission::Read, None)?;
+    caller.require_purpose(None)?;
+    let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    // The header wins over the query: it is what a reconnecting client sends.
+    let after = last_event_id(&headers)?.or(p.after).unwrap_or(0);
+    caller.audit.set_resource(format!("positions:>{after}"));
+    Ok(open(
+        &state,
+        &caller,
+        "log.subscribe",
+        Cursor::Log { after },
+    ))
+}
+
+async fn subscribe_stream(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    params: Result<Query<StreamParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let stream = path_id(path, StreamId::parse_to_read)?;
+    caller.require(Permission::Read, Some(stream.as_str()))?;
+    caller.require_purpose(Some(stream.as_str()))?;
+    let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let from = match last_event_id(&headers)? {
+        Some(v) => v.saturating_add(1),
+        None => p.from.unwrap_or(1).max(1),
+    };
+    Ok(open(
+        &state,
+        &caller,
+        "stream.subscribe",
+        Cursor::Stream { stream, from },
+    ))
+}
+
+/// Where a subscription stands.
+enum Cursor {
+    /// The global log after this position.
+    Log { after: u64 },
+    /// One stream from this version on.
+    Stream { stream: StreamId, from: u64 },
+}
+
+fn open(state: &AppState, caller: &Caller, action: &str, cursor: Cursor) -> Response {
+    let sub = Subscription {
+        events: state.events.clone(),
+        grants: caller.grants.clone(),
+        cursor,
+        feed: state.events.follow(),
+        shutdown: state.shutdown.clone(),
+        queue: VecDeque::new(),
+        trail: Trail {
+            events: state.events.clone(),
+            template: caller.audit.entry(Outcome::Ok),
+            action: action.to_owned(),
+            delivered: 0,
+            personal: false,
+            failed: false,
+        },
+    };
+    let body = futures::stream::unfold(sub, |mut sub| async move {
+        let event = sub.next().await?;
+        Some((Ok::<_, Infallible>(event), sub))
+    });
+    Sse::new(body)
+        .keep_alive(KeepAlive::new().interval(HEARTBEAT).text("heartbeat"))
+        .into_response()
+}
+
+struct Subscription {
+    events: Events,
+    grants: Grants,
+    cursor: Cursor,
+    feed: watch::Receiver<u64>,
+    shutdown: watch::Receiver<bool>,
+    /// Read, audited, not yet sent.
+    queue: VecDeque<ReadEvent>,
+    trail: Trail,
+}
+
+impl Subscription {
+    /// The next event to send; `None` ends the subscription (shutdown, or a
+    /// failure that is logged and recorded).
+    async fn next(&mut self) -> Option<Event> {
+        loop {
+            if let Some(e) = self.queue.pop_front() {
+                return Some(sse_event(&e, &self.cursor));
+            }
+            if *self.shutdown.borrow() {
+                return None;
+            }
+            // Marked seen before reading: a commit after this point wakes
+            // the wait below even if the read already saw it.
+            self.feed.borrow_and_update();
+            match self.fetch().await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "a subscription failed and was closed");
+                    self.trail.failed = true;
+                    return None;
+                }
+            }
+            tokio::select! {
+                moved = self.feed.changed() => {
+                    if moved.is_err() {
+                        return None;
+                    }
+                }
+                _ = self.shutdown.changed() => return None,
+            }
+        }
+    }
+
+    /// Reads what is new into the queue. `false` when caught up.
+    async fn fetch(&mut self) -> Result<bool, ServiceError> {
+        let batch = match &mut self.cursor {
+            Cursor::Log { after } => {
+                let page = self
+                    .events
+                    .read_all(*after, PAGE, None, &self.grants)
+                    .await?;
+                if page.next == *after {
+                    return Ok(false);
+                }
+                // Rows of streams the caller may not read move the cursor
+                // too, and are never sent.
+                *after = page.next;
+                page.events
+            }
+            Cursor::Stream { stream, from } => {
+                let page = self
+                    .events
+                    .read_stream(
+                        stream,
+                        Some(*from),
+                        PAGE,
+                        Direction::Forward,
+                        AsOf::default(),
+                        &self.grants,
+                    )
+                    .await;
+                let events = match page {
+                    Ok(p) => p.events,
+                    // Not created yet: it may be, later.
+                    Err(ServiceError::StreamNotFound) => return Ok(false),
+                    Err(e) => return Err(e),
+                };
+                let Some(last) = events.last() else {
+                    return Ok(false);
+                };
+                *from = last.version + 1;
+                events
+            }
+        };
+        self.trail.deliver(&batch).await?;
+        self.queue.extend(batch);
+        Ok(true)
+    }
+}
+
+fn sse_event(e: &ReadEvent, cursor: &Cursor) -> Event {
+    let id = match cursor {
+        Cursor::Log { .. } => e.position,
+        Cursor::Stream { .. } => e.version,
+    };
+    let data = serde_json::to_string(&EventView(e)).expect("events serialise");
+    Event::default().id(id.to_string()).data(data)
+}
+
+/// The audit records of a subscription after its opening one.
+struct Trail {
+    events: Events,
+    /// The opening record, as the base of the later ones.
+    template: AuditEntry,
+    action: String,
+    delivered: u64,
+    personal: bool,
+    failed: bool,
+}
+
+impl Trail {
+    /// Records a batch that shows personal data in clear, before it leaves;
+    /// a batch without is only counted (and in the closing record).
+    async fn deliver(&mut self, batch: &[ReadEvent]) -> Result<(), ServiceError> {
+        let personal = batch
+            .iter()
+            .any(|e| e.personal_data == PersonalData::Decrypted);
+        if personal {
+            let (first, last) = (batch[0].position, batch[batch.len() - 1].position);
+            let entry = AuditEntry {
+                action: format!("{}.deliver", self.action),
+                resource: match self.template.resource.strip_prefix("stream:") {
+                    Some(_) => self.template.resource.clone(),
+                    None => format!("positions:{first}-{last}"),
+                },
+                event_count: batch.len() as u64,
+                personal_data: true,
+                ..self.template.clone()
+            };
+            self.events.audit(entry).await?;
+            self.personal = true;
+        }
+        self.delivered += batch.len() as u64;
+        Ok(())
+    }
+}
+
+impl Drop for Trail {
+    /// The closing record, however the subscription ended (the client left,
+    /// was cut off, the service stops, or a failure).
+    fn drop(&mut self) {
+        let entry = AuditEntry {
+            action: format!("{}.close", self.action),
+            outcome: if self.failed {
+                Outcome::Error
+            } else {
+                Outcome::Ok
+            },
+            event_count: self.delivered,
+            personal_data: self.personal,
+            ..self.template.clone()
+        };
+        let events = self.events.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = events.audit(entry).await {
+                    tracing::error!(error = %e, "the close of a subscription could not be audited");
+                }
+            });
+        }
+    }
+}
