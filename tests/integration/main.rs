@@ -6,6 +6,7 @@ mod access;
 mod append;
 mod at_rest;
 mod audit;
+mod balances;
 mod concurrency;
 mod forget;
 mod keys;

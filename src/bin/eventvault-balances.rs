@@ -1,0 +1,295 @@
+//! An example read model: account balances, kept from the global log.
+//!
+//! It follows `GET /events/subscribe` (a `service` token is enough: amounts
+//! and account numbers are clear fields), folds `AccountOpened`,
+//! `MoneyDeposited`, `MoneyWithdrawn` and `TransferCompleted` into balances
+//! with `rust_decimal` (never floats), and stores them in its own database
+//! (SQLite or PostgreSQL) together with the position it has applied. Each
+//! batch of events and the new position commit in one transaction, and a
+//! restart subscribes after the stored position: every event takes effect
+//! exactly once, however the process stops.
+//!
+//! ```text
+//! eventvault-balances --url http://127.0.0.1:8080 --token "$TOKEN" \
+//!     --database-url sqlite://balances.db
+//! ```
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+use eventvault::sse::SseParser;
+use futures::StreamExt;
+use rust_decimal::Decimal;
+use serde_json::Value;
+use sqlx::{AnyConnection, Connection};
+
+/// Keeps account balances from an eventvault's global log.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Base URL of the eventvault service.
+    #[arg(long, env = "EVENTVAULT_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Bearer token (a `service` principal is enough).
+    #[arg(long, env = "EVENTVAULT_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Where the balances live: a SQLite URL or postgres://….
+    #[arg(
+        long,
+        env = "BALANCES_DATABASE_URL",
+        default_value = "sqlite://balances.db?mode=rwc"
+    )]
+    database_url: String,
+    /// Stop once every event up to this position is applied (for batch
+    /// runs and tests); without it, follow the log for ever.
+    #[arg(long)]
+    stop_at: Option<u64>,
+}
+
+/// One change to a balance.
+struct Change<'a> {
+    account: &'a str,
+    currency: Option<&'a str>,
+    delta: Decimal,
+}
+
+/// What an event does to balances; `Err` names what is malformed.
+fn changes(event: &Value) -> Result<Vec<Change<'_>>, String> {
+    let data = &event["data"];
+    let text = |field: &str| data[field].as_str();
+    let amount = || -> Result<Decimal, String> {
+        let raw = match &data["amount"] {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            _ => return Err("no amount".into()),
+        };
+        Decimal::from_str(&raw).map_err(|e| format!("amount {raw:?}: {e}"))
+    };
+    let account = |field: &str| text(field).ok_or_else(|| format!("no {field}"));
+    let currency = text("currency");
+    Ok(match event["type"].as_str().unwrap_or_default() {
+        "AccountOpened" => vec![Change {
+            account: account("account")?,
+            currency,
+            delta: Decimal::ZERO,
+        }],
+        "MoneyDeposited" => vec![Change {
+            account: account("account")?,
+            currency,
+            delta: amount()?,
+        }],
+        "MoneyWithdrawn" => vec![Change {
+            account: account("account")?,
+            currency,
+            delta: -amount()?,
+        }],
+        "TransferCompleted" => {
+            let a = amount()?;
+            vec![
+                Change {
+                    account: account("from_account")?,
+                    currency,
+                    delta: -a,
+                },
+                Change {
+                    account: account("to_account")?,
+                    currency,
+                    delta: a,
+                },
+            ]
+        }
+        _ => vec![],
+    })
+}
+
+/// The read model: balances in memory, mirrored in the database.
+struct Model {
+    db: AnyConnection,
+    balances: HashMap<String, (Option<String>, Decimal)>,
+    position: u64,
+}
+
+impl Model {
+    async fn open(url: &str) -> Result<Self, Box<dyn std::error::Error>> {
+        sqlx::any::install_default_drivers();
+        let mut db = AnyConnection::connect(url).await?;
+        sqlx::raw_sql(
+            "create table if not exists balances (
+                 account  text primary key,
+                 currency text,
+                 balance  text not null
+             );
+             create table if not exists balances_checkpoint (
+                 id       integer primary key check (id = 1),
+                 position bigint not null
+             );",
+        )
+        .execute(&mut db)
+        .await?;
+        let position: Option<i64> =
+            sqlx::query_scalar("select position from balances_checkpoint where id = 1")
+                .fetch_optional(&mut db)
+                .await?;
+        let rows: Vec<(String, Option<String>, String)> =
+            sqlx::query_as("select account, currency, balance from balances")
+                .fetch_all(&mut db)
+                .await?;
+        let mut balances = HashMap::new();
+        for (account, currency, balance) in rows {
+            balances.insert(account, (currency, Decimal::from_str(&balance)?));
+        }
+        Ok(Self {
+            db,
+            balances,
+            position: position.unwrap_or(0) as u64,
+        })
+    }
+
+    /// Applies a batch of events and their last position in one
+    /// transaction; events at or before the stored position are skipped.
+    async fn apply(&mut self, events: &[(u64, Value)]) -> Result<(), Box<dyn std::error::Error>> {
+        let fresh: Vec<&(u64, Value)> = events.iter().filter(|(p, _)| *p > self.position).collect();
+        let Some(last) = fresh.last().map(|(p, _)| *p) else {
+            return Ok(());
+        };
+        let mut next = self.balances.clone();
+        let mut touched = Vec::new();
+        for (position, event) in &fresh {
+            let changes =
+                changes(event).map_err(|e| format!("event at position {position}: {e}"))?;
+            for c in changes {
+                let entry = next
+                    .entry(c.account.to_owned())
+                    .or_insert((None, Decimal::ZERO));
+                if entry.0.is_none() {
+                    entry.0 = c.currency.map(str::to_owned);
+                }
+                entry.1 += c.delta;
+                touched.push(c.account.to_owned());
+            }
+        }
+        touched.sort();
+        touched.dedup();
+        let mut tx = self.db.begin().await?;
+        for account in &touched {
+            let (currency, balance) = &next[account];
+            sqlx::query(
+                "insert into balances (account, currency, balance) values ($1, $2, $3)
+                 on conflict (account) do update set currency = excluded.currency, balance = excluded.balance",
+            )
+            .bind(account)
+            .bind(currency.as_deref())
+            .bind(balance.to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "insert into balances_checkpoint (id, position) values (1, $1)
+             on conflict (id) do update set position = excluded.position",
+        )
+        .bind(last as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        // Only what committed is believed.
+        self.balances = next;
+        self.position = last;
+        Ok(())
+    }
+}
+
+/// Follows the log from the model's position until `stop_at` (or for
+/// ever), reconnecting after a dropped connection.
+async fn follow(args: &Args, model: &mut Model) -> Result<(), Box<dyn std::error::Error>> {
+    let client = reqwest::Client::new();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if args.stop_at.is_some_and(|p| model.position >= p) {
+            return Ok(());
+        }
+        let response = client
+            .get(format!(
+                "{}/events/subscribe",
+                args.url.trim_end_matches('/')
+            ))
+            .bearer_auth(&args.token)
+            .header("Last-Event-ID", model.position.to_string())
+            .send()
+            .await;
+        let response = match response {
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) if r.status().is_client_error() => {
+                return Err(format!("the service refused the subscription: {}", r.status()).into());
+            }
+            Ok(r) => {
+                eprintln!("subscription answered {}; retrying", r.status());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+            Err(e) => {
+                eprintln!("cannot reach the service ({e}); retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(200);
+        let mut body = response.bytes_stream();
+        let mut parser = SseParser::default();
+        let mut reported = model.position;
+        while let Some(chunk) = body.next().await {
+            let Ok(chunk) = chunk else { break };
+            let batch = parser
+                .push(&chunk)
+                .into_iter()
+                .map(|e| {
+                    let position = e.id.as_deref().and_then(|i| i.parse().ok());
+                    let event: Option<Value> = serde_json::from_str(&e.data).ok();
+                    position
+                        .zip(event)
+                        .ok_or_else(|| "a malformed event arrived".to_string())
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            model.apply(&batch).await?;
+            if model.position >= reported + 1000 {
+                eprintln!("applied up to position {}", model.position);
+                reported = model.position;
+            }
+            if args.stop_at.is_some_and(|p| model.position >= p) {
+                return Ok(());
+            }
+        }
+        eprintln!(
+            "the subscription ended at position {}; resuming",
+            model.position
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = async {
+        let mut model = Model::open(&args.database_url).await?;
+        eprintln!(
+            "balances: {} accounts, resuming after position {}",
+            model.balances.len(),
+            model.position
+        );
+        follow(&args, &mut model).await?;
+        eprintln!("applied up to position {}", model.position);
+        Ok::<_, Box<dyn std::error::Error>>(())
+    }
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
