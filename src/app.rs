@@ -179,6 +179,7 @@ impl Application {
         check_principal_roles(&principals, &policies, cfg).await?;
         let feed = Feed::new(store.head_position().await?);
         feed::follow_other_processes(&store, &feed);
+        feed::Tail::spawn_reader(&feed, store.clone());
         let (writer, writer_task) = Writer::spawn(store.db.clone(), feed);
         keys.follow_evictions();
         let events = Events::new(store.clone(), writer, keys.clone(), policies.clone());

@@ -231,6 +231,8 @@ impl Events {
         audit: AuditEntry,
     ) -> Result<(ForgetReport, bool), ServiceError> {
         let entry = self.store.record_forget(subject, reason).await?;
+        // Rows held in memory for subscribers predate the ledger entry.
+        self.writer.feed().forget_recorded();
         let destroyed = self.destroy_keys(subject).await?;
         let events_affected = self.store.subject_event_count(subject, u64::MAX).await?;
         let recorded = entry.completed_at.is_none();
@@ -596,10 +598,44 @@ impl Events {
         ))
     }
 
-    /// A handle on the commit feed: it moves when events are committed
-    /// (by this process or, on PostgreSQL, any other).
+    /// A handle on the log's tail: it moves when committed events (by this
+    /// process or, on PostgreSQL, any other) have been read into it.
     pub fn follow(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.writer.feed().follow()
+        self.writer.feed().tail().follow()
+    }
+
+    /// [`Events::read_all`] for a live follower: from the rows the tail
+    /// holds in memory (read once for every follower) when it holds the
+    /// next one, from the store otherwise.
+    pub async fn read_all_live(
+        &self,
+        after: u64,
+        limit: u32,
+        grants: &Grants,
+    ) -> Result<LogPage, ServiceError> {
+        let Some(rows) = self.writer.feed().tail().after(after, limit as usize) else {
+            return self.read_all(after, limit, None, grants).await;
+        };
+        let next = rows.last().map_or(after, |r| r.position as u64);
+        let visible = rows
+            .iter()
+            .filter(|r| grants.read_view(&r.stream_id).is_some())
+            .map(|r| StoredEvent::clone(r))
+            .collect();
+        Ok(LogPage {
+            events: self.open_all(visible, grants, ReadKind::Read).await?,
+            next,
+        })
+    }
+
+    /// Whether an event of `stream` may lie after position `after`: `false`
+    /// only when the tail holds every row after it and none is of `stream`.
+    pub fn may_have_news(&self, stream: &StreamId, after: u64) -> bool {
+        self.writer
+            .feed()
+            .tail()
+            .mentions(stream.as_str(), after)
+            .unwrap_or(true)
     }
 
     /// The position of the newest event.

@@ -3,6 +3,11 @@
 //! (optionally) reads streams with personal data decrypted, then reads the
 //! global log back. Reports events/s and latency percentiles.
 //!
+//! With `--subscribers N` it measures live subscriptions instead: N idle
+//! subscribers' cost to the server (its CPU over `--idle-seconds`, from
+//! `/proc/<--server-pid>/stat`), then the delay from an append being sent to
+//! its arrival at every subscriber, with one append every `--interval-ms`.
+//!
 //! Bounded: every phase stops by itself after `--seconds`.
 
 use std::sync::Arc;
@@ -50,6 +55,23 @@ struct Args {
     /// personal data decrypted, with `X-Purpose`); 0 skips it.
     #[arg(long, default_value_t = 0)]
     stream_read_seconds: u64,
+    /// Measure live subscriptions with this many subscribers (and nothing
+    /// else).
+    #[arg(long, default_value_t = 0)]
+    subscribers: usize,
+    /// Length of the idle phase of the subscription measurement.
+    #[arg(long, default_value_t = 10)]
+    idle_seconds: u64,
+    /// The server's process id, to read its CPU time while subscribers idle.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Token the subscribers use (default: `--token`); e.g. a `service`
+    /// principal's, whose deliveries are redacted and not audited per batch.
+    #[arg(long, env = "EVENTVAULT_SUBSCRIBER_TOKEN", hide_env_values = true)]
+    subscriber_token: Option<String>,
+    /// Pause between appends while measuring delivery delays.
+    #[arg(long, default_value_t = 20)]
+    interval_ms: u64,
 }
 
 /// Runs `op` from `clients` concurrent tasks until `seconds` have passed;
@@ -122,9 +144,145 @@ fn event(subject: usize, n: u64) -> Value {
     })
 }
 
+/// CPU seconds (user + system) the process has used so far.
+fn cpu_seconds(pid: u32) -> Result<f64, Box<dyn std::error::Error>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')').ok_or("malformed stat")? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    let hz: f64 = String::from_utf8(
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()?
+            .stdout,
+    )?
+    .trim()
+    .parse()?;
+    Ok(ticks / hz)
+}
+
+/// The subscription measurement (see the module documentation).
+async fn subscriptions(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    use eventvault::sse::SseParser;
+    use futures::StreamExt;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.subscribers + 1)
+        .build()?;
+    // When each event was sent, by event id; taken before the request
+    // leaves, so that a delivery can never come first.
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let append = |n: u64| {
+        let (client, sent) = (client.clone(), sent.clone());
+        let url = format!("{}/streams/accounts-sub/events", args.url);
+        let token = args.token.clone();
+        async move {
+            let e = event(n as usize % 1000, n);
+            let id = e["id"].as_str().unwrap_or_default().to_owned();
+            sent.lock().expect("lock").insert(id, Instant::now());
+            let r: Value = client
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"events": [e]}))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            Ok::<_, reqwest::Error>(r["last_position"].as_u64().unwrap_or(0))
+        }
+    };
+    let head = append(0).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut readers = Vec::new();
+    for _ in 0..args.subscribers {
+        let r = client
+            .get(format!("{}/events/subscribe", args.url))
+            .bearer_auth(args.subscriber_token.as_ref().unwrap_or(&args.token))
+            .header("Last-Event-ID", head.to_string())
+            .header("X-Purpose", "load test")
+            .send()
+            .await?
+            .error_for_status()?;
+        let (sent, mut stopped) = (sent.clone(), stopped.clone());
+        readers.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            let mut body = r.bytes_stream();
+            let mut parser = SseParser::default();
+            loop {
+                let chunk = tokio::select! {
+                    c = body.next() => c,
+                    _ = stopped.changed() => break,
+                };
+                let Some(Ok(chunk)) = chunk else { break };
+                for e in parser.push(&chunk) {
+                    let at = serde_json::from_str::<Value>(&e.data)
+                        .ok()
+                        .and_then(|v| v["id"].as_str().map(str::to_owned))
+                        .and_then(|id| sent.lock().expect("lock").get(&id).copied());
+                    if let Some(at) = at {
+                        hist.record(at.elapsed().as_micros() as u64)
+                            .expect("in bounds");
+                    }
+                }
+            }
+            hist
+        }));
+    }
+    println!("{} subscribers connected", args.subscribers);
+    if let Some(pid) = args.server_pid {
+        let before = cpu_seconds(pid)?;
+        tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
+        let used = cpu_seconds(pid)? - before;
+        println!(
+            "idle: the server used {used:.3} CPU s in {} s with {} idle subscribers = {:.2} % of one core",
+            args.idle_seconds,
+            args.subscribers,
+            100.0 * used / args.idle_seconds as f64
+        );
+    }
+    let cpu_before = args.server_pid.map(cpu_seconds).transpose()?;
+    let started = Instant::now();
+    let mut appends = 0u64;
+    while started.elapsed() < Duration::from_secs(args.seconds) {
+        appends += 1;
+        append(appends).await?;
+        tokio::time::sleep(Duration::from_millis(args.interval_ms)).await;
+    }
+    if let (Some(pid), Some(before)) = (args.server_pid, cpu_before) {
+        let used = cpu_seconds(pid)? - before;
+        println!(
+            "delivering: the server used {:.1} % of one core",
+            100.0 * used / started.elapsed().as_secs_f64()
+        );
+    }
+    // The last deliveries arrive, then the subscriptions end.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = stop.send(true);
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for r in readers {
+        hist.add(r.await?)?;
+    }
+    println!(
+        "delivery: {appends} appends, {} deliveries of {} expected; append sent -> event received p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        hist.len(),
+        appends * args.subscribers as u64,
+        hist.value_at_quantile(0.50) as f64 / 1000.0,
+        hist.value_at_quantile(0.99) as f64 / 1000.0,
+        hist.max() as f64 / 1000.0,
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    if args.subscribers > 0 {
+        return subscriptions(&args).await;
+    }
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.clients)
         .build()?;

@@ -3,7 +3,9 @@
 //! (one stream; `id:` is the stream version).
 //!
 //! A subscription first catches up from the store, then waits on the
-//! process's commit feed and reads what is new each time it moves. Both
+//! process's commit feed and reads what is new each time it moves (from the
+//! tail of the log the feed keeps in memory, read once for all
+//! subscribers, when it holds the rows). Both
 //! phases read by cursor (position or version) from the store, so there is
 //! no seam: nothing is skipped and nothing delivered twice. Every event goes
 //! through the same read decision as `GET /events` (filtered, decrypted,
@@ -122,7 +124,11 @@ async fn subscribe_stream(
         &state,
         &caller,
         "stream.subscribe",
-        Cursor::Stream { stream, from },
+        Cursor::Stream {
+            stream,
+            from,
+            checked: 0,
+        },
     ))
 }
 
@@ -130,8 +136,13 @@ async fn subscribe_stream(
 enum Cursor {
     /// The global log after this position.
     Log { after: u64 },
-    /// One stream from this version on.
-    Stream { stream: StreamId, from: u64 },
+    /// One stream from this version on; every event of it up to position
+    /// `checked` has been read.
+    Stream {
+        stream: StreamId,
+        from: u64,
+        checked: u64,
+    },
 }
 
 fn open(state: &AppState, caller: &Caller, action: &str, cursor: Cursor) -> Response {
@@ -142,6 +153,7 @@ fn open(state: &AppState, caller: &Caller, action: &str, cursor: Cursor) -> Resp
         feed: state.events.follow(),
         shutdown: state.shutdown.clone(),
         queue: VecDeque::new(),
+        caught_up: false,
         trail: Trail {
             events: state.events.clone(),
             template: caller.audit.entry(Outcome::Ok),
@@ -168,6 +180,8 @@ struct Subscription {
     shutdown: watch::Receiver<bool>,
     /// Read, audited, not yet sent.
     queue: VecDeque<ReadEvent>,
+    /// The queue holds the last read before the head: once it is sent, wait.
+    caught_up: bool,
     trail: Trail,
 }
 
@@ -182,46 +196,73 @@ impl Subscription {
             if *self.shutdown.borrow() {
                 return None;
             }
+            if std::mem::take(&mut self.caught_up) {
+                // The last read reached the head it was told of: no need to
+                // ask the store again before the feed moves.
+                if !self.wait().await {
+                    return None;
+                }
+            }
             // Marked seen before reading: a commit after this point wakes
             // the wait below even if the read already saw it.
-            self.feed.borrow_and_update();
-            match self.fetch().await {
-                Ok(true) => continue,
-                Ok(false) => {}
+            let seen = *self.feed.borrow_and_update();
+            match self.fetch(seen).await {
+                Ok(Fetched::More) => continue,
+                Ok(Fetched::CaughtUp) if self.queue.is_empty() => {}
+                // What was read is sent first; the wait comes after.
+                Ok(Fetched::CaughtUp) => {
+                    self.caught_up = true;
+                    continue;
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "a subscription failed and was closed");
                     self.trail.failed = true;
                     return None;
                 }
             }
-            tokio::select! {
-                moved = self.feed.changed() => {
-                    if moved.is_err() {
-                        return None;
-                    }
-                }
-                _ = self.shutdown.changed() => return None,
+            if !self.wait().await {
+                return None;
             }
         }
     }
 
-    /// Reads what is new into the queue. `false` when caught up.
-    async fn fetch(&mut self) -> Result<bool, ServiceError> {
+    /// Waits until the feed moves; `false` when the service stops.
+    async fn wait(&mut self) -> bool {
+        tokio::select! {
+            moved = self.feed.changed() => moved.is_ok(),
+            _ = self.shutdown.changed() => false,
+        }
+    }
+
+    /// Reads what is new into the queue; `seen` is the feed's head when the
+    /// read began, so every event up to it is visible to the read.
+    async fn fetch(&mut self, seen: u64) -> Result<Fetched, ServiceError> {
         let batch = match &mut self.cursor {
             Cursor::Log { after } => {
                 let page = self
                     .events
-                    .read_all(*after, PAGE, None, &self.grants)
+                    .read_all_live(*after, PAGE, &self.grants)
                     .await?;
                 if page.next == *after {
-                    return Ok(false);
+                    return Ok(Fetched::CaughtUp);
                 }
                 // Rows of streams the caller may not read move the cursor
                 // too, and are never sent.
                 *after = page.next;
-                page.events
+                let caught_up = page.next >= seen;
+                (page.events, caught_up)
             }
-            Cursor::Stream { stream, from } => {
+            Cursor::Stream {
+                stream,
+                from,
+                checked,
+            } => {
+                // Nothing of this stream committed since the last look:
+                // the store need not be asked.
+                if !self.events.may_have_news(stream, *checked) {
+                    *checked = seen;
+                    return Ok(Fetched::CaughtUp);
+                }
                 let page = self
                     .events
                     .read_stream(
@@ -236,20 +277,43 @@ impl Subscription {
                 let events = match page {
                     Ok(p) => p.events,
                     // Not created yet: it may be, later.
-                    Err(ServiceError::StreamNotFound) => return Ok(false),
+                    Err(ServiceError::StreamNotFound) => {
+                        *checked = seen;
+                        return Ok(Fetched::CaughtUp);
+                    }
                     Err(e) => return Err(e),
                 };
                 let Some(last) = events.last() else {
-                    return Ok(false);
+                    *checked = seen;
+                    return Ok(Fetched::CaughtUp);
                 };
                 *from = last.version + 1;
-                events
+                // A short page ends at the stream's head, and the read saw
+                // every commit up to `seen`.
+                let caught_up = events.len() < PAGE as usize;
+                if caught_up {
+                    *checked = seen;
+                }
+                (events, caught_up)
             }
         };
+        let (batch, caught_up) = batch;
         self.trail.deliver(&batch).await?;
         self.queue.extend(batch);
-        Ok(true)
+        Ok(if caught_up {
+            Fetched::CaughtUp
+        } else {
+            Fetched::More
+        })
     }
+}
+
+/// What a read of the store found.
+enum Fetched {
+    /// There may be more to read at once.
+    More,
+    /// Everything up to the head the read was told of has been read.
+    CaughtUp,
 }
 
 fn sse_event(e: &ReadEvent, cursor: &Cursor) -> Event {

@@ -8,20 +8,26 @@
 //! read the store only when it moved: an idle follower costs nothing, and no
 //! follower polls the database.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{Db, EventStore};
+use super::{Db, EventStore, StoredEvent};
 
 /// The PostgreSQL channel of commit notices; the payload is the position.
 pub const COMMIT_CHANNEL: &str = "eventvault_commits";
 
-/// The newest committed position, shared by the writer and the followers.
+/// Rows the tail keeps in memory.
+const TAIL_ROWS: usize = 8192;
+
+/// The newest committed position, shared by the writer and the followers,
+/// and the [`Tail`] of the log.
 #[derive(Clone, Debug)]
 pub struct Feed {
     tx: Arc<watch::Sender<u64>>,
+    tail: Arc<Tail>,
 }
 
 impl Feed {
@@ -29,7 +35,23 @@ impl Feed {
     pub fn new(head: u64) -> Self {
         Self {
             tx: Arc::new(watch::Sender::new(head)),
+            tail: Arc::new(Tail {
+                inner: Mutex::new(TailRows::default()),
+                ready: watch::Sender::new(head),
+            }),
         }
+    }
+
+    /// The newest rows of the log, read once for every follower.
+    pub fn tail(&self) -> &Tail {
+        &self.tail
+    }
+
+    /// A forget was recorded: rows in memory carry an older answer to "is
+    /// the subject forgotten", so they are dropped and followers read the
+    /// store (which reads the ledger with the rows) until the tail refills.
+    pub fn forget_recorded(&self) {
+        self.tail.clear();
     }
 
     /// Moves the feed to `position` if that is newer; wakes every follower.
@@ -99,6 +121,8 @@ pub fn follow_other_processes(store: &EventStore, feed: &Feed) {
                 match listener.try_recv().await {
                     Ok(Some(n)) => match n.payload().parse::<u64>() {
                         Ok(p) => feed.advance(p),
+                        // A forget recorded by another process.
+                        Err(_) if n.payload() == FORGET_NOTICE => feed.forget_recorded(),
                         Err(_) => catch_up(&store, &feed).await,
                     },
                     // The connection was lost and re-made: notices sent
@@ -112,9 +136,127 @@ pub fn follow_other_processes(store: &EventStore, feed: &Feed) {
 }
 
 async fn catch_up(store: &EventStore, feed: &Feed) {
+    // A forget may have been missed too.
+    feed.forget_recorded();
     match store.head_position().await {
         Ok(head) => feed.advance(head),
         Err(e) => tracing::warn!(error = %e, "cannot read the head of the log"),
     }
     feed.nudge();
+}
+
+/// The payload of the notice a forget sends on [`COMMIT_CHANNEL`].
+pub const FORGET_NOTICE: &str = "forget";
+
+/// The newest rows of the global log, read from the store once per commit
+/// by one task ([`Tail::follow`]) for all subscribers: two hundred
+/// subscribers cost one read per commit, not two hundred. A subscriber
+/// whose cursor is older than the tail, or finds it cleared, reads the store.
+#[derive(Debug)]
+pub struct Tail {
+    inner: Mutex<TailRows>,
+    /// The newest position read into the tail; followers wait on it.
+    ready: watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct TailRows {
+    /// Consecutive positions, oldest first.
+    rows: VecDeque<Arc<StoredEvent>>,
+    /// Bumped by every clear: a read that began before it is dropped.
+    generation: u64,
+}
+
+impl Tail {
+    /// A follower's handle: `changed()` completes when rows were added.
+    pub fn follow(&self) -> watch::Receiver<u64> {
+        self.ready.subscribe()
+    }
+
+    /// Up to `limit` rows after position `after`, or `None` when the tail
+    /// does not hold the row after it (too old, or cleared).
+    pub fn after(&self, after: u64, limit: usize) -> Option<Vec<Arc<StoredEvent>>> {
+        let inner = self.inner.lock().expect("tail lock");
+        let first = inner.rows.front()?.position as u64;
+        let last = inner.rows.back()?.position as u64;
+        if after + 1 < first || after > last {
+            return None;
+        }
+        let skip = (after + 1 - first) as usize;
+        Some(inner.rows.iter().skip(skip).take(limit).cloned().collect())
+    }
+
+    /// Whether a row of `stream` lies after position `after`; `None` when
+    /// the tail does not hold every row after it.
+    pub fn mentions(&self, stream: &str, after: u64) -> Option<bool> {
+        let inner = self.inner.lock().expect("tail lock");
+        let first = inner.rows.front().map_or(u64::MAX, |r| r.position as u64);
+        if after + 1 < first && after < *self.ready.borrow() {
+            return None;
+        }
+        Some(
+            inner
+                .rows
+                .iter()
+                .rev()
+                .take_while(|r| r.position as u64 > after)
+                .any(|r| r.stream_id == stream),
+        )
+    }
+
+    fn clear(&self) {
+        let mut inner = self.inner.lock().expect("tail lock");
+        inner.rows.clear();
+        inner.generation += 1;
+    }
+
+    /// Reads every commit into the tail, as `feed` announces them, until
+    /// the feed is dropped. A failed read is retried after a second.
+    pub fn spawn_reader(feed: &Feed, store: EventStore) {
+        let mut moved = feed.follow();
+        let tail = feed.tail.clone();
+        tokio::spawn(async move {
+            let mut cursor = *tail.ready.borrow();
+            loop {
+                let head = *moved.borrow_and_update();
+                while cursor < head {
+                    let generation = tail.inner.lock().expect("tail lock").generation;
+                    let rows = match store.read_all(cursor, 1000, None).await {
+                        Ok(rows) => rows,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read new events; retrying in 1 s");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                    };
+                    let Some(last) = rows.last().map(|r| r.position as u64) else {
+                        break;
+                    };
+                    {
+                        let mut inner = tail.inner.lock().expect("tail lock");
+                        // Rows read before a clear may say "not forgotten"
+                        // of a subject that now is: they are not kept.
+                        if inner.generation == generation {
+                            let contiguous = inner
+                                .rows
+                                .back()
+                                .is_none_or(|b| b.position as u64 == cursor);
+                            if !contiguous {
+                                inner.rows.clear();
+                            }
+                            inner.rows.extend(rows.into_iter().map(Arc::new));
+                            while inner.rows.len() > TAIL_ROWS {
+                                inner.rows.pop_front();
+                            }
+                        }
+                    }
+                    cursor = last;
+                    tail.ready.send_replace(cursor);
+                }
+                if moved.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
 }

@@ -31,6 +31,14 @@ impl EventStore {
             .await
             .map(|r| r.rows_affected())
         })?;
+        if let super::Db::Postgres(pool) = &self.db {
+            // Other processes drop the rows they hold for subscribers.
+            sqlx::query("select pg_notify($1, $2)")
+                .bind(super::feed::COMMIT_CHANNEL)
+                .bind(super::feed::FORGET_NOTICE)
+                .execute(pool)
+                .await?;
+        }
         self.forgotten(subject)
             .await?
             .ok_or_else(|| StoreError::Corrupt("a recorded forget vanished".into()))
