@@ -1,18 +1,21 @@
 //! Building and running the service: `Application::build` opens both stores,
 //! proves the master key, loads policies, starts the writer and binds the
-//! listener; `run_until` serves until a shutdown signal and then drains.
+//! listener; `run_until` serves (with the outbox relay beside it when NATS is
+//! configured) until a shutdown signal and then drains.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use zeroize::Zeroizing;
 
 use crate::http::{AppState, HttpConfig, router};
 use crate::keys::{KeyError, KeyManager, load_master_key, next_master_key_path};
 use crate::policy::{Policies, PolicyError};
 use crate::principals::{PrincipalError, Principals};
+use crate::relay::{RelayConfig, RelayConfigError};
 use crate::service::Events;
 use crate::store::keystore::Keystore;
 use crate::store::writer::Writer;
@@ -41,6 +44,13 @@ pub struct Config {
     pub dek_max_encryptions: u64,
     /// Connections per database pool.
     pub max_db_connections: u32,
+    /// NATS server URL(s): when set, every committed event is published to
+    /// JetStream by the outbox relay.
+    pub nats_url: Option<String>,
+    /// The JetStream stream the relay publishes to (created if missing).
+    pub nats_stream: String,
+    /// First token(s) of the relay's subjects: `<prefix>.<category>.<type>`.
+    pub nats_subject_prefix: String,
 }
 
 impl std::fmt::Debug for Config {
@@ -55,6 +65,12 @@ impl std::fmt::Debug for Config {
                 &self.master_key.as_ref().map(|_| "<from environment>"),
             )
             .field("policies_dir", &self.policies_dir)
+            .field(
+                "nats_url",
+                &self.nats_url.as_ref().map(|_| "<set; see the relay's start line>"),
+            )
+            .field("nats_stream", &self.nats_stream)
+            .field("nats_subject_prefix", &self.nats_subject_prefix)
             .finish_non_exhaustive()
     }
 }
@@ -86,6 +102,8 @@ pub enum StartError {
     },
     #[error("the keystore must be a separate database from the event store (both are {0})")]
     SharedDatabase(String),
+    #[error(transparent)]
+    Relay(#[from] RelayConfigError),
 }
 
 /// Opens the event store and loads the policies: what every command needs.
@@ -156,10 +174,17 @@ pub struct Application {
     state: AppState,
     writer_task: tokio::task::JoinHandle<()>,
     admin_token: Option<Zeroizing<String>>,
+    /// Where the outbox relay publishes; `None`: no relay.
+    relay: Option<RelayConfig>,
 }
 
 impl Application {
     pub async fn build(cfg: &Config) -> Result<Self, StartError> {
+        let relay = cfg
+            .nats_url
+            .as_deref()
+            .map(|url| RelayConfig::parse(url, &cfg.nats_stream, &cfg.nats_subject_prefix))
+            .transpose()?;
         let (store, policies) = open_event_store(cfg).await?;
         let (keys, created) = open_key_manager(cfg).await?;
         if created {
@@ -208,6 +233,7 @@ impl Application {
             state,
             writer_task,
             admin_token,
+            relay,
         })
     }
 
@@ -223,7 +249,8 @@ impl Application {
     }
 
     /// Serves until `shutdown` completes, then stops accepting, lets in-flight
-    /// requests finish, drains the writer's queue and closes the databases.
+    /// requests finish, drains the writer's queue, stops the relay and closes
+    /// the databases.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -232,10 +259,16 @@ impl Application {
             listener,
             state,
             writer_task,
+            relay,
             ..
         } = self;
         let store = state.store.clone();
         let keystore = state.keys.keystore().clone();
+        let (stop_relay, relay_stopped) = watch::channel(false);
+        let relay_task = relay.map(|cfg| {
+            let head = watch_head(store.clone(), relay_stopped.clone());
+            crate::relay::spawn(store.clone(), cfg, head, relay_stopped)
+        });
         let app = router(state);
         tracing::info!(addr = %listener.local_addr()?, "eventvault listening");
         axum::serve(listener, app)
@@ -246,11 +279,56 @@ impl Application {
         if writer_task.await.is_err() {
             tracing::error!("the writer task panicked");
         }
+        // Whatever the relay had not published yet, it publishes after the
+        // next start, from its checkpoint.
+        let _ = stop_relay.send(true);
+        if let Some(task) = relay_task
+            && task.await.is_err()
+        {
+            tracing::error!("the outbox relay task panicked");
+        }
         store.db.close().await;
         keystore.db.close().await;
         tracing::info!("eventvault stopped");
         Ok(())
     }
+}
+
+/// How often [`watch_head`] looks at the head of the log.
+const HEAD_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The newest committed position, for the relay to wake on; ends when `stop`
+/// turns `true`.
+///
+/// Stand-in: this looks at the head every [`HEAD_POLL`]. It is to be replaced
+/// by announcements from the group-commit writer (and, for commits of other
+/// processes, PostgreSQL `LISTEN/NOTIFY`); the relay takes any
+/// `watch::Receiver<u64>` and does not care which.
+fn watch_head(store: EventStore, mut stop: watch::Receiver<bool>) -> watch::Receiver<u64> {
+    let (head_tx, head_rx) = watch::channel(0u64);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HEAD_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => return,
+                _ = tick.tick() => {}
+            }
+            match store.head_position().await {
+                Ok(head) => {
+                    head_tx.send_if_modified(|known| {
+                        let newer = head > *known;
+                        if newer {
+                            *known = head;
+                        }
+                        newer
+                    });
+                }
+                Err(e) => tracing::debug!(error = %e, "reading the head of the log failed"),
+            }
+        }
+    });
+    head_rx
 }
 
 /// A future that completes on SIGINT or SIGTERM. The handlers are installed

@@ -255,6 +255,9 @@ impl TestEnv {
             key_cache_capacity: 1000,
             dek_max_encryptions: *self.dek_max_encryptions.lock().unwrap(),
             max_db_connections: 8,
+            nats_url: None,
+            nats_stream: eventvault::relay::DEFAULT_STREAM.into(),
+            nats_subject_prefix: eventvault::relay::DEFAULT_SUBJECT_PREFIX.into(),
         }
     }
 
