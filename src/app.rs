@@ -67,7 +67,10 @@ impl std::fmt::Debug for Config {
             .field("policies_dir", &self.policies_dir)
             .field(
                 "nats_url",
-                &self.nats_url.as_ref().map(|_| "<set; see the relay's start line>"),
+                &self
+                    .nats_url
+                    .as_ref()
+                    .map(|_| "<set; see the relay's start line>"),
             )
             .field("nats_stream", &self.nats_stream)
             .field("nats_subject_prefix", &self.nats_subject_prefix)

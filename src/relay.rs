@@ -547,12 +547,9 @@ impl Relay {
 
     /// Waits until the head passes `position`, or [`IDLE_RECHECK`] elapses.
     async fn wait_for_events(&mut self, position: u64) {
-        let woken = tokio::time::timeout(
-            IDLE_RECHECK,
-            self.head.wait_for(|head| *head > position),
-        )
-        .await
-        .map(|woken| woken.is_ok());
+        let woken = tokio::time::timeout(IDLE_RECHECK, self.head.wait_for(|head| *head > position))
+            .await
+            .map(|woken| woken.is_ok());
         if woken == Ok(false) {
             // Nobody announces commits any more: only the re-check is left.
             tokio::time::sleep(IDLE_RECHECK).await;
@@ -607,7 +604,10 @@ mod tests {
         )
         .unwrap();
         let shown = format!("{cfg:?}");
-        assert!(!shown.contains("secret") && !shown.contains("tok3n"), "{shown}");
+        assert!(
+            !shown.contains("secret") && !shown.contains("tok3n"),
+            "{shown}"
+        );
         assert!(shown.contains("user:***@127.0.0.1:4222"), "{shown}");
         assert_eq!(cfg.checkpoint_name(), "nats:EVENTS_1");
         for (url, stream, prefix) in [

@@ -23,7 +23,8 @@ const PG_RELAY_LOCK: i64 = 0x6576_7661_756c_7402; // "evvault" + 2
 
 /// The checkpoint only moves forward: a relay cannot undo progress it did
 /// not see (an operator who wants a replay sets the row by hand).
-const SAVE_CHECKPOINT: &str = "insert into relay_checkpoints (name, position, updated_at) values ($1, $2, $3)
+const SAVE_CHECKPOINT: &str =
+    "insert into relay_checkpoints (name, position, updated_at) values ($1, $2, $3)
      on conflict (name) do update set position = excluded.position, updated_at = excluded.updated_at
      where relay_checkpoints.position < excluded.position";
 

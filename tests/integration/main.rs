@@ -10,4 +10,5 @@ mod concurrency;
 mod forget;
 mod keys;
 mod read;
+mod relay;
 mod startup;
