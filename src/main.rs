@@ -203,7 +203,8 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             nats_subject_prefix,
         } => {
             let cfg = Config {
-                nats_url: nats_url.clone(),
+                // An empty EVENTVAULT_NATS_URL means no relay, as unset does.
+                nats_url: nats_url.clone().filter(|url| !url.trim().is_empty()),
                 nats_stream: nats_stream.clone(),
                 nats_subject_prefix: nats_subject_prefix.clone(),
                 ..config(&cli, *listen, *max_body_bytes, *key_cache)

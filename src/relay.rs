@@ -392,7 +392,10 @@ impl Relay {
                     continue;
                 }
             };
-            standing_by = false;
+            if standing_by {
+                tracing::info!(stream = %self.cfg.stream, "outbox relay taking over");
+                standing_by = false;
+            }
             standby.reset();
             // Returns only when the event store fails (the lease may be
             // lost with it): give the lease up and take it anew.
