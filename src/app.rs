@@ -1,12 +1,14 @@
 //! Building and running the service: `Application::build` opens both stores,
 //! proves the master key, loads policies, starts the writer and binds the
-//! listener; `run_until` serves until a shutdown signal and then drains.
+//! listener; `run_until` serves (with the outbox relay beside it when NATS is
+//! configured) until a shutdown signal and then drains.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use zeroize::Zeroizing;
 
 use crate::http::conn::DeadlineListener;
@@ -14,6 +16,7 @@ use crate::http::{AppState, HttpConfig, router};
 use crate::keys::{KeyError, KeyManager, load_master_key, next_master_key_path};
 use crate::policy::{Policies, PolicyError};
 use crate::principals::{PrincipalError, Principals};
+use crate::relay::{RelayConfig, RelayConfigError};
 use crate::service::Events;
 use crate::store::feed::{self, Feed};
 use crate::store::keystore::Keystore;
@@ -46,6 +49,13 @@ pub struct Config {
     /// How long a write to a client may wait for it to read before the
     /// connection is closed (stalled subscribers, slow readers).
     pub write_timeout: std::time::Duration,
+    /// NATS server URL(s): when set, every committed event is published to
+    /// JetStream by the outbox relay.
+    pub nats_url: Option<String>,
+    /// The JetStream stream the relay publishes to (created if missing).
+    pub nats_stream: String,
+    /// First token(s) of the relay's subjects: `<prefix>.<category>.<type>`.
+    pub nats_subject_prefix: String,
 }
 
 impl std::fmt::Debug for Config {
@@ -60,6 +70,15 @@ impl std::fmt::Debug for Config {
                 &self.master_key.as_ref().map(|_| "<from environment>"),
             )
             .field("policies_dir", &self.policies_dir)
+            .field(
+                "nats_url",
+                &self
+                    .nats_url
+                    .as_ref()
+                    .map(|_| "<set; see the relay's start line>"),
+            )
+            .field("nats_stream", &self.nats_stream)
+            .field("nats_subject_prefix", &self.nats_subject_prefix)
             .finish_non_exhaustive()
     }
 }
@@ -91,6 +110,8 @@ pub enum StartError {
     },
     #[error("the keystore must be a separate database from the event store (both are {0})")]
     SharedDatabase(String),
+    #[error(transparent)]
+    Relay(#[from] RelayConfigError),
 }
 
 /// Opens the event store and loads the policies: what every command needs.
@@ -164,10 +185,17 @@ pub struct Application {
     /// Tells long-lived responses (subscriptions) that the service stops.
     shutdown: tokio::sync::watch::Sender<bool>,
     write_timeout: std::time::Duration,
+    /// Where the outbox relay publishes; `None`: no relay.
+    relay: Option<RelayConfig>,
 }
 
 impl Application {
     pub async fn build(cfg: &Config) -> Result<Self, StartError> {
+        let relay = cfg
+            .nats_url
+            .as_deref()
+            .map(|url| RelayConfig::parse(url, &cfg.nats_stream, &cfg.nats_subject_prefix))
+            .transpose()?;
         let (store, policies) = open_event_store(cfg).await?;
         let (keys, created) = open_key_manager(cfg).await?;
         if created {
@@ -223,6 +251,7 @@ impl Application {
             admin_token,
             shutdown: shutdown_tx,
             write_timeout: cfg.write_timeout,
+            relay,
         })
     }
 
@@ -238,7 +267,8 @@ impl Application {
     }
 
     /// Serves until `shutdown` completes, then stops accepting, lets in-flight
-    /// requests finish, drains the writer's queue and closes the databases.
+    /// requests finish, drains the writer's queue, stops the relay and closes
+    /// the databases.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -249,10 +279,15 @@ impl Application {
             writer_task,
             shutdown: stopping,
             write_timeout,
+            relay,
             ..
         } = self;
         let store = state.store.clone();
         let keystore = state.keys.keystore().clone();
+        let (stop_relay, relay_stopped) = watch::channel(false);
+        let relay_task = relay.map(|cfg| {
+            crate::relay::spawn(store.clone(), cfg, state.events.commits(), relay_stopped)
+        });
         let app = router(state);
         tracing::info!(addr = %listener.local_addr()?, "eventvault listening");
         let shutdown = async move {
@@ -267,6 +302,14 @@ impl Application {
         // finishes what is queued and stops.
         if writer_task.await.is_err() {
             tracing::error!("the writer task panicked");
+        }
+        // Whatever the relay had not published yet, it publishes after the
+        // next start, from its checkpoint.
+        let _ = stop_relay.send(true);
+        if let Some(task) = relay_task
+            && task.await.is_err()
+        {
+            tracing::error!("the outbox relay task panicked");
         }
         store.db.close().await;
         keystore.db.close().await;

@@ -3,7 +3,8 @@
 //!
 //! Parse, don't validate: each newtype has exactly one constructor that checks
 //! its input, so a `StreamId` anywhere in the code is known to be well formed.
-//! This module knows neither HTTP nor SQL.
+//! This module knows neither HTTP nor SQL. Times everywhere are microseconds
+//! since the Unix epoch, UTC, shown as RFC 3339 ([`rfc3339`]).
 
 use std::fmt;
 
@@ -15,6 +16,20 @@ pub const MAX_EVENTS_PER_APPEND: usize = 1000;
 
 /// Longest stream id, subject or event type accepted.
 const MAX_NAME_LEN: usize = 200;
+
+/// RFC 3339 with microseconds, UTC.
+pub fn rfc3339(us: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Parses an RFC 3339 time into microseconds since the epoch.
+pub fn parse_rfc3339(s: &str) -> Option<i64> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(t.unix_timestamp_nanos() / 1000).ok()
+}
 
 /// A malformed input value, with a message meant for the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -14,6 +14,8 @@
 //!   writer, the keystore tables.
 //! - [`service`]: classify + seal on append, open + mark on read.
 //! - [`http`]: the axum API; the only module that knows its JSON shapes.
+//! - [`relay`]: the outbox relay to NATS JetStream: committed events, clear
+//!   fields and sealed blobs as stored, in position order, at least once.
 //! - [`app`]: configuration, start-up and graceful shutdown.
 //! - [`sse`]: a Server-Sent Events reader for clients of the subscriptions.
 
@@ -27,6 +29,7 @@ pub mod http;
 pub mod keys;
 pub mod policy;
 pub mod principals;
+pub mod relay;
 pub mod service;
 pub mod sse;
 pub mod store;

@@ -84,6 +84,21 @@ enum Command {
         /// stalled subscriber) before its connection is closed.
         #[arg(long, env = "EVENTVAULT_WRITE_TIMEOUT_SECS", default_value_t = 30)]
         write_timeout_secs: u64,
+        /// NATS server URL (several: comma-separated). When set, every
+        /// committed event is published to JetStream: clear fields and the
+        /// sealed personal blob, never personal data in clear.
+        #[arg(long, env = "EVENTVAULT_NATS_URL")]
+        nats_url: Option<String>,
+        /// JetStream stream the events are published to (created if missing).
+        #[arg(long, env = "EVENTVAULT_NATS_STREAM", default_value = eventvault::relay::DEFAULT_STREAM)]
+        nats_stream: String,
+        /// First token(s) of every subject: <prefix>.<category>.<type>.
+        #[arg(
+            long,
+            env = "EVENTVAULT_NATS_SUBJECT_PREFIX",
+            default_value = eventvault::relay::DEFAULT_SUBJECT_PREFIX
+        )]
+        nats_subject_prefix: String,
     },
     /// Manage principals (callers and their tokens).
     #[command(subcommand)]
@@ -162,6 +177,9 @@ fn config(cli: &Cli, listen: SocketAddr, max_body_bytes: usize, key_cache: usize
         dek_max_encryptions: eventvault::keys::DEFAULT_MAX_ENCRYPTIONS,
         max_db_connections: cli.db_connections,
         write_timeout: std::time::Duration::from_secs(write_timeout_secs.max(1)),
+        nats_url: None,
+        nats_stream: eventvault::relay::DEFAULT_STREAM.into(),
+        nats_subject_prefix: eventvault::relay::DEFAULT_SUBJECT_PREFIX.into(),
     }
 }
 
@@ -191,9 +209,18 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             listen,
             max_body_bytes,
             key_cache,
+            nats_url,
+            nats_stream,
+            nats_subject_prefix,
             ..
         } => {
-            let cfg = config(&cli, *listen, *max_body_bytes, *key_cache);
+            let cfg = Config {
+                // An empty EVENTVAULT_NATS_URL means no relay, as unset does.
+                nats_url: nats_url.clone().filter(|url| !url.trim().is_empty()),
+                nats_stream: nats_stream.clone(),
+                nats_subject_prefix: nats_subject_prefix.clone(),
+                ..config(&cli, *listen, *max_body_bytes, *key_cache)
+            };
             let mut application = Application::build(&cfg).await?;
             if let Some(token) = application.take_admin_token() {
                 println!(

@@ -604,6 +604,12 @@ impl Events {
         self.writer.feed().tail().follow()
     }
 
+    /// A handle on the commit feed: it moves as soon as events commit (the
+    /// broker relay follows it).
+    pub fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.writer.feed().follow()
+    }
+
     /// [`Events::read_all`] for a live follower: from the rows the tail
     /// holds in memory (read once for every follower) when it holds the
     /// next one, from the store otherwise.

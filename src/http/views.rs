@@ -6,19 +6,8 @@ use serde::ser::SerializeStruct;
 use crate::audit::AuditRecord;
 use crate::domain::{AppendResult, ReadEvent};
 
-/// RFC 3339 with microseconds, UTC.
-pub fn rfc3339(us: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
-/// Parses an RFC 3339 time into microseconds since the epoch.
-pub fn parse_rfc3339(s: &str) -> Option<i64> {
-    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
-    i64::try_from(t.unix_timestamp_nanos() / 1000).ok()
-}
+// The time format is shared with the outbox relay's messages.
+pub use crate::domain::{parse_rfc3339, rfc3339};
 
 /// An event as read: `{"id","stream_id","version","position","type","subject",
 /// "data","metadata","recorded_at","personal_data"}`.

@@ -1,6 +1,7 @@
 //! Everything that speaks SQL: connecting to SQLite or PostgreSQL, running the
 //! migrations compiled into the binary, reading events, the group-commit
-//! [`writer`], the [`keystore`] and the principals table.
+//! [`writer`], the [`keystore`], the principals table and the outbox relay's
+//! checkpoint and lease ([`relay`]).
 //!
 //! Both backends share one code path wherever the SQL is the same (`$N`
 //! placeholders work on both); where they differ (array parameters, advisory
@@ -10,6 +11,7 @@ pub mod audit;
 pub mod feed;
 pub mod keystore;
 pub mod principals;
+pub mod relay;
 pub mod snapshots;
 pub mod subjects;
 pub mod writer;

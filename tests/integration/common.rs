@@ -104,6 +104,14 @@ pub fn log_has_line_with(parts: &[&str]) -> bool {
         .any(|l| parts.iter().all(|p| l.contains(p)))
 }
 
+/// How many lines logged so far in this process contain every one of `parts`.
+pub fn log_lines_with(parts: &[&str]) -> usize {
+    String::from_utf8_lossy(&LOG.lock().unwrap())
+        .lines()
+        .filter(|l| parts.iter().all(|p| l.contains(p)))
+        .count()
+}
+
 /// Remembers a secret that must never be logged.
 pub fn remember_secret(secret: &str) {
     SECRETS.lock().unwrap().push(secret.to_owned());
@@ -195,6 +203,16 @@ pub struct TestEnv {
     pub dek_max_encryptions: Mutex<u64>,
     /// The service's write deadline (shortened by the slow-client tests).
     pub write_timeout: Mutex<std::time::Duration>,
+    /// Where the application's outbox relay publishes; `None`: no relay.
+    pub nats: Mutex<Option<NatsTarget>>,
+}
+
+/// A NATS server, JetStream stream and subject prefix for the relay.
+#[derive(Debug, Clone)]
+pub struct NatsTarget {
+    pub url: String,
+    pub stream: String,
+    pub subject_prefix: String,
 }
 
 impl TestEnv {
@@ -239,6 +257,7 @@ impl TestEnv {
             policies: Mutex::new(policies_dir()),
             dek_max_encryptions: Mutex::new(eventvault::keys::DEFAULT_MAX_ENCRYPTIONS),
             write_timeout: Mutex::new(std::time::Duration::from_secs(30)),
+            nats: Mutex::new(None),
         })
     }
 
@@ -247,6 +266,7 @@ impl TestEnv {
     }
 
     pub fn config(&self) -> Config {
+        let nats = self.nats.lock().unwrap().clone();
         Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             database_url: self.database_url.clone(),
@@ -259,7 +279,21 @@ impl TestEnv {
             dek_max_encryptions: *self.dek_max_encryptions.lock().unwrap(),
             max_db_connections: 8,
             write_timeout: *self.write_timeout.lock().unwrap(),
+            nats_url: nats.as_ref().map(|n| n.url.clone()),
+            nats_stream: nats.as_ref().map_or_else(
+                || eventvault::relay::DEFAULT_STREAM.into(),
+                |n| n.stream.clone(),
+            ),
+            nats_subject_prefix: nats.as_ref().map_or_else(
+                || eventvault::relay::DEFAULT_SUBJECT_PREFIX.into(),
+                |n| n.subject_prefix.clone(),
+            ),
         }
+    }
+
+    /// Points the relay of the next start at `target` (`None`: no relay).
+    pub fn set_nats(&self, target: Option<NatsTarget>) {
+        *self.nats.lock().unwrap() = target;
     }
 
     pub fn token(&self) -> String {

@@ -11,6 +11,7 @@ mod concurrency;
 mod forget;
 mod keys;
 mod read;
+mod relay;
 mod snapshots;
 mod startup;
 mod subscribe;
