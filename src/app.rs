@@ -49,6 +49,11 @@ pub struct Config {
     /// How long a write to a client may wait for it to read before the
     /// connection is closed (stalled subscribers, slow readers).
     pub write_timeout: std::time::Duration,
+    /// Subscriptions open at once (503 beyond).
+    pub max_subscriptions: usize,
+    /// How often a subscription authenticates its caller again (a removed
+    /// principal's subscriptions end within this).
+    pub subscription_recheck: std::time::Duration,
     /// NATS server URL(s): when set, every committed event is published to
     /// JetStream by the outbox relay.
     pub nats_url: Option<String>,
@@ -235,8 +240,10 @@ impl Application {
             policies,
             config: Arc::new(HttpConfig {
                 max_body_bytes: cfg.max_body_bytes,
+                subscription_recheck: cfg.subscription_recheck,
             }),
             shutdown: shutdown_rx,
+            subscriptions: Arc::new(tokio::sync::Semaphore::new(cfg.max_subscriptions)),
         };
         let listener = TcpListener::bind(cfg.listen)
             .await

@@ -84,6 +84,9 @@ enum Command {
         /// stalled subscriber) before its connection is closed.
         #[arg(long, env = "EVENTVAULT_WRITE_TIMEOUT_SECS", default_value_t = 30)]
         write_timeout_secs: u64,
+        /// Live subscriptions open at once; more are refused with 503.
+        #[arg(long, env = "EVENTVAULT_MAX_SUBSCRIPTIONS", default_value_t = 1000)]
+        max_subscriptions: usize,
         /// NATS server URL (several: comma-separated). When set, every
         /// committed event is published to JetStream: clear fields and the
         /// sealed personal blob, never personal data in clear.
@@ -157,11 +160,13 @@ enum PrincipalCommand {
 }
 
 fn config(cli: &Cli, listen: SocketAddr, max_body_bytes: usize, key_cache: usize) -> Config {
-    let write_timeout_secs = match &cli.command {
+    let (write_timeout_secs, max_subscriptions) = match &cli.command {
         Command::Serve {
-            write_timeout_secs, ..
-        } => *write_timeout_secs,
-        _ => 30,
+            write_timeout_secs,
+            max_subscriptions,
+            ..
+        } => (*write_timeout_secs, *max_subscriptions),
+        _ => (30, 0),
     };
     Config {
         listen,
@@ -177,6 +182,8 @@ fn config(cli: &Cli, listen: SocketAddr, max_body_bytes: usize, key_cache: usize
         dek_max_encryptions: eventvault::keys::DEFAULT_MAX_ENCRYPTIONS,
         max_db_connections: cli.db_connections,
         write_timeout: std::time::Duration::from_secs(write_timeout_secs.max(1)),
+        max_subscriptions,
+        subscription_recheck: std::time::Duration::from_secs(15),
         nats_url: None,
         nats_stream: eventvault::relay::DEFAULT_STREAM.into(),
         nats_subject_prefix: eventvault::relay::DEFAULT_SUBJECT_PREFIX.into(),

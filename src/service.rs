@@ -44,6 +44,11 @@ pub enum ServiceError {
     /// A version the stream does not have (yet): `current` is its version.
     #[error("the stream has no such version (its version is {current})")]
     NoSuchVersion { current: u64 },
+    /// A snapshot of a stream about data subjects that names none of them.
+    #[error(
+        "the stream's events are about data subjects: its snapshot must name one of them as its subject (the state is then sealed under that subject's key)"
+    )]
+    SnapshotSubject,
     /// A snapshot older than the one stored.
     #[error("a snapshot of version {stored} is stored; an older one does not replace it")]
     OlderSnapshot { stored: u64 },
@@ -82,7 +87,8 @@ pub struct StreamPage {
 }
 
 /// Where in history a stream read looks: as it was at a time, at a
-/// version, or both (whichever is earlier); the present when both are `None`.
+/// version, or both (the version must exist at that time); the present when
+/// both are `None`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AsOf {
     pub as_of_us: Option<i64>,
@@ -230,9 +236,11 @@ impl Events {
         reason: Option<&str>,
         audit: AuditEntry,
     ) -> Result<(ForgetReport, bool), ServiceError> {
-        let entry = self.store.record_forget(subject, reason).await?;
-        // Rows held in memory for subscribers predate the ledger entry.
+        let entry = self.store.record_forget(subject, reason).await;
+        // Rows held in memory for subscribers may predate the ledger entry:
+        // dropped whatever the answer (an error may follow a commit).
         self.writer.feed().forget_recorded();
+        let entry = entry?;
         let destroyed = self.destroy_keys(subject).await?;
         let events_affected = self.store.subject_event_count(subject, u64::MAX).await?;
         let recorded = entry.completed_at.is_none();
@@ -416,6 +424,7 @@ impl Events {
                 Err(ServiceError::NoSuchVersion { current })
             }
             Err(SnapshotRefusal::Older { stored }) => Err(ServiceError::OlderSnapshot { stored }),
+            Err(SnapshotRefusal::NotOfItsSubjects) => Err(ServiceError::SnapshotSubject),
             Err(SnapshotRefusal::Forgotten) => {
                 let s = subject.expect("only a snapshot with a subject is refused as forgotten");
                 if let Err(e) = self.keys.discard_subject_keys(s.as_str()).await {
@@ -613,14 +622,17 @@ impl Events {
     /// [`Events::read_all`] for a live follower: from the rows the tail
     /// holds in memory (read once for every follower) when it holds the
     /// next one, from the store otherwise.
+    /// `(rows, bytes, store_rows)`: at most `rows` events and about `bytes`
+    /// of them from the tail, or `store_rows` from the store.
     pub async fn read_all_live(
         &self,
         after: u64,
-        limit: u32,
+        (rows, bytes, store_rows): (u32, usize, u32),
         grants: &Grants,
     ) -> Result<LogPage, ServiceError> {
-        let Some(rows) = self.writer.feed().tail().after(after, limit as usize) else {
-            return self.read_all(after, limit, None, grants).await;
+        let tail = self.writer.feed().tail();
+        let Some(rows) = tail.after(after, rows as usize, bytes) else {
+            return self.read_all(after, store_rows, None, grants).await;
         };
         let next = rows.last().map_or(after, |r| r.position as u64);
         let visible = rows

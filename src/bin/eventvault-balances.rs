@@ -16,7 +16,6 @@
 
 use std::collections::HashMap;
 use std::process::ExitCode;
-use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
@@ -44,7 +43,9 @@ struct Args {
     )]
     database_url: String,
     /// Stop once every event up to this position is applied (for batch
-    /// runs and tests); without it, follow the log for ever.
+    /// runs and tests); without it, follow the log for ever. It must be the
+    /// position of an event the token may read (events of other streams are
+    /// never delivered, so the projection cannot tell it passed them).
     #[arg(long)]
     stop_at: Option<u64>,
 }
@@ -66,7 +67,8 @@ fn changes(event: &Value) -> Result<Vec<Change<'_>>, String> {
             Value::Number(n) => n.to_string(),
             _ => return Err("no amount".into()),
         };
-        Decimal::from_str(&raw).map_err(|e| format!("amount {raw:?}: {e}"))
+        // Exact or refused: an amount is never rounded.
+        Decimal::from_str_exact(&raw).map_err(|e| format!("amount {raw:?}: {e}"))
     };
     let account = |field: &str| text(field).ok_or_else(|| format!("no {field}"));
     let currency = text("currency");
@@ -139,7 +141,7 @@ impl Model {
                 .await?;
         let mut balances = HashMap::new();
         for (account, currency, balance) in rows {
-            balances.insert(account, (currency, Decimal::from_str(&balance)?));
+            balances.insert(account, (currency, Decimal::from_str_exact(&balance)?));
         }
         Ok(Self {
             db,
@@ -167,7 +169,12 @@ impl Model {
                 if entry.0.is_none() {
                     entry.0 = c.currency.map(str::to_owned);
                 }
-                entry.1 += c.delta;
+                entry.1 = entry.1.checked_add(c.delta).ok_or_else(|| {
+                    format!(
+                        "event at position {position}: the balance of {} overflows",
+                        c.account
+                    )
+                })?;
                 touched.push(c.account.to_owned());
             }
         }

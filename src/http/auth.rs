@@ -10,7 +10,10 @@ use axum::http::request::Parts;
 use super::AppState;
 use super::problem::ApiError;
 use super::trail::AuditSlot;
-use crate::policy::{Grants, Permission};
+use zeroize::Zeroizing;
+
+use crate::policy::{Grants, Permission, Policies};
+use crate::principals::Principals;
 
 /// The authenticated principal of a request, what it may do, and the audit
 /// record of the request.
@@ -18,6 +21,18 @@ use crate::policy::{Grants, Permission};
 pub struct Caller {
     pub grants: Grants,
     pub audit: AuditSlot,
+    /// The bearer token, for long-lived requests that authenticate again.
+    token: Token,
+}
+
+/// A bearer token held in memory: zeroized on drop, never shown by `Debug`.
+#[derive(Clone)]
+struct Token(Zeroizing<String>);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
 }
 
 impl Caller {
@@ -37,6 +52,22 @@ impl Caller {
                     ""
                 }
             )))
+        }
+    }
+
+    /// The caller's grants as they are now, for a request that outlives the
+    /// authentication cache (a subscription): `None` once the token no
+    /// longer authenticates (the principal was removed).
+    pub async fn grants_now(&self, principals: &Principals, policies: &Policies) -> Option<Grants> {
+        match principals.authenticate(&self.token.0).await {
+            Ok(Some(p)) => Some(Grants::of(policies, &p.roles)),
+            Ok(None) => None,
+            Err(e) => {
+                // Keep serving on a passing database failure; the next check
+                // decides.
+                tracing::warn!(error = %e, "could not authenticate a subscriber again");
+                Some(self.grants.clone())
+            }
         }
     }
 
@@ -91,7 +122,11 @@ impl FromRequestParts<AppState> for Caller {
                     return Err(ApiError::BadRequest(problem.to_owned()));
                 }
                 let grants = Grants::of(&state.policies, &principal.roles);
-                Ok(Caller { grants, audit })
+                Ok(Caller {
+                    grants,
+                    audit,
+                    token: Token(Zeroizing::new(token.to_owned())),
+                })
             }
             Ok(None) => Err(ApiError::Unauthorized("the token is not valid")),
             Err(e) => {

@@ -167,17 +167,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_reading_peer_is_never_timed_out() {
+    async fn a_slow_but_reading_peer_is_never_timed_out() {
         use tokio::io::AsyncReadExt;
+        // The reader takes 20 ms per 64 bytes: the whole transfer takes far
+        // longer than the 60 ms deadline, but no single write waits that
+        // long. A deadline that ran across writes would fire.
         let (a, mut b) = tokio::io::duplex(64);
         let reader = tokio::spawn(async move {
-            let mut all = Vec::new();
-            b.read_to_end(&mut all).await.map(|_| all.len())
+            let (mut buf, mut total) = ([0u8; 64], 0);
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                match b.read(&mut buf).await {
+                    Ok(0) | Err(_) => return total,
+                    Ok(n) => total += n,
+                }
+            }
         });
-        let mut w = WriteDeadline::new(a, Duration::from_secs(5));
-        w.write_all(&[1u8; 100_000]).await.unwrap();
+        let mut w = WriteDeadline::new(a, Duration::from_millis(60));
+        w.write_all(&[1u8; 1024]).await.unwrap();
         w.shutdown().await.unwrap();
         drop(w);
-        assert_eq!(reader.await.unwrap().unwrap(), 100_000);
+        assert_eq!(reader.await.unwrap(), 1024);
     }
 }

@@ -36,6 +36,8 @@ use crate::store::EventStore;
 pub struct HttpConfig {
     /// Largest accepted request body, in bytes (413 beyond).
     pub max_body_bytes: usize,
+    /// How often a subscription authenticates its caller again.
+    pub subscription_recheck: std::time::Duration,
 }
 
 /// Everything a handler may use. Cheap to clone: all shared parts are behind
@@ -50,6 +52,8 @@ pub struct AppState {
     pub config: Arc<HttpConfig>,
     /// Becomes `true` when the service begins to stop: subscriptions end.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// One permit per open subscription.
+    pub subscriptions: Arc<tokio::sync::Semaphore>,
 }
 
 /// The id in a request path (a stream or a subject), checked by `parse`:

@@ -21,7 +21,8 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -39,12 +40,16 @@ use super::views::EventView;
 use super::{AppState, path_id};
 use crate::audit::{AuditEntry, Outcome};
 use crate::domain::{PersonalData, ReadEvent, StreamId};
-use crate::policy::{Grants, Permission};
+use crate::policy::{Grants, Permission, Policies};
+use crate::principals::Principals;
 use crate::service::{AsOf, Events, ServiceError};
 use crate::store::Direction;
 
-/// Events read from the store at a time.
+/// Events read at a time: from the tail in memory (and at most
+/// [`PAGE_BYTES`] of them), or from the store.
 const PAGE: u32 = 500;
+const STORE_PAGE: u32 = 100;
+const PAGE_BYTES: usize = 1 << 20;
 
 /// A comment line is sent after this long without an event, so that
 /// proxies and load balancers keep an idle subscription open.
@@ -68,6 +73,19 @@ struct StreamParams {
     from: Option<u64>,
 }
 
+/// Largest cursor accepted (positions and versions are stored as `i64`).
+const MAX_CURSOR: u64 = i64::MAX as u64;
+
+/// A cursor from the query: at most [`MAX_CURSOR`].
+fn cursor_param(name: &str, v: Option<u64>) -> Result<Option<u64>, ApiError> {
+    match v {
+        Some(v) if v > MAX_CURSOR => Err(ApiError::BadRequest(format!(
+            "{name} must be at most {MAX_CURSOR}"
+        ))),
+        v => Ok(v),
+    }
+}
+
 /// The `Last-Event-ID` header: the id of the last event the client got.
 fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     headers
@@ -76,6 +94,7 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
             v.to_str()
                 .ok()
                 .and_then(|s| s.trim().parse::<u64>().ok())
+                .filter(|id| *id <= MAX_CURSOR)
                 .ok_or_else(|| {
                     ApiError::BadRequest(
                         "Last-Event-ID must be the id of an event (a number)".into(),
@@ -95,14 +114,11 @@ async fn subscribe_log(
     caller.require_purpose(None)?;
     let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     // The header wins over the query: it is what a reconnecting client sends.
-    let after = last_event_id(&headers)?.or(p.after).unwrap_or(0);
+    let after = last_event_id(&headers)?
+        .or(cursor_param("after", p.after)?)
+        .unwrap_or(0);
     caller.audit.set_resource(format!("positions:>{after}"));
-    Ok(open(
-        &state,
-        &caller,
-        "log.subscribe",
-        Cursor::Log { after },
-    ))
+    open(&state, caller, "log.subscribe", Cursor::Log { after })
 }
 
 async fn subscribe_stream(
@@ -117,19 +133,19 @@ async fn subscribe_stream(
     caller.require_purpose(Some(stream.as_str()))?;
     let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let from = match last_event_id(&headers)? {
-        Some(v) => v.saturating_add(1),
-        None => p.from.unwrap_or(1).max(1),
+        Some(v) => v + 1,
+        None => cursor_param("from", p.from)?.unwrap_or(1).max(1),
     };
-    Ok(open(
+    open(
         &state,
-        &caller,
+        caller,
         "stream.subscribe",
         Cursor::Stream {
             stream,
             from,
             checked: 0,
         },
-    ))
+    )
 }
 
 /// Where a subscription stands.
@@ -145,9 +161,24 @@ enum Cursor {
     },
 }
 
-fn open(state: &AppState, caller: &Caller, action: &str, cursor: Cursor) -> Response {
+fn open(
+    state: &AppState,
+    caller: Caller,
+    action: &str,
+    cursor: Cursor,
+) -> Result<Response, ApiError> {
+    // Each subscription holds a slot until it ends; none left is a 503.
+    let slot = state
+        .subscriptions
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::Unavailable("too many open subscriptions; retry later"))?;
     let sub = Subscription {
         events: state.events.clone(),
+        principals: state.principals.clone(),
+        policies: state.policies.clone(),
+        recheck: state.config.subscription_recheck,
+        checked_at: Instant::now(),
         grants: caller.grants.clone(),
         cursor,
         feed: state.events.follow(),
@@ -160,20 +191,29 @@ fn open(state: &AppState, caller: &Caller, action: &str, cursor: Cursor) -> Resp
             action: action.to_owned(),
             delivered: 0,
             personal: false,
-            failed: false,
+            ended: Outcome::Ok,
+            _slot: slot,
         },
+        caller,
     };
     let body = futures::stream::unfold(sub, |mut sub| async move {
         let event = sub.next().await?;
         Some((Ok::<_, Infallible>(event), sub))
     });
-    Sse::new(body)
+    Ok(Sse::new(body)
         .keep_alive(KeepAlive::new().interval(HEARTBEAT).text("heartbeat"))
-        .into_response()
+        .into_response())
 }
 
 struct Subscription {
     events: Events,
+    principals: Arc<Principals>,
+    policies: Arc<Policies>,
+    /// How often the caller is authenticated again.
+    recheck: Duration,
+    checked_at: Instant,
+    caller: Caller,
+    /// What the caller may read, as of the last check.
     grants: Grants,
     cursor: Cursor,
     feed: watch::Receiver<u64>,
@@ -191,9 +231,13 @@ impl Subscription {
     async fn next(&mut self) -> Option<Event> {
         loop {
             if let Some(e) = self.queue.pop_front() {
+                self.trail.delivered += 1;
                 return Some(sse_event(&e, &self.cursor));
             }
             if *self.shutdown.borrow() {
+                return None;
+            }
+            if !self.still_allowed().await {
                 return None;
             }
             if std::mem::take(&mut self.caught_up) {
@@ -202,6 +246,7 @@ impl Subscription {
                 if !self.wait().await {
                     return None;
                 }
+                continue;
             }
             // Marked seen before reading: a commit after this point wakes
             // the wait below even if the read already saw it.
@@ -216,7 +261,7 @@ impl Subscription {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "a subscription failed and was closed");
-                    self.trail.failed = true;
+                    self.trail.ended = Outcome::Error;
                     return None;
                 }
             }
@@ -226,11 +271,42 @@ impl Subscription {
         }
     }
 
-    /// Waits until the feed moves; `false` when the service stops.
+    /// Waits until the feed moves or the caller is due to be checked again;
+    /// `false` when the service stops.
     async fn wait(&mut self) -> bool {
+        let due = self.recheck.saturating_sub(self.checked_at.elapsed());
         tokio::select! {
             moved = self.feed.changed() => moved.is_ok(),
             _ = self.shutdown.changed() => false,
+            () = tokio::time::sleep(due) => true,
+        }
+    }
+
+    /// Authenticates the caller again when due: a removed principal, or
+    /// one whose roles no longer allow this subscription, is cut off (and
+    /// the close recorded as `denied`); changed roles apply from now on.
+    async fn still_allowed(&mut self) -> bool {
+        if self.checked_at.elapsed() < self.recheck {
+            return true;
+        }
+        self.checked_at = Instant::now();
+        let stream = match &self.cursor {
+            Cursor::Log { .. } => None,
+            Cursor::Stream { stream, .. } => Some(stream.as_str()),
+        };
+        match self
+            .caller
+            .grants_now(&self.principals, &self.policies)
+            .await
+        {
+            Some(grants) if grants.allows(Permission::Read, stream) => {
+                self.grants = grants;
+                true
+            }
+            _ => {
+                self.trail.ended = Outcome::Denied;
+                false
+            }
         }
     }
 
@@ -241,7 +317,7 @@ impl Subscription {
             Cursor::Log { after } => {
                 let page = self
                     .events
-                    .read_all_live(*after, PAGE, &self.grants)
+                    .read_all_live(*after, (PAGE, PAGE_BYTES, STORE_PAGE), &self.grants)
                     .await?;
                 if page.next == *after {
                     return Ok(Fetched::CaughtUp);
@@ -268,7 +344,7 @@ impl Subscription {
                     .read_stream(
                         stream,
                         Some(*from),
-                        PAGE,
+                        STORE_PAGE,
                         Direction::Forward,
                         AsOf::default(),
                         &self.grants,
@@ -290,7 +366,7 @@ impl Subscription {
                 *from = last.version + 1;
                 // A short page ends at the stream's head, and the read saw
                 // every commit up to `seen`.
-                let caught_up = events.len() < PAGE as usize;
+                let caught_up = events.len() < STORE_PAGE as usize;
                 if caught_up {
                     *checked = seen;
                 }
@@ -331,9 +407,14 @@ struct Trail {
     /// The opening record, as the base of the later ones.
     template: AuditEntry,
     action: String,
+    /// Events handed to the connection.
     delivered: u64,
     personal: bool,
-    failed: bool,
+    /// How the subscription ended: `ok`, or `denied` (the caller lost its
+    /// access) or `error` (a failure).
+    ended: Outcome,
+    /// The subscription's slot, given back when it ends.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Trail {
@@ -358,7 +439,6 @@ impl Trail {
             self.events.audit(entry).await?;
             self.personal = true;
         }
-        self.delivered += batch.len() as u64;
         Ok(())
     }
 }
@@ -369,11 +449,7 @@ impl Drop for Trail {
     fn drop(&mut self) {
         let entry = AuditEntry {
             action: format!("{}.close", self.action),
-            outcome: if self.failed {
-                Outcome::Error
-            } else {
-                Outcome::Ok
-            },
+            outcome: self.ended,
             event_count: self.delivered,
             personal_data: self.personal,
             ..self.template.clone()

@@ -19,8 +19,9 @@ use super::{Db, EventStore, StoredEvent};
 /// The PostgreSQL channel of commit notices; the payload is the position.
 pub const COMMIT_CHANNEL: &str = "eventvault_commits";
 
-/// Rows the tail keeps in memory.
+/// Rows the tail keeps in memory, and about how many bytes at most.
 const TAIL_ROWS: usize = 8192;
+const TAIL_BYTES: usize = 64 << 20;
 
 /// The newest committed position, shared by the writer and the followers,
 /// and the [`Tail`] of the log.
@@ -165,6 +166,17 @@ struct TailRows {
     rows: VecDeque<Arc<StoredEvent>>,
     /// Bumped by every clear: a read that began before it is dropped.
     generation: u64,
+    /// About how much memory the rows hold.
+    bytes: usize,
+}
+
+/// About how much memory a row holds.
+fn row_bytes(r: &StoredEvent) -> usize {
+    200 + r.data.len()
+        + r.metadata.len()
+        + r.stream_id.len()
+        + r.event_type.len()
+        + r.sealed.as_ref().map_or(0, Vec::len)
 }
 
 impl Tail {
@@ -173,17 +185,37 @@ impl Tail {
         self.ready.subscribe()
     }
 
-    /// Up to `limit` rows after position `after`, or `None` when the tail
-    /// does not hold the row after it (too old, or cleared).
-    pub fn after(&self, after: u64, limit: usize) -> Option<Vec<Arc<StoredEvent>>> {
+    /// Up to `limit` rows after position `after`, ending once they hold
+    /// `max_bytes` (at least one row), or `None` when the tail does not
+    /// hold the row after `after` (too old, or cleared).
+    pub fn after(
+        &self,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Option<Vec<Arc<StoredEvent>>> {
         let inner = self.inner.lock().expect("tail lock");
         let first = inner.rows.front()?.position as u64;
         let last = inner.rows.back()?.position as u64;
-        if after + 1 < first || after > last {
+        if after.saturating_add(1) < first || after > last {
             return None;
         }
         let skip = (after + 1 - first) as usize;
-        Some(inner.rows.iter().skip(skip).take(limit).cloned().collect())
+        let mut bytes = 0;
+        Some(
+            inner
+                .rows
+                .iter()
+                .skip(skip)
+                .take(limit)
+                .take_while(|r| {
+                    let fits = bytes == 0 || bytes + row_bytes(r) <= max_bytes;
+                    bytes += row_bytes(r);
+                    fits
+                })
+                .cloned()
+                .collect(),
+        )
     }
 
     /// Whether a row of `stream` lies after position `after`; `None` when
@@ -191,7 +223,7 @@ impl Tail {
     pub fn mentions(&self, stream: &str, after: u64) -> Option<bool> {
         let inner = self.inner.lock().expect("tail lock");
         let first = inner.rows.front().map_or(u64::MAX, |r| r.position as u64);
-        if after + 1 < first && after < *self.ready.borrow() {
+        if after.saturating_add(1) < first && after < *self.ready.borrow() {
             return None;
         }
         Some(
@@ -207,6 +239,7 @@ impl Tail {
     fn clear(&self) {
         let mut inner = self.inner.lock().expect("tail lock");
         inner.rows.clear();
+        inner.bytes = 0;
         inner.generation += 1;
     }
 
@@ -219,10 +252,18 @@ impl Tail {
             let mut cursor = *tail.ready.borrow();
             loop {
                 let head = *moved.borrow_and_update();
+                if tail.ready.receiver_count() == 0 {
+                    // Nobody follows: nothing is read. A subscriber that
+                    // comes later reads the store until the tail refills.
+                    tail.clear();
+                    cursor = head;
+                    tail.ready.send_replace(cursor);
+                }
                 while cursor < head {
                     let generation = tail.inner.lock().expect("tail lock").generation;
                     let rows = match store.read_all(cursor, 1000, None).await {
                         Ok(rows) => rows,
+                        Err(_) if store.db.is_closed() => return,
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot read new events; retrying in 1 s");
                             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -243,10 +284,17 @@ impl Tail {
                                 .is_none_or(|b| b.position as u64 == cursor);
                             if !contiguous {
                                 inner.rows.clear();
+                                inner.bytes = 0;
                             }
-                            inner.rows.extend(rows.into_iter().map(Arc::new));
-                            while inner.rows.len() > TAIL_ROWS {
-                                inner.rows.pop_front();
+                            for r in rows {
+                                inner.bytes += row_bytes(&r);
+                                inner.rows.push_back(Arc::new(r));
+                            }
+                            while inner.rows.len() > TAIL_ROWS || inner.bytes > TAIL_BYTES {
+                                let Some(old) = inner.rows.pop_front() else {
+                                    break;
+                                };
+                                inner.bytes -= row_bytes(&old);
                             }
                         }
                     }
@@ -258,5 +306,94 @@ impl Tail {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(position: i64, stream: &str) -> StoredEvent {
+        StoredEvent {
+            position,
+            stream_id: stream.into(),
+            version: position,
+            event_id: uuid::Uuid::new_v4().to_string(),
+            event_type: "Note".into(),
+            subject: None,
+            key_id: None,
+            data: "{}".into(),
+            sealed: None,
+            metadata: "{}".into(),
+            recorded_at: 0,
+            forgotten: false,
+        }
+    }
+
+    fn tail_with(head: u64, rows: &[(i64, &str)]) -> Tail {
+        let tail = Tail {
+            inner: Mutex::new(TailRows::default()),
+            ready: watch::Sender::new(head),
+        };
+        tail.inner
+            .lock()
+            .unwrap()
+            .rows
+            .extend(rows.iter().map(|(p, s)| Arc::new(row(*p, s))));
+        tail
+    }
+
+    fn positions(rows: Option<Vec<Arc<StoredEvent>>>) -> Option<Vec<i64>> {
+        rows.map(|r| r.iter().map(|e| e.position).collect())
+    }
+
+    #[test]
+    fn the_tail_answers_only_for_what_it_holds() {
+        let tail = tail_with(13, &[(10, "a"), (11, "b"), (12, "a"), (13, "c")]);
+        let all = usize::MAX;
+        assert_eq!(
+            positions(tail.after(9, 10, all)),
+            Some(vec![10, 11, 12, 13])
+        );
+        assert_eq!(positions(tail.after(11, 1, all)), Some(vec![12]));
+        assert_eq!(positions(tail.after(13, 10, all)), Some(vec![]));
+        // A byte budget ends the page, after at least one row.
+        assert_eq!(positions(tail.after(9, 10, 1)), Some(vec![10]));
+        assert_eq!(
+            positions(tail.after(9, 10, 2 * row_bytes(&row(1, "a")))),
+            Some(vec![10, 11])
+        );
+        // Older than the tail, or newer than it: the store must answer.
+        assert_eq!(positions(tail.after(8, 10, all)), None);
+        assert_eq!(positions(tail.after(14, 10, all)), None);
+        assert_eq!(positions(tail.after(u64::MAX, 10, all)), None);
+
+        assert_eq!(tail.mentions("a", 11), Some(true));
+        assert_eq!(tail.mentions("b", 11), Some(false));
+        assert_eq!(tail.mentions("b", 9), Some(true));
+        assert_eq!(tail.mentions("c", 13), Some(false));
+        assert_eq!(tail.mentions("a", 5), None, "rows 6..=9 are not held");
+
+        tail.clear();
+        assert_eq!(positions(tail.after(12, 10, usize::MAX)), None);
+        assert_eq!(tail.mentions("a", 12), None);
+        assert_eq!(
+            tail.mentions("a", 13),
+            Some(false),
+            "nothing after the head"
+        );
+    }
+
+    #[test]
+    fn the_feed_only_moves_forward() {
+        let feed = Feed::new(5);
+        let mut f = feed.follow();
+        feed.advance(3);
+        assert!(!f.has_changed().unwrap());
+        feed.advance(7);
+        assert!(f.has_changed().unwrap());
+        assert_eq!(*f.borrow_and_update(), 7);
+        feed.nudge();
+        assert!(f.has_changed().unwrap());
     }
 }

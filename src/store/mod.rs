@@ -198,6 +198,10 @@ impl Db {
         Ok(())
     }
 
+    pub fn is_closed(&self) -> bool {
+        on_db!(self, |pool| pool.is_closed())
+    }
+
     pub async fn close(&self) {
         on_db!(self, |pool| pool.close().await)
     }

@@ -16,10 +16,12 @@ use sqlx::sqlite::SqlitePool;
 
 use super::{Db, StoreError, now_us};
 
-/// Key of the session-level advisory lock of the publishing relay. Not the
-/// writer's (`PG_WRITER_LOCK`, taken per transaction): the two never wait for
-/// each other.
-const PG_RELAY_LOCK: i64 = 0x6576_7661_756c_7402; // "evvault" + 2
+/// First key of the session-level advisory lock of the publishing relay; the
+/// second is a hash of the relay's name, so relays to different streams do
+/// not wait for each other. Not the writer's lock (`PG_WRITER_LOCK`, a
+/// single 64-bit key taken per transaction): the two never wait for each
+/// other.
+const PG_RELAY_LOCK: i32 = 0x6576_7402; // "ev" + "t" + 2
 
 /// The checkpoint only moves forward: a relay cannot undo progress it did
 /// not see (an operator who wants a replay sets the row by hand).
@@ -51,10 +53,12 @@ impl RelayLease {
             Db::Postgres(pool) => {
                 let options = pool.connect_options();
                 let mut conn = PgConnection::connect_with(&options).await?;
-                let locked: bool = sqlx::query_scalar("select pg_try_advisory_lock($1)")
-                    .bind(PG_RELAY_LOCK)
-                    .fetch_one(&mut conn)
-                    .await?;
+                let locked: bool =
+                    sqlx::query_scalar("select pg_try_advisory_lock($1, hashtext($2))")
+                        .bind(PG_RELAY_LOCK)
+                        .bind(name)
+                        .fetch_one(&mut conn)
+                        .await?;
                 if !locked {
                     let _ = conn.close().await;
                     return Ok(None);

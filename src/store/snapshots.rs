@@ -35,15 +35,19 @@ pub enum SnapshotRefusal {
     NoSuchVersion { current: u64 },
     /// The snapshot's subject is forgotten.
     Forgotten,
+    /// The stream's events are about data subjects, and the snapshot does
+    /// not name one of them (its state would escape their forgets).
+    NotOfItsSubjects,
     /// A snapshot of a later version is stored; it is kept.
     Older { stored: u64 },
 }
 
 impl EventStore {
     /// Saves `s` as the stream's snapshot unless the stream lacks its
-    /// version, its subject is forgotten or a later snapshot is stored: the
-    /// checks and the write are one statement, so a forget recorded before
-    /// it commits refuses it.
+    /// version, its subject is forgotten, the stream's events are about
+    /// subjects and it names none of them, or a later snapshot is stored:
+    /// the checks and the write are one statement, so a forget recorded
+    /// before it commits refuses it.
     pub async fn save_snapshot(
         &self,
         s: NewSnapshot<'_>,
@@ -55,6 +59,8 @@ impl EventStore {
                  select $1, $2, $3, $4, $5, $6, $7
                  where exists (select 1 from streams where stream_id = $1 and version >= $2)
                    and not exists (select 1 from forgotten_subjects where subject = $3)
+                   and (not exists (select 1 from events where stream_id = $1 and subject is not null)
+                        or exists (select 1 from events where stream_id = $1 and subject = $3))
                  on conflict (stream_id) do update set
                    version = excluded.version, subject = excluded.subject, key_id = excluded.key_id,
                    state = excluded.state, sealed = excluded.sealed, recorded_at = excluded.recorded_at
@@ -89,6 +95,19 @@ impl EventStore {
             && self.forgotten(subject).await?.is_some()
         {
             return Ok(Err(SnapshotRefusal::Forgotten));
+        }
+        let (personal, of_subject): (bool, bool) = on_db!(&self.db, |pool| {
+            sqlx::query_as(
+                "select exists (select 1 from events where stream_id = $1 and subject is not null),
+                        exists (select 1 from events where stream_id = $1 and subject = $2)",
+            )
+            .bind(s.stream_id)
+            .bind(s.subject)
+            .fetch_one(pool)
+            .await
+        })?;
+        if personal && !of_subject {
+            return Ok(Err(SnapshotRefusal::NotOfItsSubjects));
         }
         let stored = self
             .load_snapshot(s.stream_id)

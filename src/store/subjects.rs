@@ -19,25 +19,36 @@ impl EventStore {
         subject: &str,
         reason: Option<&str>,
     ) -> Result<ForgottenRow, StoreError> {
-        on_db!(&self.db, |pool| {
-            sqlx::query(
-                "insert into forgotten_subjects (subject, forgotten_at, reason) values ($1, $2, $3)
-                 on conflict (subject) do nothing",
-            )
-            .bind(subject)
-            .bind(now_us())
-            .bind(reason)
-            .execute(pool)
-            .await
-            .map(|r| r.rows_affected())
-        })?;
-        if let super::Db::Postgres(pool) = &self.db {
-            // Other processes drop the rows they hold for subscribers.
-            sqlx::query("select pg_notify($1, $2)")
-                .bind(super::feed::COMMIT_CHANNEL)
-                .bind(super::feed::FORGET_NOTICE)
-                .execute(pool)
-                .await?;
+        const INSERT: &str =
+            "insert into forgotten_subjects (subject, forgotten_at, reason) values ($1, $2, $3)
+             on conflict (subject) do nothing";
+        match &self.db {
+            super::Db::Sqlite(pool) => {
+                sqlx::query(INSERT)
+                    .bind(subject)
+                    .bind(now_us())
+                    .bind(reason)
+                    .execute(pool)
+                    .await?;
+            }
+            super::Db::Postgres(pool) => {
+                // With its notice, in one transaction: other processes drop
+                // the rows they hold for subscribers if and only if the
+                // entry committed.
+                let mut tx = pool.begin().await?;
+                sqlx::query(INSERT)
+                    .bind(subject)
+                    .bind(now_us())
+                    .bind(reason)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("select pg_notify($1, $2)")
+                    .bind(super::feed::COMMIT_CHANNEL)
+                    .bind(super::feed::FORGET_NOTICE)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+            }
         }
         self.forgotten(subject)
             .await?

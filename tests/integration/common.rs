@@ -203,6 +203,9 @@ pub struct TestEnv {
     pub dek_max_encryptions: Mutex<u64>,
     /// The service's write deadline (shortened by the slow-client tests).
     pub write_timeout: Mutex<std::time::Duration>,
+    /// Subscriptions open at once, and how often they authenticate again.
+    pub max_subscriptions: Mutex<usize>,
+    pub subscription_recheck: Mutex<std::time::Duration>,
     /// Where the application's outbox relay publishes; `None`: no relay.
     pub nats: Mutex<Option<NatsTarget>>,
 }
@@ -257,6 +260,8 @@ impl TestEnv {
             policies: Mutex::new(policies_dir()),
             dek_max_encryptions: Mutex::new(eventvault::keys::DEFAULT_MAX_ENCRYPTIONS),
             write_timeout: Mutex::new(std::time::Duration::from_secs(30)),
+            max_subscriptions: Mutex::new(1000),
+            subscription_recheck: Mutex::new(std::time::Duration::from_secs(15)),
             nats: Mutex::new(None),
         })
     }
@@ -279,6 +284,8 @@ impl TestEnv {
             dek_max_encryptions: *self.dek_max_encryptions.lock().unwrap(),
             max_db_connections: 8,
             write_timeout: *self.write_timeout.lock().unwrap(),
+            max_subscriptions: *self.max_subscriptions.lock().unwrap(),
+            subscription_recheck: *self.subscription_recheck.lock().unwrap(),
             nats_url: nats.as_ref().map(|n| n.url.clone()),
             nats_stream: nats.as_ref().map_or_else(
                 || eventvault::relay::DEFAULT_STREAM.into(),

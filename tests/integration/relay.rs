@@ -595,10 +595,16 @@ impl Proxy {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    fn cut(&self) {
-        self.open.store(false, Ordering::SeqCst);
-        for pipe in self.connections.lock().unwrap().drain(..) {
+    /// Refuses new connections and closes the open ones; returns once they
+    /// are closed (an aborted pipe may still forward until it stops).
+    async fn cut(&self) {
+        let pipes: Vec<_> = {
+            self.open.store(false, Ordering::SeqCst);
+            self.connections.lock().unwrap().drain(..).collect()
+        };
+        for pipe in pipes {
             pipe.abort();
+            let _ = pipe.await;
         }
     }
 
@@ -610,7 +616,10 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.accept.abort();
-        self.cut();
+        self.open.store(false, Ordering::SeqCst);
+        for pipe in self.connections.lock().unwrap().drain(..) {
+            pipe.abort();
+        }
     }
 }
 
@@ -627,7 +636,7 @@ async fn a_broker_outage_in_the_middle_of_a_run_loses_and_repeats_nothing(backen
     broker.wait_until_stored(3).await;
 
     // The broker goes away while the service keeps committing.
-    proxy.cut();
+    proxy.cut().await;
     deposits(&app, "accounts-1", "cust-1", 2).await;
     deposits(&app, "payments-1", "cust-2", 1).await;
     let deadline = Instant::now() + PATIENCE;

@@ -48,10 +48,23 @@ async fn seed(app: &TestApp, stream: &str, subject: &str, n: usize) {
     .await;
 }
 
+/// `n` events without a subject (nothing personal).
+async fn seed_clear(app: &TestApp, stream: &str, n: usize) {
+    app.append_ok(
+        stream,
+        &batch(
+            (0..n)
+                .map(|i| json!({"type": "RateChanged", "data": {"rate": format!("0.0{i}")}}))
+                .collect(),
+        ),
+    )
+    .await;
+}
+
 async fn a_snapshot_is_saved_and_loaded(backend: Backend) {
     let app = TestApp::spawn(&backend).await;
     let token = app.token();
-    seed(&app, "accounts-1", "cust-1", 3).await;
+    seed_clear(&app, "accounts-1", 3).await;
     let (status, _) = load(&app, "accounts-1", &token).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     // Numbers keep every digit: send the text as it is.
@@ -84,7 +97,7 @@ async fn a_snapshot_is_saved_and_loaded(backend: Backend) {
     assert_eq!(status, StatusCode::CONFLICT);
     let (_, snap) = load(&app, "accounts-1", &token).await;
     assert_eq!(snap["state"]["n"], 3);
-    seed(&app, "accounts-1", "cust-1", 1).await;
+    seed_clear(&app, "accounts-1", 1).await;
     let (status, _) = put(
         &app,
         "accounts-1",
@@ -141,6 +154,30 @@ async fn snapshots_for_versions_the_stream_lacks_are_refused(backend: Backend) {
     );
     let (status, _) = load(&app, "accounts-1", &token).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "nothing was saved");
+    // The stream's events are about cust-1: its snapshot must be sealed
+    // under cust-1's key, or a forget of cust-1 would not reach it.
+    for body in [
+        json!({"version": 2, "state": {"holder": "Jane Roe"}}),
+        json!({"version": 2, "subject": "cust-2", "state": {"holder": "Jane Roe"}}),
+    ] {
+        let (status, problem) = put(&app, "accounts-1", &token, &body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {problem}");
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap()
+                .contains("must name one of them"),
+            "{problem}"
+        );
+    }
+    let (status, _) = put(
+        &app,
+        "accounts-1",
+        &token,
+        &json!({"version": 2, "subject": "cust-1", "state": {"holder": "Jane Roe"}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
     // `$…` streams are written by eventvault alone.
     let (status, _) = put(
         &app,

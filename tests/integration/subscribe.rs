@@ -24,6 +24,9 @@ both_backends!(
     a_subscription_is_audited_when_it_opens_discloses_and_closes,
     a_client_that_stops_reading_is_cut_off_and_resumes,
     subscriptions_end_when_the_service_stops,
+    a_batch_whose_disclosure_cannot_be_audited_is_not_sent,
+    a_removed_principals_subscription_ends,
+    subscriptions_beyond_the_limit_are_refused,
 );
 
 mod postgres_only {
@@ -33,6 +36,15 @@ mod postgres_only {
         crate::common::capture_logs();
         if let Some(backend) = crate::common::Backend::postgres().await {
             super::a_commit_by_another_process_reaches_a_subscriber(backend).await;
+            crate::common::assert_logs_hold_no_secret();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_forget_recorded_by_another_process_reaches_live_subscribers() {
+        crate::common::capture_logs();
+        if let Some(backend) = crate::common::Backend::postgres().await {
+            super::a_forget_recorded_by_another_process_reaches_live_subscribers(backend).await;
             crate::common::assert_logs_hold_no_secret();
         }
     }
@@ -499,4 +511,143 @@ async fn a_commit_by_another_process_reaches_a_subscriber(backend: Backend) {
         assert_eq!(e["personal_data"], "decrypted");
     }
     other.terminate().await;
+}
+
+async fn a_batch_whose_disclosure_cannot_be_audited_is_not_sent(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    app.append_ok("accounts-1", &deposits("cust-1", 1)).await;
+    let mut sub = Subscriber::open(&app, "/events/subscribe", &app.token(), &[]).await;
+    assert_eq!(sub.next().await.0, 1);
+    // From now on the audit log refuses disclosure records (and only them).
+    let db = crate::at_rest::events_db(&app.env).await;
+    match &db {
+        eventvault::store::Db::Sqlite(_) => crate::at_rest::exec(
+            &db,
+            "create trigger no_disclosure before insert on audit_log
+             when new.action = 'log.subscribe.deliver'
+             begin select raise(abort, 'refused'); end",
+        )
+        .await
+        .unwrap(),
+        eventvault::store::Db::Postgres(_) => {
+            crate::at_rest::exec(
+                &db,
+                "create function no_disclosure() returns trigger language plpgsql as
+                 $$ begin
+                   if new.action = 'log.subscribe.deliver' then raise exception 'refused'; end if;
+                   return new;
+                 end; $$",
+            )
+            .await
+            .unwrap();
+            crate::at_rest::exec(
+                &db,
+                "create trigger no_disclosure before insert on audit_log
+                 for each row execute function no_disclosure()",
+            )
+            .await
+            .unwrap()
+        }
+    };
+    app.append_ok("accounts-1", &deposits("cust-1", 1)).await;
+    // The event is not sent: the subscription ends instead.
+    assert!(
+        tokio::time::timeout(PATIENCE, sub.next_or_end())
+            .await
+            .expect("the subscription ended")
+            .is_none()
+    );
+    let closed = eventually_recorded(&app, "action=log.subscribe.close", |_| true).await;
+    assert_eq!(closed["outcome"], "error");
+    assert_eq!(
+        closed["event_count"], 1,
+        "only the first event was delivered"
+    );
+}
+
+async fn a_removed_principals_subscription_ends(backend: Backend) {
+    let env = TestEnv::new(&backend).await;
+    *env.subscription_recheck.lock().unwrap() = Duration::from_millis(500);
+    let app = TestApp::start(env).await;
+    let service = app.env.add_principal("ledger", &["service"]).await;
+    app.append_ok("accounts-1", &deposits("cust-1", 1)).await;
+    let mut sub = Subscriber::open(&app, "/events/subscribe", &service, &[]).await;
+    assert_eq!(sub.next().await.0, 1);
+    let out = crate::common::command(&app.env, &["principal", "remove", "ledger"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Within the authentication cache's lifetime and one re-check, with
+    // nothing appended meanwhile.
+    assert!(
+        tokio::time::timeout(PATIENCE, sub.next_or_end())
+            .await
+            .expect("the subscription ended")
+            .is_none()
+    );
+    let closed = eventually_recorded(&app, "action=log.subscribe.close", |_| true).await;
+    assert_eq!(closed["outcome"], "denied");
+    assert_eq!(closed["principal"], "ledger");
+}
+
+async fn subscriptions_beyond_the_limit_are_refused(backend: Backend) {
+    let env = TestEnv::new(&backend).await;
+    *env.max_subscriptions.lock().unwrap() = 1;
+    let app = TestApp::start(env).await;
+    let first = Subscriber::open(&app, "/events/subscribe", &app.token(), &[]).await;
+    let (status, text) = call(
+        &app,
+        Method::GET,
+        "/events/subscribe",
+        Some(&app.token()),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert!(text.contains("too many open subscriptions"), "{text}");
+    let refused = audit_records(&app, "action=log.subscribe&outcome=error").await;
+    assert_eq!(refused.len(), 1);
+    // The slot comes back when the first one ends.
+    drop(first);
+    eventually_recorded(&app, "action=log.subscribe.close", |_| true).await;
+    let (status, _) = Subscriber::try_open(&app, "/events/subscribe", &app.token(), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+async fn a_forget_recorded_by_another_process_reaches_live_subscribers(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    let mut sub = Subscriber::open(&app, "/events/subscribe", &app.token(), &[]).await;
+    app.append_ok("accounts-1", &deposits("cust-1", 1)).await;
+    let (id, e) = sub.next().await;
+    assert_eq!(e["personal_data"], "decrypted");
+    // Another process records the forget's first step (the ledger entry)
+    // and nothing else yet: the keys still exist everywhere.
+    let store = eventvault::store::EventStore::new(crate::at_rest::events_db(&app.env).await);
+    store.record_forget("cust-1", None).await.unwrap();
+    // The notice reaches this process: its subscribers no longer get the
+    // rows it held in memory, but what the ledger says.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let last = (id - 1).to_string();
+        let mut again = Subscriber::open(
+            &app,
+            "/events/subscribe",
+            &app.token(),
+            &[("Last-Event-ID", &last)],
+        )
+        .await;
+        let (_, e) = again.next().await;
+        if e["personal_data"] == "erased" {
+            assert_no_personal_value(&e);
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {e}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
