@@ -7,12 +7,11 @@ use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
-use reqwest::{Method, StatusCode};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::access::{call, get};
+use crate::access::get;
 use crate::both_backends;
 use crate::common::{Backend, TestApp, TestEnv, batch};
 use eventvault::store::Db;
@@ -218,16 +217,7 @@ async fn balances_equal_an_independent_sum_before_and_after_a_forget(backend: Ba
     // a projection rebuilt from scratch gives the same balances; the
     // holders' names are gone.
     for i in 0..ACCOUNTS / 2 {
-        let (status, text) = call(
-            &app,
-            Method::POST,
-            &format!("/subjects/cust-{i}/forget"),
-            Some(&dpo),
-            &[],
-            None,
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK, "{text}");
+        crate::forget::forget_ok(&app, &dpo, &format!("cust-{i}")).await;
     }
     let rebuilt = projection_db(&backend, &app.env, "rebuilt").await;
     project(&app.base, &service, &rebuilt, head).await;

@@ -39,7 +39,8 @@ mod postgres_only {
     }
 }
 
-async fn forget(app: &TestApp, token: &str, subject: &str) -> (StatusCode, Value) {
+/// A forget of `subject` with a reason: its status and body.
+pub async fn forget(app: &TestApp, token: &str, subject: &str) -> (StatusCode, Value) {
     let (status, text) = call(
         app,
         Method::POST,
@@ -50,6 +51,13 @@ async fn forget(app: &TestApp, token: &str, subject: &str) -> (StatusCode, Value
     )
     .await;
     (status, serde_json::from_str(&text).unwrap())
+}
+
+/// A forget of `subject` that must succeed.
+pub async fn forget_ok(app: &TestApp, token: &str, subject: &str) -> Value {
+    let (status, body) = forget(app, token, subject).await;
+    assert_eq!(status, StatusCode::OK, "forget {subject}: {body}");
+    body
 }
 
 /// Deposits about cust-1 in two streams and one about cust-2.

@@ -18,12 +18,11 @@ use async_nats::jetstream::{
 };
 use base64::Engine as _;
 use futures::StreamExt as _;
-use reqwest::{Method, StatusCode};
-use serde_json::{Value, json};
+
+use serde_json::Value;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::access::call;
 use crate::at_rest::{events_db, key_ids_of, keystore_db};
 use crate::both_backends;
 use crate::common::{
@@ -680,16 +679,7 @@ async fn after_a_forget_the_broker_holds_only_blobs_whose_key_is_gone(backend: B
     broker.wait_until_stored(3).await;
 
     let dpo = env.add_principal("dpo", &["dpo"]).await;
-    let (status, text) = call(
-        &app,
-        Method::POST,
-        "/subjects/cust-1/forget",
-        Some(&dpo),
-        &[],
-        Some(&json!({"reason": "ticket 81"})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{text}");
+    crate::forget::forget_ok(&app, &dpo, "cust-1").await;
     // The `$subjects` event goes out too: read models learn of the forget.
     broker.wait_until_stored(4).await;
     let consumer = broker.consumer("reader").await;

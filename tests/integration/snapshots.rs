@@ -237,16 +237,7 @@ async fn a_subjects_snapshot_is_sealed_redacted_and_erased_by_a_forget(backend: 
     assert_eq!(flags, [true, false]);
     // A forget erases it for everyone, and refuses new ones.
     let dpo = app.env.add_principal("privacy", &["dpo"]).await;
-    let (status, _) = call(
-        &app,
-        Method::POST,
-        "/subjects/cust-5/forget",
-        Some(&dpo),
-        &[],
-        None,
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK);
+    crate::forget::forget_ok(&app, &dpo, "cust-5").await;
     let (status, text) = get(&app, "/streams/accounts-5/snapshot", &token).await;
     assert_eq!(status, StatusCode::OK);
     assert!(!text.contains("Zebulon"), "{text}");

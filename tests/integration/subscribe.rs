@@ -338,16 +338,7 @@ async fn a_subscriber_sees_what_its_role_may_read(backend: Backend) {
 
     // After a forget, the subject's events are erased for every new
     // subscriber; the amounts stay.
-    let (status, text) = call(
-        &app,
-        Method::POST,
-        "/subjects/cust-7/forget",
-        Some(&dpo),
-        &[],
-        None,
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{text}");
+    crate::forget::forget_ok(&app, &dpo, "cust-7").await;
     let mut after = Subscriber::open(&app, "/events/subscribe", &app.token(), &[]).await;
     for (id, e) in after.take(5).await {
         let expected = if id == 5 { "decrypted" } else { "erased" };
