@@ -8,6 +8,7 @@ mod at_rest;
 mod audit;
 mod balances;
 mod concurrency;
+mod crash;
 mod forget;
 mod keys;
 mod read;
