@@ -23,6 +23,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod backup;
 pub mod crypto;
 pub mod domain;
 pub mod http;

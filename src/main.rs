@@ -112,6 +112,27 @@ enum Command {
     /// Manage the master key.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Write a consistent copy of one of the two databases (take and keep
+    /// the two apart; see docs/OPERATIONS.md). Safe while the service runs.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+}
+
+#[derive(Subcommand)]
+enum BackupCommand {
+    /// The event store (events, snapshots, forget ledger, audit log,
+    /// principals).
+    Events {
+        /// The file to write (it must not exist).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// The keystore (wrapped data keys; useless without the master key).
+    Keystore {
+        /// The file to write (it must not exist).
+        #[arg(long)]
+        to: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -292,6 +313,17 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             println!(
                 "The old master key is now {}: keep it until every keystore backup taken before now has expired, then destroy it.",
                 r.retired_key_file.display()
+            );
+        }
+        Command::Backup(which) => {
+            let (url, to, what) = match which {
+                BackupCommand::Events { to } => (&cli.database_url, to, "event store"),
+                BackupCommand::Keystore { to } => (&cli.keystore_url, to, "keystore"),
+            };
+            let bytes = eventvault::backup::backup(url, to).await?;
+            println!(
+                "wrote {} ({bytes} bytes): a consistent copy of the {what}",
+                to.display()
             );
         }
         Command::Keys(KeysCommand::Status) => {

@@ -6,6 +6,7 @@ mod access;
 mod append;
 mod at_rest;
 mod audit;
+mod backup;
 mod balances;
 mod concurrency;
 mod crash;

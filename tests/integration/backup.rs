@@ -1,0 +1,120 @@
+//! Backups: `eventvault backup events|keystore` write consistent copies,
+//! taken while the service runs; a service started on the restored copies
+//! (with the same master key) reads what was there, forgets included.
+
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::both_backends;
+use crate::common::{
+    Backend, TestApp, TestEnv, batch, command, deposit, pg_admin_url, with_database,
+};
+
+both_backends!(a_restored_backup_reads_what_was_backed_up);
+
+async fn a_restored_backup_reads_what_was_backed_up(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    for s in ["cust-1", "cust-2", "cust-3"] {
+        app.append_ok(
+            "accounts-1",
+            &batch(vec![deposit(Uuid::new_v4(), s, "7.50")]),
+        )
+        .await;
+    }
+    let dpo = app.env.add_principal("privacy", &["dpo"]).await;
+    crate::forget::forget_ok(&app, &dpo, "cust-2").await;
+    // Taken while the service runs.
+    let dir = app.env.dir.path().join("backups");
+    for (what, file) in [("events", "events.bak"), ("keystore", "keystore.bak")] {
+        let to = dir.join(file);
+        let out = command(&app.env, &["backup", what, "--to", to.to_str().unwrap()])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("a consistent copy"));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&to).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{what} backup is private");
+        // A backup never overwrites.
+        let again = command(&app.env, &["backup", what, "--to", to.to_str().unwrap()])
+            .output()
+            .await
+            .unwrap();
+        assert!(!again.status.success());
+    }
+    // Written after the backup: not in it.
+    app.append_ok(
+        "accounts-1",
+        &batch(vec![deposit(Uuid::new_v4(), "cust-4", "1.00")]),
+    )
+    .await;
+    let env = app.stop().await;
+
+    // Restore into new databases, with the same master key and principals.
+    let restored = TestEnv::new(&backend).await;
+    std::fs::create_dir_all(restored.master_key_file().parent().unwrap()).unwrap();
+    std::fs::copy(env.master_key_file(), restored.master_key_file()).unwrap();
+    match &backend {
+        Backend::Sqlite => {
+            for (file, url) in [
+                ("events.bak", &restored.database_url),
+                ("keystore.bak", &restored.keystore_url),
+            ] {
+                let target = url.strip_prefix("sqlite://").unwrap();
+                std::fs::create_dir_all(std::path::Path::new(target).parent().unwrap()).unwrap();
+                std::fs::copy(dir.join(file), target).unwrap();
+            }
+        }
+        Backend::Postgres(_) => {
+            for (file, url) in [
+                ("events.bak", &restored.database_url),
+                ("keystore.bak", &restored.keystore_url),
+            ] {
+                let db = url.rsplit('/').next().unwrap();
+                let out = tokio::process::Command::new("pg_restore")
+                    .arg("--no-owner")
+                    .arg("--dbname")
+                    .arg(with_database(&pg_admin_url(), db))
+                    .arg(dir.join(file))
+                    .output()
+                    .await
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+    restored.set_token(&env.token());
+    let app = TestApp::start(restored).await;
+    let page: Value = app.read("accounts-1", "").await.json().await.unwrap();
+    let states: Vec<(&str, &str)> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["subject"].as_str().unwrap(),
+                e["personal_data"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("cust-1", "decrypted"),
+            ("cust-2", "erased"),
+            ("cust-3", "decrypted")
+        ]
+    );
+    let (status, text) = crate::access::get(&app, "/audit/verify", &app.token()).await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["ok"], true);
+}
