@@ -310,3 +310,35 @@ mod tests {
         assert_ne!(canonical(1, 0, &a), canonical(1, 0, &b));
     }
 }
+
+/// Property tests of the outcome names read back from storage and filters.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn outcomes_parse_exactly_their_three_names(s in prop_oneof![
+            Just("ok".to_owned()),
+            Just("denied".to_owned()),
+            Just("error".to_owned()),
+            "(ok|denied|error|OK|Denied)[ \t]?",
+            "[ \t]?(ok|denied|error)",
+            any::<String>(),
+        ]) {
+            match Outcome::parse(&s) {
+                Some(o) => prop_assert_eq!(o.as_str(), s.as_str()),
+                None => prop_assert!(!["ok", "denied", "error"].contains(&s.as_str()), "{s:?}"),
+            }
+        }
+
+        #[test]
+        fn outcomes_of_statuses_round_trip(status in any::<u16>()) {
+            let o = Outcome::from_status(status);
+            prop_assert_eq!(Outcome::parse(o.as_str()), Some(o));
+        }
+    }
+}

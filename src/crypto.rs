@@ -456,3 +456,239 @@ mod tests {
         assert_ne!(*new_token().unwrap(), *t);
     }
 }
+
+/// Property tests: sealing round-trips, and every altered blob, every other
+/// place and every random byte string is the one opaque error.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// An alteration of a sealed blob.
+    #[derive(Debug, Clone)]
+    enum Damage {
+        /// Keep only the first `n` bytes (`n` taken modulo the length).
+        Truncate(usize),
+        /// Append these bytes (at least one).
+        Extend(Vec<u8>),
+        /// Flip one bit: byte index (modulo the length) and bit.
+        Flip(usize, u8),
+    }
+
+    fn damage() -> impl Strategy<Value = Damage> {
+        prop_oneof![
+            any::<usize>().prop_map(Damage::Truncate),
+            prop::collection::vec(any::<u8>(), 1..40).prop_map(Damage::Extend),
+            (any::<usize>(), 0u8..8).prop_map(|(i, b)| Damage::Flip(i, b)),
+        ]
+    }
+
+    fn apply(blob: &[u8], d: &Damage) -> Vec<u8> {
+        match d {
+            Damage::Truncate(n) => blob[..n % blob.len()].to_vec(),
+            Damage::Extend(more) => [blob, more].concat(),
+            Damage::Flip(i, bit) => {
+                let mut out = blob.to_vec();
+                out[i % blob.len()] ^= 1 << bit;
+                out
+            }
+        }
+    }
+
+    /// The fields of an event's associated data.
+    #[derive(Debug, Clone, PartialEq)]
+    struct Place {
+        id: [u8; 16],
+        stream: String,
+        event_type: String,
+        key_id: String,
+    }
+
+    impl Place {
+        fn aad(&self) -> EventAad<'_> {
+            EventAad {
+                event_id: &self.id,
+                stream_id: &self.stream,
+                event_type: &self.event_type,
+                key_id: &self.key_id,
+            }
+        }
+    }
+
+    fn place() -> impl Strategy<Value = Place> {
+        (any::<[u8; 16]>(), ".{0,12}", ".{0,12}", ".{0,12}").prop_map(
+            |(id, stream, event_type, key_id)| Place {
+                id,
+                stream,
+                event_type,
+                key_id,
+            },
+        )
+    }
+
+    /// `p` with exactly one field changed (to a value different from before).
+    fn moved(p: &Place, field: u8, other: &str, flip: usize) -> Place {
+        let mut q = p.clone();
+        let change = |s: &mut String| {
+            if s == other {
+                s.push('x');
+            } else {
+                *s = other.to_owned();
+            }
+        };
+        match field % 4 {
+            0 => q.id[flip % 16] ^= 1,
+            1 => change(&mut q.stream),
+            2 => change(&mut q.event_type),
+            _ => change(&mut q.key_id),
+        }
+        q
+    }
+
+    fn dek() -> Dek {
+        Kek::generate().unwrap().0.new_dek("k", "s").unwrap().dek
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn events_round_trip(plain in prop::collection::vec(any::<u8>(), 0..512), at in place()) {
+            let dek = dek();
+            let blob = dek.seal_event(&plain, &at.aad()).unwrap();
+            prop_assert_eq!(blob.len(), 1 + NONCE_LEN + plain.len() + TAG_LEN);
+            prop_assert_eq!(&dek.open_event(&blob, &at.aad()).unwrap()[..], &plain[..]);
+        }
+
+        #[test]
+        fn damaged_event_blobs_are_integrity_errors(
+            plain in prop::collection::vec(any::<u8>(), 0..128),
+            at in place(),
+            d in damage(),
+        ) {
+            let dek = dek();
+            let blob = dek.seal_event(&plain, &at.aad()).unwrap();
+            let bad = apply(&blob, &d);
+            prop_assert_eq!(dek.open_event(&bad, &at.aad()).err(), Some(CryptoError::Integrity));
+        }
+
+        #[test]
+        fn event_blobs_open_only_in_their_place(
+            plain in prop::collection::vec(any::<u8>(), 0..64),
+            at in place(),
+            field in any::<u8>(),
+            other in ".{0,12}",
+            flip in any::<usize>(),
+        ) {
+            let dek = dek();
+            let blob = dek.seal_event(&plain, &at.aad()).unwrap();
+            let elsewhere = moved(&at, field, &other, flip);
+            prop_assert_ne!(&elsewhere, &at);
+            prop_assert_eq!(dek.open_event(&blob, &elsewhere.aad()).err(), Some(CryptoError::Integrity));
+            // Nor under another key, nor as a snapshot.
+            prop_assert_eq!(self::dek().open_event(&blob, &at.aad()).err(), Some(CryptoError::Integrity));
+            let as_snapshot = SnapshotAad { stream_id: &at.stream, version: 1, key_id: &at.key_id };
+            prop_assert_eq!(dek.open_snapshot(&blob, &as_snapshot).err(), Some(CryptoError::Integrity));
+        }
+
+        #[test]
+        fn random_bytes_are_integrity_errors(
+            blob in prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..80),
+                // Well-formed header, random rest.
+                prop::collection::vec(any::<u8>(), 0..80).prop_map(|b| [&[FORMAT_V1][..], &b].concat()),
+            ],
+            at in place(),
+            version in any::<u64>(),
+        ) {
+            let dek = dek();
+            prop_assert_eq!(dek.open_event(&blob, &at.aad()).err(), Some(CryptoError::Integrity));
+            let snap = SnapshotAad { stream_id: &at.stream, version, key_id: &at.key_id };
+            prop_assert_eq!(dek.open_snapshot(&blob, &snap).err(), Some(CryptoError::Integrity));
+            let kek = Kek::generate().unwrap().0;
+            prop_assert_eq!(kek.unwrap_dek(&blob, &at.key_id, &at.stream).err(), Some(CryptoError::Integrity));
+            prop_assert_eq!(kek.verify_check(&blob).err(), Some(CryptoError::Integrity));
+        }
+
+        #[test]
+        fn snapshots_round_trip_and_are_bound(
+            plain in prop::collection::vec(any::<u8>(), 0..512),
+            stream in ".{0,12}",
+            version in any::<u64>(),
+            key_id in ".{0,12}",
+            d in damage(),
+            other_version in any::<u64>(),
+        ) {
+            let dek = dek();
+            let at = SnapshotAad { stream_id: &stream, version, key_id: &key_id };
+            let blob = dek.seal_snapshot(&plain, &at).unwrap();
+            prop_assert_eq!(&dek.open_snapshot(&blob, &at).unwrap()[..], &plain[..]);
+            prop_assert_eq!(dek.open_snapshot(&apply(&blob, &d), &at).err(), Some(CryptoError::Integrity));
+            if other_version != version {
+                let later = SnapshotAad { version: other_version, ..at };
+                prop_assert_eq!(dek.open_snapshot(&blob, &later).err(), Some(CryptoError::Integrity));
+            }
+            let other_stream = format!("{stream}x");
+            let moved = SnapshotAad { stream_id: &other_stream, version, key_id: &key_id };
+            prop_assert_eq!(dek.open_snapshot(&blob, &moved).err(), Some(CryptoError::Integrity));
+        }
+
+        #[test]
+        fn wrapped_keys_unwrap_only_intact_and_in_place(
+            key_id in ".{0,12}",
+            subject in ".{0,12}",
+            d in damage(),
+            other in ".{1,12}",
+        ) {
+            let kek = Kek::generate().unwrap().0;
+            let NewDek { dek, wrapped } = kek.new_dek(&key_id, &subject).unwrap();
+            let id = [3u8; 16];
+            let at = EventAad { event_id: &id, stream_id: "s", event_type: "t", key_id: &key_id };
+            let blob = dek.seal_event(b"x", &at).unwrap();
+            let again = kek.unwrap_dek(&wrapped, &key_id, &subject).unwrap();
+            prop_assert_eq!(&again.open_event(&blob, &at).unwrap()[..], b"x");
+            prop_assert_eq!(kek.unwrap_dek(&apply(&wrapped, &d), &key_id, &subject).err(), Some(CryptoError::Integrity));
+            let other_key = format!("{key_id}{other}");
+            let other_subject = format!("{subject}{other}");
+            prop_assert_eq!(kek.unwrap_dek(&wrapped, &other_key, &subject).err(), Some(CryptoError::Integrity));
+            prop_assert_eq!(kek.unwrap_dek(&wrapped, &key_id, &other_subject).err(), Some(CryptoError::Integrity));
+            // The fields are length-prefixed: moving a character from one to
+            // the other is another place too.
+            if let Some(c) = subject.chars().next() {
+                let shifted_key = format!("{key_id}{c}");
+                prop_assert_eq!(
+                    kek.unwrap_dek(&wrapped, &shifted_key, &subject[c.len_utf8()..]).err(),
+                    Some(CryptoError::Integrity)
+                );
+            }
+        }
+
+        #[test]
+        fn master_keys_from_base64(
+            bytes in prop::collection::vec(any::<u8>(), 0..48),
+            pad in "[ \t\r\n]{0,3}",
+        ) {
+            use base64::Engine as _;
+            let text = format!("{pad}{}{pad}", base64::engine::general_purpose::STANDARD.encode(&bytes));
+            match Kek::from_base64(&text) {
+                Ok(kek) => {
+                    prop_assert_eq!(bytes.len(), KEY_LEN);
+                    let same = Kek::from_bytes(&bytes).unwrap();
+                    prop_assert_eq!(kek.id(), same.id());
+                }
+                Err(e) => {
+                    prop_assert_ne!(bytes.len(), KEY_LEN);
+                    prop_assert_eq!(e, CryptoError::MalformedKey);
+                }
+            }
+        }
+
+        #[test]
+        fn master_key_text_never_panics(text in prop_oneof![any::<String>(), "[A-Za-z0-9+/=]{40,48}"]) {
+            match Kek::from_base64(&text) {
+                Ok(kek) => prop_assert_eq!(kek.id().len(), 16),
+                Err(e) => prop_assert_eq!(e, CryptoError::MalformedKey),
+            }
+        }
+    }
+}

@@ -350,3 +350,233 @@ mod tests {
         assert!(EventBatch::new(too_many).is_err());
     }
 }
+
+/// Property tests of the parsing constructors against oracles written from
+/// the documented grammars, not from the code above.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The documented alphabet of stream ids and subjects, spelt out.
+    const NAME_CHARS: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@-";
+
+    /// 1–200 characters, each in `alphabet`.
+    fn name_in(s: &str, alphabet: &str) -> bool {
+        let n = s.chars().count();
+        (1..=200).contains(&n) && s.chars().all(|c| alphabet.contains(c))
+    }
+
+    fn is_stream_or_subject(s: &str) -> bool {
+        name_in(s, NAME_CHARS)
+    }
+
+    /// Event types are the same minus `@`.
+    fn is_event_type(s: &str) -> bool {
+        s.chars().all(|c| c != '@') && name_in(s, NAME_CHARS)
+    }
+
+    /// Names near the boundaries of the grammar: valid ones of every length,
+    /// the same with one stray character put in, `$`-prefixed ones, and
+    /// anything at all.
+    fn names() -> impl Strategy<Value = String> {
+        let stray = prop_oneof![
+            Just('$'),
+            Just(' '),
+            Just('/'),
+            Just('*'),
+            Just('\0'),
+            Just('ü'),
+            Just('\u{212A}'), // Kelvin sign: lowercases to ASCII 'k'
+            any::<char>(),
+        ];
+        prop_oneof![
+            "[A-Za-z0-9._:@-]{1,200}",
+            "[A-Za-z0-9._:@-]{195,205}",
+            ("[A-Za-z0-9._:@-]{0,50}", stray, "[A-Za-z0-9._:@-]{0,50}")
+                .prop_map(|(a, c, b)| format!("{a}{c}{b}")),
+            "[A-Za-z0-9._:@-]{0,201}".prop_map(|s| format!("${s}")),
+            "\\$+[A-Za-z0-9._:@-]{0,3}",
+            any::<String>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn stream_id_parse_matches_grammar(s in names()) {
+            match StreamId::parse(&s) {
+                Ok(id) => {
+                    prop_assert!(is_stream_or_subject(&s), "accepted {s:?}");
+                    prop_assert_eq!(id.as_str(), s.as_str());
+                    prop_assert_eq!(id.to_string(), s);
+                }
+                Err(e) => {
+                    prop_assert!(!is_stream_or_subject(&s), "refused {s:?}: {e}");
+                    prop_assert!(e.0.contains("stream id"), "{e}");
+                }
+            }
+        }
+
+        #[test]
+        fn stream_id_to_read_also_names_system_streams(s in names()) {
+            let system = s.strip_prefix('$').is_some_and(is_stream_or_subject);
+            match StreamId::parse_to_read(&s) {
+                Ok(id) => {
+                    prop_assert!(is_stream_or_subject(&s) || system, "accepted {s:?}");
+                    prop_assert_eq!(id.as_str(), s.as_str());
+                }
+                Err(e) => prop_assert!(!is_stream_or_subject(&s) && !system, "refused {s:?}: {e}"),
+            }
+            // Writing never accepts what only reading may name.
+            if system {
+                prop_assert!(StreamId::parse(&s).is_err());
+            }
+        }
+
+        #[test]
+        fn subject_parse_matches_grammar(s in names()) {
+            match Subject::parse(&s) {
+                Ok(subject) => {
+                    prop_assert!(is_stream_or_subject(&s), "accepted {s:?}");
+                    prop_assert_eq!(subject.as_str(), s.as_str());
+                    prop_assert_eq!(subject.to_string(), s);
+                }
+                Err(e) => {
+                    prop_assert!(!is_stream_or_subject(&s), "refused {s:?}: {e}");
+                    prop_assert!(e.0.contains("subject"), "{e}");
+                }
+            }
+        }
+
+        #[test]
+        fn event_type_parse_matches_grammar(s in names()) {
+            match EventType::parse(&s) {
+                Ok(t) => {
+                    prop_assert!(is_event_type(&s), "accepted {s:?}");
+                    prop_assert_eq!(t.as_str(), s.as_str());
+                }
+                Err(e) => prop_assert!(!is_event_type(&s), "refused {s:?}: {e}"),
+            }
+        }
+    }
+
+    /// What `Expected-Version` accepts, from its documentation: after
+    /// trimming white space, `any`, `no-stream`, `exists` (exactly so
+    /// spelt), or a non-negative integer that fits in 64 bits. An integer
+    /// is what Rust's `u64` reads: decimal digits, optionally after one `+`
+    /// (leading zeros allowed).
+    fn expected_version_oracle(s: &str) -> Option<ExpectedVersion> {
+        let t = s.trim_matches(char::is_whitespace);
+        match t {
+            "any" => return Some(ExpectedVersion::Any),
+            "no-stream" => return Some(ExpectedVersion::Exact(0)),
+            "exists" => return Some(ExpectedVersion::Exists),
+            _ => {}
+        }
+        let digits = t.strip_prefix('+').unwrap_or(t);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let mut value: u64 = 0;
+        for b in digits.bytes() {
+            value = value.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+        }
+        Some(ExpectedVersion::Exact(value))
+    }
+
+    fn expected_version_texts() -> impl Strategy<Value = String> {
+        let padding = "[ \t\n\r\u{a0}\u{3000}]{0,2}";
+        let core = prop_oneof![
+            Just("any".to_owned()),
+            Just("no-stream".to_owned()),
+            Just("exists".to_owned()),
+            Just("Any".to_owned()),
+            Just("EXISTS".to_owned()),
+            Just("no_stream".to_owned()),
+            Just("nostream".to_owned()),
+            "[+-]?[0-9]{1,22}",
+            any::<u64>().prop_map(|n| n.to_string()),
+            Just(u64::MAX.to_string()),
+            Just("18446744073709551616".to_owned()),
+            "[0-9]{1,3}[ .,e_x][0-9]{1,3}",
+            any::<String>(),
+        ];
+        (padding, core, padding).prop_map(|(a, c, b)| format!("{a}{c}{b}"))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn expected_version_accepts_exactly_its_grammar(s in expected_version_texts()) {
+            let got = ExpectedVersion::parse(&s);
+            match expected_version_oracle(&s) {
+                Some(want) => prop_assert_eq!(got, Ok(want), "{:?}", s),
+                None => prop_assert!(got.is_err(), "accepted {s:?} as {got:?}"),
+            }
+        }
+
+        #[test]
+        fn expected_version_integers_round_trip(n in any::<u64>()) {
+            prop_assert_eq!(ExpectedVersion::parse(&n.to_string()), Ok(ExpectedVersion::Exact(n)));
+        }
+    }
+
+    fn event(id: u128) -> ProposedEvent {
+        ProposedEvent {
+            id: Uuid::from_u128(id),
+            event_type: EventType::parse("T").unwrap(),
+            subject: None,
+            data: Map::new(),
+            metadata: Map::new(),
+        }
+    }
+
+    /// Lists of event ids: of every size around the limits, with ids drawn
+    /// from a small range (so duplicates happen) or all distinct.
+    fn id_lists() -> impl Strategy<Value = Vec<u128>> {
+        let len = prop_oneof![0..=4usize, 996..=1004usize, 0..=1000usize];
+        (len, any::<bool>(), 0..8u128).prop_map(|(n, distinct, range)| {
+            (0..n as u128)
+                .map(|i| {
+                    if distinct {
+                        i
+                    } else {
+                        (i * 7 + 3) % (range + n as u128 / 2 + 1)
+                    }
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn batches_hold_one_to_a_thousand_distinct_events(ids in id_lists()) {
+            let mut sorted = ids.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            let distinct = sorted.len() == ids.len();
+            let sized = (1..=1000).contains(&ids.len());
+            match EventBatch::new(ids.iter().copied().map(event).collect()) {
+                Ok(batch) => {
+                    prop_assert!(sized && distinct, "accepted {} events", ids.len());
+                    let kept: Vec<u128> = batch.into_inner().iter().map(|e| e.id.as_u128()).collect();
+                    prop_assert_eq!(kept, ids, "the batch keeps the events in order");
+                }
+                Err(e) => {
+                    prop_assert!(!(sized && distinct), "refused {} distinct events: {e}", ids.len());
+                    if sized {
+                        // The id named is one that really repeats.
+                        let named = ids.iter().find(|id| e.0.contains(&Uuid::from_u128(**id).to_string()));
+                        let named = named.copied();
+                        prop_assert!(named.is_some_and(|id| ids.iter().filter(|x| **x == id).count() > 1), "{e}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -519,3 +519,325 @@ mod tests {
         assert!(!StreamPattern::parse("exact").unwrap().matches("exactly"));
     }
 }
+
+/// Property tests of policy loading: any text either loads or is refused
+/// with the file's name, and generated policies load exactly when they
+/// follow the rules written in the files' headers.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SHIPPED_ROLES: &str = include_str!("../policies/roles.toml");
+    const SHIPPED_CLASSIFICATION: &str = include_str!("../policies/classification.toml");
+
+    /// Loads `classification` and `roles` from a fresh directory; on error,
+    /// also returns the path the error must name.
+    fn load(
+        classification: &str,
+        roles: &str,
+    ) -> (Result<Policies, PolicyError>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("classification.toml"), classification).unwrap();
+        std::fs::write(dir.path().join("roles.toml"), roles).unwrap();
+        (Policies::load(dir.path()), dir)
+    }
+
+    /// The refusal names `file` (as the start of the message) and, where it
+    /// gives a line, one that exists.
+    fn check_refusal(
+        e: &PolicyError,
+        dir: &Path,
+        file: &str,
+        text: &str,
+    ) -> Result<(), TestCaseError> {
+        let msg = e.to_string();
+        let prefix = format!("{}: ", dir.join(file).display());
+        prop_assert!(msg.starts_with(&prefix), "{msg}");
+        if let Some((_, after)) = msg.split_once("line ") {
+            let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+            if let Ok(n) = digits.parse::<usize>() {
+                prop_assert!(
+                    n >= 1 && n <= text.lines().count().max(1) + 1,
+                    "line {n} of {} in {msg}",
+                    text.lines().count()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Text that is TOML-like often enough to reach the loader's own checks.
+    fn toml_like() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("[types.A]\n"),
+            Just("[types.\"a b\"]\n"),
+            Just("clear = [\"x\", \"y\"]\n"),
+            Just("clear = [\"x\", \"x\"]\n"),
+            Just("clear = [\"\"]\n"),
+            Just("clear = \"x\"\n"),
+            Just("[roles.r]\n"),
+            Just("description = \"d\"\n"),
+            Just("require_purpose = true\n"),
+            Just("[[roles.r.grant]]\n"),
+            Just("streams = [\"*\"]\n"),
+            Just("streams = [\"a*b\", \"$*\"]\n"),
+            Just("streams = []\n"),
+            Just("permissions = [\"read\", \"audit\"]\n"),
+            Just("permissions = [\"fly\"]\n"),
+            Just("# comment\n"),
+            Just("\n"),
+            Just("["),
+            Just("]"),
+            Just("\""),
+            Just("="),
+            Just("'''"),
+        ]
+        .prop_map(str::to_owned);
+        prop_oneof![
+            prop::collection::vec(prop_oneof![piece, ".{0,6}"], 0..24).prop_map(|p| p.concat()),
+            any::<String>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_classification_text_loads_or_names_the_file(text in toml_like()) {
+            let (loaded, dir) = load(&text, SHIPPED_ROLES);
+            if let Err(e) = loaded {
+                check_refusal(&e, dir.path(), "classification.toml", &text)?;
+            }
+        }
+
+        #[test]
+        fn any_roles_text_loads_or_names_the_file(text in toml_like()) {
+            let (loaded, dir) = load(SHIPPED_CLASSIFICATION, &text);
+            if let Err(e) = loaded {
+                check_refusal(&e, dir.path(), "roles.toml", &text)?;
+            }
+        }
+    }
+
+    /// A TOML basic string holding exactly `s`.
+    fn quoted(s: &str) -> String {
+        let mut out = String::from("\"");
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if c < ' ' || c == '\u{7f}' => out.push_str(&format!("\\u{:04X}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    fn list(items: &[String]) -> String {
+        let items: Vec<String> = items.iter().map(|s| quoted(s)).collect();
+        format!("[{}]", items.join(", "))
+    }
+
+    const NAME_CHARS: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@-";
+
+    /// Event type names: mostly valid, some not.
+    fn type_names() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => "[A-Za-z][A-Za-z0-9._:-]{0,10}",
+            1 => "[A-Za-z@ $\"\\\\\n]{0,4}",
+            1 => any::<String>(),
+        ]
+    }
+
+    fn field_lists() -> impl Strategy<Value = Vec<String>> {
+        prop::collection::vec(
+            prop_oneof![
+                3 => "[a-z_]{1,6}",
+                2 => prop::sample::select(&["x", "y"][..]).prop_map(str::to_owned),
+                1 => Just(String::new()),
+                1 => ".{1,4}",
+            ],
+            0..5,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// `classification.toml`: valid event types, each field named
+        /// (non-empty) once; a listed field is clear, anything else personal.
+        #[test]
+        fn classification_loads_exactly_when_valid(
+            types in prop::collection::btree_map(type_names(), field_lists(), 0..5)
+        ) {
+            let mut text = String::from("# generated\n");
+            for (name, fields) in &types {
+                text.push_str(&format!("[types.{}]\nclear = {}\n\n", quoted(name), list(fields)));
+            }
+            let valid = types.iter().all(|(name, fields)| {
+                let type_ok = (1..=200).contains(&name.chars().count())
+                    && name.chars().all(|c| c != '@' && NAME_CHARS.contains(c));
+                let mut sorted = fields.clone();
+                sorted.sort();
+                sorted.dedup();
+                type_ok && sorted.len() == fields.len() && fields.iter().all(|f| !f.is_empty())
+            });
+            let (loaded, dir) = load(&text, SHIPPED_ROLES);
+            match loaded {
+                Ok(p) => {
+                    prop_assert!(valid, "loaded {text}");
+                    for (name, fields) in &types {
+                        for f in fields {
+                            prop_assert!(p.classification.is_clear(name, f));
+                        }
+                        prop_assert!(!p.classification.is_clear(name, "not-listed"));
+                    }
+                    prop_assert!(!p.classification.is_clear("NotListed", "x"));
+                }
+                Err(e) => {
+                    prop_assert!(!valid, "refused {text}: {e}");
+                    check_refusal(&e, dir.path(), "classification.toml", &text)?;
+                    prop_assert!(e.to_string().contains("line "), "{e}");
+                }
+            }
+        }
+    }
+
+    const PERMISSIONS: [&str; 7] = [
+        "append",
+        "read",
+        "read_personal",
+        "export",
+        "forget",
+        "audit",
+        "admin",
+    ];
+
+    fn permission_names() -> impl Strategy<Value = String> {
+        prop_oneof![
+            8 => prop::sample::select(&PERMISSIONS[..]).prop_map(str::to_owned),
+            1 => prop::sample::select(&["fly", "Read", "", "read "][..]).prop_map(str::to_owned),
+        ]
+    }
+
+    fn stream_patterns() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => Just("*".to_owned()),
+            4 => "\\$?[a-z@.:_-]{0,6}\\*?",
+            1 => "[a-z*$ /]{0,4}",
+            1 => ".{0,3}",
+        ]
+    }
+
+    /// A grant: its stream patterns and permissions.
+    type Grant = (Vec<String>, Vec<String>);
+
+    fn grants() -> impl Strategy<Value = Vec<Grant>> {
+        prop::collection::vec(
+            (
+                prop::collection::vec(stream_patterns(), 0..3),
+                prop::collection::vec(permission_names(), 0..3),
+            ),
+            0..3,
+        )
+    }
+
+    /// The pattern rule of `roles.toml`'s header: an exact stream id (a
+    /// system one may start with `$`) or a prefix ending in a single `*`.
+    fn pattern_ok(p: &str) -> bool {
+        let (body, wildcard) = match p.strip_suffix('*') {
+            Some(b) => (b, true),
+            None => (p, false),
+        };
+        let chars = body.strip_prefix('$').unwrap_or(body);
+        chars.chars().all(|c| NAME_CHARS.contains(c)) && (wildcard || !body.is_empty())
+    }
+
+    /// Whether a valid pattern covers `stream`: `*` alone covers every
+    /// stream but system ones.
+    fn covers(p: &str, stream: &str) -> bool {
+        match p.strip_suffix('*') {
+            Some("") => !stream.starts_with('$'),
+            Some(prefix) => stream.starts_with(prefix),
+            None => p == stream,
+        }
+    }
+
+    fn grant_ok((streams, permissions): &Grant) -> bool {
+        !streams.is_empty()
+            && !permissions.is_empty()
+            && permissions.iter().all(|p| PERMISSIONS.contains(&p.as_str()))
+            && streams.iter().all(|s| pattern_ok(s))
+            // Permissions that are not about one stream go on "*" only.
+            && (permissions
+                .iter()
+                .all(|p| ["append", "read", "read_personal"].contains(&p.as_str()))
+                || streams.iter().all(|s| s == "*"))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn roles_load_exactly_when_valid(
+            roles in prop::collection::btree_map(
+                "[a-z$\" ]{1,6}",
+                (prop::option::of(".{0,8}"), any::<bool>(), grants()),
+                0..4,
+            ),
+            probe in "\\$?[a-z@.:_-]{0,6}",
+        ) {
+            let mut text = String::new();
+            for (name, (description, purpose, grants)) in &roles {
+                text.push_str(&format!("[roles.{}]\n", quoted(name)));
+                if let Some(d) = description {
+                    text.push_str(&format!("description = {}\n", quoted(d)));
+                }
+                text.push_str(&format!("require_purpose = {purpose}\n"));
+                for (streams, permissions) in grants {
+                    text.push_str(&format!(
+                        "[[roles.{}.grant]]\nstreams = {}\npermissions = {}\n",
+                        quoted(name),
+                        list(streams),
+                        list(permissions)
+                    ));
+                }
+                text.push('\n');
+            }
+            if roles.is_empty() {
+                text.push_str("[roles]\n");
+            }
+            let valid = roles.values().all(|(_, _, grants)| grants.iter().all(grant_ok));
+            let (loaded, dir) = load(SHIPPED_CLASSIFICATION, &text);
+            match loaded {
+                Ok(p) => {
+                    prop_assert!(valid, "loaded {text}");
+                    prop_assert_eq!(p.roles.len(), roles.len());
+                    for (name, (description, purpose, grants)) in &roles {
+                        let role = p.role(name).unwrap();
+                        prop_assert_eq!(&role.description, description);
+                        prop_assert_eq!(role.require_purpose, *purpose);
+                        let mut streams: Vec<&str> = grants.iter().flat_map(|g| g.0.iter().map(String::as_str)).collect();
+                        streams.extend([probe.as_str(), "$subjects", "x"]);
+                        for stream in streams {
+                            for perm in ["append", "read", "read_personal"] {
+                                let want = grants.iter().any(|(s, ps)| {
+                                    ps.iter().any(|x| x == perm) && s.iter().any(|s| covers(s, stream))
+                                });
+                                let permission: Permission = toml::Value::String(perm.into()).try_into().unwrap();
+                                prop_assert_eq!(role.allows(permission, Some(stream)), want, "{} {} {}", name, perm, stream);
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    prop_assert!(!valid, "refused {text}: {e}");
+                    check_refusal(&e, dir.path(), "roles.toml", &text)?;
+                    prop_assert!(e.to_string().contains("line "), "{e}");
+                }
+            }
+        }
+    }
+}

@@ -107,3 +107,114 @@ mod tests {
         }
     }
 }
+
+/// Property tests: any bytes, cut anywhere, give the same events, and events
+/// written in the format come back as written.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Bytes that look like an event stream often enough to exercise every
+    /// branch: field names, colons, both line ends, comments, and noise.
+    fn stream_bytes() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            Just(b"\n".to_vec()),
+            Just(b"\r\n".to_vec()),
+            Just(b"\r".to_vec()),
+            Just(b"data: ".to_vec()),
+            Just(b"data:".to_vec()),
+            Just(b"data".to_vec()),
+            Just(b"id: ".to_vec()),
+            Just(b"event:".to_vec()),
+            Just(b": ping".to_vec()),
+            Just(b":".to_vec()),
+            Just(b" ".to_vec()),
+            Just("é€".as_bytes().to_vec()),
+            prop::collection::vec(any::<u8>(), 1..8),
+        ];
+        prop::collection::vec(piece, 0..40).prop_map(|p| p.concat())
+    }
+
+    /// Cut points, as fractions of the input's length.
+    fn cuts() -> impl Strategy<Value = Vec<usize>> {
+        prop::collection::vec(any::<usize>(), 0..12)
+    }
+
+    fn push_whole(bytes: &[u8]) -> (Vec<SseEvent>, u64) {
+        let mut p = SseParser::default();
+        let events = p.push(bytes);
+        (events, p.comments)
+    }
+
+    fn push_cut(bytes: &[u8], cuts: &[usize]) -> (Vec<SseEvent>, u64) {
+        let mut at: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        at.push(0);
+        at.push(bytes.len());
+        at.sort_unstable();
+        let mut p = SseParser::default();
+        let mut events = Vec::new();
+        for w in at.windows(2) {
+            events.extend(p.push(&bytes[w[0]..w[1]]));
+        }
+        (events, p.comments)
+    }
+
+    /// A value that fits on one line.
+    fn line_value() -> impl Strategy<Value = String> {
+        "[^\r\n]{0,20}"
+    }
+
+    fn events() -> impl Strategy<Value = Vec<SseEvent>> {
+        let event = (
+            prop::option::of(line_value()),
+            prop::option::of(line_value()),
+            prop::collection::vec(line_value(), 1..4),
+        )
+            .prop_map(|(id, event, lines)| SseEvent {
+                id,
+                event,
+                data: lines.join("\n"),
+            });
+        prop::collection::vec(event, 0..6)
+    }
+
+    /// The format as a server writes it; `crlf` picks the line end.
+    fn encode(events: &[SseEvent], crlf: bool) -> Vec<u8> {
+        let nl = if crlf { "\r\n" } else { "\n" };
+        let mut out = format!(": hello{nl}{nl}");
+        for e in events {
+            if let Some(id) = &e.id {
+                out.push_str(&format!("id: {id}{nl}"));
+            }
+            if let Some(ev) = &e.event {
+                out.push_str(&format!("event: {ev}{nl}"));
+            }
+            for line in e.data.split('\n') {
+                out.push_str(&format!("data: {line}{nl}"));
+            }
+            out.push_str(nl);
+        }
+        out.into_bytes()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn the_cuts_do_not_change_the_events(bytes in stream_bytes(), cuts in cuts()) {
+            prop_assert_eq!(push_cut(&bytes, &cuts), push_whole(&bytes));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256), cuts in cuts()) {
+            prop_assert_eq!(push_cut(&bytes, &cuts), push_whole(&bytes));
+        }
+
+        #[test]
+        fn written_events_are_read_back(events in events(), crlf in any::<bool>(), cuts in cuts()) {
+            let bytes = encode(&events, crlf);
+            prop_assert_eq!(push_cut(&bytes, &cuts), (events, 1));
+        }
+    }
+}

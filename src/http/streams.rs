@@ -220,3 +220,163 @@ async fn read(
         },
     ))
 }
+
+/// Property tests of an append's body, decoded as the JSON extractor does
+/// and turned into a batch as the handler does (no server needed).
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    /// What the handler makes of a body's bytes.
+    fn decode(bytes: &[u8]) -> Result<EventBatch, ApiError> {
+        let de = &mut serde_json::Deserializer::from_slice(bytes);
+        let body: AppendBody = serde_path_to_error::deserialize(de)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        proposed(body)
+    }
+
+    const NAME_CHARS: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@-";
+
+    fn name_ok(s: &str, at_sign: bool) -> bool {
+        (1..=200).contains(&s.chars().count())
+            && s.chars()
+                .all(|c| NAME_CHARS.contains(c) && (at_sign || c != '@'))
+    }
+
+    /// One event of a body: id (from a small range, so that some repeat),
+    /// type, subject, data and metadata.
+    #[derive(Debug, Clone)]
+    struct Ev {
+        id: Option<u128>,
+        event_type: String,
+        subject: Option<String>,
+        data: Map<String, Value>,
+        metadata: Option<Map<String, Value>>,
+    }
+
+    fn objects() -> impl Strategy<Value = Map<String, Value>> {
+        prop::collection::btree_map(
+            ".{0,6}",
+            prop_oneof![
+                any::<i64>().prop_map(Value::from),
+                ".{0,8}".prop_map(Value::from),
+                Just(json!({"nested": [1, "two", null]})),
+            ],
+            0..3,
+        )
+        .prop_map(|m| m.into_iter().collect())
+    }
+
+    fn evs() -> impl Strategy<Value = Ev> {
+        let name =
+            || prop_oneof![6 => "[A-Za-z0-9._:-]{1,12}", 1 => "[A-Za-z@ /$]{0,3}", 1 => ".{0,4}"];
+        (
+            prop::option::of(0..40u128),
+            name(),
+            prop::option::of(name()),
+            objects(),
+            prop::option::of(objects()),
+        )
+            .prop_map(|(id, event_type, subject, data, metadata)| Ev {
+                id,
+                event_type,
+                subject,
+                data,
+                metadata,
+            })
+    }
+
+    fn to_json(e: &Ev) -> Value {
+        let mut o = Map::new();
+        if let Some(id) = e.id {
+            o.insert("id".into(), json!(Uuid::from_u128(id)));
+        }
+        o.insert("type".into(), json!(e.event_type));
+        if let Some(s) = &e.subject {
+            o.insert("subject".into(), json!(s));
+        }
+        o.insert("data".into(), Value::Object(e.data.clone()));
+        if let Some(m) = &e.metadata {
+            o.insert("metadata".into(), Value::Object(m.clone()));
+        }
+        Value::Object(o)
+    }
+
+    fn bodies() -> impl Strategy<Value = Vec<Ev>> {
+        prop_oneof![
+            8 => prop::collection::vec(evs(), 0..6),
+            1 => (evs(), 999..=1001usize).prop_map(|(e, n)| {
+                // Many events, distinct ids: only the count decides.
+                (0..n as u128)
+                    .map(|i| Ev { id: Some(1000 + i), ..e.clone() })
+                    .collect()
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn bodies_are_accepted_exactly_when_valid(events in bodies()) {
+            let body = serde_json::to_vec(&json!({
+                "events": events.iter().map(to_json).collect::<Vec<_>>()
+            }))
+            .unwrap();
+            let first_bad = events.iter().position(|e| {
+                !name_ok(&e.event_type, false)
+                    || e.subject.as_deref().is_some_and(|s| !name_ok(s, true))
+            });
+            let mut given: Vec<u128> = events.iter().filter_map(|e| e.id).collect();
+            let n_given = given.len();
+            given.sort_unstable();
+            given.dedup();
+            let valid = first_bad.is_none()
+                && (1..=crate::domain::MAX_EVENTS_PER_APPEND).contains(&events.len())
+                && given.len() == n_given;
+            match decode(&body) {
+                Ok(batch) => {
+                    prop_assert!(valid, "accepted {events:?}");
+                    let got = batch.into_inner();
+                    prop_assert_eq!(got.len(), events.len());
+                    for (g, e) in got.iter().zip(&events) {
+                        if let Some(id) = e.id {
+                            prop_assert_eq!(g.id, Uuid::from_u128(id));
+                        }
+                        prop_assert_eq!(g.event_type.as_str(), e.event_type.as_str());
+                        prop_assert_eq!(g.subject.as_ref().map(Subject::as_str), e.subject.as_deref());
+                        prop_assert_eq!(&g.data, &e.data);
+                        prop_assert_eq!(&g.metadata, &e.metadata.clone().unwrap_or_default());
+                    }
+                }
+                Err(ApiError::BadRequest(m)) => {
+                    prop_assert!(!valid, "refused: {m}");
+                    if let Some(i) = first_bad {
+                        let place = format!("events[{i}]: ");
+                        prop_assert!(m.starts_with(&place), "{m}");
+                    }
+                }
+                Err(other) => prop_assert!(false, "not a 400: {other:?}"),
+            }
+        }
+
+        #[test]
+        fn any_bytes_are_a_batch_or_a_bad_request(bytes in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..64),
+            // JSON-like text near the expected shape.
+            prop::collection::vec(prop::sample::select(&[
+                "{", "}", "[", "]", ",", ":", "\"events\"", "\"type\"", "\"T\"", "\"data\"",
+                "\"id\"", "\"subject\"", "\"metadata\"", "\"00000000-0000-0000-0000-000000000001\"",
+                "null", "1", "-0.5e999", "\"\\ud800\"", " ",
+            ][..]), 0..30).prop_map(|p| p.concat().into_bytes()),
+        ]) {
+            match decode(&bytes) {
+                Ok(batch) => prop_assert!(!batch.into_inner().is_empty()),
+                Err(ApiError::BadRequest(m)) => prop_assert!(!m.is_empty()),
+                Err(other) => prop_assert!(false, "not a 400: {other:?}"),
+            }
+        }
+    }
+}

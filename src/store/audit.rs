@@ -385,3 +385,62 @@ impl EventStore {
         }
     }
 }
+
+/// Property tests of `SEQ:HASH`, which operators type in.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// `SEQ:HASH` as documented: a record number from 1 (what Rust's `u64`
+    /// reads: decimal digits, an optional `+`) and exactly 64 hex digits of
+    /// either case.
+    fn expectation_oracle(s: &str) -> Option<(u64, [u8; 32])> {
+        let (seq, hash) = s.split_once(':')?;
+        let digits = seq.strip_prefix('+').unwrap_or(seq);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let mut n: u64 = 0;
+        for b in digits.bytes() {
+            n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+        }
+        if n == 0 || hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in hash.as_bytes().chunks(2).enumerate() {
+            let digit = |b: u8| (b as char).to_digit(16).unwrap() as u8;
+            out[i] = digit(pair[0]) * 16 + digit(pair[1]);
+        }
+        Some((n, out))
+    }
+
+    fn expectations() -> impl Strategy<Value = String> {
+        prop_oneof![
+            (any::<u64>(), any::<[u8; 32]>(), any::<bool>()).prop_map(|(n, h, upper)| {
+                let hex = hex::encode(h);
+                format!("{n}:{}", if upper { hex.to_uppercase() } else { hex })
+            }),
+            "[+-]?[0-9]{0,21}:[0-9a-fA-F]{62,66}",
+            "[0-9]{1,3}:[0-9a-fA-F:g ]{60,66}",
+            "[0-9]{1,3}[:;]{0,2}[0-9a-f]{64}",
+            any::<String>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn expectations_parse_exactly_seq_colon_hash(s in expectations()) {
+            prop_assert_eq!(parse_expectation(&s), expectation_oracle(&s), "{:?}", s);
+        }
+
+        #[test]
+        fn printed_expectations_round_trip(seq in 1..=u64::MAX, hash in any::<[u8; 32]>()) {
+            let printed = format!("{seq}:{}", hex::encode(hash));
+            prop_assert_eq!(parse_expectation(&printed), Some((seq, hash)));
+        }
+    }
+}
