@@ -51,6 +51,9 @@ pub struct Config {
     pub write_timeout: std::time::Duration,
     /// Subscriptions open at once (503 beyond).
     pub max_subscriptions: usize,
+    /// Requests per principal: one per `period`, with bursts of `burst`
+    /// (429 beyond); `None`: unlimited.
+    pub rate_limit: Option<RateLimit>,
     /// How often a subscription authenticates its caller again (a removed
     /// principal's subscriptions end within this).
     pub subscription_recheck: std::time::Duration,
@@ -85,6 +88,31 @@ impl std::fmt::Debug for Config {
             .field("nats_stream", &self.nats_stream)
             .field("nats_subject_prefix", &self.nats_subject_prefix)
             .finish_non_exhaustive()
+    }
+}
+
+/// A per-principal request rate.
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimit {
+    /// One request per this much time, sustained.
+    pub period: std::time::Duration,
+    /// Requests allowed at once after a quiet spell.
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// `per_second` requests a second with bursts of `burst`; `None` for 0.
+    pub fn per_second(per_second: u32, burst: u32) -> Option<Self> {
+        (per_second > 0).then(|| Self {
+            period: std::time::Duration::from_secs(1) / per_second,
+            burst: burst.max(1),
+        })
+    }
+
+    fn limiter(self) -> Option<governor::DefaultKeyedRateLimiter<String>> {
+        let quota = governor::Quota::with_period(self.period)?
+            .allow_burst(std::num::NonZeroU32::new(self.burst)?);
+        Some(governor::RateLimiter::keyed(quota))
     }
 }
 
@@ -244,6 +272,7 @@ impl Application {
             }),
             shutdown: shutdown_rx,
             subscriptions: Arc::new(tokio::sync::Semaphore::new(cfg.max_subscriptions)),
+            rate_limit: cfg.rate_limit.and_then(RateLimit::limiter).map(Arc::new),
         };
         let listener = TcpListener::bind(cfg.listen)
             .await

@@ -87,6 +87,13 @@ enum Command {
         /// Live subscriptions open at once; more are refused with 503.
         #[arg(long, env = "EVENTVAULT_MAX_SUBSCRIPTIONS", default_value_t = 1000)]
         max_subscriptions: usize,
+        /// Requests per second one principal may make (429 with Retry-After
+        /// beyond); 0: unlimited.
+        #[arg(long, env = "EVENTVAULT_RATE_LIMIT", default_value_t = 5000)]
+        rate_limit: u32,
+        /// Requests one principal may make at once after a quiet spell.
+        #[arg(long, env = "EVENTVAULT_RATE_LIMIT_BURST", default_value_t = 10000)]
+        rate_limit_burst: u32,
         /// NATS server URL (several: comma-separated). When set, every
         /// committed event is published to JetStream: clear fields and the
         /// sealed personal blob, never personal data in clear.
@@ -181,13 +188,19 @@ enum PrincipalCommand {
 }
 
 fn config(cli: &Cli, listen: SocketAddr, max_body_bytes: usize, key_cache: usize) -> Config {
-    let (write_timeout_secs, max_subscriptions) = match &cli.command {
+    let (write_timeout_secs, max_subscriptions, rate_limit) = match &cli.command {
         Command::Serve {
             write_timeout_secs,
             max_subscriptions,
+            rate_limit,
+            rate_limit_burst,
             ..
-        } => (*write_timeout_secs, *max_subscriptions),
-        _ => (30, 0),
+        } => (
+            *write_timeout_secs,
+            *max_subscriptions,
+            app::RateLimit::per_second(*rate_limit, *rate_limit_burst),
+        ),
+        _ => (30, 0, None),
     };
     Config {
         listen,
@@ -204,6 +217,7 @@ fn config(cli: &Cli, listen: SocketAddr, max_body_bytes: usize, key_cache: usize
         max_db_connections: cli.db_connections,
         write_timeout: std::time::Duration::from_secs(write_timeout_secs.max(1)),
         max_subscriptions,
+        rate_limit,
         subscription_recheck: std::time::Duration::from_secs(15),
         nats_url: None,
         nats_stream: eventvault::relay::DEFAULT_STREAM.into(),

@@ -121,6 +121,15 @@ impl FromRequestParts<AppState> for Caller {
                 if let Some(problem) = audit.bad_header() {
                     return Err(ApiError::BadRequest(problem.to_owned()));
                 }
+                if let Some(limiter) = &state.rate_limit
+                    && let Err(until) = limiter.check_key(&principal.name)
+                {
+                    use governor::clock::Clock;
+                    let wait = until.wait_time_from(governor::clock::DefaultClock::default().now());
+                    return Err(ApiError::TooManyRequests(
+                        wait.as_secs_f64().ceil().max(1.0) as u64,
+                    ));
+                }
                 let grants = Grants::of(&state.policies, &principal.roles);
                 Ok(Caller {
                     grants,

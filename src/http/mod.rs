@@ -54,6 +54,8 @@ pub struct AppState {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// One permit per open subscription.
     pub subscriptions: Arc<tokio::sync::Semaphore>,
+    /// Requests per principal; `None`: unlimited.
+    pub rate_limit: Option<Arc<governor::DefaultKeyedRateLimiter<String>>>,
 }
 
 /// The id in a request path (a stream or a subject), checked by `parse`:

@@ -32,6 +32,9 @@ pub enum ApiError {
     StaleSnapshot(String),
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// The principal's rate limit is reached; retry after so many seconds.
+    #[error("too many requests from this principal; retry after {0} s")]
+    TooManyRequests(u64),
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("integrity check failed")]
@@ -59,6 +62,7 @@ impl ApiError {
             Self::Gone(_) => StatusCode::GONE,
             Self::StaleSnapshot(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Integrity | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -80,6 +84,7 @@ impl ApiError {
             Self::Gone(_) => "subject-forgotten",
             Self::StaleSnapshot(_) => "stale-snapshot",
             Self::PayloadTooLarge(_) => "payload-too-large",
+            Self::TooManyRequests(_) => "rate-limited",
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
             Self::Integrity => "integrity-failure",
             Self::Internal => "internal-error",
@@ -112,6 +117,9 @@ impl IntoResponse for ApiError {
         );
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Self::TooManyRequests(secs) = &self {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(*secs));
         }
         resp
     }

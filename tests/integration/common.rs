@@ -206,6 +206,8 @@ pub struct TestEnv {
     /// Subscriptions open at once, and how often they authenticate again.
     pub max_subscriptions: Mutex<usize>,
     pub subscription_recheck: Mutex<std::time::Duration>,
+    /// The per-principal rate limit (none unless a test sets one).
+    pub rate_limit: Mutex<Option<eventvault::app::RateLimit>>,
     /// Where the application's outbox relay publishes; `None`: no relay.
     pub nats: Mutex<Option<NatsTarget>>,
 }
@@ -262,6 +264,7 @@ impl TestEnv {
             write_timeout: Mutex::new(std::time::Duration::from_secs(30)),
             max_subscriptions: Mutex::new(1000),
             subscription_recheck: Mutex::new(std::time::Duration::from_secs(15)),
+            rate_limit: Mutex::new(None),
             nats: Mutex::new(None),
         })
     }
@@ -286,6 +289,7 @@ impl TestEnv {
             write_timeout: *self.write_timeout.lock().unwrap(),
             max_subscriptions: *self.max_subscriptions.lock().unwrap(),
             subscription_recheck: *self.subscription_recheck.lock().unwrap(),
+            rate_limit: *self.rate_limit.lock().unwrap(),
             nats_url: nats.as_ref().map(|n| n.url.clone()),
             nats_stream: nats.as_ref().map_or_else(
                 || eventvault::relay::DEFAULT_STREAM.into(),

@@ -12,6 +12,7 @@ mod concurrency;
 mod crash;
 mod forget;
 mod keys;
+mod limits;
 mod read;
 mod relay;
 mod snapshots;
