@@ -10,6 +10,7 @@ mod balances;
 mod concurrency;
 mod forget;
 mod keys;
+mod metrics;
 mod read;
 mod relay;
 mod snapshots;
