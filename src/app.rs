@@ -14,6 +14,7 @@ use zeroize::Zeroizing;
 use crate::http::conn::DeadlineListener;
 use crate::http::{AppState, HttpConfig, router};
 use crate::keys::{KeyError, KeyManager, load_master_key, next_master_key_path};
+use crate::metrics::Metrics;
 use crate::policy::{Policies, PolicyError};
 use crate::principals::{PrincipalError, Principals};
 use crate::relay::{RelayConfig, RelayConfigError};
@@ -164,7 +165,11 @@ pub async fn open_keystore(cfg: &Config) -> Result<Keystore, StartError> {
 }
 
 /// Opens the keystore and proves the master key against it.
-pub async fn open_key_manager(cfg: &Config) -> Result<(KeyManager, bool), StartError> {
+/// Cache look-ups are counted in `metrics`.
+pub async fn open_key_manager(
+    cfg: &Config,
+    metrics: &Metrics,
+) -> Result<(KeyManager, bool), StartError> {
     if cfg.database_url == cfg.keystore_url {
         return Err(StartError::SharedDatabase(redact_url(&cfg.database_url)));
     }
@@ -185,6 +190,7 @@ pub async fn open_key_manager(cfg: &Config) -> Result<(KeyManager, bool), StartE
             kek,
             cfg.key_cache_capacity,
             cfg.dek_max_encryptions,
+            metrics.clone(),
         )
         .await?,
         created,
@@ -230,7 +236,10 @@ impl Application {
             .map(|url| RelayConfig::parse(url, &cfg.nats_stream, &cfg.nats_subject_prefix))
             .transpose()?;
         let (store, policies) = open_event_store(cfg).await?;
-        let (keys, created) = open_key_manager(cfg).await?;
+        // This application's own registry: several applications in one
+        // process (the tests) each count only what they did.
+        let metrics = Metrics::new();
+        let (keys, created) = open_key_manager(cfg, &metrics).await?;
         if created {
             tracing::warn!(path = %cfg.master_key_file.display(), "created a new master key; back it up apart from the keystore");
         }
@@ -241,9 +250,15 @@ impl Application {
         let feed = Feed::new(store.head_position().await?);
         feed::follow_other_processes(&store, &feed);
         feed::Tail::spawn_reader(&feed, store.clone());
-        let (writer, writer_task) = Writer::spawn(store.db.clone(), feed);
+        let (writer, writer_task) = Writer::spawn(store.db.clone(), feed, metrics.clone());
         keys.follow_evictions();
-        let events = Events::new(store.clone(), writer, keys.clone(), policies.clone());
+        let events = Events::new(
+            store.clone(),
+            writer,
+            keys.clone(),
+            policies.clone(),
+            metrics.clone(),
+        );
         // Before the first request: a restored keystore must not bring a
         // forgotten subject back, and an interrupted forget is finished.
         let reapplied = events.reapply_forgets().await.map_err(StartError::Forget)?;
@@ -273,6 +288,7 @@ impl Application {
             shutdown: shutdown_rx,
             subscriptions: Arc::new(tokio::sync::Semaphore::new(cfg.max_subscriptions)),
             rate_limit: cfg.rate_limit.and_then(RateLimit::limiter).map(Arc::new),
+            metrics,
         };
         let listener = TcpListener::bind(cfg.listen)
             .await

@@ -16,6 +16,7 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::crypto::{CryptoError, Dek, Kek};
+use crate::metrics::{KeyCache, Metrics};
 use crate::store::StoreError;
 use crate::store::keystore::{Keystore, WrappedDek};
 
@@ -154,6 +155,8 @@ pub struct KeyManager {
     by_id: Mutex<LruCache<String, CachedDek>>,
     /// Encryptions after which a key is retired.
     max_encryptions: u64,
+    /// Counts cache hits and misses.
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for KeyManager {
@@ -173,6 +176,7 @@ impl KeyManager {
         kek: Kek,
         cache_capacity: usize,
         max_encryptions: u64,
+        metrics: Metrics,
     ) -> Result<Self, KeyError> {
         let known = keystore.keks().await?;
         match known.iter().find(|(id, _)| id == kek.id()) {
@@ -201,6 +205,7 @@ impl KeyManager {
             by_subject: Mutex::new(LruCache::new(cap)),
             by_id: Mutex::new(LruCache::new(cap)),
             max_encryptions: max_encryptions.max(1),
+            metrics,
         })
     }
 
@@ -227,6 +232,8 @@ impl KeyManager {
                 .expect("cache lock")
                 .get(subject)
                 .cloned();
+            self.metrics
+                .key_cache(KeyCache::BySubject, cached.is_some());
             let key = match cached {
                 Some(k) => k,
                 None => self.load_active(subject).await?,
@@ -300,8 +307,15 @@ impl KeyManager {
 
     /// The key with this id, or `None` when it no longer exists (destroyed).
     pub async fn key_by_id(&self, key_id: &str) -> Result<Option<Arc<Dek>>, KeyError> {
-        if let Some(k) = self.by_id.lock().expect("cache lock").get(key_id) {
-            return Ok(Some(k.dek.clone()));
+        let cached = self
+            .by_id
+            .lock()
+            .expect("cache lock")
+            .get(key_id)
+            .map(|k| k.dek.clone());
+        self.metrics.key_cache(KeyCache::ById, cached.is_some());
+        if cached.is_some() {
+            return Ok(cached);
         }
         let Some(stored) = self.keystore.dek_by_id(key_id).await? else {
             return Ok(None);

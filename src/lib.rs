@@ -16,6 +16,8 @@
 //! - [`http`]: the axum API; the only module that knows its JSON shapes.
 //! - [`relay`]: the outbox relay to NATS JetStream: committed events, clear
 //!   fields and sealed blobs as stored, in position order, at least once.
+//! - [`metrics`]: the Prometheus registry of one application and what it
+//!   counts; labels carry no identifiers.
 //! - [`app`]: configuration, start-up and graceful shutdown.
 //! - [`sse`]: a Server-Sent Events reader for clients of the subscriptions.
 
@@ -28,6 +30,7 @@ pub mod crypto;
 pub mod domain;
 pub mod http;
 pub mod keys;
+pub mod metrics;
 pub mod policy;
 pub mod principals;
 pub mod relay;

@@ -21,6 +21,7 @@ use crate::domain::{
     EventBatch, ExpectedVersion, PersonalData, ProposedEvent, ReadEvent, StreamId, Subject,
 };
 use crate::keys::{ActiveKey, KeyError, KeyManager};
+use crate::metrics::{Metrics, Sealed};
 use crate::policy::{Grants, Policies, ReadKind, View};
 use crate::store::snapshots::{NewSnapshot, SnapshotRefusal};
 use crate::store::writer::{
@@ -147,6 +148,8 @@ pub struct Events {
     writer: Writer,
     keys: Arc<KeyManager>,
     policies: Arc<Policies>,
+    /// Counts seals, opens and forgets.
+    metrics: Metrics,
 }
 
 impl Events {
@@ -155,13 +158,25 @@ impl Events {
         writer: Writer,
         keys: Arc<KeyManager>,
         policies: Arc<Policies>,
+        metrics: Metrics,
     ) -> Self {
         Self {
             store,
             writer,
             keys,
             policies,
+            metrics,
         }
+    }
+
+    /// The newest committed position this process knows of.
+    pub fn commit_head(&self) -> u64 {
+        self.writer.feed().head()
+    }
+
+    /// The application's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Classifies, seals and appends a batch atomically, with its audit
@@ -199,6 +214,10 @@ impl Events {
                 .await
                 .map_err(|_| ServiceError::Unavailable)??
         };
+        self.metrics.sealed(
+            Sealed::Event,
+            pending.iter().filter(|p| p.sealed.is_some()).count() as u64,
+        );
         let appended = self
             .writer
             .append(
@@ -297,12 +316,14 @@ impl Events {
             )
             .await?;
         self.store.complete_forget(subject).await?;
+        self.metrics.forgot();
         Ok(())
     }
 
     /// Steps 2 and 3, with the count kept in the ledger at once.
     async fn destroy_keys(&self, subject: &str) -> Result<u64, ServiceError> {
         let destroyed = self.keys.destroy_subject(subject).await?;
+        self.metrics.keys_destroyed(destroyed);
         if destroyed > 0 {
             self.store.add_keys_destroyed(subject, destroyed).await?;
         }
@@ -404,6 +425,7 @@ impl Events {
                     .dek
                     .seal_snapshot(text.as_bytes(), &at)
                     .map_err(KeyError::from)?;
+                self.metrics.sealed(Sealed::Snapshot, 1);
                 (Some(key.key_id.to_string()), Some(sealed), None)
             }
         };
@@ -459,7 +481,11 @@ impl Events {
                         version: row.version as u64,
                         key_id,
                     };
-                    let plain = dek.open_snapshot(blob, &at).map_err(|_| broken())?;
+                    let plain = dek.open_snapshot(blob, &at).map_err(|_| {
+                        self.metrics.open_failed(Sealed::Snapshot);
+                        broken()
+                    })?;
+                    self.metrics.opened(Sealed::Snapshot, 1);
                     let state = serde_json::from_slice(&plain).map_err(|_| broken())?;
                     (Some(state), PersonalData::Decrypted)
                 }
@@ -695,13 +721,25 @@ impl Events {
                 .map(|(r, reveal)| open_event(r, reveal, &deks))
                 .collect::<Result<Vec<_>, _>>()
         };
-        if inline {
+        let opened = if inline {
             open()
         } else {
             tokio::task::spawn_blocking(open)
                 .await
                 .map_err(|_| ServiceError::Unavailable)?
+        };
+        match &opened {
+            Ok(events) => self.metrics.opened(
+                Sealed::Event,
+                events
+                    .iter()
+                    .filter(|e| e.personal_data == PersonalData::Decrypted)
+                    .count() as u64,
+            ),
+            Err(ServiceError::Integrity { .. }) => self.metrics.open_failed(Sealed::Event),
+            Err(_) => {}
         }
+        opened
     }
 }
 

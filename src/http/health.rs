@@ -1,4 +1,6 @@
-//! Liveness and readiness. No authentication, no data.
+//! Liveness, readiness and metrics. No authentication, no data: the
+//! metrics carry counts and timings under route templates and outcome
+//! names, never an id, a subject, a principal or a token.
 
 use axum::Router;
 use axum::extract::State;
@@ -12,6 +14,19 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+/// Prometheus metrics in the text exposition format.
+async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+    let head = state.events.commit_head();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        state.metrics.render(head),
+    )
 }
 
 async fn healthz() -> axum::Json<serde_json::Value> {

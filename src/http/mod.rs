@@ -18,7 +18,10 @@ mod views;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::{MatchedPath, State};
 use axum::http::{HeaderName, HeaderValue, Request, header};
+use axum::middleware::Next;
+use axum::response::Response;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
@@ -26,6 +29,7 @@ use tower_http::trace::TraceLayer;
 pub use problem::ApiError;
 
 use crate::keys::KeyManager;
+use crate::metrics::Metrics;
 use crate::policy::Policies;
 use crate::principals::Principals;
 use crate::service::Events;
@@ -56,6 +60,8 @@ pub struct AppState {
     pub subscriptions: Arc<tokio::sync::Semaphore>,
     /// Requests per principal; `None`: unlimited.
     pub rate_limit: Option<Arc<governor::DefaultKeyedRateLimiter<String>>>,
+    /// This application's metrics (`GET /metrics`).
+    pub metrics: Metrics,
 }
 
 /// The id in a request path (a stream or a subject), checked by `parse`:
@@ -69,6 +75,30 @@ fn path_id<T>(
 }
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Times every request and counts it under its route template (the path as
+/// routed, `/streams/{stream}/events`): the path itself holds stream ids and
+/// subjects, which must not reach a metric.
+async fn observe_request(
+    State(metrics): State<Metrics>,
+    req: Request<axum::body::Body>,
+    next: Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let response = next.run(req).await;
+    metrics.request(
+        method.as_str(),
+        route.as_deref(),
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
+}
 
 /// The whole API.
 pub fn router(state: AppState) -> Router {
@@ -85,11 +115,19 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             trail::record_requests,
         ));
+    let metrics = state.metrics.clone();
     Router::new()
         .merge(data)
         .merge(health::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .with_state(state)
+        // A layer of the router, so it runs after routing (the route
+        // template is known) and around every route and the fallback:
+        // refusals (401, 403) and unknown paths are counted too.
+        .layer(axum::middleware::from_fn_with_state(
+            metrics,
+            observe_request,
+        ))
         // Nothing this service answers may be kept by a cache: a decrypted
         // copy must not outlive a forget.
         .layer(SetResponseHeaderLayer::overriding(

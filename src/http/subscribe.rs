@@ -173,6 +173,7 @@ fn open(
         .clone()
         .try_acquire_owned()
         .map_err(|_| ApiError::Unavailable("too many open subscriptions; retry later"))?;
+    let counted = state.metrics.subscription_opened();
     let sub = Subscription {
         events: state.events.clone(),
         principals: state.principals.clone(),
@@ -193,6 +194,7 @@ fn open(
             personal: false,
             ended: Outcome::Ok,
             _slot: slot,
+            _open: counted,
         },
         caller,
     };
@@ -232,6 +234,12 @@ impl Subscription {
         loop {
             if let Some(e) = self.queue.pop_front() {
                 self.trail.delivered += 1;
+                // Behind the newest commit by this much as it leaves; read
+                // from the feed, not the store.
+                let head = self.events.commit_head();
+                self.events
+                    .metrics()
+                    .delivered(head.saturating_sub(e.position));
                 return Some(sse_event(&e, &self.cursor));
             }
             if *self.shutdown.borrow() {
@@ -415,6 +423,8 @@ struct Trail {
     ended: Outcome,
     /// The subscription's slot, given back when it ends.
     _slot: tokio::sync::OwnedSemaphorePermit,
+    /// Counts the subscription as open until it ends.
+    _open: crate::metrics::SubscriptionGuard,
 }
 
 impl Trail {

@@ -78,6 +78,11 @@ impl Feed {
         self.tx.subscribe()
     }
 
+    /// The newest committed position.
+    pub fn head(&self) -> u64 {
+        *self.tx.borrow()
+    }
+
     /// How many followers there are now.
     pub fn followers(&self) -> usize {
         self.tx.receiver_count()

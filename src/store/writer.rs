@@ -31,6 +31,7 @@ use super::feed::{COMMIT_CHANNEL, Feed};
 use super::{Db, StoreError, audit, now_us};
 use crate::audit::{AuditEntry, AuditRecord, Outcome, seal_records};
 use crate::domain::{AppendResult, ExpectedVersion, StreamId};
+use crate::metrics::{Committed, Metrics};
 
 /// Upper bound of events gathered into one transaction: keeps a commit's
 /// latency and memory bounded however deep the queue gets.
@@ -125,16 +126,18 @@ type Reply = oneshot::Sender<Result<Option<Appended>, WriteError>>;
 pub struct Writer {
     tx: mpsc::Sender<(Job, Reply)>,
     feed: Feed,
+    /// Counts commits, their groups and each request's wait.
+    metrics: Metrics,
 }
 
 impl Writer {
     /// Starts the writer task on `db`; it ends once every handle is dropped
     /// and the queue is drained, so in-flight appends finish on shutdown.
     /// Every commit that writes events advances `feed`.
-    pub fn spawn(db: Db, feed: Feed) -> (Self, tokio::task::JoinHandle<()>) {
+    pub fn spawn(db: Db, feed: Feed, metrics: Metrics) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        let task = tokio::spawn(run(db, rx, feed.clone()));
-        (Self { tx, feed }, task)
+        let task = tokio::spawn(run(db, rx, feed.clone(), metrics.clone()));
+        (Self { tx, feed, metrics }, task)
     }
 
     /// The commit feed this writer advances.
@@ -144,11 +147,16 @@ impl Writer {
 
     async fn submit(&self, job: Job) -> Result<Option<Appended>, WriteError> {
         let (reply, answer) = oneshot::channel();
+        // From the moment the request queues (a full queue is waiting too)
+        // until its group is answered.
+        let queued = std::time::Instant::now();
         self.tx
             .send((job, reply))
             .await
             .map_err(|_| WriteError::Stopped)?;
-        answer.await.map_err(|_| WriteError::Stopped)?
+        let answer = answer.await.map_err(|_| WriteError::Stopped)?;
+        self.metrics.commit_waited(queued.elapsed());
+        answer
     }
 
     /// Queues `cmd` with its audit record and waits until its group has
@@ -200,7 +208,7 @@ impl Writer {
     }
 }
 
-async fn run(db: Db, mut rx: mpsc::Receiver<(Job, Reply)>, feed: Feed) {
+async fn run(db: Db, mut rx: mpsc::Receiver<(Job, Reply)>, feed: Feed, metrics: Metrics) {
     // The last audit record this process committed (or found): the chain
     // must still hold it when the next group is written.
     let mut anchor: Option<(u64, [u8; 32])> = None;
@@ -217,16 +225,20 @@ async fn run(db: Db, mut rx: mpsc::Receiver<(Job, Reply)>, feed: Feed) {
             }
         }
         let (jobs, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+        let began = std::time::Instant::now();
         match commit_group(&db, jobs, &mut anchor).await {
-            Ok((outcomes, head)) => {
+            Ok((outcomes, head, mut counts)) => {
                 if let Some(head) = head {
                     feed.advance(head);
                 }
+                counts.took = began.elapsed();
+                metrics.committed(counts);
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(outcome.map_err(WriteError::from));
                 }
             }
             Err(e) => {
+                metrics.commit_failed(began.elapsed());
                 tracing::error!(error = %e, requests = replies.len(), "group commit failed");
                 for reply in replies {
                     let _ = reply.send(Err(WriteError::Store(StoreError::GroupCommit)));
@@ -447,7 +459,7 @@ async fn commit_group(
     db: &Db,
     jobs: Vec<Job>,
     anchor: &mut Option<(u64, [u8; 32])>,
-) -> Result<(Outcomes, Option<u64>), StoreError> {
+) -> Result<(Outcomes, Option<u64>, Committed), StoreError> {
     let cmds: Vec<&AppendCommand> = jobs.iter().filter_map(|j| j.append.as_ref()).collect();
     let plan = match db {
         Db::Sqlite(pool) => {
@@ -499,7 +511,21 @@ async fn commit_group(
         *anchor = Some((last.seq, last.hash));
     }
     let head = plan.rows.position.last().map(|p| *p as u64);
-    Ok((plan.outcomes, head))
+    let mut counts = Committed {
+        events: plan.rows.position.len() as u64,
+        audit_records: plan.audit.len() as u64,
+        requests: plan.outcomes.len() as u64,
+        ..Committed::default()
+    };
+    for outcome in &plan.outcomes {
+        match outcome {
+            Ok(Some(Appended::Created(_))) => counts.created += 1,
+            Ok(Some(Appended::AlreadyAppended(_))) => counts.already_appended += 1,
+            Err(_) => counts.rejected += 1,
+            Ok(None) => {}
+        }
+    }
+    Ok((plan.outcomes, head, counts))
 }
 
 fn distinct_streams(cmds: &[&AppendCommand]) -> Vec<String> {

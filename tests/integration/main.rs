@@ -13,6 +13,7 @@ mod crash;
 mod forget;
 mod keys;
 mod limits;
+mod metrics;
 mod read;
 mod relay;
 mod snapshots;
