@@ -401,22 +401,33 @@ mod properties {
         ]
     }
 
+    /// A name parser's answer: accepted exactly when `valid` (and then the
+    /// same text back), refused otherwise with an error naming `what`.
+    fn check_name<T: std::fmt::Display>(
+        s: &str,
+        parsed: Result<T, InvalidInput>,
+        valid: bool,
+        what: &str,
+    ) -> Result<(), proptest::test_runner::TestCaseError> {
+        match parsed {
+            Ok(v) => {
+                prop_assert!(valid, "accepted {s:?}");
+                prop_assert_eq!(v.to_string(), s);
+            }
+            Err(e) => {
+                prop_assert!(!valid, "refused {s:?}: {e}");
+                prop_assert!(e.0.contains(what), "{e}");
+            }
+        }
+        Ok(())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(1024))]
 
         #[test]
         fn stream_id_parse_matches_grammar(s in names()) {
-            match StreamId::parse(&s) {
-                Ok(id) => {
-                    prop_assert!(is_stream_or_subject(&s), "accepted {s:?}");
-                    prop_assert_eq!(id.as_str(), s.as_str());
-                    prop_assert_eq!(id.to_string(), s);
-                }
-                Err(e) => {
-                    prop_assert!(!is_stream_or_subject(&s), "refused {s:?}: {e}");
-                    prop_assert!(e.0.contains("stream id"), "{e}");
-                }
-            }
+            check_name(&s, StreamId::parse(&s), is_stream_or_subject(&s), "stream id")?;
         }
 
         #[test]
@@ -437,17 +448,7 @@ mod properties {
 
         #[test]
         fn subject_parse_matches_grammar(s in names()) {
-            match Subject::parse(&s) {
-                Ok(subject) => {
-                    prop_assert!(is_stream_or_subject(&s), "accepted {s:?}");
-                    prop_assert_eq!(subject.as_str(), s.as_str());
-                    prop_assert_eq!(subject.to_string(), s);
-                }
-                Err(e) => {
-                    prop_assert!(!is_stream_or_subject(&s), "refused {s:?}: {e}");
-                    prop_assert!(e.0.contains("subject"), "{e}");
-                }
-            }
+            check_name(&s, Subject::parse(&s), is_stream_or_subject(&s), "subject")?;
         }
 
         #[test]

@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::both_backends;
 use crate::common::{
-    Backend, TestApp, TestEnv, batch, command, deposit, pg_admin_url, with_database,
+    Backend, TestApp, TestEnv, batch, deposit, pg_admin_url, run, run_ok, with_database,
 };
 
 both_backends!(a_restored_backup_reads_what_was_backed_up);
@@ -27,25 +27,14 @@ async fn a_restored_backup_reads_what_was_backed_up(backend: Backend) {
     let dir = app.env.dir.path().join("backups");
     for (what, file) in [("events", "events.bak"), ("keystore", "keystore.bak")] {
         let to = dir.join(file);
-        let out = command(&app.env, &["backup", what, "--to", to.to_str().unwrap()])
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(String::from_utf8_lossy(&out.stdout).contains("a consistent copy"));
+        let out = run_ok(&app.env, &["backup", what, "--to", to.to_str().unwrap()]).await;
+        assert!(out.contains("a consistent copy"), "{out}");
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&to).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{what} backup is private");
         // A backup never overwrites.
-        let again = command(&app.env, &["backup", what, "--to", to.to_str().unwrap()])
-            .output()
-            .await
-            .unwrap();
-        assert!(!again.status.success());
+        let (again, _, _) = run(&app.env, &["backup", what, "--to", to.to_str().unwrap()]).await;
+        assert!(!again, "a backup never overwrites");
     }
     // Written after the backup: not in it.
     app.append_ok(

@@ -541,6 +541,23 @@ pub fn command(env: &TestEnv, args: &[&str]) -> tokio::process::Command {
     command_with_policies(env, &policies_dir(), args)
 }
 
+/// Runs the binary on `env` to its end: success, stdout, stderr.
+pub async fn run(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
+    let out = command(env, args).output().await.expect("run eventvault");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs the binary on `env` and insists on success; returns its stdout.
+pub async fn run_ok(env: &TestEnv, args: &[&str]) -> String {
+    let (ok, out, err) = run(env, args).await;
+    assert!(ok, "eventvault {args:?} failed: {err}");
+    out
+}
+
 pub fn command_with_policies(
     env: &TestEnv,
     policies: &std::path::Path,

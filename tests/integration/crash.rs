@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::access::get;
 use crate::both_backends;
-use crate::common::{Backend, ServerProcess, TestApp, TestEnv, batch, command, deposit};
+use crate::common::{Backend, ServerProcess, TestApp, TestEnv, batch, command, deposit, run_ok};
 
 both_backends!(
     nothing_acknowledged_is_lost_across_twenty_kills,
@@ -322,18 +322,9 @@ async fn a_forget_or_a_rotation_killed_midway_is_completed(backend: Backend) {
         child.start_kill().unwrap();
         child.wait().await.unwrap();
     }
-    let out = command(&env, &["keys", "rotate-kek", "--batch-size", "7"])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&env, &["keys", "rotate-kek", "--batch-size", "7"]).await;
     // Every data key is wrapped by the one master key left.
-    let out = command(&env, &["keys", "status"]).output().await.unwrap();
-    let status = String::from_utf8_lossy(&out.stdout);
+    let status = run_ok(&env, &["keys", "status"]).await;
     assert_eq!(status.lines().count(), 1, "{status}");
     let keys_left = subjects.len() - recorded.len();
     assert!(

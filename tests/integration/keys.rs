@@ -7,22 +7,13 @@ use uuid::Uuid;
 
 use crate::at_rest::{exec, keystore_db};
 use crate::both_backends;
-use crate::common::{Backend, TestApp, TestEnv, batch, command, deposit};
+use crate::common::{Backend, TestApp, TestEnv, batch, deposit, run};
 use eventvault::store::Db;
 
 both_backends!(
     rotation_rewraps_every_key_and_resumes_after_an_interruption,
     a_key_is_retired_before_its_encryption_limit,
 );
-
-async fn run(env: &crate::common::TestEnv, args: &[&str]) -> (bool, String, String) {
-    let out = command(env, args).output().await.unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 async fn rotation_rewraps_every_key_and_resumes_after_an_interruption(backend: Backend) {
     let app = TestApp::spawn(&backend).await;

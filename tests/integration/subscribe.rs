@@ -564,15 +564,7 @@ async fn a_removed_principals_subscription_ends(backend: Backend) {
     app.append_ok("accounts-1", &deposits("cust-1", 1)).await;
     let mut sub = Subscriber::open(&app, "/events/subscribe", &service, &[]).await;
     assert_eq!(sub.next().await.0, 1);
-    let out = crate::common::command(&app.env, &["principal", "remove", "ledger"])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::run_ok(&app.env, &["principal", "remove", "ledger"]).await;
     // Within the authentication cache's lifetime and one re-check, with
     // nothing appended meanwhile.
     assert!(
