@@ -8,6 +8,12 @@
 //! `/proc/<--server-pid>/stat`), then the delay from an append being sent to
 //! its arrival at every subscriber, with one append every `--interval-ms`.
 //!
+//! With `--soak-minutes M` it runs mixed work for M minutes — appends,
+//! personal reads (with `X-Purpose`) and redacted reads, 20 subscribers
+//! following the log, a forget every two seconds — and prints every minute
+//! the throughput, p50/p99/p999 per kind and the server's memory (`VmRSS`,
+//! `VmHWM` of `--server-pid`).
+//!
 //! Bounded: every phase stops by itself after `--seconds`.
 
 use std::sync::Arc;
@@ -72,6 +78,15 @@ struct Args {
     /// Pause between appends while measuring delivery delays.
     #[arg(long, default_value_t = 20)]
     interval_ms: u64,
+    /// Soak: run mixed work (appends, reads by role, subscriptions,
+    /// forgets) for this many minutes, reporting every minute (and nothing
+    /// else).
+    #[arg(long, default_value_t = 0)]
+    soak_minutes: u64,
+    /// Token for the soak's redacted reads (a `service` principal's);
+    /// default `--token`.
+    #[arg(long, env = "EVENTVAULT_SERVICE_TOKEN", hide_env_values = true)]
+    service_token: Option<String>,
 }
 
 /// Runs `op` from `clients` concurrent tasks until `seconds` have passed;
@@ -277,9 +292,235 @@ async fn subscriptions(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// The server's resident and peak memory in MB, from `/proc/<pid>/status`.
+fn memory_mb(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb = |field: &str| -> Option<u64> {
+        status
+            .lines()
+            .find(|l| l.starts_with(field))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    Some((kb("VmRSS:")? / 1024, kb("VmHWM:")? / 1024))
+}
+
+/// Latencies and counts of one kind of soak work, for the current minute.
+struct Kind {
+    name: &'static str,
+    hist: std::sync::Mutex<Histogram<u64>>,
+    done: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+}
+
+impl Kind {
+    fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            hist: std::sync::Mutex::new(
+                Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+            ),
+            done: 0.into(),
+            failed: 0.into(),
+        }
+    }
+
+    fn record(&self, started: Instant, ok: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if ok {
+            let us = started.elapsed().as_micros() as u64;
+            let _ = self.hist.lock().expect("lock").record(us.max(1));
+            self.done.fetch_add(1, Relaxed);
+        } else {
+            self.failed.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// This minute's line, and a fresh start for the next.
+    fn report(&self, secs: f64) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut h = self.hist.lock().expect("lock");
+        let line = format!(
+            "{} {:.0}/s p50 {:.1} p99 {:.1} p999 {:.1} ms, failed {}",
+            self.name,
+            self.done.swap(0, Relaxed) as f64 / secs,
+            h.value_at_quantile(0.50) as f64 / 1000.0,
+            h.value_at_quantile(0.99) as f64 / 1000.0,
+            h.value_at_quantile(0.999) as f64 / 1000.0,
+            self.failed.swap(0, Relaxed),
+        );
+        h.reset();
+        line
+    }
+}
+
+/// The soak run (see the module documentation).
+async fn soak(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    use futures::StreamExt;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let kinds = Arc::new([
+        Kind::new("append"),
+        Kind::new("personal read"),
+        Kind::new("redacted read"),
+        Kind::new("forget"),
+    ]);
+    let delivered = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let deadline = Instant::now() + Duration::from_secs(args.soak_minutes * 60);
+    let service = args
+        .service_token
+        .clone()
+        .unwrap_or_else(|| args.token.clone());
+    let mut tasks = Vec::new();
+    // Appends (kind 0), personal reads (1), redacted reads (2).
+    for c in 0..24usize {
+        let (client, kinds, stop) = (client.clone(), kinds.clone(), stop.clone());
+        let (url, token, service) = (args.url.clone(), args.token.clone(), service.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = c as u64;
+            while !stop.load(Relaxed) {
+                n += 24;
+                let stream = format!("accounts-{}", n % 1000);
+                let t = Instant::now();
+                let (kind, ok) = match c % 3 {
+                    0 | 1 => {
+                        let r = client
+                            .post(format!("{url}/streams/{stream}/events"))
+                            .bearer_auth(&token)
+                            .json(&json!({"events": [event((n as usize * 7919) % 100_000, n)]}))
+                            .send()
+                            .await;
+                        // A forgotten subject's 410 is an answer, not a failure.
+                        (
+                            0,
+                            r.is_ok_and(|r| r.status().is_success() || r.status() == 410),
+                        )
+                    }
+                    _ => {
+                        let personal = n.is_multiple_of(2);
+                        let mut req = client
+                            .get(format!("{url}/streams/{stream}/events?limit=10"))
+                            .bearer_auth(if personal { &token } else { &service });
+                        if personal {
+                            req = req.header("X-Purpose", "soak");
+                        }
+                        let r = req.send().await;
+                        let ok = match r {
+                            Ok(r) if r.status().is_success() || r.status() == 404 => {
+                                r.bytes().await.is_ok()
+                            }
+                            _ => false,
+                        };
+                        (if personal { 1 } else { 2 }, ok)
+                    }
+                };
+                kinds[kind].record(t, ok);
+            }
+        }));
+    }
+    // Subscribers, reconnecting from their last id if cut off.
+    for _ in 0..20 {
+        let (stop, delivered) = (stop.clone(), delivered.clone());
+        let (url, token) = (args.url.clone(), service.clone());
+        tasks.push(tokio::spawn(async move {
+            // No request timeout: a subscription lasts.
+            let client = reqwest::Client::new();
+            let mut last = String::from("0");
+            while !stop.load(Relaxed) {
+                let Ok(r) = client
+                    .get(format!("{url}/events/subscribe"))
+                    .bearer_auth(&token)
+                    .header("Last-Event-ID", &last)
+                    .send()
+                    .await
+                else {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                };
+                let mut body = r.bytes_stream();
+                let mut parser = eventvault::sse::SseParser::default();
+                while let Some(Ok(chunk)) = body.next().await {
+                    for e in parser.push(&chunk) {
+                        delivered.fetch_add(1, Relaxed);
+                        if let Some(id) = e.id {
+                            last = id;
+                        }
+                    }
+                    if stop.load(Relaxed) {
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    // A forget every two seconds.
+    {
+        let (client, kinds, stop) = (client.clone(), kinds.clone(), stop.clone());
+        let (url, token) = (args.url.clone(), args.token.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Relaxed) {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                n += 1;
+                let t = Instant::now();
+                let r = client
+                    .post(format!(
+                        "{url}/subjects/cust-{}/forget",
+                        (n * 104_729) % 100_000
+                    ))
+                    .bearer_auth(&token)
+                    .send()
+                    .await;
+                kinds[3].record(t, r.is_ok_and(|r| r.status().is_success()));
+            }
+        }));
+    }
+    println!(
+        "soak: {} minutes; 16 appending, 8 reading, 20 subscribed, a forget every 2 s",
+        args.soak_minutes
+    );
+    let mut minute = 0;
+    let mut last_delivered = 0;
+    while Instant::now() < deadline {
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_secs(60).min(deadline - Instant::now())).await;
+        minute += 1;
+        let secs = started.elapsed().as_secs_f64();
+        let memory = args
+            .server_pid
+            .and_then(memory_mb)
+            .map_or_else(String::new, |(rss, peak)| {
+                format!("; server RSS {rss} MB, peak {peak} MB")
+            });
+        let d = delivered.load(Relaxed);
+        let lines: Vec<String> = kinds.iter().map(|k| k.report(secs)).collect();
+        println!(
+            "minute {minute}: {}; subscribers {:.0} events/s{memory}",
+            lines.join("; "),
+            (d - last_delivered) as f64 / secs
+        );
+        last_delivered = d;
+    }
+    stop.store(true, Relaxed);
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    if args.soak_minutes > 0 {
+        return soak(&args).await;
+    }
     if args.subscribers > 0 {
         return subscriptions(&args).await;
     }
