@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
+use tokio::io::AsyncBufReadExt;
+
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -197,14 +199,20 @@ async fn balances_equal_an_independent_sum_before_and_after_a_forget(backend: Ba
     // A run killed at a random moment, then a run to the end.
     let db = projection_db(&backend, &app.env, "balances").await;
     let mut first = projector(&app.base, &service, &db, None).spawn().unwrap();
-    // The kill lands in the middle of the run: once something is applied,
-    // after a random further moment.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while checkpoint(&db).await.unwrap_or(0) == 0 {
-        assert!(std::time::Instant::now() < deadline, "nothing applied");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    // The kill lands in the middle of the run: after a random number of
+    // its progress lines (one per 1000 positions applied).
+    let mut lines = tokio::io::BufReader::new(first.stderr.take().unwrap()).lines();
+    let mut progress = 0;
+    let target = 1 + rng.below(5);
+    while progress < target {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("the projector makes progress")
+            .unwrap()
+            .expect("the projector runs");
+        crate::common::append_to_log(&line);
+        progress += u64::from(line.starts_with("applied up to position"));
     }
-    tokio::time::sleep(Duration::from_millis(rng.below(200))).await;
     first.start_kill().unwrap();
     let _ = first.wait().await;
     let killed_at = checkpoint(&db).await.unwrap();

@@ -22,6 +22,8 @@ both_backends!(
 );
 
 const KILLS: usize = 20;
+/// The longest a test waits for the service before it fails.
+const PATIENCE: Duration = Duration::from_secs(30);
 const STREAMS: usize = 5;
 const CLIENTS: usize = 6;
 
@@ -64,13 +66,20 @@ struct Sent {
 /// Appends from `CLIENTS` tasks until the server stops answering; every
 /// request and its outcome lands in `log`. One in six asks for a version the
 /// stream cannot have, to be refused.
-async fn drive(base: String, token: String, round: usize, log: Arc<Mutex<Vec<Sent>>>) {
+async fn drive(
+    base: String,
+    token: String,
+    round: usize,
+    log: Arc<Mutex<Vec<Sent>>>,
+    answered: Arc<tokio::sync::watch::Sender<usize>>,
+) {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
     let tasks: Vec<_> = (0..CLIENTS)
         .map(|c| {
+            let answered = answered.clone();
             let (client, base, token, log) =
                 (client.clone(), base.clone(), token.clone(), log.clone());
             tokio::spawn(async move {
@@ -106,6 +115,7 @@ async fn drive(base: String, token: String, round: usize, log: Arc<Mutex<Vec<Sen
                         events,
                         outcome,
                     });
+                    answered.send_modify(|n| *n += 1);
                     if stop {
                         return;
                     }
@@ -126,9 +136,22 @@ async fn nothing_acknowledged_is_lost_across_twenty_kills(backend: Backend) {
         let mut server = ServerProcess::start(&env)
             .await
             .expect("the service starts");
-        let driving = tokio::spawn(drive(server.base.clone(), env.token(), round, log.clone()));
-        // A random moment into the round: before, during or after commits.
-        tokio::time::sleep(Duration::from_millis(20 + rng.below(300))).await;
+        let answered = Arc::new(tokio::sync::watch::Sender::new(0usize));
+        let mut progress = answered.subscribe();
+        let driving = tokio::spawn(drive(
+            server.base.clone(),
+            env.token(),
+            round,
+            log.clone(),
+            answered,
+        ));
+        // The kill lands after a random number of answers, with the other
+        // clients' requests in flight.
+        let target = 1 + rng.below(40) as usize;
+        tokio::time::timeout(PATIENCE, progress.wait_for(|n| *n >= target))
+            .await
+            .expect("the clients got answers")
+            .unwrap();
         server.child.start_kill().unwrap();
         server.child.wait().await.unwrap();
         driving.await.unwrap();
@@ -242,17 +265,28 @@ async fn a_forget_or_a_rotation_killed_midway_is_completed(backend: Backend) {
             .await
             .expect("the service starts");
         let client = reqwest::Client::new();
+        let (done, mut answers) = tokio::sync::mpsc::unbounded_channel();
         let calls: Vec<_> = forgotten
             .iter()
             .skip(round * 10)
             .take(10)
             .map(|s| {
                 let url = format!("{}/subjects/{s}/forget", server.base);
-                let (client, dpo) = (client.clone(), dpo.clone());
-                tokio::spawn(async move { client.post(url).bearer_auth(dpo).send().await.ok() })
+                let (client, dpo, done) = (client.clone(), dpo.clone(), done.clone());
+                tokio::spawn(async move {
+                    let r = client.post(url).bearer_auth(dpo).send().await.ok();
+                    let _ = done.send(());
+                    r
+                })
             })
             .collect();
-        tokio::time::sleep(Duration::from_millis(20 + rng.below(150))).await;
+        // Killed once a random number of them (maybe none) were answered:
+        // the others are under way.
+        for _ in 0..rng.below(9) {
+            tokio::time::timeout(PATIENCE, answers.recv())
+                .await
+                .expect("a forget was answered");
+        }
         server.child.start_kill().unwrap();
         server.child.wait().await.unwrap();
         for c in calls {
@@ -315,10 +349,34 @@ async fn a_forget_or_a_rotation_killed_midway_is_completed(backend: Backend) {
     for _ in 0..3 {
         let mut child = command(&env, &["keys", "rotate-kek", "--batch-size", "1"])
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(rng.below(150))).await;
+        // Killed when its progress line reaches a random count (or it ends).
+        let target = rng.below(30);
+        let mut progress = child.stderr.take().unwrap();
+        let mut seen = String::new();
+        let mut buf = [0u8; 256];
+        loop {
+            use tokio::io::AsyncReadExt;
+            let n = tokio::time::timeout(PATIENCE, progress.read(&mut buf))
+                .await
+                .expect("the rotation makes progress")
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            let done: u64 = seen
+                .rsplit("re-wrapping data keys: ")
+                .next()
+                .and_then(|t| t.split('/').next())
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0);
+            if done >= target {
+                break;
+            }
+        }
         child.start_kill().unwrap();
         child.wait().await.unwrap();
     }
