@@ -177,7 +177,12 @@ impl ExpectedVersion {
             "any" => Ok(Self::Any),
             "no-stream" => Ok(Self::Exact(0)),
             "exists" => Ok(Self::Exists),
-            other => other.parse::<u64>().map(Self::Exact).map_err(|_| {
+            // Digits only: `u64`'s own reading would also take a `+`.
+            other => Some(other)
+                .filter(|o| !o.is_empty() && o.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|o| o.parse::<u64>().ok())
+                .map(Self::Exact)
+                .ok_or_else(|| {
                 invalid(format!(
                     "Expected-Version {other:?} is not one of any, no-stream, exists or a non-negative integer"
                 ))
@@ -248,7 +253,8 @@ pub struct AppendResult {
 }
 
 /// How much of an event's personal data a reader is shown.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum PersonalData {
     /// Personal fields decrypted and shown.
     Decrypted,
@@ -465,9 +471,8 @@ mod properties {
 
     /// What `Expected-Version` accepts, from its documentation: after
     /// trimming white space, `any`, `no-stream`, `exists` (exactly so
-    /// spelt), or a non-negative integer that fits in 64 bits. An integer
-    /// is what Rust's `u64` reads: decimal digits, optionally after one `+`
-    /// (leading zeros allowed).
+    /// spelt), or a non-negative integer that fits in 64 bits: decimal
+    /// digits only (leading zeros allowed, no sign).
     fn expected_version_oracle(s: &str) -> Option<ExpectedVersion> {
         let t = s.trim_matches(char::is_whitespace);
         match t {
@@ -476,7 +481,7 @@ mod properties {
             "exists" => return Some(ExpectedVersion::Exists),
             _ => {}
         }
-        let digits = t.strip_prefix('+').unwrap_or(t);
+        let digits = t;
         if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }

@@ -1,53 +1,75 @@
 //! `/audit`: the access log and the check of its hash chain (permission
 //! `audit`). Audit records hold no event data, so an auditor never sees any.
 
-use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::get;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::AppState;
 use super::auth::Caller;
 use super::problem::ApiError;
 use super::streams::{limit, time_param};
 use super::views::{AuditRecordView, json_response};
+use super::{AppState, cursor_param};
 use crate::audit::Outcome;
 use crate::policy::Permission;
 use crate::service::ServiceError;
 use crate::store::audit::{AuditFilter, ChainReport, parse_expectation};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/audit", get(list))
-        .route("/audit/verify", get(verify))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(verify))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct AuditParams {
+    /// Records after this sequence number (default 0).
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
     after: Option<u64>,
+    /// Records per page, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
+    /// Only this principal's records.
     principal: Option<String>,
+    /// Only this action (e.g. `stream.read`).
     action: Option<String>,
+    /// Only this resource (e.g. `stream:accounts-1`).
     resource: Option<String>,
     /// `ok`, `denied` or `error`.
+    #[param(pattern = "^(ok|denied|error)$")]
     outcome: Option<String>,
     /// RFC 3339: records at or after this time.
+    #[param(format = DateTime)]
     since: Option<String>,
     /// RFC 3339: records before this time.
+    #[param(format = DateTime)]
     until: Option<String>,
 }
 
-#[derive(Serialize)]
+/// A page of audit records.
+#[derive(Serialize, ToSchema)]
 struct AuditPage {
     records: Vec<AuditRecordView>,
     /// Pass as `after` to continue.
     next: u64,
 }
 
+/// Audit records in order, filtered. Needs `audit`.
+#[utoipa::path(
+    get,
+    path = "/audit",
+    tag = "audit",
+    params(AuditParams),
+    security(("bearer" = [])),
+    responses((status = 200, description = "A page of audit records", body = AuditPage)),
+)]
 async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -70,7 +92,7 @@ async fn list(
             })
             .transpose()?,
     };
-    let after = p.after.unwrap_or(0);
+    let after = cursor_param("after", p.after)?.unwrap_or(0);
     let records = state
         .store
         .audit_records(after, limit(p.limit)?, &filter)
@@ -86,14 +108,45 @@ async fn list(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct VerifyParams {
     /// `SEQ:HASH` from an earlier verification: that record must still be
     /// there with that hash.
+    #[param(pattern = "^[1-9][0-9]{0,18}:[0-9a-fA-F]{64}$")]
     expect: Option<String>,
 }
 
+/// The result of a check of the audit chain.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+enum Verification {
+    /// Every record's hash is right and links to the one before.
+    Intact {
+        ok: bool,
+        records: u64,
+        /// The last record's hash (hex): pass as `expect` next time.
+        #[schema(pattern = "^[0-9a-f]{64}$")]
+        head_hash: String,
+    },
+    /// The first record that fails, and why.
+    Broken {
+        ok: bool,
+        first_bad_seq: u64,
+        reason: String,
+    },
+}
+
+/// Checks the audit log's hash chain. Needs `audit`.
+#[utoipa::path(
+    get,
+    path = "/audit/verify",
+    tag = "audit",
+    params(VerifyParams),
+    security(("bearer" = [])),
+    responses((status = 200, description = "Intact, or where it breaks", body = Verification)),
+)]
 async fn verify(
     State(state): State<AppState>,
     caller: Caller,
@@ -117,21 +170,21 @@ async fn verify(
         .await
         .map_err(ServiceError::from)?;
     let body = match report {
-        ChainReport::Intact { records, head_hash } => serde_json::json!({
-            "ok": true,
-            "records": records,
-            "head_hash": hex::encode(head_hash),
-        }),
+        ChainReport::Intact { records, head_hash } => Verification::Intact {
+            ok: true,
+            records,
+            head_hash: hex::encode(head_hash),
+        },
         ChainReport::Broken {
             first_bad_seq,
             reason,
         } => {
             tracing::error!(first_bad_seq, %reason, "the audit chain is broken");
-            serde_json::json!({
-                "ok": false,
-                "first_bad_seq": first_bad_seq,
-                "reason": reason,
-            })
+            Verification::Broken {
+                ok: false,
+                first_bad_seq,
+                reason,
+            }
         }
     };
     Ok(json_response(StatusCode::OK, &body))

@@ -2,22 +2,59 @@
 //! metrics carry counts and timings under route templates and outcome
 //! names, never an id, a subject, a principal or a token.
 
-use axum::Router;
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
-use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi))
+}
+
+/// The OpenAPI document, serialised once.
+#[derive(Clone)]
+pub struct Document(Arc<String>);
+
+impl Document {
+    pub fn new(api: utoipa::openapi::OpenApi) -> Self {
+        Self(Arc::new(
+            api.to_pretty_json().expect("the API document serialises"),
+        ))
+    }
+}
+
+/// The OpenAPI 3.1 document of this API.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    responses((status = 200, description = "The OpenAPI document", body = Object)),
+)]
+async fn openapi(
+    axum::Extension(doc): axum::Extension<Document>,
+) -> impl axum::response::IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        doc.0.as_str().to_owned(),
+    )
 }
 
 /// Prometheus metrics in the text exposition format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text format 0.0.4", body = String,
+        content_type = "text/plain")),
+)]
 async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
     let head = state.events.commit_head();
     (
@@ -29,12 +66,49 @@ async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResp
     )
 }
 
-async fn healthz() -> axum::Json<serde_json::Value> {
-    axum::Json(json!({"status": "ok"}))
+/// Liveness: the process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "Alive", body = Health)),
+)]
+async fn healthz() -> axum::Json<Health> {
+    axum::Json(Health { status: "ok" })
+}
+
+/// `{"status":"ok"}`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Health {
+    #[schema(value_type = String, pattern = "^ok$")]
+    status: &'static str,
+}
+
+/// Readiness: which stores answer.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Readiness {
+    /// `ready` or `not ready`.
+    #[schema(value_type = String, pattern = "^(ready|not ready)$")]
+    status: &'static str,
+    /// `ok` or `unreachable`.
+    #[schema(value_type = String, pattern = "^(ok|unreachable)$")]
+    event_store: &'static str,
+    /// `ok` or `unreachable`.
+    #[schema(value_type = String, pattern = "^(ok|unreachable)$")]
+    keystore: &'static str,
 }
 
 /// Ready when both the event store and the keystore answer.
-async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<serde_json::Value>) {
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "Not ready", body = Readiness),
+    ),
+)]
+async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Readiness>) {
     let events = state.store.db.ping().await.is_ok();
     let keystore = state.keys.keystore().db.ping().await.is_ok();
     let status = if events && keystore {
@@ -45,10 +119,14 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<serde_
     let word = |ok: bool| if ok { "ok" } else { "unreachable" };
     (
         status,
-        axum::Json(json!({
-            "status": if events && keystore { "ready" } else { "not ready" },
-            "event_store": word(events),
-            "keystore": word(keystore),
-        })),
+        axum::Json(Readiness {
+            status: if events && keystore {
+                "ready"
+            } else {
+                "not ready"
+            },
+            event_store: word(events),
+            keystore: word(keystore),
+        }),
     )
 }

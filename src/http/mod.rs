@@ -7,6 +7,7 @@ mod body;
 pub mod conn;
 mod health;
 mod log;
+pub mod openapi;
 mod problem;
 mod snapshots;
 mod streams;
@@ -25,6 +26,8 @@ use axum::response::Response;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
 
 pub use problem::ApiError;
 
@@ -74,6 +77,19 @@ fn path_id<T>(
     parse(&raw).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
+/// Largest cursor accepted (positions and versions are stored as `i64`).
+pub const MAX_CURSOR: u64 = i64::MAX as u64;
+
+/// A position or version from the request: at most [`MAX_CURSOR`].
+fn cursor_param(name: &str, v: Option<u64>) -> Result<Option<u64>, ApiError> {
+    match v {
+        Some(v) if v > MAX_CURSOR => Err(ApiError::BadRequest(format!(
+            "{name} must be at most {MAX_CURSOR}"
+        ))),
+        v => Ok(v),
+    }
+}
+
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Times every request and counts it under its route template (the path as
@@ -103,22 +119,27 @@ async fn observe_request(
 /// The whole API.
 pub fn router(state: AppState) -> Router {
     let request_id = REQUEST_ID.clone();
-    // Every data route writes one audit record per request, refused or not.
-    let data = Router::new()
+    let (data, mut api) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(streams::router())
         .merge(snapshots::router())
         .merge(log::router())
         .merge(audit::router())
         .merge(subjects::router())
         .merge(subscribe::router())
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            trail::record_requests,
-        ));
+        .split_for_parts();
+    // Every data route writes one audit record per request, refused or not.
+    let data = data.route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        trail::record_requests,
+    ));
+    let (operations, operations_api) = health::router().split_for_parts();
+    api.merge(operations_api);
+    let document = health::Document::new(openapi::finish(api));
     let metrics = state.metrics.clone();
     Router::new()
         .merge(data)
-        .merge(health::router())
+        .merge(operations)
+        .layer(axum::Extension(document))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .with_state(state)
         // A layer of the router, so it runs after routing (the route

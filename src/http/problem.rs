@@ -4,7 +4,6 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 use crate::service::ServiceError;
 use crate::store::StoreError;
@@ -93,23 +92,46 @@ impl ApiError {
     }
 }
 
+/// The body of every error response (`application/problem+json`, RFC 9457).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Problem {
+    /// `urn:eventvault:problem:<kind>`, one of the kinds the README lists
+    /// (`bad-request`, `unauthorized`, `forbidden`, `not-found`,
+    /// `wrong-expected-version`, `duplicate-event-ids`, `subject-forgotten`,
+    /// `stale-snapshot`, `payload-too-large`, `rate-limited`,
+    /// `unsupported-media-type`, `integrity-failure`, `internal-error`,
+    /// `unavailable`).
+    #[serde(rename = "type")]
+    #[schema(pattern = "^urn:eventvault:problem:[a-z-]+$")]
+    pub problem_type: String,
+    /// The status code's reason phrase.
+    #[schema(value_type = String)]
+    pub title: &'static str,
+    pub status: u16,
+    /// What is wrong, for a person to read. Never a payload or a key.
+    pub detail: String,
+    /// On `wrong-expected-version`: the stream's version now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_version: Option<u64>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status_code();
-        let mut body = json!({
-            "type": format!("urn:eventvault:problem:{}", self.kind()),
-            "title": status.canonical_reason().unwrap_or("Error"),
-            "status": status.as_u16(),
-            "detail": self.to_string(),
-        });
-        if let Self::Conflict {
-            current_version: Some(v),
-            ..
-        } = &self
-        {
-            body["current_version"] = json!(v);
-        }
-        let mut resp = (status, body.to_string()).into_response();
+        let body = Problem {
+            problem_type: format!("urn:eventvault:problem:{}", self.kind()),
+            title: status.canonical_reason().unwrap_or("Error"),
+            status: status.as_u16(),
+            detail: self.to_string(),
+            current_version: match &self {
+                Self::Conflict {
+                    current_version, ..
+                } => *current_version,
+                _ => None,
+            },
+        };
+        let body = serde_json::to_string(&body).expect("a problem serialises");
+        let mut resp = (status, body).into_response();
         let headers = resp.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,

@@ -1,42 +1,75 @@
 //! `/streams/{stream}/snapshot`: save and load a stream's snapshot.
 
-use axum::Router;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::put;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::Caller;
 use super::body::JsonBody;
-use super::problem::ApiError;
+use super::openapi::{ReadStreamPath, StreamPath};
+use super::problem::{ApiError, Problem};
 use super::views::{json_response, rfc3339};
-use super::{AppState, path_id};
+use super::{AppState, cursor_param, path_id};
 use crate::domain::{PersonalData, StreamId, Subject};
 use crate::policy::Permission;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/streams/{stream}/snapshot", put(save).get(load))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(save, load))
 }
 
-#[derive(Deserialize)]
+/// A snapshot to save.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = NewSnapshot)]
 struct SnapshotBody {
     /// The stream version the state folds (1-based; the stream must have it).
+    #[schema(minimum = 1, maximum = 9223372036854775807_i64)]
     version: u64,
+    /// The subject whose key seals the state; required when the stream's
+    /// events name subjects (it must be one of them).
+    #[schema(pattern = "^[A-Za-z0-9._:@-]{1,200}$")]
     subject: Option<String>,
+    /// Any JSON value.
     state: Value,
 }
 
-#[derive(Serialize)]
+/// A saved snapshot.
+#[derive(Serialize, ToSchema)]
+#[schema(as = SavedSnapshot)]
 struct SavedView<'a> {
+    #[schema(value_type = String)]
     stream_id: &'a str,
     version: u64,
+    #[schema(value_type = Option<String>)]
     subject: Option<&'a str>,
 }
 
+/// Saves a stream's snapshot (replacing an older one). Needs `append`.
+#[utoipa::path(
+    put,
+    path = "/streams/{stream}/snapshot",
+    tag = "snapshots",
+    params(StreamPath),
+    request_body = SnapshotBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Saved", body = SavedView),
+        (status = 409, description = "`stale-snapshot`: a newer snapshot is stored",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "The subject has been forgotten",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is over the limit",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not `application/json`",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn save(
     State(state): State<AppState>,
     caller: Caller,
@@ -52,6 +85,7 @@ async fn save(
         .map(Subject::parse)
         .transpose()
         .map_err(|e| ApiError::BadRequest(format!("subject: {e}")))?;
+    cursor_param("version", Some(body.version))?;
     if body.version == 0 {
         return Err(ApiError::BadRequest(
             "version must be at least 1 (versions are 1-based)".into(),
@@ -71,17 +105,36 @@ async fn save(
     ))
 }
 
-#[derive(Serialize)]
+/// A stored snapshot, as this caller may see it.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Snapshot)]
 struct SnapshotView<'a> {
+    #[schema(value_type = String)]
     stream_id: &'a str,
     version: u64,
+    #[schema(value_type = Option<String>)]
     subject: Option<&'a str>,
     /// `null` when redacted or erased.
+    #[schema(value_type = Value)]
     state: Option<&'a Value>,
-    personal_data: &'static str,
+    personal_data: PersonalData,
+    #[schema(format = DateTime)]
     recorded_at: String,
 }
 
+/// Loads a stream's snapshot. Needs `read`.
+#[utoipa::path(
+    get,
+    path = "/streams/{stream}/snapshot",
+    tag = "snapshots",
+    params(ReadStreamPath),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The snapshot", body = SnapshotView),
+        (status = 404, description = "The stream has no snapshot",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn load(
     State(state): State<AppState>,
     caller: Caller,
@@ -105,7 +158,7 @@ async fn load(
             version: snap.version,
             subject: snap.subject.as_deref(),
             state: snap.state.as_ref(),
-            personal_data: snap.personal_data.as_str(),
+            personal_data: snap.personal_data,
             recorded_at: rfc3339(snap.recorded_at_us),
         },
     ))

@@ -1,20 +1,22 @@
 //! `/streams/{stream}/events`: append and read one stream.
 
-use axum::Router;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use axum::routing::post;
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::auth::Caller;
 use super::body::JsonBody;
-use super::problem::ApiError;
-use super::views::{AppendView, EventList, json_response, parse_rfc3339};
-use super::{AppState, path_id};
+use super::openapi::{ReadStreamPath, StreamPath};
+use super::problem::{ApiError, Problem};
+use super::views::{AppendView, Event, EventList, json_response, parse_rfc3339};
+use super::{AppState, cursor_param, path_id};
 use crate::audit::Outcome;
 use crate::domain::{
     EventBatch, EventType, ExpectedVersion, PersonalData, ProposedEvent, ReadEvent, StreamId,
@@ -29,27 +31,52 @@ use crate::store::writer::Appended;
 pub const DEFAULT_LIMIT: u32 = 100;
 pub const MAX_LIMIT: u32 = 1000;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/streams/{stream}/events", post(append).get(read))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(append, read))
 }
 
-#[derive(Deserialize)]
+/// The body of an append: 1 to 1000 events, appended atomically.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = AppendRequest)]
 struct AppendBody {
+    #[schema(min_items = 1, max_items = 1000)]
     events: Vec<EventBody>,
 }
 
-#[derive(Deserialize)]
+/// An event to append. The policies name which fields of its type are
+/// personal; those are encrypted under the subject's key.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = NewEvent)]
 struct EventBody {
     /// Client-chosen id; makes retries idempotent. Generated when absent.
     id: Option<Uuid>,
+    /// 1–200 of `[A-Za-z0-9._:-]`.
     #[serde(rename = "type")]
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,200}$")]
     event_type: String,
+    /// The data subject whose personal data the event carries (needed when
+    /// the type has personal fields).
+    #[schema(pattern = "^[A-Za-z0-9._:@-]{1,200}$")]
     subject: Option<String>,
+    #[schema(value_type = Object)]
     data: Map<String, Value>,
+    /// Stored in clear, never personal.
     #[serde(default)]
+    #[schema(value_type = Object)]
     metadata: Map<String, Value>,
+}
+
+/// The optimistic-concurrency header of an append.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+struct AppendHeaders {
+    /// `any` (default), `no-stream` (= `0`), `exists`, or the stream's
+    /// current version.
+    #[param(rename = "Expected-Version", value_type = String, required = false, pattern = "^(any|no-stream|exists|[0-9]{1,19})$")]
+    expected_version: Option<String>,
 }
 
 fn expected_version(headers: &HeaderMap) -> Result<ExpectedVersion, ApiError> {
@@ -88,6 +115,28 @@ fn proposed(body: AppendBody) -> Result<EventBatch, ApiError> {
     EventBatch::new(events).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
+/// Appends events to a stream, atomically.
+#[utoipa::path(
+    post,
+    path = "/streams/{stream}/events",
+    tag = "streams",
+    params(StreamPath, AppendHeaders),
+    request_body = AppendBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Appended", body = AppendView),
+        (status = 200, description = "The same event ids were appended before, in this order: \
+            the original result, nothing written", body = AppendView),
+        (status = 409, description = "`wrong-expected-version` (with `current_version`) or \
+            `duplicate-event-ids`", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "An event's subject has been forgotten",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is over the limit",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not `application/json`",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn append(
     State(state): State<AppState>,
     caller: Caller,
@@ -124,20 +173,32 @@ async fn append(
     ))
 }
 
-#[derive(Deserialize, Clone, Copy)]
+#[derive(Deserialize, Clone, Copy, ToSchema)]
 #[serde(rename_all = "lowercase")]
+#[schema(as = Direction)]
 enum DirectionParam {
     Forward,
     Backward,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ReadParams {
+    /// The first version to read (forward: default 1; backward: default the
+    /// last).
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
     from: Option<u64>,
+    /// Events per page, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
+    #[param(inline)]
     direction: Option<DirectionParam>,
+    /// RFC 3339: the stream as it was at that time.
+    #[param(format = DateTime)]
     as_of: Option<String>,
+    /// The stream as it was at that version.
+    #[param(minimum = 1, maximum = 9223372036854775807_i64)]
     to_version: Option<u64>,
 }
 
@@ -163,11 +224,16 @@ pub fn as_of(raw: Option<&str>) -> Result<Option<i64>, ApiError> {
     time_param("as_of", raw)
 }
 
-#[derive(serde::Serialize)]
+/// A page of a stream.
+#[derive(serde::Serialize, ToSchema)]
+#[schema(as = StreamPage)]
 struct StreamPageView<'a> {
+    #[schema(value_type = String)]
     stream_id: &'a str,
     current_version: u64,
+    #[schema(value_type = Vec<Event>)]
     events: EventList<'a>,
+    /// The `from` of the next page; `null` at the end.
     next: Option<u64>,
 }
 
@@ -180,6 +246,19 @@ pub fn note_disclosure(caller: &Caller, events: &[ReadEvent]) {
     caller.audit.disclosed(events.len() as u64, personal);
 }
 
+/// Reads a stream, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/streams/{stream}/events",
+    tag = "streams",
+    params(ReadStreamPath, ReadParams),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A page of the stream", body = StreamPageView),
+        (status = 404, description = "No such stream",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn read(
     State(state): State<AppState>,
     caller: Caller,
@@ -199,12 +278,12 @@ async fn read(
         .events
         .read_stream(
             &stream,
-            p.from,
+            cursor_param("from", p.from)?,
             limit(p.limit)?,
             direction,
             AsOf {
                 as_of_us: as_of(p.as_of.as_deref())?,
-                to_version: p.to_version,
+                to_version: cursor_param("to_version", p.to_version)?,
             },
             &caller.grants,
         )

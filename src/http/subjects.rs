@@ -1,18 +1,20 @@
 //! `/subjects/{subject}`: a subject's state, and the right to erasure
 //! (`POST …/forget`, crypto-shredding).
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::Caller;
-use super::problem::ApiError;
-use super::views::{EventView, json_response, rfc3339};
+use super::openapi::SubjectPath;
+use super::problem::{ApiError, Problem};
+use super::views::{Event, EventView, json_response, rfc3339};
 use super::{AppState, path_id};
 use crate::audit::Outcome;
 use crate::domain::Subject;
@@ -22,21 +24,43 @@ use crate::service::SubjectState;
 /// Longest accepted reason of a forget.
 const MAX_REASON_CHARS: usize = 1000;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/subjects/{subject}", get(state))
-        .route("/subjects/{subject}/forget", post(forget))
-        .route("/subjects/{subject}/export", get(export))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(state))
+        .routes(routes!(forget))
+        .routes(routes!(export))
+}
+
+/// What a subject's state is.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum StateName {
+    /// Has data keys; events decrypt.
+    Active,
+    /// Forgotten: keys destroyed, personal data erased.
+    Forgotten,
+    /// Never seen.
+    Unknown,
+}
+
+/// Everything stored about a subject, decrypted (streamed).
+#[derive(ToSchema)]
+#[schema(as = SubjectExport)]
+#[allow(dead_code)]
+struct ExportView {
+    subject: String,
+    state: StateName,
+    events: Vec<Event>,
 }
 
 /// Events per page of an export: what one export holds in memory at once.
 const EXPORT_PAGE: u32 = 1000;
 
-fn state_name(s: SubjectState) -> &'static str {
+fn state_name(s: SubjectState) -> StateName {
     match s {
-        SubjectState::Active => "active",
-        SubjectState::Forgotten => "forgotten",
-        SubjectState::Unknown => "unknown",
+        SubjectState::Active => StateName::Active,
+        SubjectState::Forgotten => StateName::Forgotten,
+        SubjectState::Unknown => StateName::Unknown,
     }
 }
 
@@ -45,6 +69,15 @@ fn state_name(s: SubjectState) -> &'static str {
 /// page at a time, so a subject with 100,000 events is never held in memory
 /// whole. The disclosure is audited before the first byte leaves; a failure
 /// mid-way cuts the connection (the JSON is then visibly incomplete).
+#[utoipa::path(
+    get,
+    path = "/subjects/{subject}/export",
+    tag = "subjects",
+    params(SubjectPath),
+    security(("bearer" = [])),
+    responses((status = 200, description = "Every event about the subject, decrypted \
+        (GDPR Art. 15 and 20); erased if forgotten", body = ExportView)),
+)]
 async fn export(
     State(state): State<AppState>,
     caller: Caller,
@@ -72,9 +105,9 @@ async fn export(
     caller.audit.mark_recorded();
 
     let head = format!(
-        "{{\"subject\":{},\"state\":\"{}\",\"events\":[",
+        "{{\"subject\":{},\"state\":{},\"events\":[",
         serde_json::to_string(subject.as_str()).expect("strings serialise"),
-        state_name(s)
+        serde_json::to_string(&state_name(s)).expect("states serialise"),
     );
     let events = state.events.clone();
     let grants = caller.grants.clone();
@@ -110,7 +143,8 @@ async fn export(
                     if n > 0 {
                         chunk.push(b',');
                     }
-                    serde_json::to_writer(&mut chunk, &EventView(e)).expect("events serialise");
+                    serde_json::to_writer(&mut chunk, &EventView::from(e))
+                        .expect("events serialise");
                     n += 1;
                 }
                 let finished = read < EXPORT_PAGE as usize;
@@ -128,13 +162,25 @@ async fn export(
         .expect("a valid response"))
 }
 
-#[derive(Serialize)]
+/// A subject's state and how many events name it.
+#[derive(Serialize, ToSchema)]
+#[schema(as = SubjectState)]
 struct StateView<'a> {
+    #[schema(value_type = String)]
     subject: &'a str,
-    state: &'static str,
+    state: StateName,
     events: u64,
 }
 
+/// A subject's state. Needs `export` or `forget`.
+#[utoipa::path(
+    get,
+    path = "/subjects/{subject}",
+    tag = "subjects",
+    params(SubjectPath),
+    security(("bearer" = [])),
+    responses((status = 200, description = "The subject's state", body = StateView)),
+)]
 async fn state(
     State(state): State<AppState>,
     caller: Caller,
@@ -158,22 +204,45 @@ async fn state(
     ))
 }
 
-#[derive(Deserialize)]
+/// The optional body of a forget.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = ForgetRequest)]
 struct ForgetBody {
     /// Why (e.g. a ticket number). Kept in the forget ledger; must not carry
     /// personal data.
+    #[schema(max_length = 1000)]
     reason: Option<String>,
 }
 
-#[derive(Serialize)]
+/// The result of a forget.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Forgotten)]
 struct ForgetView<'a> {
+    #[schema(value_type = String)]
     subject: &'a str,
+    #[schema(format = DateTime)]
     forgotten_at: String,
     keys_destroyed: u64,
     events_affected: u64,
 }
 
+/// Forgets a subject: destroys its keys (crypto-shredding), so its personal
+/// data is erased everywhere. Idempotent. Needs `forget`.
+#[utoipa::path(
+    post,
+    path = "/subjects/{subject}/forget",
+    tag = "subjects",
+    params(SubjectPath),
+    request_body(content = Option<ForgetBody>, description = "Optional: no body, or `null`, \
+        is no reason"),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Forgotten (now or before)", body = ForgetView),
+        (status = 413, description = "The body is over the limit",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn forget(
     State(state): State<AppState>,
     caller: Caller,
@@ -185,9 +254,10 @@ async fn forget(
     let reason = if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
-        serde_json::from_slice::<ForgetBody>(&body)
+        // `null` is no body too.
+        serde_json::from_slice::<Option<ForgetBody>>(&body)
             .map_err(|e| ApiError::BadRequest(format!("body: {e}")))?
-            .reason
+            .and_then(|b| b.reason)
     };
     if reason
         .as_ref()

@@ -24,20 +24,22 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use serde::Deserialize;
 use tokio::sync::watch;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::Caller;
-use super::problem::ApiError;
+use super::openapi::ReadStreamPath;
+use super::problem::{ApiError, Problem};
 use super::views::EventView;
-use super::{AppState, path_id};
+use super::{AppState, MAX_CURSOR, cursor_param, path_id};
 use crate::audit::{AuditEntry, Outcome};
 use crate::domain::{PersonalData, ReadEvent, StreamId};
 use crate::policy::{Grants, Permission, Policies};
@@ -55,35 +57,55 @@ const PAGE_BYTES: usize = 1 << 20;
 /// proxies and load balancers keep an idle subscription open.
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/events/subscribe", get(subscribe_log))
-        .route("/streams/{stream}/subscribe", get(subscribe_stream))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(subscribe_log))
+        .routes(routes!(subscribe_stream))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct LogParams {
+    /// Start after this position (default 0: from the start).
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
     after: Option<u64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct StreamParams {
+    /// Start at this version (default 1).
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
     from: Option<u64>,
 }
 
-/// Largest cursor accepted (positions and versions are stored as `i64`).
-const MAX_CURSOR: u64 = i64::MAX as u64;
+/// One Server-Sent Event of a subscription, as a client reads it (the
+/// stream itself is `id:`, `data:` and blank lines; heartbeats are comments).
+#[derive(ToSchema)]
+#[schema(as = SubscriptionEvent)]
+#[allow(dead_code)]
+struct SseEvent {
+    /// The position (`/events/subscribe`) or the stream version
+    /// (`/streams/{stream}/subscribe`): send it back as `Last-Event-ID`.
+    #[schema(pattern = "^[0-9]{1,19}$")]
+    id: String,
+    /// Always `message`.
+    event: Option<String>,
+    /// The event, as JSON (the `Event` schema).
+    #[schema(content_media_type = "application/json")]
+    data: String,
+}
 
-/// A cursor from the query: at most [`MAX_CURSOR`].
-fn cursor_param(name: &str, v: Option<u64>) -> Result<Option<u64>, ApiError> {
-    match v {
-        Some(v) if v > MAX_CURSOR => Err(ApiError::BadRequest(format!(
-            "{name} must be at most {MAX_CURSOR}"
-        ))),
-        v => Ok(v),
-    }
+/// The header a reconnecting client sends.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+struct ResumeHeaders {
+    /// The `id:` of the last event received; wins over the query.
+    #[param(rename = "Last-Event-ID", value_type = String, required = false, pattern = "^[0-9]{1,19}$")]
+    last_event_id: Option<String>,
 }
 
 /// The `Last-Event-ID` header: the id of the last event the client got.
@@ -104,6 +126,21 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
         .transpose()
 }
 
+/// Follows the global log live, as Server-Sent Events: each event's `id:`
+/// is its position and its `data:` the event as `GET /events` shows it.
+#[utoipa::path(
+    get,
+    path = "/events/subscribe",
+    tag = "log",
+    params(LogParams, ResumeHeaders),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "An endless `text/event-stream`", body = SseEvent,
+            content_type = "text/event-stream"),
+        (status = 503, description = "Too many open subscriptions, or the request could not \
+            be audited", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn subscribe_log(
     State(state): State<AppState>,
     caller: Caller,
@@ -114,13 +151,27 @@ async fn subscribe_log(
     caller.require_purpose(None)?;
     let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     // The header wins over the query: it is what a reconnecting client sends.
-    let after = last_event_id(&headers)?
-        .or(cursor_param("after", p.after)?)
-        .unwrap_or(0);
+    let after = cursor_param("after", p.after)?;
+    let after = last_event_id(&headers)?.or(after).unwrap_or(0);
     caller.audit.set_resource(format!("positions:>{after}"));
     open(&state, caller, "log.subscribe", Cursor::Log { after })
 }
 
+/// Follows one stream live, as Server-Sent Events: each event's `id:` is its
+/// version in the stream.
+#[utoipa::path(
+    get,
+    path = "/streams/{stream}/subscribe",
+    tag = "streams",
+    params(ReadStreamPath, StreamParams, ResumeHeaders),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "An endless `text/event-stream`", body = SseEvent,
+            content_type = "text/event-stream"),
+        (status = 503, description = "Too many open subscriptions, or the request could not \
+            be audited", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn subscribe_stream(
     State(state): State<AppState>,
     caller: Caller,
@@ -132,9 +183,10 @@ async fn subscribe_stream(
     caller.require(Permission::Read, Some(stream.as_str()))?;
     caller.require_purpose(Some(stream.as_str()))?;
     let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let from = cursor_param("from", p.from)?;
     let from = match last_event_id(&headers)? {
         Some(v) => v + 1,
-        None => cursor_param("from", p.from)?.unwrap_or(1).max(1),
+        None => from.unwrap_or(1).max(1),
     };
     open(
         &state,
@@ -405,7 +457,7 @@ fn sse_event(e: &ReadEvent, cursor: &Cursor) -> Event {
         Cursor::Log { .. } => e.position,
         Cursor::Stream { .. } => e.version,
     };
-    let data = serde_json::to_string(&EventView(e)).expect("events serialise");
+    let data = serde_json::to_string(&EventView::from(e)).expect("events serialise");
     Event::default().id(id.to_string()).data(data)
 }
 

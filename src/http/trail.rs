@@ -25,7 +25,28 @@ use crate::audit::{AuditEntry, Outcome};
 use crate::domain::{StreamId, Subject};
 
 /// Longest accepted value of an audit header.
-const MAX_HEADER_CHARS: usize = 200;
+pub const MAX_HEADER_CHARS: usize = 200;
+
+/// The headers recorded with every request, as the API document describes
+/// them.
+pub const AUDIT_HEADERS: [(&str, &str); 4] = [
+    (
+        "X-Correlation-Id",
+        "Ties the requests of one business operation together; recorded in the audit log",
+    ),
+    (
+        "X-Causation-Id",
+        "The request or event that caused this one; recorded in the audit log",
+    ),
+    (
+        "X-Purpose",
+        "Why personal data is read (some roles must say); recorded in the audit log",
+    ),
+    (
+        "X-Request-Id",
+        "The request's id (one is assigned when absent and returned in the response)",
+    ),
+];
 
 /// The audit headers of a request, and its request id.
 #[derive(Debug, Clone, Default)]
@@ -64,11 +85,12 @@ impl RequestContext {
                 None
             })
         };
+        let [correlation, causation, purpose, request] = AUDIT_HEADERS.map(|(name, _)| name);
         let ctx = Self {
-            correlation_id: take("x-correlation-id"),
-            causation_id: take("x-causation-id"),
-            purpose: take("x-purpose"),
-            request_id: take("x-request-id"),
+            correlation_id: take(correlation),
+            causation_id: take(causation),
+            purpose: take(purpose),
+            request_id: take(request),
         };
         (ctx, bad)
     }

@@ -1,48 +1,81 @@
 //! JSON shapes of what the API returns.
 
 use serde::Serialize;
-use serde::ser::SerializeStruct;
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+use uuid::Uuid;
 
 use crate::audit::AuditRecord;
-use crate::domain::{AppendResult, ReadEvent};
+use crate::domain::{AppendResult, PersonalData, ReadEvent};
 
 // The time format is shared with the outbox relay's messages.
 pub use crate::domain::{parse_rfc3339, rfc3339};
 
-/// An event as read: `{"id","stream_id","version","position","type","subject",
-/// "data","metadata","recorded_at","personal_data"}`.
-pub struct EventView<'a>(pub &'a ReadEvent);
+/// An event as read. `personal_data` says what became of its personal
+/// fields for this caller.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Event)]
+pub struct EventView<'a> {
+    pub id: Uuid,
+    #[schema(value_type = String)]
+    pub stream_id: &'a str,
+    /// 1-based version within the stream.
+    #[schema(minimum = 1)]
+    pub version: u64,
+    /// Position in the global log (gapless, commit order).
+    #[schema(minimum = 1)]
+    pub position: u64,
+    #[serde(rename = "type")]
+    #[schema(value_type = String)]
+    pub event_type: &'a str,
+    /// The data subject whose personal data the event carries.
+    #[schema(value_type = Option<String>)]
+    pub subject: Option<&'a str>,
+    /// The event's fields; personal ones only when `personal_data` is
+    /// `decrypted`.
+    #[schema(value_type = Object)]
+    pub data: &'a Map<String, Value>,
+    #[schema(value_type = Object)]
+    pub metadata: &'a Map<String, Value>,
+    #[schema(format = DateTime)]
+    pub recorded_at: String,
+    pub personal_data: PersonalData,
+}
 
-impl Serialize for EventView<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let e = self.0;
-        let mut st = s.serialize_struct("Event", 10)?;
-        st.serialize_field("id", &e.id)?;
-        st.serialize_field("stream_id", e.stream_id.as_str())?;
-        st.serialize_field("version", &e.version)?;
-        st.serialize_field("position", &e.position)?;
-        st.serialize_field("type", &e.event_type)?;
-        st.serialize_field("subject", &e.subject)?;
-        st.serialize_field("data", &e.data)?;
-        st.serialize_field("metadata", &e.metadata)?;
-        st.serialize_field("recorded_at", &rfc3339(e.recorded_at_us))?;
-        st.serialize_field("personal_data", e.personal_data.as_str())?;
-        st.end()
+impl<'a> From<&'a ReadEvent> for EventView<'a> {
+    fn from(e: &'a ReadEvent) -> Self {
+        Self {
+            id: e.id,
+            stream_id: e.stream_id.as_str(),
+            version: e.version,
+            position: e.position,
+            event_type: &e.event_type,
+            subject: e.subject.as_deref(),
+            data: &e.data,
+            metadata: &e.metadata,
+            recorded_at: rfc3339(e.recorded_at_us),
+            personal_data: e.personal_data,
+        }
     }
 }
+
+/// The name the API document gives [`EventView`].
+pub type Event = EventView<'static>;
 
 /// A list of events, serialised without copying them.
 pub struct EventList<'a>(pub &'a [ReadEvent]);
 
 impl Serialize for EventList<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.iter().map(EventView))
+        s.collect_seq(self.0.iter().map(EventView::from))
     }
 }
 
 /// The answer to an append.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = Appended)]
 pub struct AppendView<'a> {
+    #[schema(value_type = String)]
     pub stream_id: &'a str,
     pub first_version: u64,
     pub last_version: u64,
@@ -83,13 +116,18 @@ pub fn json_response(
 }
 
 /// An audit record as the API shows it; hashes in hex.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = AuditRecord)]
 pub struct AuditRecordView {
+    #[schema(minimum = 1)]
     pub seq: u64,
+    #[schema(format = DateTime)]
     pub recorded_at: String,
     pub principal: Option<String>,
     pub action: String,
     pub resource: String,
+    /// `ok`, `denied` or `error`.
+    #[schema(value_type = String, pattern = "^(ok|denied|error)$")]
     pub outcome: &'static str,
     pub event_count: u64,
     pub personal_data: bool,
@@ -97,7 +135,9 @@ pub struct AuditRecordView {
     pub causation_id: Option<String>,
     pub purpose: Option<String>,
     pub request_id: Option<String>,
+    #[schema(pattern = "^[0-9a-f]{64}$")]
     pub prev_hash: String,
+    #[schema(pattern = "^[0-9a-f]{64}$")]
     pub hash: String,
 }
 

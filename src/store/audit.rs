@@ -267,7 +267,12 @@ pub struct AuditFilter {
 /// verify` prints them.
 pub fn parse_expectation(s: &str) -> Option<(u64, [u8; 32])> {
     let (seq, hash) = s.split_once(':')?;
-    let seq = seq.parse().ok().filter(|s| *s > 0)?;
+    // A record number as the API document gives it: digits without a
+    // leading zero (nor sign), at most `i64::MAX` (how records are numbered).
+    if seq.len() > 19 || seq.starts_with('0') || !seq.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let seq = seq.parse().ok().filter(|s| *s <= i64::MAX as u64)?;
     let hash = hex::decode(hash).ok()?.try_into().ok()?;
     Some((seq, hash))
 }
@@ -392,20 +397,27 @@ mod properties {
     use super::*;
     use proptest::prelude::*;
 
-    /// `SEQ:HASH` as documented: a record number from 1 (what Rust's `u64`
-    /// reads: decimal digits, an optional `+`) and exactly 64 hex digits of
-    /// either case.
+    /// `SEQ:HASH` as documented: a record number from 1 to `i64::MAX`
+    /// (decimal digits, no leading zero, no sign) and exactly 64 hex digits
+    /// of either case.
     fn expectation_oracle(s: &str) -> Option<(u64, [u8; 32])> {
         let (seq, hash) = s.split_once(':')?;
-        let digits = seq.strip_prefix('+').unwrap_or(seq);
-        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        let digits = seq;
+        if digits.is_empty()
+            || digits.starts_with('0')
+            || !digits.bytes().all(|b| b.is_ascii_digit())
+        {
             return None;
         }
         let mut n: u64 = 0;
         for b in digits.bytes() {
             n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
         }
-        if n == 0 || hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if n == 0
+            || n > i64::MAX as u64
+            || hash.len() != 64
+            || !hash.bytes().all(|b| b.is_ascii_hexdigit())
+        {
             return None;
         }
         let mut out = [0u8; 32];
@@ -438,7 +450,7 @@ mod properties {
         }
 
         #[test]
-        fn printed_expectations_round_trip(seq in 1..=u64::MAX, hash in any::<[u8; 32]>()) {
+        fn printed_expectations_round_trip(seq in 1..=i64::MAX as u64, hash in any::<[u8; 32]>()) {
             let printed = format!("{seq}:{}", hex::encode(hash));
             prop_assert_eq!(parse_expectation(&printed), Some((seq, hash)));
         }

@@ -14,6 +14,7 @@ mod forget;
 mod keys;
 mod limits;
 mod metrics;
+mod openapi;
 mod read;
 mod relay;
 mod snapshots;
