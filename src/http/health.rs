@@ -9,6 +9,7 @@ use axum::routing::get;
 use serde_json::json;
 
 use super::AppState;
+use crate::service::LedgerState;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -33,11 +34,14 @@ async fn healthz() -> axum::Json<serde_json::Value> {
     axum::Json(json!({"status": "ok"}))
 }
 
-/// Ready when both the event store and the keystore answer.
+/// Ready when the forget ledger has been re-applied at start and both the
+/// event store and the keystore answer; the body says which part is not.
 async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<serde_json::Value>) {
+    let ledger = *state.ledger.borrow();
     let events = state.store.db.ping().await.is_ok();
     let keystore = state.keys.keystore().db.ping().await.is_ok();
-    let status = if events && keystore {
+    let ready = events && keystore && ledger == LedgerState::Applied;
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -46,9 +50,10 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<serde_
     (
         status,
         axum::Json(json!({
-            "status": if events && keystore { "ready" } else { "not ready" },
+            "status": if ready { "ready" } else { "not ready" },
             "event_store": word(events),
             "keystore": word(keystore),
+            "forget_ledger": ledger.as_str(),
         })),
     )
 }
