@@ -111,19 +111,75 @@ pub fn append_to_log(text: &str) {
     LOG_LEN.send_replace(len);
 }
 
+/// Waits until `count` lines logged in this process (from its start)
+/// contain every one of `parts`, waking whenever something is logged.
+/// Fails the test after `patience`, naming the caller.
+#[track_caller]
+pub fn wait_for_log_lines<'a>(
+    parts: &'a [&'a str],
+    count: usize,
+    patience: Duration,
+) -> impl Future<Output = ()> + 'a {
+    let caller = std::panic::Location::caller();
+    wait_for_log_lines_where(
+        move |l| parts.iter().all(|p| l.contains(p)),
+        count,
+        patience,
+        caller,
+    )
+}
+
+/// Waits until `count` lines logged in this process (from its start) match
+/// `matches`, waking whenever something is logged; fails the test after
+/// `patience`, naming `caller`.
+pub async fn wait_for_log_lines_where(
+    matches: impl Fn(&str) -> bool,
+    count: usize,
+    patience: Duration,
+    caller: &std::panic::Location<'_>,
+) {
+    let mut written = LOG_LEN.subscribe();
+    // Lines up to `scanned` have been looked at: only new text is scanned
+    // on each wake-up (the log of a whole suite is large).
+    let (mut scanned, mut found) = (0, 0);
+    let waited = tokio::time::timeout(patience, async {
+        loop {
+            // Marked seen before looking: a line written after the look
+            // wakes the wait below.
+            written.borrow_and_update();
+            {
+                let log = LOG.lock().unwrap();
+                let end = log[scanned..]
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(scanned, |i| scanned + i + 1);
+                found += String::from_utf8_lossy(&log[scanned..end])
+                    .lines()
+                    .filter(|l| matches(l))
+                    .count();
+                scanned = end;
+            }
+            if found >= count {
+                return;
+            }
+            written
+                .changed()
+                .await
+                .expect("the log capture lives as long as the process");
+        }
+    })
+    .await;
+    assert!(
+        waited.is_ok(),
+        "at {caller}: after {patience:?} the log holds {found} of {count} awaited lines"
+    );
+}
+
 /// Whether a line logged so far in this process contains every one of `parts`.
 pub fn log_has_line_with(parts: &[&str]) -> bool {
     String::from_utf8_lossy(&LOG.lock().unwrap())
         .lines()
         .any(|l| parts.iter().all(|p| l.contains(p)))
-}
-
-/// How many lines logged so far in this process contain every one of `parts`.
-pub fn log_lines_with(parts: &[&str]) -> usize {
-    String::from_utf8_lossy(&LOG.lock().unwrap())
-        .lines()
-        .filter(|l| parts.iter().all(|p| l.contains(p)))
-        .count()
 }
 
 /// Remembers a secret that must never be logged.
