@@ -131,6 +131,8 @@ pub enum StartError {
     Principal(#[from] PrincipalError),
     #[error("re-applying the forget ledger failed: {0}")]
     Forget(crate::service::ServiceError),
+    #[error("re-applying the forget ledger failed: the task panicked (see the log)")]
+    ForgetPanicked,
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -372,15 +374,15 @@ impl Application {
         let reapply = tokio::spawn(reapply_ledger(state.events.clone(), ledger));
         let app = router(state);
         tracing::info!(addr = %listener.local_addr()?, "eventvault listening");
-        // Nothing is served without the ledger: a failed re-apply stops the
-        // service at once. (Once the re-apply has ended otherwise, its
-        // sender is gone and only `shutdown` stops the service.)
+        // Nothing is served without the ledger: a re-apply that fails (or
+        // ends without a verdict: it panicked) stops the service at once.
+        // Once it is applied, only `shutdown` stops the service.
         let failed = async move {
-            if ledger_failed
-                .wait_for(|s| *s == LedgerState::Failed)
+            let verdict = ledger_failed
+                .wait_for(|s| *s != LedgerState::Reapplying)
                 .await
-                .is_err()
-            {
+                .map(|s| *s);
+            if let Ok(LedgerState::Applied) = verdict {
                 std::future::pending::<()>().await;
             }
         };
@@ -404,11 +406,11 @@ impl Application {
             reapply.abort();
         }
         let failure = match reapply.await {
-            Ok(result) => result.err(),
+            Ok(result) => result.err().map(StartError::Forget),
             Err(e) if e.is_cancelled() => None,
             Err(_) => {
                 tracing::error!("the re-apply of the forget ledger panicked");
-                Some(ServiceError::Unavailable)
+                Some(StartError::ForgetPanicked)
             }
         };
         // The router (and with it every writer handle) is gone: the writer
@@ -427,7 +429,7 @@ impl Application {
         store.db.close().await;
         keystore.db.close().await;
         if let Some(e) = failure {
-            return Err(std::io::Error::other(StartError::Forget(e)));
+            return Err(std::io::Error::other(e));
         }
         tracing::info!("eventvault stopped");
         Ok(())
