@@ -1,7 +1,9 @@
 //! Building and running the service: `Application::build` opens both stores,
 //! proves the master key, loads policies, starts the writer and binds the
-//! listener; `run_until` serves (with the outbox relay beside it when NATS is
-//! configured) until a shutdown signal and then drains.
+//! listener; `run_until` re-applies the forget ledger while it already serves
+//! (`/healthz` answers, `/readyz` and every data route answer 503 until the
+//! ledger is applied), with the outbox relay beside it when NATS is
+//! configured, until a shutdown signal, and then drains.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::policy::{Policies, PolicyError};
 use crate::principals::{PrincipalError, Principals};
 use crate::relay::{RelayConfig, RelayConfigError};
-use crate::service::Events;
+use crate::service::{Events, LedgerState, ServiceError};
 use crate::store::feed::{self, Feed};
 use crate::store::keystore::Keystore;
 use crate::store::writer::Writer;
@@ -129,6 +131,8 @@ pub enum StartError {
     Principal(#[from] PrincipalError),
     #[error("re-applying the forget ledger failed: {0}")]
     Forget(crate::service::ServiceError),
+    #[error("re-applying the forget ledger failed: the task panicked (see the log)")]
+    ForgetPanicked,
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -216,6 +220,23 @@ async fn check_principal_roles(
     Ok(())
 }
 
+/// Watches on what a running application has done, for whoever embeds it:
+/// `changed()` completes when the value moves, so nobody has to poll.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// Where the start-up re-apply of the forget ledger stands.
+    pub ledger: watch::Receiver<LedgerState>,
+    /// The sequence number of the newest audit record this process
+    /// committed (0: none yet). It moves before the requests of its group
+    /// are answered.
+    pub audit_head: watch::Receiver<u64>,
+    /// Moves when a forget (here, or on PostgreSQL in another process) has
+    /// dropped the rows of the log that subscriptions read from memory.
+    pub tail_clears: watch::Receiver<u64>,
+    /// Subscriptions open now (as `eventvault_subscriptions_open`).
+    pub subscriptions_open: watch::Receiver<i64>,
+}
+
 pub struct Application {
     listener: TcpListener,
     state: AppState,
@@ -226,6 +247,9 @@ pub struct Application {
     write_timeout: std::time::Duration,
     /// Where the outbox relay publishes; `None`: no relay.
     relay: Option<RelayConfig>,
+    /// Where the re-apply of the forget ledger stands; the HTTP layer holds
+    /// the receiving end and serves no data before it is `Applied`.
+    ledger: watch::Sender<LedgerState>,
 }
 
 impl Application {
@@ -259,21 +283,9 @@ impl Application {
             policies.clone(),
             metrics.clone(),
         );
-        // Before the first request: a restored keystore must not bring a
-        // forgotten subject back, and an interrupted forget is finished.
-        let reapplied = events.reapply_forgets().await.map_err(StartError::Forget)?;
-        if reapplied.reshredded > 0 {
-            tracing::warn!(
-                subjects = reapplied.reshredded,
-                "forgotten subjects had data keys again (a restored keystore?); shredded them again"
-            );
-        }
-        if reapplied.completed > 0 {
-            tracing::warn!(
-                subjects = reapplied.completed,
-                "completed forgets that had been interrupted"
-            );
-        }
+        // The forget ledger is re-applied by `run_until`, while the listener
+        // answers: until then no data route serves (see `http::starting`).
+        let (ledger, ledger_rx) = watch::channel(LedgerState::Reapplying);
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         let state = AppState {
             events,
@@ -289,6 +301,7 @@ impl Application {
             subscriptions: Arc::new(tokio::sync::Semaphore::new(cfg.max_subscriptions)),
             rate_limit: cfg.rate_limit.and_then(RateLimit::limiter).map(Arc::new),
             metrics,
+            ledger: ledger_rx,
         };
         let listener = TcpListener::bind(cfg.listen)
             .await
@@ -304,7 +317,19 @@ impl Application {
             shutdown: shutdown_tx,
             write_timeout: cfg.write_timeout,
             relay,
+            ledger,
         })
+    }
+
+    /// Watches on the application's progress (readiness, audit records,
+    /// subscriptions); take them before `run_until`.
+    pub fn progress(&self) -> Progress {
+        Progress {
+            ledger: self.ledger.subscribe(),
+            audit_head: self.state.events.audit_head(),
+            tail_clears: self.state.events.tail_clears(),
+            subscriptions_open: self.state.metrics.subscriptions_open(),
+        }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -318,9 +343,13 @@ impl Application {
         self.admin_token.take()
     }
 
-    /// Serves until `shutdown` completes, then stops accepting, lets in-flight
-    /// requests finish, drains the writer's queue, stops the relay and closes
-    /// the databases.
+    /// Re-applies the forget ledger and serves until `shutdown` completes,
+    /// then stops accepting, lets in-flight requests finish, drains the
+    /// writer's queue, stops the relay and closes the databases.
+    ///
+    /// The listener answers from the start, but data routes only once the
+    /// ledger is applied. If the re-apply fails the service stops without
+    /// ever having served data, and this returns the failure.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -332,6 +361,7 @@ impl Application {
             shutdown: stopping,
             write_timeout,
             relay,
+            ledger,
             ..
         } = self;
         let store = state.store.clone();
@@ -340,16 +370,49 @@ impl Application {
         let relay_task = relay.map(|cfg| {
             crate::relay::spawn(store.clone(), cfg, state.events.commits(), relay_stopped)
         });
+        let mut ledger_failed = ledger.subscribe();
+        let reapply = tokio::spawn(reapply_ledger(state.events.clone(), ledger));
         let app = router(state);
         tracing::info!(addr = %listener.local_addr()?, "eventvault listening");
+        // Nothing is served without the ledger: a re-apply that fails (or
+        // ends without a verdict: it panicked) stops the service at once.
+        // Once it is applied, only `shutdown` stops the service.
+        let failed = async move {
+            let verdict = ledger_failed
+                .wait_for(|s| *s != LedgerState::Reapplying)
+                .await
+                .map(|s| *s);
+            if let Ok(LedgerState::Applied) = verdict {
+                std::future::pending::<()>().await;
+            }
+        };
         let shutdown = async move {
-            shutdown.await;
+            tokio::select! {
+                () = shutdown => {}
+                () = failed => {}
+            }
             // Subscriptions end, so that their connections can close.
             let _ = stopping.send(true);
         };
         axum::serve(DeadlineListener::new(listener, write_timeout), app)
             .with_graceful_shutdown(shutdown)
             .await?;
+        // A stop during the re-apply cancels it: every step is repeated at
+        // the next start, and the task holds a writer handle.
+        if !reapply.is_finished() {
+            tracing::warn!(
+                "stopping before the forget ledger was re-applied; the next start re-applies it"
+            );
+            reapply.abort();
+        }
+        let failure = match reapply.await {
+            Ok(result) => result.err().map(StartError::Forget),
+            Err(e) if e.is_cancelled() => None,
+            Err(_) => {
+                tracing::error!("the re-apply of the forget ledger panicked");
+                Some(StartError::ForgetPanicked)
+            }
+        };
         // The router (and with it every writer handle) is gone: the writer
         // finishes what is queued and stops.
         if writer_task.await.is_err() {
@@ -365,8 +428,44 @@ impl Application {
         }
         store.db.close().await;
         keystore.db.close().await;
+        if let Some(e) = failure {
+            return Err(std::io::Error::other(e));
+        }
         tracing::info!("eventvault stopped");
         Ok(())
+    }
+}
+
+/// Re-applies the forget ledger (a restored keystore must not bring a
+/// forgotten subject back, and an interrupted forget is finished) and says
+/// how it went on `ledger`.
+async fn reapply_ledger(
+    events: Events,
+    ledger: watch::Sender<LedgerState>,
+) -> Result<(), ServiceError> {
+    match events.reapply_forgets().await {
+        Ok(reapplied) => {
+            if reapplied.reshredded > 0 {
+                tracing::warn!(
+                    subjects = reapplied.reshredded,
+                    "forgotten subjects had data keys again (a restored keystore?); shredded them again"
+                );
+            }
+            if reapplied.completed > 0 {
+                tracing::warn!(
+                    subjects = reapplied.completed,
+                    "completed forgets that had been interrupted"
+                );
+            }
+            ledger.send_replace(LedgerState::Applied);
+            tracing::info!("forget ledger re-applied; eventvault is ready");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "re-applying the forget ledger failed; eventvault stops without serving data");
+            ledger.send_replace(LedgerState::Failed);
+            Err(e)
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use eventvault::app::{self, Application, Config};
 use eventvault::keys::rotate_master_key;
 use eventvault::principals::Principals;
+use eventvault::service::LedgerState;
 use eventvault::store::audit::{ChainReport, parse_expectation};
 use eventvault::store::{Db, EventStore};
 use zeroize::Zeroizing;
@@ -277,6 +278,18 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 "eventvault listening on http://{}",
                 application.local_addr()
             );
+            // Data is served once the forget ledger is re-applied; the line
+            // says so to whoever started the process (as `/readyz` does).
+            let mut ledger = application.progress().ledger;
+            tokio::spawn(async move {
+                if ledger
+                    .wait_for(|s| *s == LedgerState::Applied)
+                    .await
+                    .is_ok()
+                {
+                    println!("eventvault ready");
+                }
+            });
             application.run_until(shutdown).await?;
         }
         Command::Principal(cmd) => {

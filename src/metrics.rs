@@ -110,6 +110,9 @@ struct Inner {
     keys_destroyed: IntCounter,
     /// Subscriptions open now.
     subscriptions: IntGauge,
+    /// The same number, for whoever waits for it to change (the gauge
+    /// itself can only be read).
+    subscriptions_watch: tokio::sync::watch::Sender<i64>,
     /// How far behind the commit head each delivered event was.
     subscription_lag: Histogram,
     /// The newest committed position, set when scraped.
@@ -218,6 +221,7 @@ impl Metrics {
                 "Live subscriptions open now.",
             )
             .expect("a valid metric name"),
+            subscriptions_watch: tokio::sync::watch::Sender::new(0),
             subscription_lag: histogram(
                 "eventvault_subscription_lag_events",
                 "For each event a subscription delivers, how many positions it was behind the newest commit.",
@@ -388,7 +392,16 @@ impl Metrics {
     /// A subscription opened: the gauge goes down when the guard drops.
     pub fn subscription_opened(&self) -> SubscriptionGuard {
         self.0.subscriptions.inc();
-        SubscriptionGuard(self.0.subscriptions.clone())
+        self.0
+            .subscriptions_watch
+            .send_replace(self.0.subscriptions.get());
+        SubscriptionGuard(self.clone())
+    }
+
+    /// The number of open subscriptions: `changed()` completes when one
+    /// opens or ends (after the gauge has moved).
+    pub fn subscriptions_open(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.0.subscriptions_watch.subscribe()
     }
 
     /// A subscription delivered an event `lag` positions behind the head.
@@ -411,11 +424,15 @@ pub struct Committed {
 
 /// Counts one open subscription while it lives.
 #[derive(Debug)]
-pub struct SubscriptionGuard(IntGauge);
+pub struct SubscriptionGuard(Metrics);
 
 impl Drop for SubscriptionGuard {
     fn drop(&mut self) {
-        self.0.dec();
+        let inner = &self.0.0;
+        inner.subscriptions.dec();
+        inner
+            .subscriptions_watch
+            .send_replace(inner.subscriptions.get());
     }
 }
 

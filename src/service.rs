@@ -133,6 +133,30 @@ pub struct Reapplied {
     pub completed: u64,
 }
 
+/// Where the start-up re-apply of the forget ledger stands. Until it is
+/// `Applied` a keystore restored from a backup may still hold keys of
+/// forgotten subjects, so no data request is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LedgerState {
+    /// The ledger is being re-applied: not ready.
+    Reapplying,
+    /// Every recorded forget holds again: ready.
+    Applied,
+    /// The re-apply failed: the service stops without becoming ready.
+    Failed,
+}
+
+impl LedgerState {
+    /// The word `GET /readyz` reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reapplying => "reapplying",
+            Self::Applied => "applied",
+            Self::Failed => "failed",
+        }
+    }
+}
+
 /// What a subject's state is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubjectState {
@@ -332,7 +356,7 @@ impl Events {
 
     /// At start: every forgotten subject whose keys exist again (a keystore
     /// restored from a backup) is shredded again, and every forget that did
-    /// not reach its end is completed, before the service answers.
+    /// not reach its end is completed, before the service serves data.
     pub async fn reapply_forgets(&self) -> Result<Reapplied, ServiceError> {
         const PAGE: u32 = 1000;
         let mut done = Reapplied::default();
@@ -637,6 +661,18 @@ impl Events {
     /// process or, on PostgreSQL, any other) have been read into it.
     pub fn follow(&self) -> tokio::sync::watch::Receiver<u64> {
         self.writer.feed().tail().follow()
+    }
+
+    /// The newest audit record this process committed: `changed()`
+    /// completes when another one has.
+    pub fn audit_head(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.writer.audit_head()
+    }
+
+    /// Moves whenever a forget (here or, on PostgreSQL, in another process)
+    /// has dropped the rows of the log held in memory.
+    pub fn tail_clears(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.writer.feed().tail_clears()
     }
 
     /// A handle on the commit feed: it moves as soon as events commit (the

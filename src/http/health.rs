@@ -10,6 +10,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
+use crate::service::LedgerState;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -96,9 +97,14 @@ struct Readiness {
     /// `ok` or `unreachable`.
     #[schema(value_type = String, pattern = "^(ok|unreachable)$")]
     keystore: &'static str,
+    /// The start-up re-apply of the forget ledger: `reapplying`, `applied`
+    /// or `failed`.
+    #[schema(value_type = String, pattern = "^(reapplying|applied|failed)$")]
+    forget_ledger: &'static str,
 }
 
-/// Ready when both the event store and the keystore answer.
+/// Ready when the forget ledger has been re-applied at start and both the
+/// event store and the keystore answer; the body says which part is not.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -109,9 +115,11 @@ struct Readiness {
     ),
 )]
 async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Readiness>) {
+    let ledger = *state.ledger.borrow();
     let events = state.store.db.ping().await.is_ok();
     let keystore = state.keys.keystore().db.ping().await.is_ok();
-    let status = if events && keystore {
+    let ready = events && keystore && ledger == LedgerState::Applied;
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -120,13 +128,10 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Readin
     (
         status,
         axum::Json(Readiness {
-            status: if events && keystore {
-                "ready"
-            } else {
-                "not ready"
-            },
+            status: if ready { "ready" } else { "not ready" },
             event_store: word(events),
             keystore: word(keystore),
+            forget_ledger: ledger.as_str(),
         }),
     )
 }

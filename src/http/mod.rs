@@ -35,7 +35,7 @@ use crate::keys::KeyManager;
 use crate::metrics::Metrics;
 use crate::policy::Policies;
 use crate::principals::Principals;
-use crate::service::Events;
+use crate::service::{Events, LedgerState};
 use crate::store::EventStore;
 
 /// Settings the handlers need.
@@ -65,6 +65,9 @@ pub struct AppState {
     pub rate_limit: Option<Arc<governor::DefaultKeyedRateLimiter<String>>>,
     /// This application's metrics (`GET /metrics`).
     pub metrics: Metrics,
+    /// Where the start-up re-apply of the forget ledger stands: no data
+    /// route serves before it is `Applied` (see [`starting`]).
+    pub ledger: tokio::sync::watch::Receiver<LedgerState>,
 }
 
 /// The id in a request path (a stream or a subject), checked by `parse`:
@@ -116,6 +119,28 @@ async fn observe_request(
     response
 }
 
+/// Refuses every data request (503, problem `starting`, `Retry-After`)
+/// until the forget ledger has been re-applied at start: until then a
+/// keystore restored from a backup may still hold the keys of forgotten
+/// subjects. Deny by default: whatever the state is, if it is not
+/// `Applied`, nothing is served. It runs inside the audit middleware, so
+/// each refusal is recorded like any other.
+async fn starting(
+    State(state): State<AppState>,
+    req: Request<axum::body::Body>,
+    next: Next,
+) -> Response {
+    use axum::response::IntoResponse;
+    let ledger = *state.ledger.borrow();
+    match ledger {
+        LedgerState::Applied => next.run(req).await,
+        LedgerState::Reapplying => ApiError::Starting.into_response(),
+        LedgerState::Failed => {
+            ApiError::Unavailable("the service could not start and is stopping").into_response()
+        }
+    }
+}
+
 /// The whole API.
 pub fn router(state: AppState) -> Router {
     let request_id = REQUEST_ID.clone();
@@ -127,11 +152,17 @@ pub fn router(state: AppState) -> Router {
         .merge(subjects::router())
         .merge(subscribe::router())
         .split_for_parts();
-    // Every data route writes one audit record per request, refused or not.
-    let data = data.route_layer(axum::middleware::from_fn_with_state(
-        state.clone(),
-        trail::record_requests,
-    ));
+    // Every data route writes one audit record per request, refused or not;
+    // none serves before the forget ledger is re-applied.
+    let data = data
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            starting,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            trail::record_requests,
+        ));
     let (operations, operations_api) = health::router().split_for_parts();
     api.merge(operations_api);
     let document = health::Document::new(openapi::finish(api));

@@ -97,7 +97,10 @@ fn refusals() -> Vec<(&'static str, Response)> {
         ),
         (
             "503",
-            problem("The request could not be audited or committed, or the service is stopping"),
+            problem(
+                "The service is starting (`starting`, with `Retry-After`: the forget ledger is \
+                 being re-applied) or stopping, or the request could not be audited or committed",
+            ),
         ),
     ]
 }

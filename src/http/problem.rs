@@ -42,7 +42,15 @@ pub enum ApiError {
     Internal,
     #[error("{0}")]
     Unavailable(&'static str),
+    /// The service is starting: the forget ledger is being re-applied.
+    #[error(
+        "the service is starting (re-applying the forget ledger); retry after {STARTING_RETRY_AFTER_SECS} s"
+    )]
+    Starting,
 }
+
+/// What a refusal during start asks the caller to wait, in seconds.
+const STARTING_RETRY_AFTER_SECS: u64 = 1;
 
 impl ApiError {
     /// The answer when a request's audit record could not be written: the
@@ -64,7 +72,7 @@ impl ApiError {
             Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Integrity | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::Starting => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -88,6 +96,7 @@ impl ApiError {
             Self::Integrity => "integrity-failure",
             Self::Internal => "internal-error",
             Self::Unavailable(_) => "unavailable",
+            Self::Starting => "starting",
         }
     }
 }
@@ -142,6 +151,12 @@ impl IntoResponse for ApiError {
         }
         if let Self::TooManyRequests(secs) = &self {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+        }
+        if let Self::Starting = &self {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(STARTING_RETRY_AFTER_SECS),
+            );
         }
         resp
     }

@@ -39,6 +39,7 @@ impl Feed {
             tail: Arc::new(Tail {
                 inner: Mutex::new(TailRows::default()),
                 ready: watch::Sender::new(head),
+                clears: watch::Sender::new(0),
             }),
         }
     }
@@ -53,6 +54,7 @@ impl Feed {
     /// store (which reads the ledger with the rows) until the tail refills.
     pub fn forget_recorded(&self) {
         self.tail.clear();
+        self.tail.clears.send_modify(|n| *n += 1);
     }
 
     /// Moves the feed to `position` if that is newer; wakes every follower.
@@ -81,6 +83,13 @@ impl Feed {
     /// The newest committed position.
     pub fn head(&self) -> u64 {
         *self.tx.borrow()
+    }
+
+    /// `changed()` completes when a forget (or a possibly missed one) has
+    /// dropped the tail since the last look: every follower reads what the
+    /// ledger says from then on.
+    pub fn tail_clears(&self) -> watch::Receiver<u64> {
+        self.tail.clears.subscribe()
     }
 
     /// How many followers there are now.
@@ -163,6 +172,10 @@ pub struct Tail {
     inner: Mutex<TailRows>,
     /// The newest position read into the tail; followers wait on it.
     ready: watch::Sender<u64>,
+    /// How many times the tail was dropped because a forget may have been
+    /// recorded (here, in another process, or while the notices of the
+    /// other processes were not heard).
+    clears: watch::Sender<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -339,6 +352,7 @@ mod tests {
         let tail = Tail {
             inner: Mutex::new(TailRows::default()),
             ready: watch::Sender::new(head),
+            clears: watch::Sender::new(0),
         };
         tail.inner
             .lock()

@@ -24,7 +24,7 @@
 use std::collections::HashMap;
 
 use sqlx::{Postgres, Sqlite, Transaction};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use super::feed::{COMMIT_CHANNEL, Feed};
@@ -128,6 +128,9 @@ pub struct Writer {
     feed: Feed,
     /// Counts commits, their groups and each request's wait.
     metrics: Metrics,
+    /// The sequence number of the newest audit record this writer committed
+    /// (0: none yet); moves before the waiters of its group are answered.
+    audit_head: watch::Receiver<u64>,
 }
 
 impl Writer {
@@ -136,8 +139,21 @@ impl Writer {
     /// Every commit that writes events advances `feed`.
     pub fn spawn(db: Db, feed: Feed, metrics: Metrics) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        let task = tokio::spawn(run(db, rx, feed.clone(), metrics.clone()));
-        (Self { tx, feed, metrics }, task)
+        let (head_tx, audit_head) = watch::channel(0);
+        let task = tokio::spawn(run(db, rx, feed.clone(), metrics.clone(), head_tx));
+        let writer = Self {
+            tx,
+            feed,
+            metrics,
+            audit_head,
+        };
+        (writer, task)
+    }
+
+    /// The newest audit record this writer committed: `changed()`
+    /// completes when another group with audit records has committed.
+    pub fn audit_head(&self) -> watch::Receiver<u64> {
+        self.audit_head.clone()
     }
 
     /// The commit feed this writer advances.
@@ -208,7 +224,13 @@ impl Writer {
     }
 }
 
-async fn run(db: Db, mut rx: mpsc::Receiver<(Job, Reply)>, feed: Feed, metrics: Metrics) {
+async fn run(
+    db: Db,
+    mut rx: mpsc::Receiver<(Job, Reply)>,
+    feed: Feed,
+    metrics: Metrics,
+    audit_head: watch::Sender<u64>,
+) {
     // The last audit record this process committed (or found): the chain
     // must still hold it when the next group is written.
     let mut anchor: Option<(u64, [u8; 32])> = None;
@@ -230,6 +252,9 @@ async fn run(db: Db, mut rx: mpsc::Receiver<(Job, Reply)>, feed: Feed, metrics: 
             Ok((outcomes, head, mut counts)) => {
                 if let Some(head) = head {
                     feed.advance(head);
+                }
+                if let Some((seq, _)) = anchor {
+                    audit_head.send_if_modified(|h| std::mem::replace(h, seq) != seq);
                 }
                 counts.took = began.elapsed();
                 metrics.committed(counts);

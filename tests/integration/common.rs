@@ -5,14 +5,16 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
 
-use eventvault::app::{Application, Config};
+use eventvault::app::{Application, Config, Progress};
+use eventvault::service::LedgerState;
 use reqwest::{Response, StatusCode};
 use serde_json::{Value, json};
 use sqlx::Connection as _;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 /// Runs a scenario once on SQLite and once on PostgreSQL.
 ///
@@ -64,6 +66,9 @@ pub const PERSONAL_VALUES: &[&str] = &[
 /// Everything logged in this test process (the in-process services, at
 /// debug level) and by the child processes (their stderr).
 static LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+/// How many bytes [`LOG`] holds; moves with every write, so that a test can
+/// wait for a line instead of looking again and again.
+static LOG_LEN: LazyLock<watch::Sender<usize>> = LazyLock::new(|| watch::Sender::new(0));
 /// Tokens and master keys handed out during the suite.
 static SECRETS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
@@ -71,7 +76,12 @@ struct LogWriter;
 
 impl std::io::Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        LOG.lock().unwrap().extend_from_slice(buf);
+        let len = {
+            let mut log = LOG.lock().unwrap();
+            log.extend_from_slice(buf);
+            log.len()
+        };
+        LOG_LEN.send_replace(len);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -92,9 +102,77 @@ pub fn capture_logs() {
 }
 
 pub fn append_to_log(text: &str) {
-    let mut log = LOG.lock().unwrap();
-    log.extend_from_slice(text.as_bytes());
-    log.push(b'\n');
+    let len = {
+        let mut log = LOG.lock().unwrap();
+        log.extend_from_slice(text.as_bytes());
+        log.push(b'\n');
+        log.len()
+    };
+    LOG_LEN.send_replace(len);
+}
+
+/// Waits until `count` lines logged in this process (from its start)
+/// contain every one of `parts`, waking whenever something is logged.
+/// Fails the test after `patience`, naming the caller.
+#[track_caller]
+pub fn wait_for_log_lines<'a>(
+    parts: &'a [&'a str],
+    count: usize,
+    patience: Duration,
+) -> impl Future<Output = ()> + 'a {
+    let caller = std::panic::Location::caller();
+    wait_for_log_lines_where(
+        move |l| parts.iter().all(|p| l.contains(p)),
+        count,
+        patience,
+        caller,
+    )
+}
+
+/// Waits until `count` lines logged in this process (from its start) match
+/// `matches`, waking whenever something is logged; fails the test after
+/// `patience`, naming `caller`.
+pub async fn wait_for_log_lines_where(
+    matches: impl Fn(&str) -> bool,
+    count: usize,
+    patience: Duration,
+    caller: &std::panic::Location<'_>,
+) {
+    let mut written = LOG_LEN.subscribe();
+    // Lines up to `scanned` have been looked at: only new text is scanned
+    // on each wake-up (the log of a whole suite is large).
+    let (mut scanned, mut found) = (0, 0);
+    let waited = tokio::time::timeout(patience, async {
+        loop {
+            // Marked seen before looking: a line written after the look
+            // wakes the wait below.
+            written.borrow_and_update();
+            {
+                let log = LOG.lock().unwrap();
+                let end = log[scanned..]
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(scanned, |i| scanned + i + 1);
+                found += String::from_utf8_lossy(&log[scanned..end])
+                    .lines()
+                    .filter(|l| matches(l))
+                    .count();
+                scanned = end;
+            }
+            if found >= count {
+                return;
+            }
+            written
+                .changed()
+                .await
+                .expect("the log capture lives as long as the process");
+        }
+    })
+    .await;
+    assert!(
+        waited.is_ok(),
+        "at {caller}: after {patience:?} the log holds {found} of {count} awaited lines"
+    );
 }
 
 /// Whether a line logged so far in this process contains every one of `parts`.
@@ -102,14 +180,6 @@ pub fn log_has_line_with(parts: &[&str]) -> bool {
     String::from_utf8_lossy(&LOG.lock().unwrap())
         .lines()
         .any(|l| parts.iter().all(|p| l.contains(p)))
-}
-
-/// How many lines logged so far in this process contain every one of `parts`.
-pub fn log_lines_with(parts: &[&str]) -> usize {
-    String::from_utf8_lossy(&LOG.lock().unwrap())
-        .lines()
-        .filter(|l| parts.iter().all(|p| l.contains(p)))
-        .count()
 }
 
 /// Remembers a secret that must never be logged.
@@ -374,6 +444,9 @@ pub struct TestApp {
     pub env: Arc<TestEnv>,
     pub base: String,
     pub client: reqwest::Client,
+    /// Watches on the in-process application (`None` for a server running
+    /// elsewhere).
+    progress: Option<Progress>,
     stop: Mutex<Option<oneshot::Sender<()>>>,
     task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<std::io::Result<()>>>>,
 }
@@ -384,8 +457,51 @@ impl TestApp {
         TestApp::start(TestEnv::new(backend).await).await
     }
 
-    /// Starts the application on `env`'s existing databases.
+    /// Starts the application on `env`'s existing databases and waits until
+    /// it is ready (the forget ledger re-applied).
     pub async fn start(env: Arc<TestEnv>) -> TestApp {
+        let app = TestApp::start_unready(env).await;
+        app.ready().await;
+        app
+    }
+
+    /// Waits until the application has re-applied the forget ledger (and so
+    /// serves data); fails the test if the re-apply failed or took longer
+    /// than a minute.
+    pub async fn ready(&self) {
+        let mut ledger = self.progress().ledger;
+        let state = tokio::time::timeout(
+            Duration::from_secs(60),
+            ledger.wait_for(|s| *s != LedgerState::Reapplying),
+        )
+        .await
+        .expect("the forget ledger is re-applied within a minute")
+        .map(|s| *s);
+        match state {
+            Ok(LedgerState::Applied) => {}
+            _ => {
+                // The service stops; its error says why.
+                let task = self.task.lock().await.take();
+                let outcome = match task {
+                    Some(t) => format!("{:?}", t.await),
+                    None => "not running".into(),
+                };
+                panic!("the application did not become ready: {outcome}");
+            }
+        }
+    }
+
+    /// Watches on the in-process application.
+    pub fn progress(&self) -> Progress {
+        self.progress
+            .clone()
+            .expect("an application started by this harness")
+    }
+
+    /// Starts the application on `env`'s existing databases and returns as
+    /// soon as it listens, while it may still be re-applying the forget
+    /// ledger.
+    pub async fn start_unready(env: Arc<TestEnv>) -> TestApp {
         let mut app = Application::build(&env.config())
             .await
             .expect("application starts");
@@ -396,6 +512,7 @@ impl TestApp {
             remember_secret(key.trim());
         }
         let base = format!("http://{}", app.local_addr());
+        let progress = app.progress();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until(async move {
             let _ = stopped.await;
@@ -404,6 +521,7 @@ impl TestApp {
             env,
             base,
             client: reqwest::Client::new(),
+            progress: Some(progress),
             stop: Mutex::new(Some(stop)),
             task: tokio::sync::Mutex::new(Some(task)),
         }
@@ -415,9 +533,19 @@ impl TestApp {
             env,
             base,
             client: reqwest::Client::new(),
+            progress: None,
             stop: Mutex::new(None),
             task: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// Waits until the application stops by itself (without [`stop`]):
+    /// what `run_until` returned.
+    ///
+    /// [`stop`]: TestApp::stop
+    pub async fn stopped(&self) -> std::io::Result<()> {
+        let task = self.task.lock().await.take().expect("not stopped yet");
+        task.await.expect("the application did not panic")
     }
 
     /// Graceful shutdown; waits until in-flight requests are answered and
@@ -583,8 +711,9 @@ pub fn command_with_policies(
 
 impl ServerProcess {
     /// Starts `eventvault serve` on a free port and waits until it listens
-    /// (it prints its address on stdout, after the first-start token), or
-    /// returns what it printed if it exits first.
+    /// (it prints its address on stdout, after the first-start token) and
+    /// is ready (`eventvault ready`, once the forget ledger is re-applied),
+    /// or returns what it printed if it exits first.
     pub async fn start(env: &TestEnv) -> Result<ServerProcess, String> {
         let mut child = command(env, &["serve", "--listen", "127.0.0.1:0"])
             .stdout(Stdio::piped())
@@ -605,8 +734,13 @@ impl ServerProcess {
             all
         });
         let mut stdout_lines = Vec::new();
+        let mut listening = None;
         while let Ok(Some(line)) = stdout.next_line().await {
             if let Some(base) = line.strip_prefix("eventvault listening on ") {
+                listening = Some(base.to_owned());
+                continue;
+            }
+            if let (Some(base), "eventvault ready") = (&listening, line.as_str()) {
                 tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
                 if let Some(t) = stdout_lines
                     .iter()
@@ -619,11 +753,13 @@ impl ServerProcess {
                 }
                 return Ok(ServerProcess {
                     child,
-                    base: base.to_owned(),
+                    base: base.clone(),
                     stdout_lines,
                 });
             }
-            stdout_lines.push(line);
+            if listening.is_none() {
+                stdout_lines.push(line);
+            }
         }
         let _ = child.wait().await;
         let mut printed = errors.await.unwrap_or_default();

@@ -325,7 +325,7 @@ async fn the_wrapped_key_leaves_the_keystore(backend: Backend) {
 }
 
 /// Copies the keystore aside (`back = false`) or puts the copy back.
-async fn keystore_copy(env: &TestEnv, back: bool) {
+pub async fn keystore_copy(env: &TestEnv, back: bool) {
     match &env.backend {
         Backend::Sqlite => {
             let keys = env.dir.path().join("keys");

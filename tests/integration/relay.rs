@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::{
     self,
@@ -26,7 +26,8 @@ use uuid::Uuid;
 use crate::at_rest::{events_db, key_ids_of, keystore_db};
 use crate::both_backends;
 use crate::common::{
-    Backend, NatsTarget, PERSONAL_VALUES, TestApp, TestEnv, batch, deposit, log_lines_with,
+    Backend, NatsTarget, PERSONAL_VALUES, TestApp, TestEnv, batch, deposit, wait_for_log_lines,
+    wait_for_log_lines_where,
 };
 use eventvault::relay::{POSITION_HEADER, RelayConfig, checkpoint_name};
 use eventvault::store::{Db, EventStore};
@@ -96,27 +97,66 @@ impl Broker {
         }
     }
 
-    /// Waits until the stream holds `n` messages, and insists on no more.
+    /// The stream, once the relay has created it: JetStream announces a
+    /// new stream on an advisory subject, which is subscribed to before the
+    /// stream is looked for (so an announcement in between is not missed).
+    async fn created_stream(&self) -> jetstream::stream::Stream {
+        let client = self.js.client();
+        let mut created = client
+            .subscribe(format!(
+                "$JS.EVENT.ADVISORY.STREAM.CREATED.{}",
+                self.stream()
+            ))
+            .await
+            .unwrap();
+        // The server has the subscription once it answers the flush.
+        client.flush().await.unwrap();
+        if let Ok(stream) = self.js.get_stream(self.stream()).await {
+            return stream;
+        }
+        created
+            .next()
+            .await
+            .expect("the advisory subscription lives");
+        self.js
+            .get_stream(self.stream())
+            .await
+            .expect("the relay created the stream")
+    }
+
+    /// Waits until the stream holds `n` messages, and insists on no more:
+    /// an ordered consumer of its own (from the first message, not
+    /// acknowledging) receives them as JetStream stores them.
     #[track_caller]
     fn wait_until_stored(&self, n: u64) -> impl Future<Output = ()> + '_ {
         let caller = std::panic::Location::caller();
         async move {
-            let deadline = Instant::now() + PATIENCE;
-            loop {
-                let stored = self.stored().await;
-                assert!(
-                    stored <= n,
-                    "at {caller}: the stream holds {stored} messages, expected {n}"
-                );
-                if stored == n {
-                    return;
+            let received = tokio::time::timeout(PATIENCE, async {
+                let consumer = self
+                    .created_stream()
+                    .await
+                    .create_consumer(pull::OrderedConfig::default())
+                    .await
+                    .unwrap();
+                let mut messages = consumer.messages().await.unwrap();
+                for _ in 0..n {
+                    messages
+                        .next()
+                        .await
+                        .expect("the consumer's messages go on")
+                        .unwrap();
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "at {caller}: after {PATIENCE:?} the stream holds {stored} messages, expected {n}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            })
+            .await;
+            let stored = self.stored().await;
+            assert!(
+                received.is_ok(),
+                "at {caller}: after {PATIENCE:?} the stream holds {stored} messages, expected {n}"
+            );
+            assert_eq!(
+                stored, n,
+                "at {caller}: the stream holds {stored} messages, expected {n}"
+            );
         }
     }
 
@@ -231,7 +271,9 @@ async fn checkpoint(db: &Db, stream: &str) -> Option<i64> {
     .unwrap()
 }
 
-/// Waits until the checkpoint for `stream` is `position`.
+/// Waits until the relay for `stream` has saved the checkpoint `position`
+/// (it logs each saved checkpoint: `… stream=<stream> position=<n>`, at
+/// debug or info level), then checks the saved row.
 #[track_caller]
 fn wait_for_checkpoint<'a>(
     db: &'a Db,
@@ -240,18 +282,20 @@ fn wait_for_checkpoint<'a>(
 ) -> impl Future<Output = ()> + 'a {
     let caller = std::panic::Location::caller();
     async move {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let at = checkpoint(db, stream).await;
-            if at == Some(position) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "at {caller}: after {PATIENCE:?} the checkpoint is {at:?}, expected {position}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let saved = format!("stream={stream} position={position}");
+        wait_for_log_lines_where(
+            |l| l.contains("outbox relay published") && l.ends_with(&saved),
+            1,
+            PATIENCE,
+            caller,
+        )
+        .await;
+        let at = checkpoint(db, stream).await;
+        assert_eq!(
+            at,
+            Some(position),
+            "at {caller}: the relay logged checkpoint {position}, the store holds {at:?}"
+        );
     }
 }
 
@@ -480,14 +524,8 @@ async fn an_unreachable_broker_neither_stops_the_service_nor_moves_the_checkpoin
     }));
     let app = TestApp::start(env.clone()).await;
     deposits(&app, "accounts-1", "cust-1", 2).await;
-    let deadline = Instant::now() + PATIENCE;
-    while log_lines_with(&[broker.stream(), "NATS unreachable"]) < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the relay did not report the unreachable broker twice"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The relay reports the unreachable broker, and again on its retry.
+    wait_for_log_lines(&[broker.stream(), "NATS unreachable"], 2, PATIENCE).await;
     // The service goes on serving.
     deposits(&app, "payments-1", "cust-2", 1).await;
     assert_eq!(app.whole_log().await.len(), 3);
@@ -524,14 +562,8 @@ async fn one_process_publishes_at_a_time_and_another_takes_over(backend: Backend
     wait_for_checkpoint(&db, broker.stream(), 2).await;
 
     let second = TestApp::start(env.clone()).await;
-    let deadline = Instant::now() + PATIENCE;
-    while log_lines_with(&[broker.stream(), "standing by"]) < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the second relay did not stand by"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The second relay stands by.
+    wait_for_log_lines(&[broker.stream(), "standing by"], 1, PATIENCE).await;
     deposits(&second, "accounts-1", "cust-1", 1).await;
     deposits(&first, "payments-1", "cust-2", 1).await;
     broker.wait_until_stored(4).await;
@@ -638,14 +670,8 @@ async fn a_broker_outage_in_the_middle_of_a_run_loses_and_repeats_nothing(backen
     proxy.cut().await;
     deposits(&app, "accounts-1", "cust-1", 2).await;
     deposits(&app, "payments-1", "cust-2", 1).await;
-    let deadline = Instant::now() + PATIENCE;
-    while log_lines_with(&[broker.stream(), "NATS unreachable"]) < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the relay did not notice the outage"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The relay notices the outage.
+    wait_for_log_lines(&[broker.stream(), "NATS unreachable"], 1, PATIENCE).await;
     let db = events_db(&env).await;
     assert_eq!(checkpoint(&db, broker.stream()).await, Some(3));
 

@@ -1,22 +1,32 @@
 //! Starting and stopping as an operator would: the binary, its first-start
-//! token, the principal commands, bad policies, graceful shutdown.
+//! token, the principal commands, bad policies, graceful shutdown, and no
+//! data served (nor readiness claimed) while the forget ledger is re-applied.
 
 use std::sync::Arc;
 
 use reqwest::StatusCode;
+use serde_json::Value;
+use sqlx::Connection as _;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use crate::access::audit_records;
+use crate::at_rest::{exec, key_ids_of, keystore_db};
 use crate::both_backends;
 use crate::common::{
     Backend, ServerProcess, TestApp, TestEnv, batch, command, command_with_policies, deposit,
 };
+use crate::forget::{forget_ok, keystore_copy};
+use eventvault::service::LedgerState;
+use eventvault::store::Db;
 
 both_backends!(
     first_start_prints_one_admin_token_and_sigterm_stops_cleanly,
     principal_commands_add_list_and_remove,
     a_bad_policy_stops_the_start_naming_file_and_line,
     shutdown_finishes_in_flight_appends,
+    no_data_is_served_while_the_forget_ledger_is_reapplied,
+    a_failed_reapply_stops_the_service_before_it_serves,
 );
 
 async fn first_start_prints_one_admin_token_and_sigterm_stops_cleanly(backend: Backend) {
@@ -214,4 +224,234 @@ async fn shutdown_finishes_in_flight_appends(backend: Backend) {
     for id in &acknowledged {
         assert!(stored.contains(id), "acknowledged append {id} was lost");
     }
+}
+
+/// A forgotten subject whose key a restored keystore brought back: cust-1,
+/// with one deposit in `accounts-1` (and cust-2's, not forgotten, beside it).
+async fn forgotten_but_restored(backend: &Backend) -> std::sync::Arc<TestEnv> {
+    let app = TestApp::spawn(backend).await;
+    app.append_ok(
+        "accounts-1",
+        &batch(vec![
+            deposit(Uuid::new_v4(), "cust-1", "10.50"),
+            deposit(Uuid::new_v4(), "cust-2", "20.00"),
+        ]),
+    )
+    .await;
+    let env = app.stop().await;
+    keystore_copy(&env, false).await; // last night's backup
+    let app = TestApp::start(env).await;
+    forget_ok(&app, &app.token(), "cust-1").await;
+    let env = app.stop().await;
+    keystore_copy(&env, true).await; // restored
+    let ks = keystore_db(&env).await;
+    assert_eq!(key_ids_of(&ks, "cust-1").await.len(), 1, "the key is back");
+    ks.close().await;
+    env
+}
+
+/// A lock on the keystore that the re-apply of the forget ledger must wait
+/// for, while `/readyz`'s ping still gets through. SQLite: a write
+/// transaction (in WAL mode readers go on, so the re-apply reads which keys
+/// exist and then waits to delete them). PostgreSQL: the key table locked
+/// against everything, reads too (the ping touches no table).
+enum KeystoreLock {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
+impl KeystoreLock {
+    async fn take(env: &TestEnv) -> KeystoreLock {
+        match env.backend {
+            Backend::Sqlite => {
+                use std::str::FromStr as _;
+                let opts = sqlx::sqlite::SqliteConnectOptions::from_str(&env.keystore_url)
+                    .unwrap()
+                    .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+                let mut conn = sqlx::SqliteConnection::connect_with(&opts).await.unwrap();
+                sqlx::raw_sql("begin immediate")
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                KeystoreLock::Sqlite(conn)
+            }
+            Backend::Postgres(_) => {
+                let mut conn = sqlx::PgConnection::connect(&env.keystore_url)
+                    .await
+                    .unwrap();
+                sqlx::raw_sql("begin; lock table deks in access exclusive mode")
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                KeystoreLock::Postgres(conn)
+            }
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            KeystoreLock::Sqlite(mut conn) => {
+                sqlx::raw_sql("rollback").execute(&mut conn).await.unwrap();
+                conn.close().await.unwrap();
+            }
+            KeystoreLock::Postgres(mut conn) => {
+                sqlx::raw_sql("rollback").execute(&mut conn).await.unwrap();
+                conn.close().await.unwrap();
+            }
+        }
+    }
+}
+
+async fn readyz(app: &TestApp) -> (StatusCode, Value) {
+    let r = app
+        .client
+        .get(format!("{}/readyz", app.base))
+        .send()
+        .await
+        .unwrap();
+    (r.status(), r.json().await.unwrap())
+}
+
+async fn no_data_is_served_while_the_forget_ledger_is_reapplied(backend: Backend) {
+    let env = forgotten_but_restored(&backend).await;
+    // The re-apply cannot finish while the lock is held.
+    let lock = KeystoreLock::take(&env).await;
+    let app = TestApp::start_unready(env).await;
+
+    let r = app
+        .client
+        .get(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "alive while starting");
+    let (status, body) = readyz(&app).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["status"], "not ready", "{body}");
+    assert_eq!(body["forget_ledger"], "reapplying", "{body}");
+    assert_eq!(
+        (&body["event_store"], &body["keystore"]),
+        (&Value::from("ok"), &Value::from("ok")),
+        "both stores answer: {body}"
+    );
+
+    // The restored key is still there: no data route may serve yet, not
+    // even to a caller allowed everything.
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        app.read("accounts-1", ""),
+    )
+    .await
+    .expect("refused at once, not left waiting for the keystore");
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    assert_eq!(r.headers()["retry-after"], "1");
+    let problem: Value = r.json().await.unwrap();
+    assert_eq!(
+        problem["type"], "urn:eventvault:problem:starting",
+        "{problem}"
+    );
+    assert!(!problem.to_string().contains("Payer of"), "{problem}");
+    let r = app
+        .append(
+            "accounts-2",
+            None,
+            &batch(vec![deposit(Uuid::new_v4(), "cust-3", "1")]),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    lock.release().await;
+    app.ready().await;
+    let (status, body) = readyz(&app).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (&body["status"], &body["forget_ledger"]),
+        (&Value::from("ready"), &Value::from("applied")),
+        "{body}"
+    );
+    let ks = keystore_db(&app.env).await;
+    assert!(key_ids_of(&ks, "cust-1").await.is_empty(), "shredded again");
+    ks.close().await;
+    let page: Value = app.read("accounts-1", "").await.json().await.unwrap();
+    let events = page["events"].as_array().unwrap();
+    assert_eq!(events[0]["subject"], "cust-1");
+    assert_eq!(events[0]["personal_data"], "erased");
+    assert_eq!(events[1]["personal_data"], "decrypted");
+    assert_eq!(
+        app.whole_log().await.len(),
+        3,
+        "the refused append wrote nothing"
+    );
+
+    // The refusals were audited like any other.
+    let refused = audit_records(&app, "action=stream.read&outcome=error").await;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["resource"], "stream:accounts-1");
+    assert_eq!(refused[0]["personal_data"], false);
+    let refused = audit_records(&app, "action=stream.append&outcome=error").await;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["resource"], "stream:accounts-2");
+}
+
+async fn a_failed_reapply_stops_the_service_before_it_serves(backend: Backend) {
+    let env = forgotten_but_restored(&backend).await;
+    // Shredding the restored key fails.
+    let ks = keystore_db(&env).await;
+    match &ks {
+        Db::Sqlite(_) => {
+            exec(
+                &ks,
+                "create trigger no_delete before delete on deks begin select raise(abort, 'disk on fire'); end",
+            )
+            .await
+            .unwrap();
+        }
+        Db::Postgres(_) => {
+            exec(
+                &ks,
+                "create function no_delete() returns trigger language plpgsql as $$ begin raise exception 'disk on fire'; end; $$",
+            )
+            .await
+            .unwrap();
+            exec(
+                &ks,
+                "create trigger no_delete before delete on deks for each row execute function no_delete()",
+            )
+            .await
+            .unwrap();
+        }
+    }
+    ks.close().await;
+    // The binary exits with a clear error and never says it is ready.
+    let printed = match ServerProcess::start(&env).await {
+        Ok(server) => panic!("became ready: {:?}", server.stdout_lines),
+        Err(printed) => printed,
+    };
+    assert!(
+        printed.contains("re-applying the forget ledger failed"),
+        "{printed}"
+    );
+    assert!(!printed.contains("eventvault ready"), "{printed}");
+    // In process: the ledger says so, and the application stops by itself
+    // with the error.
+    let app = TestApp::start_unready(env.clone()).await;
+    let mut ledger = app.progress().ledger;
+    let state = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        ledger.wait_for(|s| *s != LedgerState::Reapplying),
+    )
+    .await
+    .expect("the re-apply ends")
+    .map(|s| *s);
+    assert_eq!(state.ok(), Some(LedgerState::Failed));
+    let err = tokio::time::timeout(std::time::Duration::from_secs(60), app.stopped())
+        .await
+        .expect("the application stops by itself")
+        .expect_err("a failed start is an error");
+    assert!(
+        err.to_string()
+            .contains("re-applying the forget ledger failed"),
+        "{err}"
+    );
 }

@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use reqwest::{Method, StatusCode};
@@ -145,20 +145,34 @@ fn deposits(subject: &str, n: usize) -> Value {
 
 /// Waits until the audit log holds a record matching `query` for which
 /// `found` holds (records written after a response, like a subscription's
-/// close, appear a moment later); fails after [`PATIENCE`].
+/// close, appear a moment later); fails after [`PATIENCE`]. It looks again
+/// only when the application has committed a new audit record.
 pub async fn eventually_recorded(
     app: &TestApp,
     query: &str,
     found: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(r) = audit_records(app, query).await.into_iter().find(&found) {
-            return r;
+    let mut head = app.progress().audit_head;
+    let looked = tokio::time::timeout(PATIENCE, async {
+        loop {
+            // Every record up to `seen` is committed, so the listing below
+            // sees it.
+            let seen = *head.borrow_and_update();
+            let records = audit_records(app, query).await;
+            // Each page of the listing (1000 records; a short one ends it)
+            // is recorded too, before its response leaves.
+            let own = records.len() as u64 / 1000 + 1;
+            if let Some(r) = records.into_iter().find(&found) {
+                return r;
+            }
+            // Look again once a record beyond those has committed.
+            head.wait_for(|h| *h > seen + own)
+                .await
+                .expect("the application runs");
         }
-        assert!(Instant::now() < deadline, "no audit record for {query}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    looked.unwrap_or_else(|_| panic!("no audit record for {query} within {PATIENCE:?}"))
 }
 
 async fn a_subscription_catches_up_then_follows_live_without_gap_or_duplicate(backend: Backend) {
@@ -612,25 +626,24 @@ async fn a_forget_recorded_by_another_process_reaches_live_subscribers(backend: 
     // Another process records the forget's first step (the ledger entry)
     // and nothing else yet: the keys still exist everywhere.
     let store = eventvault::store::EventStore::new(crate::at_rest::events_db(&app.env).await);
+    let mut cleared = app.progress().tail_clears;
+    cleared.borrow_and_update();
     store.record_forget("cust-1", None).await.unwrap();
     // The notice reaches this process: its subscribers no longer get the
     // rows it held in memory, but what the ledger says.
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let last = (id - 1).to_string();
-        let mut again = Subscriber::open(
-            &app,
-            "/events/subscribe",
-            &app.token(),
-            &[("Last-Event-ID", &last)],
-        )
-        .await;
-        let (_, e) = again.next().await;
-        if e["personal_data"] == "erased" {
-            assert_no_personal_value(&e);
-            break;
-        }
-        assert!(Instant::now() < deadline, "still {e}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tokio::time::timeout(PATIENCE, cleared.changed())
+        .await
+        .expect("the forget notice reached this process")
+        .expect("the application runs");
+    let last = (id - 1).to_string();
+    let mut again = Subscriber::open(
+        &app,
+        "/events/subscribe",
+        &app.token(),
+        &[("Last-Event-ID", &last)],
+    )
+    .await;
+    let (_, e) = again.next().await;
+    assert_eq!(e["personal_data"], "erased", "{e}");
+    assert_no_personal_value(&e);
 }
