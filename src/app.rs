@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use zeroize::Zeroizing;
 
-use crate::http::conn::DeadlineListener;
+use crate::http::conn;
 use crate::http::{AppState, HttpConfig, router};
 use crate::keys::{KeyError, KeyManager, load_master_key, next_master_key_path};
 use crate::metrics::Metrics;
@@ -50,6 +50,17 @@ pub struct Config {
     /// How long a write to a client may wait for it to read before the
     /// connection is closed (stalled subscribers, slow readers).
     pub write_timeout: std::time::Duration,
+    /// Client connections open at once (503 beyond).
+    pub max_connections: usize,
+    /// Largest request line and headers in bytes (431 beyond).
+    pub max_header_bytes: usize,
+    /// Time a client has to send a request's line and headers, from the
+    /// connection's start or the request's first byte (closed beyond).
+    pub header_read_timeout: std::time::Duration,
+    /// Time a whole request body may take to arrive (408 beyond).
+    pub body_read_timeout: std::time::Duration,
+    /// Time a kept-alive connection may wait for its next request.
+    pub idle_timeout: std::time::Duration,
     /// Subscriptions open at once (503 beyond).
     pub max_subscriptions: usize,
     /// Requests per principal: one per `period`, with bursts of `burst`
@@ -223,7 +234,8 @@ pub struct Application {
     admin_token: Option<Zeroizing<String>>,
     /// Tells long-lived responses (subscriptions) that the service stops.
     shutdown: tokio::sync::watch::Sender<bool>,
-    write_timeout: std::time::Duration,
+    /// What every client connection is held to.
+    limits: conn::Limits,
     /// Where the outbox relay publishes; `None`: no relay.
     relay: Option<RelayConfig>,
 }
@@ -283,6 +295,7 @@ impl Application {
             policies,
             config: Arc::new(HttpConfig {
                 max_body_bytes: cfg.max_body_bytes,
+                body_read_timeout: cfg.body_read_timeout,
                 subscription_recheck: cfg.subscription_recheck,
             }),
             shutdown: shutdown_rx,
@@ -302,7 +315,13 @@ impl Application {
             writer_task,
             admin_token,
             shutdown: shutdown_tx,
-            write_timeout: cfg.write_timeout,
+            limits: conn::Limits {
+                max_connections: cfg.max_connections,
+                max_header_bytes: cfg.max_header_bytes,
+                header_read_timeout: cfg.header_read_timeout,
+                idle_timeout: cfg.idle_timeout,
+                write_timeout: cfg.write_timeout,
+            },
             relay,
         })
     }
@@ -330,7 +349,7 @@ impl Application {
             state,
             writer_task,
             shutdown: stopping,
-            write_timeout,
+            limits,
             relay,
             ..
         } = self;
@@ -340,6 +359,7 @@ impl Application {
         let relay_task = relay.map(|cfg| {
             crate::relay::spawn(store.clone(), cfg, state.events.commits(), relay_stopped)
         });
+        let metrics = state.metrics.clone();
         let app = router(state);
         tracing::info!(addr = %listener.local_addr()?, "eventvault listening");
         let shutdown = async move {
@@ -347,9 +367,7 @@ impl Application {
             // Subscriptions end, so that their connections can close.
             let _ = stopping.send(true);
         };
-        axum::serve(DeadlineListener::new(listener, write_timeout), app)
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        conn::serve(listener, app, limits, metrics, shutdown).await?;
         // The router (and with it every writer handle) is gone: the writer
         // finishes what is queued and stops.
         if writer_task.await.is_err() {

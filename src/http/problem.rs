@@ -37,6 +37,15 @@ pub enum ApiError {
     TooManyRequests(u64),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// The request line and headers are larger than this many bytes.
+    #[error("the request line and headers are larger than {0} bytes")]
+    HeadersTooLarge(usize),
+    /// The request body did not arrive within so many seconds.
+    #[error("the request body did not arrive within {0} s")]
+    RequestTimeout(u64),
+    /// The connection limit is reached.
+    #[error("too many connections; retry in a moment")]
+    TooManyConnections,
     #[error("integrity check failed")]
     Integrity,
     #[error("internal error")]
@@ -64,6 +73,9 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
             Self::Integrity | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -86,15 +98,17 @@ impl ApiError {
             Self::PayloadTooLarge(_) => "payload-too-large",
             Self::TooManyRequests(_) => "rate-limited",
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
+            Self::HeadersTooLarge(_) => "headers-too-large",
+            Self::RequestTimeout(_) => "request-timeout",
+            Self::TooManyConnections => "too-many-connections",
             Self::Integrity => "integrity-failure",
             Self::Internal => "internal-error",
             Self::Unavailable(_) => "unavailable",
         }
     }
-}
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+    /// The problem+json document.
+    fn body(&self) -> serde_json::Value {
         let status = self.status_code();
         let mut body = json!({
             "type": format!("urn:eventvault:problem:{}", self.kind()),
@@ -105,11 +119,37 @@ impl IntoResponse for ApiError {
         if let Self::Conflict {
             current_version: Some(v),
             ..
-        } = &self
+        } = self
         {
             body["current_version"] = json!(v);
         }
-        let mut resp = (status, body.to_string()).into_response();
+        body
+    }
+
+    /// The whole HTTP/1.1 response, for a connection answered before (or
+    /// instead of) the router: a request whose headers are too large, a
+    /// connection beyond the limit. The connection closes after it.
+    pub fn to_http1_bytes(&self) -> Vec<u8> {
+        let status = self.status_code();
+        let body = self.body().to_string();
+        let retry = match self {
+            Self::TooManyConnections => "retry-after: 1\r\n",
+            _ => "",
+        };
+        format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/problem+json\r\ncontent-length: {}\r\ncache-control: no-store\r\n{retry}connection: close\r\n\r\n{body}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("Error"),
+            body.len(),
+        )
+        .into_bytes()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status_code();
+        let mut resp = (status, self.body().to_string()).into_response();
         let headers = resp.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
@@ -120,6 +160,11 @@ impl IntoResponse for ApiError {
         }
         if let Self::TooManyRequests(secs) = &self {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+        }
+        if let Self::RequestTimeout(_) = &self {
+            // The rest of the body may still come: the connection cannot
+            // carry another request.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }
