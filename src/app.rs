@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use zeroize::Zeroizing;
 
-use crate::http::conn::DeadlineListener;
+use crate::http::conn;
 use crate::http::{AppState, HttpConfig, router};
 use crate::keys::{KeyError, KeyManager, load_master_key, next_master_key_path};
 use crate::metrics::Metrics;
@@ -52,6 +52,17 @@ pub struct Config {
     /// How long a write to a client may wait for it to read before the
     /// connection is closed (stalled subscribers, slow readers).
     pub write_timeout: std::time::Duration,
+    /// Client connections open at once (503 beyond).
+    pub max_connections: usize,
+    /// Largest request line and headers in bytes (431 beyond).
+    pub max_header_bytes: usize,
+    /// Time a client has to send a request's line and headers, from the
+    /// connection's start or the request's first byte (closed beyond).
+    pub header_read_timeout: std::time::Duration,
+    /// Time a whole request body may take to arrive (408 beyond).
+    pub body_read_timeout: std::time::Duration,
+    /// Time a kept-alive connection may wait for its next request.
+    pub idle_timeout: std::time::Duration,
     /// Subscriptions open at once (503 beyond).
     pub max_subscriptions: usize,
     /// Requests per principal: one per `period`, with bursts of `burst`
@@ -244,7 +255,8 @@ pub struct Application {
     admin_token: Option<Zeroizing<String>>,
     /// Tells long-lived responses (subscriptions) that the service stops.
     shutdown: tokio::sync::watch::Sender<bool>,
-    write_timeout: std::time::Duration,
+    /// What every client connection is held to.
+    limits: conn::Limits,
     /// Where the outbox relay publishes; `None`: no relay.
     relay: Option<RelayConfig>,
     /// Where the re-apply of the forget ledger stands; the HTTP layer holds
@@ -295,6 +307,7 @@ impl Application {
             policies,
             config: Arc::new(HttpConfig {
                 max_body_bytes: cfg.max_body_bytes,
+                body_read_timeout: cfg.body_read_timeout,
                 subscription_recheck: cfg.subscription_recheck,
             }),
             shutdown: shutdown_rx,
@@ -315,7 +328,13 @@ impl Application {
             writer_task,
             admin_token,
             shutdown: shutdown_tx,
-            write_timeout: cfg.write_timeout,
+            limits: conn::Limits {
+                max_connections: cfg.max_connections,
+                max_header_bytes: cfg.max_header_bytes,
+                header_read_timeout: cfg.header_read_timeout,
+                idle_timeout: cfg.idle_timeout,
+                write_timeout: cfg.write_timeout,
+            },
             relay,
             ledger,
         })
@@ -359,7 +378,7 @@ impl Application {
             state,
             writer_task,
             shutdown: stopping,
-            write_timeout,
+            limits,
             relay,
             ledger,
             ..
@@ -372,6 +391,7 @@ impl Application {
         });
         let mut ledger_failed = ledger.subscribe();
         let reapply = tokio::spawn(reapply_ledger(state.events.clone(), ledger));
+        let metrics = state.metrics.clone();
         let app = router(state);
         tracing::info!(addr = %listener.local_addr()?, "eventvault listening");
         // Nothing is served without the ledger: a re-apply that fails (or
@@ -394,9 +414,7 @@ impl Application {
             // Subscriptions end, so that their connections can close.
             let _ = stopping.send(true);
         };
-        axum::serve(DeadlineListener::new(listener, write_timeout), app)
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        conn::serve(listener, app, limits, metrics, shutdown).await?;
         // A stop during the re-apply cancels it: every step is repeated at
         // the next start, and the task holds a writer handle.
         if !reapply.is_finished() {

@@ -85,6 +85,33 @@ enum Command {
         /// stalled subscriber) before its connection is closed.
         #[arg(long, env = "EVENTVAULT_WRITE_TIMEOUT_SECS", default_value_t = 30)]
         write_timeout_secs: u64,
+        /// Client connections open at once; more are answered 503 (with
+        /// Retry-After) and closed. Keep it below the process's open-file
+        /// limit (`ulimit -n`), which also has to cover database connections.
+        #[arg(long, env = "EVENTVAULT_MAX_CONNECTIONS", default_value_t = 10_000)]
+        max_connections: usize,
+        /// Largest request line and headers, in bytes; larger ones are
+        /// answered 431 and the connection closed.
+        #[arg(long, env = "EVENTVAULT_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+        max_header_bytes: usize,
+        /// Seconds a client has to send a request's line and headers, from
+        /// connecting or from the request's first byte; slower ones are
+        /// disconnected.
+        #[arg(
+            long,
+            env = "EVENTVAULT_HEADER_READ_TIMEOUT_SECS",
+            default_value_t = 10
+        )]
+        header_read_timeout_secs: u64,
+        /// Seconds a request body may take to arrive in full; slower ones
+        /// are answered 408 and the connection closed.
+        #[arg(long, env = "EVENTVAULT_BODY_READ_TIMEOUT_SECS", default_value_t = 30)]
+        body_read_timeout_secs: u64,
+        /// Seconds a kept-alive connection may wait for its next request
+        /// before it is closed (a request being answered, such as a
+        /// subscription, is never cut by it).
+        #[arg(long, env = "EVENTVAULT_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+        idle_timeout_secs: u64,
         /// Live subscriptions open at once; more are refused with 503.
         #[arg(long, env = "EVENTVAULT_MAX_SUBSCRIPTIONS", default_value_t = 1000)]
         max_subscriptions: usize,
@@ -189,6 +216,7 @@ enum PrincipalCommand {
 }
 
 fn config(cli: &Cli, listen: SocketAddr, max_body_bytes: usize, key_cache: usize) -> Config {
+    let secs = |s: u64| std::time::Duration::from_secs(s.max(1));
     let (write_timeout_secs, max_subscriptions, rate_limit) = match &cli.command {
         Command::Serve {
             write_timeout_secs,
@@ -203,6 +231,24 @@ fn config(cli: &Cli, listen: SocketAddr, max_body_bytes: usize, key_cache: usize
         ),
         _ => (30, 0, None),
     };
+    let connections = match &cli.command {
+        Command::Serve {
+            max_connections,
+            max_header_bytes,
+            header_read_timeout_secs,
+            body_read_timeout_secs,
+            idle_timeout_secs,
+            ..
+        } => (
+            *max_connections,
+            *max_header_bytes,
+            *header_read_timeout_secs,
+            *body_read_timeout_secs,
+            *idle_timeout_secs,
+        ),
+        _ => (0, 16 * 1024, 10, 30, 60),
+    };
+    let (max_connections, max_header_bytes, header_read, body_read, idle) = connections;
     Config {
         listen,
         database_url: cli.database_url.clone(),
@@ -216,7 +262,13 @@ fn config(cli: &Cli, listen: SocketAddr, max_body_bytes: usize, key_cache: usize
         key_cache_capacity: key_cache,
         dek_max_encryptions: eventvault::keys::DEFAULT_MAX_ENCRYPTIONS,
         max_db_connections: cli.db_connections,
-        write_timeout: std::time::Duration::from_secs(write_timeout_secs.max(1)),
+        write_timeout: secs(write_timeout_secs),
+        max_connections: max_connections.max(1),
+        // Below a request line and a few headers nothing could be served.
+        max_header_bytes: max_header_bytes.max(1024),
+        header_read_timeout: secs(header_read),
+        body_read_timeout: secs(body_read),
+        idle_timeout: secs(idle),
         max_subscriptions,
         rate_limit,
         subscription_recheck: std::time::Duration::from_secs(15),

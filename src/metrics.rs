@@ -117,6 +117,10 @@ struct Inner {
     subscription_lag: Histogram,
     /// The newest committed position, set when scraped.
     head: IntGauge,
+    /// Client connections open now.
+    connections: IntGauge,
+    /// Times a connection-level limit was applied, by limit.
+    limits: IntCounterVec,
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -232,6 +236,16 @@ impl Metrics {
                 "The newest committed position of the global log, as this process knows it.",
             )
             .expect("a valid metric name"),
+            connections: IntGauge::new(
+                "eventvault_connections_open",
+                "Client connections open now (within --max-connections).",
+            )
+            .expect("a valid metric name"),
+            limits: counter_vec(
+                "eventvault_connection_limits_total",
+                "Times a connection-level limit was applied, by limit: max_connections (503), max_header_bytes (431), body_read_timeout (408), header_read_timeout, idle_timeout, write_timeout (connection closed).",
+                &["limit"],
+            ),
         };
         let i = &inner;
         let all: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -253,6 +267,8 @@ impl Metrics {
             Box::new(i.subscriptions.clone()),
             Box::new(i.subscription_lag.clone()),
             Box::new(i.head.clone()),
+            Box::new(i.connections.clone()),
+            Box::new(i.limits.clone()),
         ];
         for c in all {
             inner
@@ -277,6 +293,9 @@ impl Metrics {
             for hit in [true, false] {
                 Self::key_cache_series(&inner, cache, hit);
             }
+        }
+        for limit in Limit::ALL {
+            inner.limits.with_label_values(&[limit.label()]);
         }
         Self(Arc::new(inner))
     }
@@ -407,6 +426,57 @@ impl Metrics {
     /// A subscription delivered an event `lag` positions behind the head.
     pub fn delivered(&self, lag: u64) {
         self.0.subscription_lag.observe(lag as f64);
+    }
+
+    /// A client connection was accepted within the connection limit.
+    pub fn connection_opened(&self) {
+        self.0.connections.inc();
+    }
+
+    /// A connection counted by `connection_opened` was closed.
+    pub fn connection_closed(&self) {
+        self.0.connections.dec();
+    }
+
+    /// A connection-level limit refused a connection or a request, or
+    /// closed a connection.
+    pub fn limit_applied(&self, limit: Limit) {
+        self.0.limits.with_label_values(&[limit.label()]).inc();
+    }
+}
+
+/// The connection-level limits, as counted by
+/// `eventvault_connection_limits_total{limit}` (the labels are the names of
+/// the `serve` flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    MaxConnections,
+    MaxHeaderBytes,
+    HeaderReadTimeout,
+    BodyReadTimeout,
+    IdleTimeout,
+    WriteTimeout,
+}
+
+impl Limit {
+    const ALL: [Limit; 6] = [
+        Self::MaxConnections,
+        Self::MaxHeaderBytes,
+        Self::HeaderReadTimeout,
+        Self::BodyReadTimeout,
+        Self::IdleTimeout,
+        Self::WriteTimeout,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::MaxConnections => "max_connections",
+            Self::MaxHeaderBytes => "max_header_bytes",
+            Self::HeaderReadTimeout => "header_read_timeout",
+            Self::BodyReadTimeout => "body_read_timeout",
+            Self::IdleTimeout => "idle_timeout",
+            Self::WriteTimeout => "write_timeout",
+        }
     }
 }
 

@@ -14,6 +14,14 @@
 //! the throughput, p50/p99/p999 per kind and the server's memory (`VmRSS`,
 //! `VmHWM` of `--server-pid`).
 //!
+//! With `--flood-seconds N` it measures what one principal's flood does to
+//! another's latency: principal B (`--token`) runs a steady, paced workload
+//! (`--steady-rate` appends and as many reads a second, each sent on time
+//! whether or not the previous one was answered) for N seconds alone, then
+//! N seconds more while principal A (`--flood-token`) sends requests as fast
+//! as `--flood-clients` connections allow. It prints B's p50/p99 in both
+//! phases, the ratio of the p99s, and what A got (answered, 429, 503).
+//!
 //! Bounded: every phase stops by itself after `--seconds`.
 
 use std::sync::Arc;
@@ -87,6 +95,26 @@ struct Args {
     /// default `--token`.
     #[arg(long, env = "EVENTVAULT_SERVICE_TOKEN", hide_env_values = true)]
     service_token: Option<String>,
+    /// Flood: the length of each phase (unloaded, then flooded) in seconds
+    /// (and nothing else).
+    #[arg(long, default_value_t = 0)]
+    flood_seconds: u64,
+    /// Flood: the token of the flooding principal A (another principal
+    /// than `--token`'s; a `service` principal may append to and read
+    /// `accounts-*`).
+    #[arg(long, env = "EVENTVAULT_FLOOD_TOKEN", hide_env_values = true)]
+    flood_token: Option<String>,
+    /// Flood: concurrent connections of the flooding principal.
+    #[arg(long, default_value_t = 64)]
+    flood_clients: usize,
+    /// Flood: threads of the flooding principal's own runtime (apart from
+    /// B's, so that B's requests never queue behind A's in this process).
+    #[arg(long, default_value_t = 1)]
+    flood_threads: usize,
+    /// Flood: appends a second of the steady principal B (and as many
+    /// reads).
+    #[arg(long, default_value_t = 50)]
+    steady_rate: u32,
 }
 
 /// Runs `op` from `clients` concurrent tasks until `seconds` have passed;
@@ -515,9 +543,229 @@ async fn soak(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Latencies of the steady principal's requests in one phase.
+struct Steady {
+    append: Histogram<u64>,
+    read: Histogram<u64>,
+    all: Histogram<u64>,
+    failed: u64,
+}
+
+/// Principal B's paced workload for `seconds`: `rate` appends and `rate`
+/// reads a second, each sent at its time (open loop: a slow answer does
+/// not delay the next request, so it cannot hide a stall).
+async fn steady(
+    args: &Args,
+    client: &reqwest::Client,
+    seconds: u64,
+) -> Result<Steady, Box<dyn std::error::Error>> {
+    use std::sync::Mutex;
+    let hist = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let results = Arc::new(Mutex::new(Steady {
+        append: hist(),
+        read: hist(),
+        all: hist(),
+        failed: 0,
+    }));
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / (2 * args.steady_rate.max(1)));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    let mut n = 0u64;
+    while Instant::now() < deadline {
+        tick.tick().await;
+        n += 1;
+        let (client, results) = (client.clone(), results.clone());
+        let (url, token) = (args.url.clone(), args.token.clone());
+        tasks.push(tokio::spawn(async move {
+            let stream = format!("accounts-steady-{}", n % 100);
+            let is_append = n.is_multiple_of(2);
+            let t = Instant::now();
+            let ok = if is_append {
+                client
+                    .post(format!("{url}/streams/{stream}/events"))
+                    .bearer_auth(&token)
+                    .json(&json!({"events": [event(n as usize % 1000, n)]}))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            } else {
+                match client
+                    .get(format!("{url}/streams/{stream}/events?limit=10"))
+                    .bearer_auth(&token)
+                    .header("X-Purpose", "flood measurement")
+                    .send()
+                    .await
+                {
+                    // The first reads may come before the stream's first append.
+                    Ok(r) if r.status().is_success() || r.status() == 404 => {
+                        r.bytes().await.is_ok()
+                    }
+                    _ => false,
+                }
+            };
+            let us = t.elapsed().as_micros() as u64;
+            let mut r = results.lock().expect("lock");
+            if ok {
+                let h = if is_append {
+                    &mut r.append
+                } else {
+                    &mut r.read
+                };
+                h.record(us.max(1)).expect("in bounds");
+                r.all.record(us.max(1)).expect("in bounds");
+            } else {
+                r.failed += 1;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let results = Arc::try_unwrap(results)
+        .map_err(|_| "a request outlived its phase")?
+        .into_inner()
+        .expect("lock");
+    Ok(results)
+}
+
+fn steady_line(label: &str, s: &Steady) -> String {
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    format!(
+        "{label}: {} requests; all p50 {:.2} ms p99 {:.2} ms max {:.2} ms; appends p99 {:.2} ms; reads p99 {:.2} ms; failed {}",
+        s.all.len(),
+        ms(&s.all, 0.5),
+        ms(&s.all, 0.99),
+        s.all.max() as f64 / 1000.0,
+        ms(&s.append, 0.99),
+        ms(&s.read, 0.99),
+        s.failed,
+    )
+}
+
+/// The flood measurement (see the module documentation).
+async fn flood(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    let flood_token = args
+        .flood_token
+        .clone()
+        .ok_or("--flood-seconds needs --flood-token, another principal than --token's")?;
+    // Each principal has its own connection pool, as two services would.
+    let steady_client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let flood_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.flood_threads.max(1))
+        .enable_all()
+        .build()?;
+    let flood_client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.flood_clients)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    println!(
+        "flood: B sends {} appends/s and {} reads/s; {} s alone, then {} s while A floods from {} connections ({} thread(s))",
+        args.steady_rate,
+        args.steady_rate,
+        args.flood_seconds,
+        args.flood_seconds,
+        args.flood_clients,
+        args.flood_threads
+    );
+    let cpu = |pid: Option<u32>| pid.map(cpu_seconds).transpose();
+    let (cpu_before, started) = (cpu(args.server_pid)?, Instant::now());
+    let alone = steady(args, &steady_client, args.flood_seconds).await?;
+    let server_cpu = |before: Option<f64>, started: Instant| -> String {
+        match (args.server_pid.map(cpu_seconds), before) {
+            (Some(Ok(now)), Some(before)) => format!(
+                "; server CPU {:.0} % of one core",
+                100.0 * (now - before) / started.elapsed().as_secs_f64()
+            ),
+            _ => String::new(),
+        }
+    };
+    println!(
+        "{}{}",
+        steady_line("B alone", &alone),
+        server_cpu(cpu_before, started)
+    );
+
+    // A: appends and reads alternately, as fast as answers come back.
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts: Arc<[AtomicU64; 4]> = Arc::new(Default::default()); // ok, 429, 503, other
+    let mut flooders = Vec::new();
+    for c in 0..args.flood_clients {
+        let (client, stop, counts) = (flood_client.clone(), stop.clone(), counts.clone());
+        let (url, token) = (args.url.clone(), flood_token.clone());
+        flooders.push(flood_runtime.spawn(async move {
+            let mut n = c as u64;
+            while !stop.load(Relaxed) {
+                n += 1;
+                let stream = format!("accounts-flood-{}", n % 1000);
+                let r = if n.is_multiple_of(2) {
+                    client
+                        .post(format!("{url}/streams/{stream}/events"))
+                        .bearer_auth(&token)
+                        .json(&json!({"events": [event(n as usize % 1000, n)]}))
+                        .send()
+                        .await
+                } else {
+                    client
+                        .get(format!("{url}/streams/{stream}/events?limit=10"))
+                        .bearer_auth(&token)
+                        .send()
+                        .await
+                };
+                let slot = match r {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let _ = r.bytes().await;
+                        match status {
+                            200..=299 | 404 => 0,
+                            429 => 1,
+                            503 => 2,
+                            _ => 3,
+                        }
+                    }
+                    Err(_) => 3,
+                };
+                counts[slot].fetch_add(1, Relaxed);
+            }
+        }));
+    }
+    let (cpu_before, started) = (cpu(args.server_pid)?, Instant::now());
+    let flooded = steady(args, &steady_client, args.flood_seconds).await?;
+    let secs = started.elapsed().as_secs_f64();
+    let line = steady_line("B while A floods", &flooded);
+    let cpu_line = server_cpu(cpu_before, started);
+    stop.store(true, Relaxed);
+    for f in flooders {
+        f.await?;
+    }
+    flood_runtime.shutdown_background();
+    let c: Vec<u64> = counts.iter().map(|c| c.load(Relaxed)).collect();
+    println!("{line}{cpu_line}");
+    println!(
+        "A: {:.0} requests/s answered, {:.0}/s 429 (rate limit), {:.0}/s 503, {} other failures",
+        c[0] as f64 / secs,
+        c[1] as f64 / secs,
+        c[2] as f64 / secs,
+        c[3],
+    );
+    let p99 = |s: &Steady| s.all.value_at_quantile(0.99) as f64;
+    println!(
+        "B's p99 flooded / alone: {:.2}x (p50 {:.2}x)",
+        p99(&flooded) / p99(&alone),
+        flooded.all.value_at_quantile(0.5) as f64 / alone.all.value_at_quantile(0.5) as f64
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    if args.flood_seconds > 0 {
+        return flood(&args).await;
+    }
     if args.soak_minutes > 0 {
         return soak(&args).await;
     }

@@ -1,6 +1,8 @@
 //! A JSON body extractor whose every failure is a problem+json answer: 415
-//! for a non-JSON content type, 413 past the size limit, 400 naming the
-//! place of a syntax or type error (e.g. `events[2].id`).
+//! for a non-JSON content type, 413 past the size limit, 408 when the whole
+//! body has not arrived within the body read deadline (a client trickling
+//! it in), 400 naming the place of a syntax or type error (e.g.
+//! `events[2].id`).
 
 use axum::body::Body;
 use axum::extract::{FromRequest, Request};
@@ -27,8 +29,22 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
             }
         }
         let limit = state.config.max_body_bytes;
-        let bytes = axum::body::to_bytes(Body::new(req.into_body()), limit)
+        // One deadline for the whole body, not per chunk: a byte now and
+        // then must not hold a connection and a request's memory forever.
+        let deadline = state.config.body_read_timeout;
+        let read = axum::body::to_bytes(Body::new(req.into_body()), limit);
+        let bytes = tokio::time::timeout(deadline, read)
             .await
+            .map_err(|_| {
+                state
+                    .metrics
+                    .limit_applied(crate::metrics::Limit::BodyReadTimeout);
+                tracing::info!(
+                    timeout_secs = deadline.as_secs(),
+                    "a request body did not arrive within the body read timeout; answered 408"
+                );
+                ApiError::RequestTimeout(deadline.as_secs())
+            })?
             .map_err(|e| {
                 if is_length_limit(&e) {
                     ApiError::PayloadTooLarge(limit)

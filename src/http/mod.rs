@@ -43,6 +43,8 @@ use crate::store::EventStore;
 pub struct HttpConfig {
     /// Largest accepted request body, in bytes (413 beyond).
     pub max_body_bytes: usize,
+    /// Time a whole request body may take to arrive (408 beyond).
+    pub body_read_timeout: std::time::Duration,
     /// How often a subscription authenticates its caller again.
     pub subscription_recheck: std::time::Duration,
 }

@@ -138,6 +138,14 @@ fn add_shared(op: &mut Operation) {
             .entry(status.to_owned())
             .or_insert(RefOr::T(response));
     }
+    if op.request_body.is_some() {
+        op.responses
+            .responses
+            .entry("408".to_owned())
+            .or_insert(RefOr::T(problem(
+                "The body did not arrive in time (`request-timeout`); the connection closes",
+            )));
+    }
     let params = op.parameters.get_or_insert_with(Vec::new);
     params.extend(audit_headers());
 }

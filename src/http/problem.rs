@@ -36,6 +36,15 @@ pub enum ApiError {
     TooManyRequests(u64),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// The request line and headers are larger than this many bytes.
+    #[error("the request line and headers are larger than {0} bytes")]
+    HeadersTooLarge(usize),
+    /// The request body did not arrive within so many seconds.
+    #[error("the request body did not arrive within {0} s")]
+    RequestTimeout(u64),
+    /// The connection limit is reached.
+    #[error("too many connections; retry in a moment")]
+    TooManyConnections,
     #[error("integrity check failed")]
     Integrity,
     #[error("internal error")]
@@ -71,6 +80,9 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
             Self::Integrity | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Unavailable(_) | Self::Starting => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -93,23 +105,57 @@ impl ApiError {
             Self::PayloadTooLarge(_) => "payload-too-large",
             Self::TooManyRequests(_) => "rate-limited",
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
+            Self::HeadersTooLarge(_) => "headers-too-large",
+            Self::RequestTimeout(_) => "request-timeout",
+            Self::TooManyConnections => "too-many-connections",
             Self::Integrity => "integrity-failure",
             Self::Internal => "internal-error",
             Self::Unavailable(_) => "unavailable",
             Self::Starting => "starting",
         }
     }
+
+    /// The problem+json document.
+    fn body(&self) -> Problem {
+        let status = self.status_code();
+        Problem {
+            problem_type: format!("urn:eventvault:problem:{}", self.kind()),
+            title: status.canonical_reason().unwrap_or("Error"),
+            status: status.as_u16(),
+            detail: self.to_string(),
+            current_version: match self {
+                Self::Conflict {
+                    current_version, ..
+                } => *current_version,
+                _ => None,
+            },
+        }
+    }
+
+    /// The whole HTTP/1.1 response, for a connection answered before (or
+    /// instead of) the router: a request whose headers are too large, a
+    /// connection beyond the limit. The connection closes after it.
+    pub fn to_http1_bytes(&self) -> Vec<u8> {
+        let status = self.status_code();
+        let body = serde_json::to_string(&self.body()).expect("a problem serialises");
+        let retry = match self {
+            Self::TooManyConnections => "retry-after: 1\r\n",
+            _ => "",
+        };
+        format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/problem+json\r\ncontent-length: {}\r\ncache-control: no-store\r\n{retry}connection: close\r\n\r\n{body}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("Error"),
+            body.len(),
+        )
+        .into_bytes()
+    }
 }
 
 /// The body of every error response (`application/problem+json`, RFC 9457).
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct Problem {
-    /// `urn:eventvault:problem:<kind>`, one of the kinds the README lists
-    /// (`bad-request`, `unauthorized`, `forbidden`, `not-found`,
-    /// `wrong-expected-version`, `duplicate-event-ids`, `subject-forgotten`,
-    /// `stale-snapshot`, `payload-too-large`, `rate-limited`,
-    /// `unsupported-media-type`, `integrity-failure`, `internal-error`,
-    /// `unavailable`).
+    /// `urn:eventvault:problem:<kind>`, one of the kinds the README lists.
     #[serde(rename = "type")]
     #[schema(pattern = "^urn:eventvault:problem:[a-z-]+$")]
     pub problem_type: String,
@@ -127,19 +173,7 @@ pub struct Problem {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status_code();
-        let body = Problem {
-            problem_type: format!("urn:eventvault:problem:{}", self.kind()),
-            title: status.canonical_reason().unwrap_or("Error"),
-            status: status.as_u16(),
-            detail: self.to_string(),
-            current_version: match &self {
-                Self::Conflict {
-                    current_version, ..
-                } => *current_version,
-                _ => None,
-            },
-        };
-        let body = serde_json::to_string(&body).expect("a problem serialises");
+        let body = serde_json::to_string(&self.body()).expect("a problem serialises");
         let mut resp = (status, body).into_response();
         let headers = resp.headers_mut();
         headers.insert(
@@ -157,6 +191,11 @@ impl IntoResponse for ApiError {
                 header::RETRY_AFTER,
                 HeaderValue::from(STARTING_RETRY_AFTER_SECS),
             );
+        }
+        if let Self::RequestTimeout(_) = &self {
+            // The rest of the body may still come: the connection cannot
+            // carry another request.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }

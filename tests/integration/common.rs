@@ -278,6 +278,12 @@ pub struct TestEnv {
     pub subscription_recheck: Mutex<std::time::Duration>,
     /// The per-principal rate limit (none unless a test sets one).
     pub rate_limit: Mutex<Option<eventvault::app::RateLimit>>,
+    /// Connection-level limits (shortened by the limits tests).
+    pub max_connections: Mutex<usize>,
+    pub max_header_bytes: Mutex<usize>,
+    pub header_read_timeout: Mutex<std::time::Duration>,
+    pub body_read_timeout: Mutex<std::time::Duration>,
+    pub idle_timeout: Mutex<std::time::Duration>,
     /// Where the application's outbox relay publishes; `None`: no relay.
     pub nats: Mutex<Option<NatsTarget>>,
 }
@@ -335,6 +341,11 @@ impl TestEnv {
             max_subscriptions: Mutex::new(1000),
             subscription_recheck: Mutex::new(std::time::Duration::from_secs(15)),
             rate_limit: Mutex::new(None),
+            max_connections: Mutex::new(10_000),
+            max_header_bytes: Mutex::new(16 * 1024),
+            header_read_timeout: Mutex::new(std::time::Duration::from_secs(10)),
+            body_read_timeout: Mutex::new(std::time::Duration::from_secs(30)),
+            idle_timeout: Mutex::new(std::time::Duration::from_secs(60)),
             nats: Mutex::new(None),
         })
     }
@@ -360,6 +371,11 @@ impl TestEnv {
             max_subscriptions: *self.max_subscriptions.lock().unwrap(),
             subscription_recheck: *self.subscription_recheck.lock().unwrap(),
             rate_limit: *self.rate_limit.lock().unwrap(),
+            max_connections: *self.max_connections.lock().unwrap(),
+            max_header_bytes: *self.max_header_bytes.lock().unwrap(),
+            header_read_timeout: *self.header_read_timeout.lock().unwrap(),
+            body_read_timeout: *self.body_read_timeout.lock().unwrap(),
+            idle_timeout: *self.idle_timeout.lock().unwrap(),
             nats_url: nats.as_ref().map(|n| n.url.clone()),
             nats_stream: nats.as_ref().map_or_else(
                 || eventvault::relay::DEFAULT_STREAM.into(),
