@@ -235,6 +235,11 @@ impl From<ServiceError> for ApiError {
                 Self::Integrity
             }
             ServiceError::Unavailable => Self::Unavailable("the service is shutting down"),
+            ServiceError::Key(crate::keys::KeyError::Store(StoreError::Busy(why)))
+            | ServiceError::Store(StoreError::Busy(why)) => {
+                tracing::warn!(reason = why, "a request found the store busy");
+                Self::Unavailable(why)
+            }
             ServiceError::Store(StoreError::GroupCommit) => {
                 Self::Unavailable("the request could not be committed; nothing was written")
             }

@@ -110,18 +110,30 @@ impl Keystore {
     /// PostgreSQL: `VACUUM` reclaims the dead rows; it does not overwrite
     /// them, nor reach WAL archives (see SECURITY.md).
     pub async fn scrub_deleted_keys(&self) -> Result<(), StoreError> {
+        /// Checkpoints tried before a scrub gives up (retryable).
+        const SCRUB_ATTEMPTS: u32 = 5;
         match &self.db {
             Db::Sqlite(pool) => {
-                let (busy, _, _): (i64, i64, i64) =
-                    sqlx::query_as("pragma wal_checkpoint(truncate)")
-                        .fetch_one(pool)
-                        .await?;
-                if busy != 0 {
-                    return Err(StoreError::Corrupt(
-                        "the keystore's WAL could not be checkpointed after a key deletion (readers kept it busy); retry the forget"
-                            .into(),
-                    ));
+                // Each attempt waits for readers and writers as long as the
+                // busy timeout allows; under a steady stream of key writes
+                // (new subjects) one can still find the log in use, so a few
+                // more are made, further apart, before the caller is told.
+                for attempt in 1..=SCRUB_ATTEMPTS {
+                    let (busy, _, _): (i64, i64, i64) =
+                        sqlx::query_as("pragma wal_checkpoint(truncate)")
+                            .fetch_one(pool)
+                            .await?;
+                    if busy == 0 {
+                        return Ok(());
+                    }
+                    tracing::warn!(attempt, "the keystore's WAL was busy; checkpointing again");
+                    if attempt < SCRUB_ATTEMPTS {
+                        tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+                    }
                 }
+                return Err(StoreError::Busy(
+                    "the keystore's WAL could not be checkpointed after a key deletion (other connections kept it busy); retry the forget",
+                ));
             }
             Db::Postgres(pool) => {
                 sqlx::query("vacuum deks").execute(pool).await?;

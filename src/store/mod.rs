@@ -53,6 +53,10 @@ pub enum StoreError {
     GroupCommit,
     #[error("stored data is inconsistent: {0}")]
     Corrupt(String),
+    /// Work that must wait for other connections found them busy for too
+    /// long; retrying it is safe.
+    #[error("{0}")]
+    Busy(&'static str),
 }
 
 /// Which of the two databases a pool serves; they have separate migrations.

@@ -495,7 +495,7 @@ async fn malformed_audit_headers_are_refused_and_recorded(backend: Backend) {
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
-    assert!(text.contains("x-correlation-id"), "{text}");
+    assert!(text.contains("X-Correlation-Id"), "{text}");
     let records = audit_records(&app, "action=log.read").await;
     assert_eq!(records.len(), 1);
     assert_eq!(records[0]["outcome"], "error");

@@ -221,6 +221,8 @@ async fn fuzz(
             "--request-timeout",
             "30",
         ])
+        // Its cache and reports go to a directory of this run's own.
+        .current_dir(report.path())
         .arg("--report-dir")
         .arg(report.path())
         .args(extra)
