@@ -111,13 +111,13 @@ impl Keystore {
     /// them, nor reach WAL archives (see SECURITY.md).
     pub async fn scrub_deleted_keys(&self) -> Result<(), StoreError> {
         /// Checkpoints tried before a scrub gives up (retryable).
-        const SCRUB_ATTEMPTS: u32 = 5;
+        const SCRUB_ATTEMPTS: u32 = 2;
         match &self.db {
             Db::Sqlite(pool) => {
                 // Each attempt waits for readers and writers as long as the
-                // busy timeout allows; under a steady stream of key writes
-                // (new subjects) one can still find the log in use, so a few
-                // more are made, further apart, before the caller is told.
+                // busy timeout allows (10 s); under a steady stream of key
+                // writes (new subjects) one can still find the log in use,
+                // so one more is made before the caller is told to retry.
                 for attempt in 1..=SCRUB_ATTEMPTS {
                     let (busy, _, _): (i64, i64, i64) =
                         sqlx::query_as("pragma wal_checkpoint(truncate)")
@@ -128,7 +128,7 @@ impl Keystore {
                     }
                     tracing::warn!(attempt, "the keystore's WAL was busy; checkpointing again");
                     if attempt < SCRUB_ATTEMPTS {
-                        tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     }
                 }
                 return Err(StoreError::Busy(
