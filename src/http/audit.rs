@@ -14,7 +14,7 @@ use super::auth::Caller;
 use super::problem::ApiError;
 use super::streams::{limit, time_param};
 use super::views::{AuditRecordView, json_response};
-use super::{AppState, cursor_param};
+use super::{AppState, cursor_param, plain_text};
 use crate::audit::Outcome;
 use crate::policy::Permission;
 use crate::service::ServiceError;
@@ -37,10 +37,13 @@ struct AuditParams {
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
     /// Only this principal's records.
+    #[param(pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
     principal: Option<String>,
     /// Only this action (e.g. `stream.read`).
+    #[param(pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
     action: Option<String>,
     /// Only this resource (e.g. `stream:accounts-1`).
+    #[param(pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
     resource: Option<String>,
     /// `ok`, `denied` or `error`.
     #[param(pattern = "^(ok|denied|error)$")]
@@ -80,9 +83,9 @@ async fn list(
     let filter = AuditFilter {
         since_us: time_param("since", p.since.as_deref())?,
         until_us: time_param("until", p.until.as_deref())?,
-        principal: p.principal,
-        action: p.action,
-        resource: p.resource,
+        principal: plain_text("principal", p.principal)?,
+        action: plain_text("action", p.action)?,
+        resource: plain_text("resource", p.resource)?,
         outcome: p
             .outcome
             .map(|o| {

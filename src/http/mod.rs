@@ -95,6 +95,17 @@ fn cursor_param(name: &str, v: Option<u64>) -> Result<Option<u64>, ApiError> {
     }
 }
 
+/// Free text from a request (a filter, a reason): no control characters,
+/// which no stored value holds and PostgreSQL cannot take (NUL).
+fn plain_text(name: &str, v: Option<String>) -> Result<Option<String>, ApiError> {
+    match v {
+        Some(s) if s.chars().any(char::is_control) => Err(ApiError::BadRequest(format!(
+            "{name} must not contain control characters"
+        ))),
+        v => Ok(v),
+    }
+}
+
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Times every request and counts it under its route template (the path as

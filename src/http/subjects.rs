@@ -15,7 +15,7 @@ use super::auth::Caller;
 use super::openapi::SubjectPath;
 use super::problem::{ApiError, Problem};
 use super::views::{Event, EventView, json_response, rfc3339};
-use super::{AppState, path_id};
+use super::{AppState, path_id, plain_text};
 use crate::audit::Outcome;
 use crate::domain::Subject;
 use crate::policy::Permission;
@@ -211,7 +211,7 @@ async fn state(
 struct ForgetBody {
     /// Why (e.g. a ticket number). Kept in the forget ledger; must not carry
     /// personal data.
-    #[schema(max_length = 1000)]
+    #[schema(max_length = 1000, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
     reason: Option<String>,
 }
 
@@ -259,6 +259,7 @@ async fn forget(
             .map_err(|e| ApiError::BadRequest(format!("body: {e}")))?
             .and_then(|b| b.reason)
     };
+    let reason = plain_text("reason", reason)?;
     if reason
         .as_ref()
         .is_some_and(|r| r.chars().count() > MAX_REASON_CHARS)

@@ -134,6 +134,29 @@ async fn the_document_describes_every_operation(backend: Backend) {
         doc["components"]["securitySchemes"]["bearer"],
         json!({"type": "http", "scheme": "bearer"})
     );
+    // Free text that PostgreSQL cannot store (NUL) is a 400 wherever it may
+    // be sent, as the document's patterns say (schemathesis found a 500).
+    let admin = app.token();
+    let (status, text) = call(
+        &app,
+        Method::GET,
+        "/audit?action=a%00b",
+        Some(&admin),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    let (status, text) = call(
+        &app,
+        Method::POST,
+        "/subjects/customer-1/forget",
+        Some(&admin),
+        &[],
+        Some(&json!({"reason": "ticket\u{0}1"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     // Refused requests are audited; the document itself is not a data route.
     let records = audit_records(&app, "action=stream.read&outcome=denied").await;
     assert!(!records.is_empty());
