@@ -122,6 +122,11 @@ enum Command {
         /// Requests one principal may make at once after a quiet spell.
         #[arg(long, env = "EVENTVAULT_RATE_LIMIT_BURST", default_value_t = 10000)]
         rate_limit_burst: u32,
+        /// Requests of one principal served at once; the others wait their
+        /// turn, so that one principal's flood leaves the others their
+        /// share. 0: unlimited.
+        #[arg(long, env = "EVENTVAULT_MAX_IN_FLIGHT", default_value_t = 4)]
+        max_in_flight: usize,
         /// NATS server URL (several: comma-separated). When set, every
         /// committed event is published to JetStream: clear fields and the
         /// sealed personal blob, never personal data in clear.
@@ -217,19 +222,21 @@ enum PrincipalCommand {
 
 fn config(cli: &Cli, listen: SocketAddr, max_body_bytes: usize, key_cache: usize) -> Config {
     let secs = |s: u64| std::time::Duration::from_secs(s.max(1));
-    let (write_timeout_secs, max_subscriptions, rate_limit) = match &cli.command {
+    let (write_timeout_secs, max_subscriptions, rate_limit, max_in_flight) = match &cli.command {
         Command::Serve {
             write_timeout_secs,
             max_subscriptions,
             rate_limit,
             rate_limit_burst,
+            max_in_flight,
             ..
         } => (
             *write_timeout_secs,
             *max_subscriptions,
             app::RateLimit::per_second(*rate_limit, *rate_limit_burst),
+            *max_in_flight,
         ),
-        _ => (30, 0, None),
+        _ => (30, 0, None, 0),
     };
     let connections = match &cli.command {
         Command::Serve {
@@ -271,6 +278,7 @@ fn config(cli: &Cli, listen: SocketAddr, max_body_bytes: usize, key_cache: usize
         idle_timeout: secs(idle),
         max_subscriptions,
         rate_limit,
+        max_in_flight,
         subscription_recheck: std::time::Duration::from_secs(15),
         nats_url: None,
         nats_stream: eventvault::relay::DEFAULT_STREAM.into(),

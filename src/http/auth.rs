@@ -3,6 +3,8 @@
 //! the request with 401. No route that touches data is reachable without it,
 //! and every handler asks [`Caller::require`] before it touches data.
 
+use std::sync::Arc;
+
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
@@ -83,6 +85,44 @@ impl Caller {
     }
 }
 
+/// How many requests of one principal are served at once; the others wait
+/// their turn, in arrival order, before anything else is done for them
+/// (including a rate-limit refusal and its audit record). A principal that
+/// floods then shares the writer's groups and the processors with the
+/// others instead of crowding them out; one alone still has as many turns
+/// as it can use.
+#[derive(Debug)]
+pub struct Turns {
+    per_principal: usize,
+    principals: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl Turns {
+    /// `None` for 0: no limit.
+    pub fn new(per_principal: usize) -> Option<Self> {
+        (per_principal > 0).then(|| Self {
+            per_principal,
+            principals: Default::default(),
+        })
+    }
+
+    /// Waits for one of `principal`'s turns. (One entry per principal that
+    /// ever made a request: bounded by the principals there are.)
+    pub async fn take(&self, principal: &str) -> tokio::sync::OwnedSemaphorePermit {
+        let turns = self
+            .principals
+            .lock()
+            .expect("turns lock")
+            .entry(principal.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_principal)))
+            .clone();
+        turns
+            .acquire_owned()
+            .await
+            .expect("a principal's turns are never closed")
+    }
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
@@ -118,6 +158,9 @@ impl FromRequestParts<AppState> for Caller {
             Ok(Some(principal)) => {
                 tracing::Span::current().record("principal", principal.name.as_str());
                 audit.set_principal(&principal.name);
+                if let Some(turns) = &state.turns {
+                    audit.hold_turn(turns.take(&principal.name).await);
+                }
                 if let Some(problem) = audit.bad_header() {
                     return Err(ApiError::BadRequest(problem.to_owned()));
                 }
@@ -143,5 +186,26 @@ impl FromRequestParts<AppState> for Caller {
                 Err(ApiError::Internal)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    #[tokio::test]
+    async fn a_principal_waits_for_its_own_turns_only() {
+        let turns = Turns::new(2).unwrap();
+        let first = turns.take("a").await;
+        let _second = turns.take("a").await;
+        // A third request of `a` waits; `b` is served at once.
+        let mut third = Box::pin(turns.take("a"));
+        assert!((&mut third).now_or_never().is_none());
+        assert!(turns.take("b").now_or_never().is_some());
+        // One of `a`'s requests ends: the waiting one goes on.
+        drop(first);
+        assert!(third.now_or_never().is_some());
+        assert!(Turns::new(0).is_none());
     }
 }

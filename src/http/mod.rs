@@ -29,6 +29,7 @@ use tower_http::trace::TraceLayer;
 use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 
+pub use auth::Turns;
 pub use problem::ApiError;
 
 use crate::keys::KeyManager;
@@ -67,6 +68,8 @@ pub struct AppState {
     pub rate_limit: Option<Arc<governor::DefaultKeyedRateLimiter<String>>>,
     /// This application's metrics (`GET /metrics`).
     pub metrics: Metrics,
+    /// Requests per principal served at once; `None`: unlimited.
+    pub turns: Option<Arc<auth::Turns>>,
     /// Where the start-up re-apply of the forget ledger stands: no data
     /// route serves before it is `Applied` (see [`starting`]).
     pub ledger: tokio::sync::watch::Receiver<LedgerState>,

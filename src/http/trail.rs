@@ -105,6 +105,9 @@ struct Draft {
     personal_data: bool,
     /// The handler already committed the record (appends).
     recorded: bool,
+    /// The principal's turn (see `auth::Turns`), held until the record is
+    /// written.
+    turn: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// The audit record of the current request, shared by the middleware, the
@@ -134,6 +137,11 @@ impl AuditSlot {
 
     pub fn set_principal(&self, name: &str) {
         self.draft().principal = Some(name.to_owned());
+    }
+
+    /// Holds the principal's turn until the request's record is written.
+    pub fn hold_turn(&self, turn: tokio::sync::OwnedSemaphorePermit) {
+        self.draft().turn = Some(turn);
     }
 
     /// Replaces the resource named from the path (e.g. with a position range).
@@ -258,6 +266,7 @@ async fn audited(state: AppState, req: Request, next: Next) -> Response {
             event_count: 0,
             personal_data: false,
             recorded: false,
+            turn: None,
         })),
     };
     let mut req = Request::from_parts(parts, body);
@@ -282,6 +291,9 @@ async fn audited(state: AppState, req: Request, next: Next) -> Response {
             }
         }
     };
+    // The principal's next request may go on (a subscription's or an
+    // export's body is still to come: it no longer counts).
+    slot.draft().turn.take();
     tracing::info!(
         status = response.status().as_u16(),
         outcome = Outcome::from_status(response.status().as_u16()).as_str(),

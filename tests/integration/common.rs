@@ -371,6 +371,7 @@ impl TestEnv {
             max_subscriptions: *self.max_subscriptions.lock().unwrap(),
             subscription_recheck: *self.subscription_recheck.lock().unwrap(),
             rate_limit: *self.rate_limit.lock().unwrap(),
+            max_in_flight: 4,
             max_connections: *self.max_connections.lock().unwrap(),
             max_header_bytes: *self.max_header_bytes.lock().unwrap(),
             header_read_timeout: *self.header_read_timeout.lock().unwrap(),
