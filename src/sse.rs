@@ -18,6 +18,9 @@ pub struct SseEvent {
 #[derive(Debug, Default)]
 pub struct SseParser {
     line: Vec<u8>,
+    /// The last byte ended a line with CR: a LF right after it belongs to
+    /// the same line end.
+    after_cr: bool,
     current: SseEvent,
     has_data: bool,
     /// Comment lines seen (heartbeats), for clients that watch them.
@@ -28,16 +31,17 @@ impl SseParser {
     /// Feeds a chunk; returns the events it completes.
     pub fn push(&mut self, chunk: &[u8]) -> Vec<SseEvent> {
         let mut out = Vec::new();
+        // A line ends with CRLF, LF or CR alone (as the format says).
         for &b in chunk {
-            if b != b'\n' {
-                self.line.push(b);
-                continue;
+            let after_cr = std::mem::replace(&mut self.after_cr, b == b'\r');
+            match b {
+                b'\n' if after_cr => {}
+                b'\n' | b'\r' => {
+                    let line = std::mem::take(&mut self.line);
+                    self.take_line(&line, &mut out);
+                }
+                _ => self.line.push(b),
             }
-            if self.line.last() == Some(&b'\r') {
-                self.line.pop();
-            }
-            let line = std::mem::take(&mut self.line);
-            self.take_line(&line, &mut out);
         }
         out
     }
@@ -82,7 +86,7 @@ mod tests {
 
     #[test]
     fn events_split_anywhere_are_put_together() {
-        let text = b": heartbeat\n\nid: 7\ndata: {\"a\":1}\n\nid: 8\r\ndata: x\r\ndata: y\r\n\r\n";
+        let text = b": heartbeat\n\nid: 7\ndata: {\"a\":1}\n\nid: 8\r\ndata: x\rdata: y\r\n\r";
         for split in 0..text.len() {
             let mut p = SseParser::default();
             let mut got = p.push(&text[..split]);
@@ -179,9 +183,9 @@ mod properties {
         prop::collection::vec(event, 0..6)
     }
 
-    /// The format as a server writes it; `crlf` picks the line end.
-    fn encode(events: &[SseEvent], crlf: bool) -> Vec<u8> {
-        let nl = if crlf { "\r\n" } else { "\n" };
+    /// The format as a server writes it, with one of the three line ends.
+    fn encode(events: &[SseEvent], line_end: u8) -> Vec<u8> {
+        let nl = ["\n", "\r\n", "\r"][usize::from(line_end % 3)];
         let mut out = format!(": hello{nl}{nl}");
         for e in events {
             if let Some(id) = &e.id {
@@ -212,8 +216,8 @@ mod properties {
         }
 
         #[test]
-        fn written_events_are_read_back(events in events(), crlf in any::<bool>(), cuts in cuts()) {
-            let bytes = encode(&events, crlf);
+        fn written_events_are_read_back(events in events(), line_end in any::<u8>(), cuts in cuts()) {
+            let bytes = encode(&events, line_end);
             prop_assert_eq!(push_cut(&bytes, &cuts), (events, 1));
         }
     }
