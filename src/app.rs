@@ -68,9 +68,11 @@ pub struct Config {
     /// Requests per principal: one per `period`, with bursts of `burst`
     /// (429 beyond); `None`: unlimited.
     pub rate_limit: Option<RateLimit>,
-    /// Requests of one principal served at once (the others wait their
-    /// turn); 0: unlimited.
+    /// Requests of one principal served at once while others are active
+    /// (the rest wait their turn); 0: unlimited.
     pub max_in_flight: usize,
+    /// The same for a principal alone.
+    pub max_in_flight_alone: usize,
     /// How often a subscription authenticates its caller again (a removed
     /// principal's subscriptions end within this).
     pub subscription_recheck: std::time::Duration,
@@ -316,7 +318,8 @@ impl Application {
             shutdown: shutdown_rx,
             subscriptions: Arc::new(tokio::sync::Semaphore::new(cfg.max_subscriptions)),
             rate_limit: cfg.rate_limit.and_then(RateLimit::limiter).map(Arc::new),
-            turns: crate::http::Turns::new(cfg.max_in_flight).map(Arc::new),
+            turns: crate::http::Turns::new(cfg.max_in_flight, cfg.max_in_flight_alone)
+                .map(Arc::new),
             metrics,
             ledger: ledger_rx,
         };

@@ -122,11 +122,16 @@ enum Command {
         /// Requests one principal may make at once after a quiet spell.
         #[arg(long, env = "EVENTVAULT_RATE_LIMIT_BURST", default_value_t = 10000)]
         rate_limit_burst: u32,
-        /// Requests of one principal served at once; the others wait their
-        /// turn, so that one principal's flood leaves the others their
-        /// share. 0: unlimited.
+        /// Requests of one principal served at once while other principals
+        /// are active (made a request in the last second); the others wait
+        /// their turn, so that one principal's flood leaves the others
+        /// their share. 0: unlimited.
         #[arg(long, env = "EVENTVAULT_MAX_IN_FLIGHT", default_value_t = 4)]
         max_in_flight: usize,
+        /// Requests of one principal served at once while no other is
+        /// active.
+        #[arg(long, env = "EVENTVAULT_MAX_IN_FLIGHT_ALONE", default_value_t = 64)]
+        max_in_flight_alone: usize,
         /// NATS server URL (several: comma-separated). When set, every
         /// committed event is published to JetStream: clear fields and the
         /// sealed personal blob, never personal data in clear.
@@ -229,15 +234,17 @@ fn config(cli: &Cli, listen: SocketAddr, max_body_bytes: usize, key_cache: usize
             rate_limit,
             rate_limit_burst,
             max_in_flight,
+            max_in_flight_alone,
             ..
         } => (
             *write_timeout_secs,
             *max_subscriptions,
             app::RateLimit::per_second(*rate_limit, *rate_limit_burst),
-            *max_in_flight,
+            (*max_in_flight, *max_in_flight_alone),
         ),
-        _ => (30, 0, None, 0),
+        _ => (30, 0, None, (0, 0)),
     };
+    let (max_in_flight, max_in_flight_alone) = max_in_flight;
     let connections = match &cli.command {
         Command::Serve {
             max_connections,
@@ -279,6 +286,7 @@ fn config(cli: &Cli, listen: SocketAddr, max_body_bytes: usize, key_cache: usize
         max_subscriptions,
         rate_limit,
         max_in_flight,
+        max_in_flight_alone,
         subscription_recheck: std::time::Duration::from_secs(15),
         nats_url: None,
         nats_stream: eventvault::relay::DEFAULT_STREAM.into(),

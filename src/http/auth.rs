@@ -87,39 +87,94 @@ impl Caller {
 
 /// How many requests of one principal are served at once; the others wait
 /// their turn, in arrival order, before anything else is done for them
-/// (including a rate-limit refusal and its audit record). A principal that
-/// floods then shares the writer's groups and the processors with the
-/// others instead of crowding them out; one alone still has as many turns
-/// as it can use.
+/// (including a rate-limit refusal and its audit record). While other
+/// principals are active (a request in the last [`ACTIVE_WINDOW`]) each has
+/// `shared` turns: one that floods then holds only so many requests in the
+/// writer's groups and on the processors, and the others' requests go into
+/// the next small commit. A principal alone has `alone` turns, so that one
+/// service with many connections still fills the groups.
 #[derive(Debug)]
 pub struct Turns {
-    per_principal: usize,
-    principals: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    shared: usize,
+    alone: usize,
+    principals: std::sync::Mutex<std::collections::HashMap<String, Principal>>,
+}
+
+/// How long after its last request a principal still counts as active.
+pub const ACTIVE_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
+#[derive(Debug)]
+struct Principal {
+    in_flight: usize,
+    last_seen: tokio::time::Instant,
+    /// Woken (one waiter) when one of its turns is given back.
+    released: Arc<tokio::sync::Notify>,
+}
+
+/// One turn; given back when dropped.
+#[derive(Debug)]
+pub struct Turn {
+    turns: Arc<Turns>,
+    principal: String,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut all = self.turns.principals.lock().expect("turns lock");
+        if let Some(p) = all.get_mut(&self.principal) {
+            p.in_flight -= 1;
+            p.released.notify_one();
+        }
+    }
 }
 
 impl Turns {
-    /// `None` for 0: no limit.
-    pub fn new(per_principal: usize) -> Option<Self> {
-        (per_principal > 0).then(|| Self {
-            per_principal,
+    /// `None` when `shared` is 0: no limit. `alone` is at least `shared`.
+    pub fn new(shared: usize, alone: usize) -> Option<Self> {
+        (shared > 0).then(|| Self {
+            shared,
+            alone: alone.max(shared),
             principals: Default::default(),
         })
     }
 
     /// Waits for one of `principal`'s turns. (One entry per principal that
     /// ever made a request: bounded by the principals there are.)
-    pub async fn take(&self, principal: &str) -> tokio::sync::OwnedSemaphorePermit {
-        let turns = self
-            .principals
-            .lock()
-            .expect("turns lock")
-            .entry(principal.to_owned())
-            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_principal)))
-            .clone();
-        turns
-            .acquire_owned()
-            .await
-            .expect("a principal's turns are never closed")
+    pub async fn take(self: &Arc<Self>, principal: &str) -> Turn {
+        loop {
+            let released = {
+                let mut all = self.principals.lock().expect("turns lock");
+                let now = tokio::time::Instant::now();
+                let others_active = all.iter().any(|(name, p)| {
+                    name != principal
+                        && (p.in_flight > 0 || now.duration_since(p.last_seen) < ACTIVE_WINDOW)
+                });
+                let cap = if others_active {
+                    self.shared
+                } else {
+                    self.alone
+                };
+                let p = all
+                    .entry(principal.to_owned())
+                    .or_insert_with(|| Principal {
+                        in_flight: 0,
+                        last_seen: now,
+                        released: Arc::new(tokio::sync::Notify::new()),
+                    });
+                p.last_seen = now;
+                if p.in_flight < cap {
+                    p.in_flight += 1;
+                    return Turn {
+                        turns: self.clone(),
+                        principal: principal.to_owned(),
+                    };
+                }
+                p.released.clone()
+            };
+            // All its turns are taken, so one will be given back; a notice
+            // given meanwhile is kept by `Notify` for the next waiter.
+            released.notified().await;
+        }
     }
 }
 
@@ -194,18 +249,26 @@ mod tests {
     use super::*;
     use futures::FutureExt;
 
-    #[tokio::test]
-    async fn a_principal_waits_for_its_own_turns_only() {
-        let turns = Turns::new(2).unwrap();
+    #[tokio::test(start_paused = true)]
+    async fn a_principal_has_few_turns_while_others_are_active() {
+        let turns = Arc::new(Turns::new(2, 3).unwrap());
+        // Alone, `a` has three turns; a fourth request waits.
         let first = turns.take("a").await;
-        let _second = turns.take("a").await;
-        // A third request of `a` waits; `b` is served at once.
-        let mut third = Box::pin(turns.take("a"));
-        assert!((&mut third).now_or_never().is_none());
-        assert!(turns.take("b").now_or_never().is_some());
-        // One of `a`'s requests ends: the waiting one goes on.
+        let second = turns.take("a").await;
+        let _third = turns.take("a").await;
+        let mut fourth = Box::pin(turns.take("a"));
+        assert!((&mut fourth).now_or_never().is_none());
+        // `b` is served at once; from now on `a` has two turns, so one
+        // given back is not enough.
+        let b = turns.take("b").now_or_never().expect("b is served at once");
         drop(first);
-        assert!(third.now_or_never().is_some());
-        assert!(Turns::new(0).is_none());
+        assert!((&mut fourth).now_or_never().is_none());
+        // `b` is done and a second of quiet later it no longer counts: the
+        // next turn `a` gives back lets the waiting request go on.
+        drop(b);
+        tokio::time::advance(ACTIVE_WINDOW).await;
+        drop(second);
+        assert!(fourth.now_or_never().is_some());
+        assert!(Turns::new(0, 64).is_none());
     }
 }

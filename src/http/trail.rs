@@ -107,7 +107,7 @@ struct Draft {
     recorded: bool,
     /// The principal's turn (see `auth::Turns`), held until the record is
     /// written.
-    turn: Option<tokio::sync::OwnedSemaphorePermit>,
+    turn: Option<super::auth::Turn>,
 }
 
 /// The audit record of the current request, shared by the middleware, the
@@ -140,7 +140,7 @@ impl AuditSlot {
     }
 
     /// Holds the principal's turn until the request's record is written.
-    pub fn hold_turn(&self, turn: tokio::sync::OwnedSemaphorePermit) {
+    pub fn hold_turn(&self, turn: super::auth::Turn) {
         self.draft().turn = Some(turn);
     }
 

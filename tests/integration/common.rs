@@ -372,6 +372,7 @@ impl TestEnv {
             subscription_recheck: *self.subscription_recheck.lock().unwrap(),
             rate_limit: *self.rate_limit.lock().unwrap(),
             max_in_flight: 4,
+            max_in_flight_alone: 64,
             max_connections: *self.max_connections.lock().unwrap(),
             max_header_bytes: *self.max_header_bytes.lock().unwrap(),
             header_read_timeout: *self.header_read_timeout.lock().unwrap(),
