@@ -59,6 +59,19 @@ pub enum StoreError {
     Busy(&'static str),
 }
 
+/// How every PostgreSQL connection is opened. `plan_cache_mode =
+/// force_custom_plan`: a statement is planned with its parameters each time.
+/// PostgreSQL otherwise settles, after five executions, on a generic plan
+/// made with the statistics of that moment, and keeps it for the
+/// connection's life: made on an empty table, the writer's look-up of event
+/// ids (`event_id = any($1)`) stayed a sequential scan while the table grew,
+/// and appends slowed down with every event stored.
+fn pg_options(url: &str) -> Result<PgConnectOptions, StoreError> {
+    Ok(PgConnectOptions::from_str(url)?
+        .application_name("eventvault")
+        .options([("plan_cache_mode", "force_custom_plan")]))
+}
+
 /// Which of the two databases a pool serves; they have separate migrations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
@@ -113,7 +126,7 @@ impl Db {
         max_connections: u32,
     ) -> Result<Self, StoreError> {
         let db = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            let opts = PgConnectOptions::from_str(url)?.application_name("eventvault");
+            let opts = pg_options(url)?;
             let pool = PgPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(Duration::from_secs(10))
@@ -171,7 +184,7 @@ impl Db {
     /// checking an empty new database.
     pub async fn open_existing(url: &str) -> Result<Self, StoreError> {
         if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            let opts = PgConnectOptions::from_str(url)?.application_name("eventvault");
+            let opts = pg_options(url)?;
             Ok(Db::Postgres(
                 PgPoolOptions::new()
                     .max_connections(2)

@@ -455,3 +455,37 @@ async fn a_failed_reapply_stops_the_service_before_it_serves(backend: Backend) {
         "{err}"
     );
 }
+
+mod postgres_only {
+    // Plan caching is PostgreSQL's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn statements_are_planned_with_their_parameters() {
+        if let Some(backend) = crate::common::Backend::postgres().await {
+            super::statements_are_planned_with_their_parameters(backend).await;
+        }
+    }
+}
+
+/// Every connection of the service plans a statement with its parameters
+/// each time: a generic plan made while the tables were empty (a
+/// sequential scan of `events` for the writer's look-up of event ids) would
+/// otherwise be kept for the connection's life, and appends would slow
+/// down as the store grows.
+async fn statements_are_planned_with_their_parameters(backend: Backend) {
+    let env = TestEnv::new(&backend).await;
+    for (url, purpose) in [
+        (&env.database_url, eventvault::store::Purpose::Events),
+        (&env.keystore_url, eventvault::store::Purpose::Keystore),
+    ] {
+        let db = Db::connect(url, purpose, 1).await.unwrap();
+        let Db::Postgres(pool) = &db else {
+            panic!("a PostgreSQL URL gives a PostgreSQL pool")
+        };
+        let mode: String = sqlx::query_scalar("show plan_cache_mode")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(mode, "force_custom_plan");
+        db.close().await;
+    }
+}
