@@ -551,6 +551,28 @@ struct Steady {
     failed: u64,
 }
 
+/// One request of the flood measurement: the `n`th appends one event to
+/// `stream` when `n` is even, and reads the stream's first ten events when
+/// it is odd.
+fn append_or_read(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    stream: &str,
+    n: u64,
+) -> reqwest::RequestBuilder {
+    if n.is_multiple_of(2) {
+        client
+            .post(format!("{url}/streams/{stream}/events"))
+            .bearer_auth(token)
+            .json(&json!({"events": [event(n as usize % 1000, n)]}))
+    } else {
+        client
+            .get(format!("{url}/streams/{stream}/events?limit=10"))
+            .bearer_auth(token)
+    }
+}
+
 /// Principal B's paced workload for `seconds`: `rate` appends and `rate`
 /// reads a second, each sent at its time (open loop: a slow answer does
 /// not delay the next request, so it cannot hide a stall).
@@ -580,28 +602,16 @@ async fn steady(
             let stream = format!("accounts-steady-{}", n % 100);
             let is_append = n.is_multiple_of(2);
             let t = Instant::now();
-            let ok = if is_append {
-                client
-                    .post(format!("{url}/streams/{stream}/events"))
-                    .bearer_auth(&token)
-                    .json(&json!({"events": [event(n as usize % 1000, n)]}))
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
-            } else {
-                match client
-                    .get(format!("{url}/streams/{stream}/events?limit=10"))
-                    .bearer_auth(&token)
-                    .header("X-Purpose", "flood measurement")
-                    .send()
-                    .await
-                {
-                    // The first reads may come before the stream's first append.
-                    Ok(r) if r.status().is_success() || r.status() == 404 => {
-                        r.bytes().await.is_ok()
-                    }
-                    _ => false,
+            let mut request = append_or_read(&client, &url, &token, &stream, n);
+            if !is_append {
+                request = request.header("X-Purpose", "flood measurement");
+            }
+            let ok = match request.send().await {
+                // The first reads may come before the stream's first append.
+                Ok(r) if r.status().is_success() || (!is_append && r.status() == 404) => {
+                    r.bytes().await.is_ok()
                 }
+                _ => false,
             };
             let us = t.elapsed().as_micros() as u64;
             let mut r = results.lock().expect("lock");
@@ -701,20 +711,9 @@ async fn flood(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             while !stop.load(Relaxed) {
                 n += 1;
                 let stream = format!("accounts-flood-{}", n % 1000);
-                let r = if n.is_multiple_of(2) {
-                    client
-                        .post(format!("{url}/streams/{stream}/events"))
-                        .bearer_auth(&token)
-                        .json(&json!({"events": [event(n as usize % 1000, n)]}))
-                        .send()
-                        .await
-                } else {
-                    client
-                        .get(format!("{url}/streams/{stream}/events?limit=10"))
-                        .bearer_auth(&token)
-                        .send()
-                        .await
-                };
+                let r = append_or_read(&client, &url, &token, &stream, n)
+                    .send()
+                    .await;
                 let slot = match r {
                     Ok(r) => {
                         let status = r.status().as_u16();

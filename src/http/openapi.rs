@@ -139,12 +139,21 @@ fn add_shared(op: &mut Operation) {
             .or_insert(RefOr::T(response));
     }
     if op.request_body.is_some() {
-        op.responses
-            .responses
-            .entry("408".to_owned())
-            .or_insert(RefOr::T(problem(
+        for (status, description) in [
+            (
+                "408",
                 "The body did not arrive in time (`request-timeout`); the connection closes",
-            )));
+            ),
+            (
+                "413",
+                "The body is over the limit (`payload-too-large`, `--max-body-bytes`)",
+            ),
+        ] {
+            op.responses
+                .responses
+                .entry(status.to_owned())
+                .or_insert(RefOr::T(problem(description)));
+        }
     }
     let params = op.parameters.get_or_insert_with(Vec::new);
     params.extend(audit_headers());

@@ -64,8 +64,6 @@ struct SavedView<'a> {
             body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "The subject has been forgotten",
             body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "The body is over the limit",
-            body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "The body is not `application/json`",
             body = Problem, content_type = "application/problem+json"),
     )

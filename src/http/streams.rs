@@ -131,8 +131,6 @@ fn proposed(body: AppendBody) -> Result<EventBatch, ApiError> {
             `duplicate-event-ids`", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "An event's subject has been forgotten",
             body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "The body is over the limit",
-            body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "The body is not `application/json`",
             body = Problem, content_type = "application/problem+json"),
     )

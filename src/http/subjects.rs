@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 
 use super::auth::Caller;
 use super::openapi::SubjectPath;
-use super::problem::{ApiError, Problem};
+use super::problem::ApiError;
 use super::views::{Event, EventView, json_response, rfc3339};
 use super::{AppState, path_id, plain_text};
 use crate::audit::Outcome;
@@ -239,8 +239,6 @@ struct ForgetView<'a> {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Forgotten (now or before)", body = ForgetView),
-        (status = 413, description = "The body is over the limit",
-            body = Problem, content_type = "application/problem+json"),
     )
 )]
 async fn forget(

@@ -73,6 +73,24 @@ pub async fn exec(db: &Db, sql: &'static str) -> Result<u64, sqlx::Error> {
     }
 }
 
+/// Makes the keystore refuse to delete a data key (a trigger named
+/// `no_delete` on `deks`, dropped to put things right), as a failing disk
+/// would.
+pub async fn refuse_key_deletions(ks: &Db) {
+    let statements: &[&'static str] = match ks {
+        Db::Sqlite(_) => &[
+            "create trigger no_delete before delete on deks begin select raise(abort, 'disk on fire'); end",
+        ],
+        Db::Postgres(_) => &[
+            "create function no_delete() returns trigger language plpgsql as $$ begin raise exception 'disk on fire'; end; $$",
+            "create trigger no_delete before delete on deks for each row execute function no_delete()",
+        ],
+    };
+    for sql in statements {
+        exec(ks, sql).await.unwrap();
+    }
+}
+
 async fn ciphertext_moved_to_another_row_is_refused(backend: Backend) {
     let app = TestApp::spawn(&backend).await;
     let body = batch(vec![

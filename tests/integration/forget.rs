@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::access::{audit_records, call, get};
-use crate::at_rest::{exec, key_ids_of, keystore_db};
+use crate::at_rest::{exec, key_ids_of, keystore_db, refuse_key_deletions};
 use crate::both_backends;
 use crate::common::{Backend, PERSONAL_VALUES, ServerProcess, TestApp, TestEnv, batch, deposit};
 use eventvault::store::Db;
@@ -60,8 +60,9 @@ pub async fn forget_ok(app: &TestApp, token: &str, subject: &str) -> Value {
     body
 }
 
-/// Deposits about cust-1 in two streams and one about cust-2.
-async fn seed(app: &TestApp) {
+/// One deposit about cust-1 (10.50) and one about cust-2 (20.00), in
+/// `accounts-1`.
+pub async fn two_deposits(app: &TestApp) {
     app.append_ok(
         "accounts-1",
         &batch(vec![
@@ -70,6 +71,11 @@ async fn seed(app: &TestApp) {
         ]),
     )
     .await;
+}
+
+/// Deposits about cust-1 in two streams and one about cust-2.
+pub async fn seed(app: &TestApp) {
+    two_deposits(app).await;
     app.append_ok(
         "payments-1",
         &batch(vec![deposit(Uuid::new_v4(), "cust-1", "0.25")]),
@@ -406,30 +412,7 @@ async fn an_interrupted_forget_is_completed_at_start(backend: Backend) {
     seed(&app).await;
     let ks = keystore_db(&app.env).await;
     // The key deletion fails once.
-    match &ks {
-        Db::Sqlite(_) => {
-            exec(
-                &ks,
-                "create trigger no_delete before delete on deks begin select raise(abort, 'disk on fire'); end",
-            )
-            .await
-            .unwrap();
-        }
-        Db::Postgres(_) => {
-            exec(
-                &ks,
-                "create function no_delete() returns trigger language plpgsql as $$ begin raise exception 'disk on fire'; end; $$",
-            )
-            .await
-            .unwrap();
-            exec(
-                &ks,
-                "create trigger no_delete before delete on deks for each row execute function no_delete()",
-            )
-            .await
-            .unwrap();
-        }
-    }
+    refuse_key_deletions(&ks).await;
     let (status, body) = forget(&app, &app.token(), "cust-1").await;
     assert!(status.is_server_error(), "{status} {body}");
     assert!(

@@ -324,14 +324,7 @@ async fn every_committed_event_is_published_once_in_position_order(backend: Back
     env.set_nats(Some(broker.target.clone()));
     let app = TestApp::start(env.clone()).await;
 
-    app.append_ok(
-        "accounts-1",
-        &batch(vec![
-            deposit(Uuid::new_v4(), "cust-1", "10.50"),
-            deposit(Uuid::new_v4(), "cust-2", "20.00"),
-        ]),
-    )
-    .await;
+    crate::forget::two_deposits(&app).await;
     // A number no float holds, to be published digit for digit.
     let exact: Value = serde_json::from_str(
         r#"{"type":"MoneyDeposited","subject":"cust-3","data":{"account":"ACC-3",
@@ -691,19 +684,7 @@ async fn after_a_forget_the_broker_holds_only_blobs_whose_key_is_gone(backend: B
     let env = TestEnv::new(&backend).await;
     env.set_nats(Some(broker.target.clone()));
     let app = TestApp::start(env.clone()).await;
-    app.append_ok(
-        "accounts-1",
-        &batch(vec![
-            deposit(Uuid::new_v4(), "cust-1", "10.50"),
-            deposit(Uuid::new_v4(), "cust-2", "20.00"),
-        ]),
-    )
-    .await;
-    app.append_ok(
-        "payments-1",
-        &batch(vec![deposit(Uuid::new_v4(), "cust-1", "0.25")]),
-    )
-    .await;
+    crate::forget::seed(&app).await;
     broker.wait_until_stored(3).await;
 
     let dpo = env.add_principal("dpo", &["dpo"]).await;

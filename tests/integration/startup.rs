@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::access::audit_records;
-use crate::at_rest::{exec, key_ids_of, keystore_db};
+use crate::at_rest::{key_ids_of, keystore_db, refuse_key_deletions};
 use crate::both_backends;
 use crate::common::{
     Backend, ServerProcess, TestApp, TestEnv, batch, command, command_with_policies, deposit,
@@ -230,14 +230,7 @@ async fn shutdown_finishes_in_flight_appends(backend: Backend) {
 /// with one deposit in `accounts-1` (and cust-2's, not forgotten, beside it).
 async fn forgotten_but_restored(backend: &Backend) -> std::sync::Arc<TestEnv> {
     let app = TestApp::spawn(backend).await;
-    app.append_ok(
-        "accounts-1",
-        &batch(vec![
-            deposit(Uuid::new_v4(), "cust-1", "10.50"),
-            deposit(Uuid::new_v4(), "cust-2", "20.00"),
-        ]),
-    )
-    .await;
+    crate::forget::two_deposits(&app).await;
     let env = app.stop().await;
     keystore_copy(&env, false).await; // last night's backup
     let app = TestApp::start(env).await;
@@ -398,30 +391,7 @@ async fn a_failed_reapply_stops_the_service_before_it_serves(backend: Backend) {
     let env = forgotten_but_restored(&backend).await;
     // Shredding the restored key fails.
     let ks = keystore_db(&env).await;
-    match &ks {
-        Db::Sqlite(_) => {
-            exec(
-                &ks,
-                "create trigger no_delete before delete on deks begin select raise(abort, 'disk on fire'); end",
-            )
-            .await
-            .unwrap();
-        }
-        Db::Postgres(_) => {
-            exec(
-                &ks,
-                "create function no_delete() returns trigger language plpgsql as $$ begin raise exception 'disk on fire'; end; $$",
-            )
-            .await
-            .unwrap();
-            exec(
-                &ks,
-                "create trigger no_delete before delete on deks for each row execute function no_delete()",
-            )
-            .await
-            .unwrap();
-        }
-    }
+    refuse_key_deletions(&ks).await;
     ks.close().await;
     // The binary exits with a clear error and never says it is ready.
     let printed = match ServerProcess::start(&env).await {
