@@ -210,9 +210,13 @@ fn trickle(
     every: Duration,
 ) -> tokio::task::JoinHandle<usize> {
     tokio::spawn(async move {
+        // Never faster than `every`, even after a late tick.
+        let mut pace = tokio::time::interval(every);
+        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        pace.tick().await; // the first tick is immediate
         let mut sent = 0;
         for b in bytes {
-            tokio::time::sleep(every).await;
+            pace.tick().await;
             if w.write_all(&[b]).await.is_err() {
                 break;
             }
