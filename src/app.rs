@@ -49,6 +49,10 @@ pub struct Config {
     pub dek_max_encryptions: u64,
     /// Connections per database pool.
     pub max_db_connections: u32,
+    /// The longest a request waits for a store that does not answer (a
+    /// connection from the pool, the writer's commit): then it is answered
+    /// 503 with `Retry-After`.
+    pub store_timeout: std::time::Duration,
     /// How long a write to a client may wait for it to read before the
     /// connection is closed (stalled subscribers, slow readers).
     pub write_timeout: std::time::Duration,
@@ -171,7 +175,13 @@ pub enum StartError {
 /// Opens the event store and loads the policies: what every command needs.
 pub async fn open_event_store(cfg: &Config) -> Result<(EventStore, Arc<Policies>), StartError> {
     let policies = Arc::new(Policies::load(&cfg.policies_dir)?);
-    let db = Db::connect(&cfg.database_url, Purpose::Events, cfg.max_db_connections).await?;
+    let db = Db::connect_bounded(
+        &cfg.database_url,
+        Purpose::Events,
+        cfg.max_db_connections,
+        cfg.store_timeout,
+    )
+    .await?;
     Ok((EventStore::new(db), policies))
 }
 
@@ -180,7 +190,13 @@ pub async fn open_keystore(cfg: &Config) -> Result<Keystore, StartError> {
     if cfg.database_url == cfg.keystore_url {
         return Err(StartError::SharedDatabase(redact_url(&cfg.database_url)));
     }
-    let db = Db::connect(&cfg.keystore_url, Purpose::Keystore, cfg.max_db_connections).await?;
+    let db = Db::connect_bounded(
+        &cfg.keystore_url,
+        Purpose::Keystore,
+        cfg.max_db_connections,
+        cfg.store_timeout,
+    )
+    .await?;
     Ok(Keystore::new(db))
 }
 
@@ -203,7 +219,13 @@ pub async fn open_key_manager(
         cfg.master_key.as_deref().map(String::as_str),
         &cfg.master_key_file,
     )?;
-    let db = Db::connect(&cfg.keystore_url, Purpose::Keystore, cfg.max_db_connections).await?;
+    let db = Db::connect_bounded(
+        &cfg.keystore_url,
+        Purpose::Keystore,
+        cfg.max_db_connections,
+        cfg.store_timeout,
+    )
+    .await?;
     Ok((
         KeyManager::open(
             Keystore::new(db),

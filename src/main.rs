@@ -64,6 +64,15 @@ struct Cli {
         default_value_t = 16
     )]
     db_connections: u32,
+    /// Seconds a request waits for a database that does not answer (no
+    /// connection, no commit) before it is answered 503 with Retry-After.
+    #[arg(
+        long,
+        global = true,
+        env = "EVENTVAULT_STORE_TIMEOUT_SECS",
+        default_value_t = 5
+    )]
+    store_timeout_secs: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -276,6 +285,7 @@ fn config(cli: &Cli, listen: SocketAddr, max_body_bytes: usize, key_cache: usize
         key_cache_capacity: key_cache,
         dek_max_encryptions: eventvault::keys::DEFAULT_MAX_ENCRYPTIONS,
         max_db_connections: cli.db_connections,
+        store_timeout: secs(cli.store_timeout_secs),
         write_timeout: secs(write_timeout_secs),
         max_connections: max_connections.max(1),
         // Below a request line and a few headers nothing could be served.

@@ -236,6 +236,9 @@ impl FromRequestParts<AppState> for Caller {
                 })
             }
             Ok(None) => Err(ApiError::Unauthorized("the token is not valid")),
+            Err(crate::principals::PrincipalError::Store(e)) if e.fault().is_some() => {
+                Err(ApiError::from_fault(&e))
+            }
             Err(e) => {
                 tracing::error!(error = %e, "authentication failed");
                 Err(ApiError::Internal)

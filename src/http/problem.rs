@@ -53,19 +53,32 @@ pub enum ApiError {
     Unavailable(&'static str),
     /// The service is starting: the forget ledger is being re-applied.
     #[error(
-        "the service is starting (re-applying the forget ledger); retry after {STARTING_RETRY_AFTER_SECS} s"
+        "the service is starting (re-applying the forget ledger); retry after {RETRY_AFTER_SECS} s"
     )]
     Starting,
 }
 
-/// What a refusal during start asks the caller to wait, in seconds.
-const STARTING_RETRY_AFTER_SECS: u64 = 1;
+/// What a 503 (starting, unavailable, too many connections) asks the
+/// caller to wait before retrying, in seconds.
+const RETRY_AFTER_SECS: u64 = 1;
 
 impl ApiError {
     /// The answer when a request's audit record could not be written: the
     /// response it would have had is withheld.
     pub fn not_audited() -> Self {
         Self::Unavailable("the request could not be audited; nothing was disclosed")
+    }
+
+    /// The answer to work a store could not do because of its condition
+    /// (see [`crate::store::Fault`]): 503, never a 500. The cause is logged.
+    pub fn from_fault(e: &StoreError) -> Self {
+        use crate::store::Fault;
+        tracing::warn!(error = %e, "a store could not serve a request");
+        match e.fault() {
+            Some(Fault::Full) => Self::Unavailable("the store is full; nothing was written"),
+            Some(Fault::Busy) => Self::Unavailable("the store is busy; retry"),
+            _ => Self::Unavailable("a store does not answer; retry"),
+        }
     }
 
     pub fn status_code(&self) -> StatusCode {
@@ -138,9 +151,10 @@ impl ApiError {
     pub fn to_http1_bytes(&self) -> Vec<u8> {
         let status = self.status_code();
         let body = serde_json::to_string(&self.body()).expect("a problem serialises");
-        let retry = match self {
-            Self::TooManyConnections => "retry-after: 1\r\n",
-            _ => "",
+        let retry = if status == StatusCode::SERVICE_UNAVAILABLE {
+            format!("retry-after: {RETRY_AFTER_SECS}\r\n")
+        } else {
+            String::new()
         };
         format!(
             "HTTP/1.1 {} {}\r\ncontent-type: application/problem+json\r\ncontent-length: {}\r\ncache-control: no-store\r\n{retry}connection: close\r\n\r\n{body}",
@@ -186,11 +200,9 @@ impl IntoResponse for ApiError {
         if let Self::TooManyRequests(secs) = &self {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(*secs));
         }
-        if let Self::Starting = &self {
-            headers.insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(STARTING_RETRY_AFTER_SECS),
-            );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // Every 503 is a condition that passes: say when to try again.
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
         if let Self::RequestTimeout(_) = &self {
             // The rest of the body may still come: the connection cannot
@@ -240,8 +252,19 @@ impl From<ServiceError> for ApiError {
                 tracing::warn!(reason = why, "a request found the store busy");
                 Self::Unavailable(why)
             }
-            ServiceError::Store(StoreError::GroupCommit) => {
-                Self::Unavailable("the request could not be committed; nothing was written")
+            ServiceError::Store(StoreError::GroupCommit {
+                at_commit: false, ..
+            }) => Self::Unavailable("the request could not be committed; nothing was written"),
+            ServiceError::Store(StoreError::GroupCommit {
+                at_commit: true, ..
+            }) => Self::Unavailable(
+                "the store failed while committing the request, which may or may not have been \
+                 written; retry it (an append with the same event ids is answered with its result)",
+            ),
+            ServiceError::Key(crate::keys::KeyError::Store(e)) | ServiceError::Store(e)
+                if e.fault().is_some() =>
+            {
+                Self::from_fault(&e)
             }
             other => {
                 tracing::error!(error = %other, "request failed");

@@ -48,9 +48,15 @@ pub enum StoreError {
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// The transaction of a group of appends failed; its cause is logged
-    /// once by the writer, and every request of the group gets this.
+    /// once by the writer, and every request of the group gets this, with
+    /// the store's condition if that was the cause, and whether the failure
+    /// came while committing (the outcome is then unknown: the commit may
+    /// have reached the database before the connection was lost).
     #[error("the group commit failed")]
-    GroupCommit,
+    GroupCommit {
+        fault: Option<Fault>,
+        at_commit: bool,
+    },
     #[error("stored data is inconsistent: {0}")]
     Corrupt(String),
     /// Work that must wait for other connections found them busy for too
@@ -58,6 +64,111 @@ pub enum StoreError {
     #[error("{0}")]
     Busy(&'static str),
 }
+
+/// Why a store cannot serve now, when the cause is the store's condition
+/// rather than the request or the data: the answer is then 503 with
+/// `Retry-After` (retrying later may succeed), never a 500, which stays
+/// for integrity failures and bugs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The database does not answer: connection refused or lost, the pool
+    /// found no connection in time, the server is shutting down or is a
+    /// standby that refuses writes.
+    Unreachable,
+    /// The database (or its disk) is full: reads may work, writes cannot
+    /// commit until space is freed.
+    Full,
+    /// Other connections hold what this work must wait for (a lock, the
+    /// WAL), longer than the busy timeout.
+    Busy,
+}
+
+impl Fault {
+    /// The word readiness reports for a store in this condition.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unreachable => "unreachable",
+            Self::Full => "full",
+            Self::Busy => "busy",
+        }
+    }
+}
+
+impl StoreError {
+    /// The store's condition behind this error, if it is one (see
+    /// [`Fault`]); `None` for errors a retry would not cure (a bad
+    /// statement, corrupt data).
+    pub fn fault(&self) -> Option<Fault> {
+        match self {
+            Self::Database(e) => sqlx_fault(e),
+            Self::GroupCommit { fault, .. } => *fault,
+            Self::Busy(_) => Some(Fault::Busy),
+            _ => None,
+        }
+    }
+}
+
+/// The [`Fault`] behind a sqlx error, by its kind and, for errors the
+/// server returned, by SQLSTATE (PostgreSQL) or result code (SQLite).
+pub fn sqlx_fault(e: &sqlx::Error) -> Option<Fault> {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => Some(Fault::Unreachable),
+        sqlx::Error::Database(db) => {
+            let code = db.code()?;
+            if db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some()
+            {
+                pg_fault(&code)
+            } else {
+                code.parse::<i32>().ok().and_then(sqlite_fault)
+            }
+        }
+        _ => None,
+    }
+}
+
+/// PostgreSQL SQLSTATEs that describe the server's condition.
+fn pg_fault(state: &str) -> Option<Fault> {
+    match state {
+        // insufficient resources: disk full, out of memory, too many
+        // connections
+        "53100" => Some(Fault::Full),
+        s if s.starts_with("53") => Some(Fault::Unreachable),
+        // connection exception; admin shutdown, crash shutdown, cannot
+        // connect now (starting, recovering); system I/O errors; a standby
+        // that refuses writes (read_only_sql_transaction)
+        s if s.starts_with("08") || s.starts_with("57P") || s.starts_with("58") => {
+            Some(Fault::Unreachable)
+        }
+        "25006" => Some(Fault::Unreachable),
+        // serialization failure, deadlock, lock not available
+        "40001" | "40P01" | "55P03" => Some(Fault::Busy),
+        _ => None,
+    }
+}
+
+/// SQLite result codes (primary code: the low byte of the extended one)
+/// that describe the file's or the disk's condition.
+fn sqlite_fault(extended: i32) -> Option<Fault> {
+    match extended & 0xff {
+        // SQLITE_FULL
+        13 => Some(Fault::Full),
+        // SQLITE_BUSY, SQLITE_LOCKED
+        5 | 6 => Some(Fault::Busy),
+        // SQLITE_IOERR, SQLITE_CANTOPEN, SQLITE_READONLY, SQLITE_PROTOCOL
+        10 | 14 | 8 | 15 => Some(Fault::Unreachable),
+        _ => None,
+    }
+}
+
+/// How long work waits for a store that does not answer, unless configured
+/// otherwise (`--store-timeout-secs`).
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How every PostgreSQL connection is opened. `plan_cache_mode =
 /// force_custom_plan`: a statement is planned with its parameters each time.
@@ -119,17 +230,30 @@ pub(crate) use on_db_sql;
 
 impl Db {
     /// Connects to `url` (`sqlite:…` or `postgres://…`), creating a SQLite
-    /// file and its directory if needed, and runs the migrations for `purpose`.
+    /// file and its directory if needed, and runs the migrations for
+    /// `purpose`; waits at most [`DEFAULT_STORE_TIMEOUT`] for a connection.
     pub async fn connect(
         url: &str,
         purpose: Purpose,
         max_connections: u32,
     ) -> Result<Self, StoreError> {
+        Self::connect_bounded(url, purpose, max_connections, DEFAULT_STORE_TIMEOUT).await
+    }
+
+    /// [`Db::connect`], waiting at most `timeout` for a connection from the
+    /// pool (a new one included): while the database does not answer, work
+    /// fails after that long instead of waiting for it to come back.
+    pub async fn connect_bounded(
+        url: &str,
+        purpose: Purpose,
+        max_connections: u32,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
         let db = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let opts = pg_options(url)?;
             let pool = PgPoolOptions::new()
                 .max_connections(max_connections)
-                .acquire_timeout(Duration::from_secs(10))
+                .acquire_timeout(timeout)
                 .connect_with(opts)
                 .await?;
             Db::Postgres(pool)
@@ -151,7 +275,7 @@ impl Db {
             }
             let pool = SqlitePoolOptions::new()
                 .max_connections(max_connections)
-                .acquire_timeout(Duration::from_secs(10))
+                .acquire_timeout(timeout)
                 .connect_with(opts)
                 .await?;
             // Owner-only, like the directory (SQLite gives its -wal and -shm
@@ -446,6 +570,38 @@ impl EventStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_conditions_are_told_apart_from_errors() {
+        assert_eq!(pg_fault("53100"), Some(Fault::Full));
+        assert_eq!(
+            pg_fault("57P01"),
+            Some(Fault::Unreachable),
+            "admin shutdown"
+        );
+        assert_eq!(pg_fault("08006"), Some(Fault::Unreachable));
+        assert_eq!(pg_fault("25006"), Some(Fault::Unreachable), "a standby");
+        assert_eq!(pg_fault("40001"), Some(Fault::Busy));
+        assert_eq!(pg_fault("23505"), None, "a unique violation is not a fault");
+        assert_eq!(pg_fault("42P01"), None, "nor an unknown table");
+        assert_eq!(sqlite_fault(13), Some(Fault::Full));
+        assert_eq!(
+            sqlite_fault(5 | (2 << 8)),
+            Some(Fault::Busy),
+            "SQLITE_BUSY_SNAPSHOT"
+        );
+        assert_eq!(
+            sqlite_fault(10 | (3 << 8)),
+            Some(Fault::Unreachable),
+            "SQLITE_IOERR_WRITE"
+        );
+        assert_eq!(sqlite_fault(2067), None, "SQLITE_CONSTRAINT_UNIQUE");
+        assert_eq!(
+            sqlx_fault(&sqlx::Error::PoolTimedOut),
+            Some(Fault::Unreachable)
+        );
+        assert_eq!(sqlx_fault(&sqlx::Error::RowNotFound), None);
+    }
 
     #[test]
     fn urls_lose_their_passwords() {

@@ -265,8 +265,12 @@ async fn run(
             Err(e) => {
                 metrics.commit_failed(began.elapsed());
                 tracing::error!(error = %e, requests = replies.len(), "group commit failed");
+                let (fault, at_commit) = (e.fault(), false);
                 for reply in replies {
-                    let _ = reply.send(Err(WriteError::Store(StoreError::GroupCommit)));
+                    let _ = reply.send(Err(WriteError::Store(StoreError::GroupCommit {
+                        fault,
+                        at_commit,
+                    })));
                 }
             }
         }

@@ -286,6 +286,8 @@ pub struct TestEnv {
     pub idle_timeout: Mutex<std::time::Duration>,
     /// Where the application's outbox relay publishes; `None`: no relay.
     pub nats: Mutex<Option<NatsTarget>>,
+    /// How long a request waits for a store that does not answer.
+    pub store_timeout: Mutex<std::time::Duration>,
 }
 
 /// A NATS server, JetStream stream and subject prefix for the relay.
@@ -347,6 +349,7 @@ impl TestEnv {
             body_read_timeout: Mutex::new(std::time::Duration::from_secs(30)),
             idle_timeout: Mutex::new(std::time::Duration::from_secs(60)),
             nats: Mutex::new(None),
+            store_timeout: Mutex::new(eventvault::store::DEFAULT_STORE_TIMEOUT),
         })
     }
 
@@ -367,6 +370,7 @@ impl TestEnv {
             key_cache_capacity: 1000,
             dek_max_encryptions: *self.dek_max_encryptions.lock().unwrap(),
             max_db_connections: 8,
+            store_timeout: *self.store_timeout.lock().unwrap(),
             write_timeout: *self.write_timeout.lock().unwrap(),
             max_subscriptions: *self.max_subscriptions.lock().unwrap(),
             subscription_recheck: *self.subscription_recheck.lock().unwrap(),
