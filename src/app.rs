@@ -313,7 +313,8 @@ impl Application {
         let feed = Feed::new(store.head_position().await?);
         feed::follow_other_processes(&store, &feed);
         feed::Tail::spawn_reader(&feed, store.clone());
-        let (writer, writer_task) = Writer::spawn(store.db.clone(), feed, metrics.clone());
+        let (writer, writer_task) =
+            Writer::spawn(store.db.clone(), feed, metrics.clone(), cfg.store_timeout);
         keys.follow_evictions();
         let events = Events::new(
             store.clone(),
@@ -336,6 +337,7 @@ impl Application {
                 max_body_bytes: cfg.max_body_bytes,
                 body_read_timeout: cfg.body_read_timeout,
                 subscription_recheck: cfg.subscription_recheck,
+                store_timeout: cfg.store_timeout,
             }),
             shutdown: shutdown_rx,
             subscriptions: Arc::new(tokio::sync::Semaphore::new(cfg.max_subscriptions)),

@@ -198,6 +198,19 @@ impl Events {
         self.writer.feed().head()
     }
 
+    /// Whether the writer's last group committed.
+    pub fn writer_health(&self) -> crate::store::writer::Health {
+        self.writer.health()
+    }
+
+    /// Whether a write commits now (see [`Writer::probe`]).
+    pub async fn probe_write(
+        &self,
+        patience: std::time::Duration,
+    ) -> Option<Result<(), StoreError>> {
+        self.writer.probe(patience).await
+    }
+
     /// The application's metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics

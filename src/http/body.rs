@@ -28,6 +28,8 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
                 )));
             }
         }
+        let slot = req.extensions().get::<super::trail::AuditSlot>().cloned();
+        let began = tokio::time::Instant::now();
         let limit = state.config.max_body_bytes;
         // One deadline for the whole body, not per chunk: a byte now and
         // then must not hold a connection and a request's memory forever.
@@ -52,6 +54,10 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
                     ApiError::BadRequest("the request body could not be read".into())
                 }
             })?;
+        // Waiting for the client is not waiting for the stores.
+        if let Some(slot) = slot {
+            slot.deadline.add_client_time(began.elapsed());
+        }
         let de = &mut serde_json::Deserializer::from_slice(&bytes);
         let value = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();

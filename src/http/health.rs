@@ -11,6 +11,9 @@ use utoipa_axum::routes;
 
 use super::AppState;
 use crate::service::LedgerState;
+use crate::store::Fault;
+use crate::store::writer;
+use std::time::Duration;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -91,8 +94,10 @@ struct Readiness {
     /// `ready` or `not ready`.
     #[schema(value_type = String, pattern = "^(ready|not ready)$")]
     status: &'static str,
-    /// `ok` or `unreachable`.
-    #[schema(value_type = String, pattern = "^(ok|unreachable)$")]
+    /// `ok`; `unreachable` (no answer within the probe's time); `full`
+    /// (writes cannot commit: the database or its disk is full); or
+    /// `unavailable` (writes cannot commit for another reason).
+    #[schema(value_type = String, pattern = "^(ok|unreachable|full|unavailable)$")]
     event_store: &'static str,
     /// `ok` or `unreachable`.
     #[schema(value_type = String, pattern = "^(ok|unreachable)$")]
@@ -103,8 +108,33 @@ struct Readiness {
     forget_ledger: &'static str,
 }
 
-/// Ready when the forget ledger has been re-applied at start and both the
-/// event store and the keystore answer; the body says which part is not.
+/// How long readiness waits for the stores, in all: a probe's own timeout
+/// (2 s, say) must see an answer, not a hang.
+const READINESS_PATIENCE: Duration = Duration::from_millis(1500);
+
+/// The event store's word: does it answer, and do writes commit? While the
+/// writer's last group failed, a probe write tells whether they commit
+/// again (space freed, the database back) before the next append does.
+async fn event_store_word(state: &AppState, until: tokio::time::Instant) -> &'static str {
+    let ping = tokio::time::timeout_at(until, state.store.db.ping()).await;
+    if !matches!(ping, Ok(Ok(()))) {
+        return "unreachable";
+    }
+    if state.events.writer_health() == writer::Health::Committing {
+        return "ok";
+    }
+    let patience = until.saturating_duration_since(tokio::time::Instant::now());
+    match state.events.probe_write(patience).await {
+        Some(Ok(())) => "ok",
+        Some(Err(e)) if e.fault() == Some(Fault::Full) => "full",
+        Some(Err(e)) if e.fault() == Some(Fault::Unreachable) => "unreachable",
+        _ => "unavailable",
+    }
+}
+
+/// Ready when the forget ledger has been re-applied at start, both the
+/// event store and the keystore answer and writes commit; the body says
+/// which part is not. Answers within 1.5 s whatever the stores do.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -116,21 +146,26 @@ struct Readiness {
 )]
 async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Readiness>) {
     let ledger = *state.ledger.borrow();
-    let events = state.store.db.ping().await.is_ok();
-    let keystore = state.keys.keystore().db.ping().await.is_ok();
-    let ready = events && keystore && ledger == LedgerState::Applied;
+    let until = tokio::time::Instant::now() + READINESS_PATIENCE;
+    let keystore = async {
+        match tokio::time::timeout_at(until, state.keys.keystore().db.ping()).await {
+            Ok(Ok(())) => "ok",
+            _ => "unreachable",
+        }
+    };
+    let (events, keystore) = tokio::join!(event_store_word(&state, until), keystore);
+    let ready = events == "ok" && keystore == "ok" && ledger == LedgerState::Applied;
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let word = |ok: bool| if ok { "ok" } else { "unreachable" };
     (
         status,
         axum::Json(Readiness {
             status: if ready { "ready" } else { "not ready" },
-            event_store: word(events),
-            keystore: word(keystore),
+            event_store: events,
+            keystore,
             forget_ledger: ledger.as_str(),
         }),
     )

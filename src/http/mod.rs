@@ -48,6 +48,9 @@ pub struct HttpConfig {
     pub body_read_timeout: std::time::Duration,
     /// How often a subscription authenticates its caller again.
     pub subscription_recheck: std::time::Duration,
+    /// The longest a request waits for the stores before it is answered
+    /// 503 (see `trail::record_requests`).
+    pub store_timeout: std::time::Duration,
 }
 
 /// Everything a handler may use. Cheap to clone: all shared parts are behind

@@ -51,6 +51,12 @@ pub enum ApiError {
     Internal,
     #[error("{0}")]
     Unavailable(&'static str),
+    /// A request not served within the store timeout (so many seconds).
+    #[error(
+        "the request was not served within {0} s (a store does not answer); it may still \
+         complete: retry it (an append with the same event ids is answered with its result)"
+    )]
+    StoreTimeout(u64),
     /// The service is starting: the forget ledger is being re-applied.
     #[error(
         "the service is starting (re-applying the forget ledger); retry after {RETRY_AFTER_SECS} s"
@@ -97,7 +103,9 @@ impl ApiError {
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
             Self::Integrity | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::Unavailable(_) | Self::Starting => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::StoreTimeout(_) | Self::Starting => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -123,7 +131,7 @@ impl ApiError {
             Self::TooManyConnections => "too-many-connections",
             Self::Integrity => "integrity-failure",
             Self::Internal => "internal-error",
-            Self::Unavailable(_) => "unavailable",
+            Self::Unavailable(_) | Self::StoreTimeout(_) => "unavailable",
             Self::Starting => "starting",
         }
     }
@@ -253,10 +261,12 @@ impl From<ServiceError> for ApiError {
                 Self::Unavailable(why)
             }
             ServiceError::Store(StoreError::GroupCommit {
-                at_commit: false, ..
+                maybe_committed: false,
+                ..
             }) => Self::Unavailable("the request could not be committed; nothing was written"),
             ServiceError::Store(StoreError::GroupCommit {
-                at_commit: true, ..
+                maybe_committed: true,
+                ..
             }) => Self::Unavailable(
                 "the store failed while committing the request, which may or may not have been \
                  written; retry it (an append with the same event ids is answered with its result)",

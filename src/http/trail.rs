@@ -110,10 +110,34 @@ struct Draft {
     turn: Option<super::auth::Turn>,
 }
 
+/// When a request that waits for the stores is answered 503 at the latest:
+/// `--store-timeout-secs` after it began, plus whatever time the client
+/// itself took to send its body (which is the body deadline's business,
+/// not the stores').
+#[derive(Debug, Clone)]
+pub struct Deadline(Arc<Mutex<tokio::time::Instant>>);
+
+impl Deadline {
+    fn after(budget: std::time::Duration) -> Self {
+        Self(Arc::new(Mutex::new(tokio::time::Instant::now() + budget)))
+    }
+
+    fn at(&self) -> tokio::time::Instant {
+        *self.0.lock().expect("deadline lock")
+    }
+
+    /// Moves the deadline by time spent waiting for the client.
+    pub fn add_client_time(&self, waited: std::time::Duration) {
+        *self.0.lock().expect("deadline lock") += waited;
+    }
+}
+
 /// The audit record of the current request, shared by the middleware, the
 /// `Caller` extractor and the handler.
 #[derive(Debug, Clone)]
 pub struct AuditSlot {
+    /// When the request is answered 503 if it has not been answered.
+    pub deadline: Deadline,
     action: &'static str,
     ctx: Arc<RequestContext>,
     /// A malformed audit header: the request is refused with this problem
@@ -232,16 +256,43 @@ fn resource_of(route: &str, params: Option<&RawPathParams>) -> String {
 /// write run in a task of their own, so a client that goes away cannot
 /// cancel the record, and a handler that panics is recorded as an error
 /// (and answered with a 500).
+///
+/// A request not answered within `--store-timeout-secs` (a store that does
+/// not answer) is answered 503 at that moment; its task goes on, so that
+/// what it does is still recorded as done (an append may still commit, and
+/// its retry with the same event ids is then answered with its result).
 pub async fn record_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
     use tracing::Instrument;
-    let task = tokio::spawn(audited(state, req, next).instrument(tracing::Span::current()));
-    task.await.unwrap_or_else(|e| {
-        tracing::error!(error = %e, "request task failed");
-        ApiError::Internal.into_response()
-    })
+    let budget = state.config.store_timeout;
+    let deadline = Deadline::after(budget);
+    let task = tokio::spawn(
+        audited(state, req, next, deadline.clone()).instrument(tracing::Span::current()),
+    );
+    tokio::pin!(task);
+    loop {
+        let at = deadline.at();
+        tokio::select! {
+            done = &mut task => {
+                return done.unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "request task failed");
+                    ApiError::Internal.into_response()
+                });
+            }
+            () = tokio::time::sleep_until(at) => {
+                // The deadline may have moved meanwhile (a slow body).
+                if deadline.at() <= at {
+                    tracing::warn!(
+                        timeout_secs = budget.as_secs(),
+                        "a request was not served within the store timeout; answered 503 while it goes on"
+                    );
+                    return ApiError::StoreTimeout(budget.as_secs()).into_response();
+                }
+            }
+        }
+    }
 }
 
-async fn audited(state: AppState, req: Request, next: Next) -> Response {
+async fn audited(state: AppState, req: Request, next: Next, deadline: Deadline) -> Response {
     use futures::FutureExt;
     let route = req
         .extensions()
@@ -257,6 +308,7 @@ async fn audited(state: AppState, req: Request, next: Next) -> Response {
     };
     let (ctx, bad_header) = RequestContext::from_headers(&parts.headers);
     let slot = AuditSlot {
+        deadline,
         action,
         ctx: Arc::new(ctx),
         bad_header,

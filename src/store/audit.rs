@@ -1,7 +1,7 @@
 //! The `audit_log` table: inserting chained records (inside the writer's
 //! transaction), listing them with filters, and walking the chain.
 
-use sqlx::{Postgres, Sqlite, Transaction};
+use sqlx::{PgConnection, SqliteConnection};
 
 use super::{EventStore, StoreError, on_db_sql};
 use crate::audit::{AuditEntry, AuditRecord, Break, ChainVerifier, GENESIS, Outcome};
@@ -105,22 +105,22 @@ fn head_from(row: Option<(i64, Vec<u8>)>) -> Result<(u64, [u8; 32]), StoreError>
 
 /// The stored hash of record `seq`, inside the writer's transaction.
 pub(super) async fn sqlite_hash_at(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut SqliteConnection,
     seq: u64,
 ) -> Result<Option<Vec<u8>>, StoreError> {
     Ok(sqlx::query_scalar(HASH_AT_SQL)
         .bind(seq as i64)
-        .fetch_optional(&mut **tx)
+        .fetch_optional(&mut *tx)
         .await?)
 }
 
 pub(super) async fn pg_hash_at(
-    tx: &mut Transaction<'static, Postgres>,
+    tx: &mut PgConnection,
     seq: u64,
 ) -> Result<Option<Vec<u8>>, StoreError> {
     Ok(sqlx::query_scalar(HASH_AT_SQL)
         .bind(seq as i64)
-        .fetch_optional(&mut **tx)
+        .fetch_optional(&mut *tx)
         .await?)
 }
 
@@ -152,21 +152,17 @@ pub(super) fn check_anchor(
 }
 
 /// The last record's number and hash, inside the writer's transaction.
-pub(super) async fn sqlite_head(
-    tx: &mut Transaction<'static, Sqlite>,
-) -> Result<(u64, [u8; 32]), StoreError> {
-    head_from(sqlx::query_as(HEAD_SQL).fetch_optional(&mut **tx).await?)
+pub(super) async fn sqlite_head(tx: &mut SqliteConnection) -> Result<(u64, [u8; 32]), StoreError> {
+    head_from(sqlx::query_as(HEAD_SQL).fetch_optional(&mut *tx).await?)
 }
 
-pub(super) async fn pg_head(
-    tx: &mut Transaction<'static, Postgres>,
-) -> Result<(u64, [u8; 32]), StoreError> {
-    head_from(sqlx::query_as(HEAD_SQL).fetch_optional(&mut **tx).await?)
+pub(super) async fn pg_head(tx: &mut PgConnection) -> Result<(u64, [u8; 32]), StoreError> {
+    head_from(sqlx::query_as(HEAD_SQL).fetch_optional(&mut *tx).await?)
 }
 
 /// Inserts sealed records in one statement (rows as one JSON array).
 pub(super) async fn sqlite_insert(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut SqliteConnection,
     records: &[AuditRecord],
 ) -> Result<(), StoreError> {
     if records.is_empty() {
@@ -202,14 +198,14 @@ pub(super) async fn sqlite_insert(
          from json_each($1)",
     )
     .bind(serde_json::to_string(&rows).expect("rows serialise"))
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
     Ok(())
 }
 
 /// Inserts sealed records in one statement (arrays per column, unnested).
 pub(super) async fn pg_insert(
-    tx: &mut Transaction<'static, Postgres>,
+    tx: &mut PgConnection,
     records: &[AuditRecord],
 ) -> Result<(), StoreError> {
     if records.is_empty() {
@@ -245,7 +241,7 @@ pub(super) async fn pg_insert(
     .bind(col(|r| r.entry.request_id.clone()))
     .bind(prev)
     .bind(hash)
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
     Ok(())
 }

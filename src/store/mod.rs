@@ -55,7 +55,7 @@ pub enum StoreError {
     #[error("the group commit failed")]
     GroupCommit {
         fault: Option<Fault>,
-        at_commit: bool,
+        maybe_committed: bool,
     },
     #[error("stored data is inconsistent: {0}")]
     Corrupt(String),

@@ -22,13 +22,15 @@
 //! later position before an earlier one.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use sqlx::{Postgres, Sqlite, Transaction};
+use sqlx::{PgConnection, SqliteConnection};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use super::feed::{COMMIT_CHANNEL, Feed};
-use super::{Db, StoreError, audit, now_us};
+use super::{Db, Fault, StoreError, audit, now_us};
 use crate::audit::{AuditEntry, AuditRecord, Outcome, seal_records};
 use crate::domain::{AppendResult, ExpectedVersion, StreamId};
 use crate::metrics::{Committed, Metrics};
@@ -121,10 +123,31 @@ impl Job {
 /// `None` for a job without an append.
 type Reply = oneshot::Sender<Result<Option<Appended>, WriteError>>;
 
+/// Whether the writer's transactions commit, as of its last group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// The last group committed (or none was tried yet).
+    Committing,
+    /// The last group failed, because of this condition of the store if
+    /// it was one.
+    Failing(Option<Fault>),
+}
+
 /// The handle through which requests reach the writer task. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Writer {
     tx: mpsc::Sender<(Job, Reply)>,
+    /// The longest a request waits for its group (queue and commit): past
+    /// it the request is answered 503, while its work may still commit.
+    timeout: std::time::Duration,
+    /// As of the last group.
+    health: watch::Receiver<Health>,
+    /// Whether a group is in progress, since when.
+    busy: Busy,
+    /// The writer's database, for [`Writer::probe`].
+    db: Db,
+    /// Held by the one probe that may run at a time.
+    probing: Arc<tokio::sync::Semaphore>,
     feed: Feed,
     /// Counts commits, their groups and each request's wait.
     metrics: Metrics,
@@ -137,12 +160,30 @@ impl Writer {
     /// Starts the writer task on `db`; it ends once every handle is dropped
     /// and the queue is drained, so in-flight appends finish on shutdown.
     /// Every commit that writes events advances `feed`.
-    pub fn spawn(db: Db, feed: Feed, metrics: Metrics) -> (Self, tokio::task::JoinHandle<()>) {
+    /// A request waits at most `timeout` for its group.
+    pub fn spawn(
+        db: Db,
+        feed: Feed,
+        metrics: Metrics,
+        timeout: std::time::Duration,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let (head_tx, audit_head) = watch::channel(0);
-        let task = tokio::spawn(run(db, rx, feed.clone(), metrics.clone(), head_tx));
+        let (health_tx, health) = watch::channel(Health::Committing);
+        let busy = Busy::default();
+        let watches = Watches {
+            busy: busy.clone(),
+            audit_head: head_tx,
+            health: health_tx,
+        };
+        let task = tokio::spawn(run(db.clone(), rx, feed.clone(), metrics.clone(), watches));
         let writer = Self {
             tx,
+            timeout,
+            health,
+            busy,
+            db,
+            probing: Arc::new(tokio::sync::Semaphore::new(1)),
             feed,
             metrics,
             audit_head,
@@ -156,6 +197,31 @@ impl Writer {
         self.audit_head.clone()
     }
 
+    /// Whether the writer's last group committed; `Failing(None)` too
+    /// while the current group has taken longer than a request may wait.
+    pub fn health(&self) -> Health {
+        if self.busy.for_longer_than(self.timeout) {
+            return Health::Failing(None);
+        }
+        *self.health.borrow()
+    }
+
+    /// Whether a write commits now ([`probe_write`]), waiting at most
+    /// `patience`: `None` when it did not finish in time, or an earlier
+    /// probe is still waiting. The probe runs in a task of its own that is
+    /// never cancelled midway, so that no connection goes back to the pool
+    /// inside its transaction.
+    pub async fn probe(&self, patience: std::time::Duration) -> Option<Result<(), StoreError>> {
+        let permit = self.probing.clone().try_acquire_owned().ok()?;
+        let db = self.db.clone();
+        let probe = tokio::spawn(async move {
+            let done = probe_write(&db).await;
+            drop(permit);
+            done
+        });
+        tokio::time::timeout(patience, probe).await.ok()?.ok()
+    }
+
     /// The commit feed this writer advances.
     pub fn feed(&self) -> &Feed {
         &self.feed
@@ -166,11 +232,25 @@ impl Writer {
         // From the moment the request queues (a full queue is waiting too)
         // until its group is answered.
         let queued = std::time::Instant::now();
-        self.tx
-            .send((job, reply))
-            .await
-            .map_err(|_| WriteError::Stopped)?;
-        let answer = answer.await.map_err(|_| WriteError::Stopped)?;
+        let deadline = tokio::time::Instant::from_std(queued) + self.timeout;
+        // A writer stuck on a store that does not answer (a commit waiting
+        // on a server that stopped responding) must not hold requests for
+        // as long as it is stuck: past the deadline they are told so, while
+        // what they queued stays queued and may still commit.
+        let late = |maybe_committed| {
+            WriteError::Store(StoreError::GroupCommit {
+                fault: Some(Fault::Unreachable),
+                maybe_committed,
+            })
+        };
+        match tokio::time::timeout_at(deadline, self.tx.send((job, reply))).await {
+            Err(_) => return Err(late(false)),
+            Ok(sent) => sent.map_err(|_| WriteError::Stopped)?,
+        }
+        let answer = match tokio::time::timeout_at(deadline, answer).await {
+            Err(_) => return Err(late(true)),
+            Ok(answer) => answer.map_err(|_| WriteError::Stopped)?,
+        };
         self.metrics.commit_waited(queued.elapsed());
         answer
     }
@@ -224,12 +304,44 @@ impl Writer {
     }
 }
 
+/// Since when the writer has been working on its current group, if it is:
+/// a group that takes far longer than any should (a lock held by another
+/// connection, a server that stopped answering) makes the writer
+/// unavailable before it has failed.
+#[derive(Debug, Clone, Default)]
+struct Busy(Arc<AtomicU64>);
+
+impl Busy {
+    /// Microseconds since the epoch; 0: idle.
+    fn begin(&self) {
+        self.0.store(now_us().max(1) as u64, Ordering::Release);
+    }
+
+    fn end(&self) {
+        self.0.store(0, Ordering::Release);
+    }
+
+    fn for_longer_than(&self, limit: std::time::Duration) -> bool {
+        let since = self.0.load(Ordering::Acquire);
+        since != 0 && (now_us() as u64).saturating_sub(since) > limit.as_micros() as u64
+    }
+}
+
+/// What the writer task tells the handles after every group.
+struct Watches {
+    /// Set while a group is in progress.
+    busy: Busy,
+    /// The newest audit record committed.
+    audit_head: watch::Sender<u64>,
+    health: watch::Sender<Health>,
+}
+
 async fn run(
     db: Db,
     mut rx: mpsc::Receiver<(Job, Reply)>,
     feed: Feed,
     metrics: Metrics,
-    audit_head: watch::Sender<u64>,
+    watches: Watches,
 ) {
     // The last audit record this process committed (or found): the chain
     // must still hold it when the next group is written.
@@ -248,14 +360,22 @@ async fn run(
         }
         let (jobs, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
         let began = std::time::Instant::now();
-        match commit_group(&db, jobs, &mut anchor).await {
+        watches.busy.begin();
+        let done = commit_group(&db, jobs, &mut anchor).await;
+        watches.busy.end();
+        match done {
             Ok((outcomes, head, mut counts)) => {
                 if let Some(head) = head {
                     feed.advance(head);
                 }
                 if let Some((seq, _)) = anchor {
-                    audit_head.send_if_modified(|h| std::mem::replace(h, seq) != seq);
+                    watches
+                        .audit_head
+                        .send_if_modified(|h| std::mem::replace(h, seq) != seq);
                 }
+                watches.health.send_if_modified(|h| {
+                    std::mem::replace(h, Health::Committing) != Health::Committing
+                });
                 counts.took = began.elapsed();
                 metrics.committed(counts);
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
@@ -265,11 +385,12 @@ async fn run(
             Err(e) => {
                 metrics.commit_failed(began.elapsed());
                 tracing::error!(error = %e, requests = replies.len(), "group commit failed");
-                let (fault, at_commit) = (e.fault(), false);
+                let (fault, maybe_committed) = (e.error.fault(), e.maybe_committed);
+                watches.health.send_replace(Health::Failing(fault));
                 for reply in replies {
                     let _ = reply.send(Err(WriteError::Store(StoreError::GroupCommit {
                         fault,
-                        at_commit,
+                        maybe_committed,
                     })));
                 }
             }
@@ -484,56 +605,180 @@ fn replay(cmd: &AppendCommand, known: &[&Existing]) -> Result<Appended, AppendRe
     }))
 }
 
+/// Why a group's transaction failed.
+#[derive(Debug)]
+struct GroupFailure {
+    error: StoreError,
+    /// The failure came while committing and the connection was lost: the
+    /// commit may have reached the database (PostgreSQL). On SQLite a
+    /// failed commit has not committed.
+    maybe_committed: bool,
+}
+
+impl std::fmt::Display for GroupFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)?;
+        if self.maybe_committed {
+            f.write_str(" (while committing: the outcome is unknown)")?;
+        }
+        Ok(())
+    }
+}
+
+impl From<StoreError> for GroupFailure {
+    fn from(error: StoreError) -> Self {
+        Self {
+            error,
+            maybe_committed: false,
+        }
+    }
+}
+
+impl From<sqlx::Error> for GroupFailure {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::from(e).into()
+    }
+}
+
+/// Ends a failed group's transaction: rolls it back and closes the
+/// connection, so that no connection goes back to the pool inside a
+/// transaction. (After `SQLITE_FULL` SQLite may already have rolled back by
+/// itself; a transaction object of sqlx would then still believe it open
+/// and refuse every later `BEGIN` on that connection, which is how a full
+/// disk once wedged the writer for good. The transaction is therefore
+/// driven by plain statements here.)
+async fn discard<DB: sqlx::Database>(mut conn: sqlx::pool::PoolConnection<DB>)
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+{
+    let _ = sqlx::raw_sql("rollback").execute(&mut *conn).await;
+    let _ = conn.close().await;
+}
+
+/// Commits one small write (a row of `write_probe`) in a transaction of its
+/// own, as the writer would: whether writes can commit now. Readiness asks
+/// it while the writer's last group failed, so that it reports recovery
+/// (space freed, the database back) without waiting for an append.
+async fn probe_write(db: &Db) -> Result<(), StoreError> {
+    const PROBE: &str = "insert into write_probe (id, probed_at) values (1, $1)
+         on conflict (id) do update set probed_at = excluded.probed_at";
+    macro_rules! probe {
+        ($pool:expr, $begin:literal, $lock:literal) => {{
+            let mut conn = $pool.acquire().await?;
+            sqlx::raw_sql($begin).execute(&mut *conn).await?;
+            let done = async {
+                if !$lock.is_empty() {
+                    sqlx::query($lock)
+                        .bind(PG_WRITER_LOCK)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                sqlx::query(PROBE)
+                    .bind(now_us())
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::raw_sql("commit").execute(&mut *conn).await
+            }
+            .await;
+            if let Err(e) = done {
+                discard(conn).await;
+                return Err(e.into());
+            }
+        }};
+    }
+    match db {
+        Db::Sqlite(pool) => probe!(pool, "begin immediate", ""),
+        // The writer's lock too: a writer stuck holding it means writes do
+        // not commit, whatever else the database still does.
+        Db::Postgres(pool) => probe!(pool, "begin", "select pg_advisory_xact_lock($1)"),
+    }
+    Ok(())
+}
+
 async fn commit_group(
     db: &Db,
     jobs: Vec<Job>,
     anchor: &mut Option<(u64, [u8; 32])>,
-) -> Result<(Outcomes, Option<u64>, Committed), StoreError> {
-    let cmds: Vec<&AppendCommand> = jobs.iter().filter_map(|j| j.append.as_ref()).collect();
+) -> Result<(Outcomes, Option<u64>, Committed), GroupFailure> {
     let plan = match db {
         Db::Sqlite(pool) => {
-            let mut tx = pool.begin_with("begin immediate").await?;
-            let snap = sqlite_snapshot(&mut tx, &cmds).await?;
-            let kept = match *anchor {
-                Some((seq, _)) if seq < snap.audit_head.0 => {
-                    audit::sqlite_hash_at(&mut tx, seq).await?
+            let mut conn = pool.acquire().await?;
+            sqlx::raw_sql("begin immediate").execute(&mut *conn).await?;
+            let done = async {
+                let tx = &mut *conn;
+                let cmds: Vec<&AppendCommand> =
+                    jobs.iter().filter_map(|j| j.append.as_ref()).collect();
+                let snap = sqlite_snapshot(tx, &cmds).await?;
+                let kept = match *anchor {
+                    Some((seq, _)) if seq < snap.audit_head.0 => {
+                        audit::sqlite_hash_at(tx, seq).await?
+                    }
+                    _ => None,
+                };
+                audit::check_anchor(*anchor, snap.audit_head, kept)?;
+                let plan = plan(jobs, snap);
+                sqlite_write(tx, &plan).await?;
+                audit::sqlite_insert(tx, &plan.audit).await?;
+                sqlx::raw_sql("commit").execute(&mut *tx).await?;
+                Ok::<_, GroupFailure>(plan)
+            }
+            .await;
+            match done {
+                Ok(plan) => plan,
+                Err(failure) => {
+                    discard(conn).await;
+                    return Err(failure);
                 }
-                _ => None,
-            };
-            audit::check_anchor(*anchor, snap.audit_head, kept)?;
-            let plan = plan(jobs, snap);
-            sqlite_write(&mut tx, &plan).await?;
-            audit::sqlite_insert(&mut tx, &plan.audit).await?;
-            tx.commit().await?;
-            plan
+            }
         }
         Db::Postgres(pool) => {
-            let mut tx = pool.begin().await?;
-            sqlx::query("select pg_advisory_xact_lock($1)")
-                .bind(PG_WRITER_LOCK)
-                .execute(&mut *tx)
-                .await?;
-            let snap = pg_snapshot(&mut tx, &cmds).await?;
-            let kept = match *anchor {
-                Some((seq, _)) if seq < snap.audit_head.0 => {
-                    audit::pg_hash_at(&mut tx, seq).await?
-                }
-                _ => None,
-            };
-            audit::check_anchor(*anchor, snap.audit_head, kept)?;
-            let plan = plan(jobs, snap);
-            pg_write(&mut tx, &plan).await?;
-            audit::pg_insert(&mut tx, &plan.audit).await?;
-            if let Some(head) = plan.rows.position.last() {
-                // Delivered to the other processes only if this commits.
-                sqlx::query("select pg_notify($1, $2)")
-                    .bind(COMMIT_CHANNEL)
-                    .bind(head.to_string())
+            let mut conn = pool.acquire().await?;
+            sqlx::raw_sql("begin").execute(&mut *conn).await?;
+            let done = async {
+                let tx = &mut *conn;
+                let cmds: Vec<&AppendCommand> =
+                    jobs.iter().filter_map(|j| j.append.as_ref()).collect();
+                sqlx::query("select pg_advisory_xact_lock($1)")
+                    .bind(PG_WRITER_LOCK)
                     .execute(&mut *tx)
                     .await?;
+                let snap = pg_snapshot(tx, &cmds).await?;
+                let kept = match *anchor {
+                    Some((seq, _)) if seq < snap.audit_head.0 => audit::pg_hash_at(tx, seq).await?,
+                    _ => None,
+                };
+                audit::check_anchor(*anchor, snap.audit_head, kept)?;
+                let plan = plan(jobs, snap);
+                pg_write(tx, &plan).await?;
+                audit::pg_insert(tx, &plan.audit).await?;
+                if let Some(head) = plan.rows.position.last() {
+                    // Delivered to the other processes only if this commits.
+                    sqlx::query("select pg_notify($1, $2)")
+                        .bind(COMMIT_CHANNEL)
+                        .bind(head.to_string())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                if let Err(e) = sqlx::raw_sql("commit").execute(&mut *tx).await {
+                    // An answer the server gave means it did not commit; a
+                    // lost connection leaves the outcome unknown.
+                    let error = StoreError::from(e);
+                    let maybe_committed = error.fault() == Some(Fault::Unreachable);
+                    return Err(GroupFailure {
+                        error,
+                        maybe_committed,
+                    });
+                }
+                Ok::<_, GroupFailure>(plan)
             }
-            tx.commit().await?;
-            plan
+            .await;
+            match done {
+                Ok(plan) => plan,
+                Err(failure) => {
+                    discard(conn).await;
+                    return Err(failure);
+                }
+            }
         }
     };
     if let Some(last) = plan.audit.last() {
@@ -625,7 +870,7 @@ fn snapshot_from(
 }
 
 async fn sqlite_snapshot(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut SqliteConnection,
     cmds: &[&AppendCommand],
 ) -> Result<Snapshot, StoreError> {
     let audit_head = audit::sqlite_head(tx).await?;
@@ -633,12 +878,12 @@ async fn sqlite_snapshot(
         // Only audit records: no event position or time is needed.
         return snapshot_from(audit_head, None, vec![], vec![], vec![]);
     }
-    let head = sqlx::query_as(HEAD_SQL).fetch_optional(&mut **tx).await?;
+    let head = sqlx::query_as(HEAD_SQL).fetch_optional(&mut *tx).await?;
     // SQLite has no array parameters: the id lists travel as one JSON array.
     let streams = serde_json::to_string(&distinct_streams(cmds)).expect("strings serialise");
     let versions = sqlx::query_as("select stream_id, version from streams where stream_id in (select value from json_each($1))")
         .bind(streams)
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *tx)
         .await?;
     let ids: Vec<String> = all_ids(cmds).iter().map(Uuid::to_string).collect();
     let existing = sqlx::query_as(
@@ -646,7 +891,7 @@ async fn sqlite_snapshot(
          from events where event_id in (select value from json_each($1))",
     )
     .bind(serde_json::to_string(&ids).expect("strings serialise"))
-    .fetch_all(&mut **tx)
+    .fetch_all(&mut *tx)
     .await?;
     let subjects = all_subjects(cmds);
     let forgotten = if subjects.is_empty() {
@@ -656,7 +901,7 @@ async fn sqlite_snapshot(
             "select subject from forgotten_subjects where subject in (select value from json_each($1))",
         )
         .bind(serde_json::to_string(&subjects).expect("strings serialise"))
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *tx)
         .await?
     };
     snapshot_from(audit_head, head, versions, existing, forgotten)
@@ -666,10 +911,7 @@ async fn sqlite_snapshot(
 /// travel as one JSON array, unpacked by `json_each`. Each statement is a
 /// round trip to sqlx's SQLite worker thread, so one statement per row made
 /// thread hand-offs, not SQLite, the cost of a group.
-async fn sqlite_write(
-    tx: &mut Transaction<'static, Sqlite>,
-    plan: &Plan,
-) -> Result<(), StoreError> {
+async fn sqlite_write(tx: &mut SqliteConnection, plan: &Plan) -> Result<(), StoreError> {
     if plan.streams.is_empty() {
         return Ok(());
     }
@@ -681,7 +923,7 @@ async fn sqlite_write(
     )
     .bind(streams)
     .bind(plan.recorded_at)
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
     let r = &plan.rows;
     let rows: Vec<serde_json::Value> = (0..r.position.len())
@@ -711,13 +953,13 @@ async fn sqlite_write(
     )
     .bind(serde_json::to_string(&rows).expect("rows serialise"))
     .bind(plan.recorded_at)
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
     Ok(())
 }
 
 async fn pg_snapshot(
-    tx: &mut Transaction<'static, Postgres>,
+    tx: &mut PgConnection,
     cmds: &[&AppendCommand],
 ) -> Result<Snapshot, StoreError> {
     let audit_head = audit::pg_head(tx).await?;
@@ -725,18 +967,18 @@ async fn pg_snapshot(
         // Only audit records: no event position or time is needed.
         return snapshot_from(audit_head, None, vec![], vec![], vec![]);
     }
-    let head = sqlx::query_as(HEAD_SQL).fetch_optional(&mut **tx).await?;
+    let head = sqlx::query_as(HEAD_SQL).fetch_optional(&mut *tx).await?;
     let versions =
         sqlx::query_as("select stream_id, version from streams where stream_id = any($1)")
             .bind(distinct_streams(cmds))
-            .fetch_all(&mut **tx)
+            .fetch_all(&mut *tx)
             .await?;
     let existing = sqlx::query_as(
         "select event_id::text, stream_id, version, position, append_index, append_size
          from events where event_id = any($1)",
     )
     .bind(all_ids(cmds))
-    .fetch_all(&mut **tx)
+    .fetch_all(&mut *tx)
     .await?;
     let subjects = all_subjects(cmds);
     let forgotten = if subjects.is_empty() {
@@ -744,13 +986,13 @@ async fn pg_snapshot(
     } else {
         sqlx::query_scalar("select subject from forgotten_subjects where subject = any($1)")
             .bind(subjects)
-            .fetch_all(&mut **tx)
+            .fetch_all(&mut *tx)
             .await?
     };
     snapshot_from(audit_head, head, versions, existing, forgotten)
 }
 
-async fn pg_write(tx: &mut Transaction<'static, Postgres>, plan: &Plan) -> Result<(), StoreError> {
+async fn pg_write(tx: &mut PgConnection, plan: &Plan) -> Result<(), StoreError> {
     if plan.streams.is_empty() {
         return Ok(());
     }
@@ -764,7 +1006,7 @@ async fn pg_write(tx: &mut Transaction<'static, Postgres>, plan: &Plan) -> Resul
     .bind(names)
     .bind(versions)
     .bind(plan.recorded_at)
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
     // One statement for the whole group: arrays per column, unnested.
     let r = &plan.rows;
@@ -789,7 +1031,7 @@ async fn pg_write(tx: &mut Transaction<'static, Postgres>, plan: &Plan) -> Resul
     .bind(plan.recorded_at)
     .bind(&r.append_index)
     .bind(&r.append_size)
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
     Ok(())
 }
