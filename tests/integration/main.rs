@@ -11,6 +11,7 @@ mod balances;
 mod concurrency;
 mod crash;
 mod forget;
+mod key_cache;
 mod keys;
 mod limits;
 mod metrics;
