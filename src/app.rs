@@ -273,6 +273,10 @@ pub struct Progress {
     pub tail_clears: watch::Receiver<u64>,
     /// Subscriptions open now (as `eventvault_subscriptions_open`).
     pub subscriptions_open: watch::Receiver<i64>,
+    /// The key caches: which subjects have a key in memory, what the
+    /// eviction follower did, and a hold on fetches (to order one against
+    /// a forget).
+    pub key_cache: crate::keys::KeyCacheProbe,
 }
 
 pub struct Application {
@@ -315,7 +319,7 @@ impl Application {
         feed::Tail::spawn_reader(&feed, store.clone());
         let (writer, writer_task) =
             Writer::spawn(store.db.clone(), feed, metrics.clone(), cfg.store_timeout);
-        keys.follow_evictions();
+        keys.follow_evictions(store.clone());
         let events = Events::new(
             store.clone(),
             writer,
@@ -379,6 +383,7 @@ impl Application {
             audit_head: self.state.events.audit_head(),
             tail_clears: self.state.events.tail_clears(),
             subscriptions_open: self.state.metrics.subscriptions_open(),
+            key_cache: self.state.keys.probe(),
         }
     }
 

@@ -7,18 +7,21 @@
 //! first start, and refusing to start when the master key does not open the
 //! keystore.
 
+use std::collections::{HashSet, VecDeque};
 use std::num::NonZeroUsize;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use lru::LruCache;
+use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::crypto::{CryptoError, Dek, Kek};
 use crate::metrics::{KeyCache, Metrics};
-use crate::store::StoreError;
 use crate::store::keystore::{Keystore, WrappedDek};
+use crate::store::{EventStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -102,6 +105,10 @@ pub fn load_master_key(env_value: Option<&str>, path: &Path) -> Result<(Kek, boo
 /// The PostgreSQL channel on which a forget tells every process to evict.
 const EVICT_CHANNEL: &str = "eventvault_key_evictions";
 
+/// While the `LISTEN` for evictions cannot be re-established, how often the
+/// caches are reconciled with the forget ledger all the same.
+pub const RECONCILE_WHILE_DEAF: Duration = Duration::from_secs(10);
+
 #[derive(serde::Deserialize)]
 struct Eviction {
     subject: String,
@@ -153,10 +160,87 @@ pub struct KeyManager {
     by_subject: Mutex<LruCache<String, ActiveKey>>,
     /// Key id → key, for reads.
     by_id: Mutex<LruCache<String, CachedDek>>,
+    /// What the caches dropped lately: checked before a fetched key is
+    /// cached, so that a fetch that began before an eviction cannot put the
+    /// key back after it. Locked before either cache.
+    evictions: Mutex<Evictions>,
     /// Encryptions after which a key is retired.
     max_encryptions: u64,
     /// Counts cache hits and misses.
     metrics: Metrics,
+    /// What the eviction follower has done, for [`KeyCacheProbe::events`].
+    follower: watch::Sender<FollowerEvents>,
+    /// A hold on fetches, while a [`FetchHold`] is alive.
+    hold: Mutex<Option<HoldPoint>>,
+}
+
+/// The latest evictions, by an epoch that every eviction moves on. A fetch
+/// notes the epoch before it reads the keystore and may cache what it read
+/// only if its subject was not evicted since, and no barrier (a cleared
+/// cache, a re-established `LISTEN`, evictions too many to remember) was
+/// raised since. Memory is bounded: at most [`EVICTIONS_REMEMBERED`]
+/// subjects; forgetting older ones raises the barrier instead, which only
+/// costs the fetches that began before it a second look-up later.
+#[derive(Default)]
+struct Evictions {
+    epoch: u64,
+    /// `(epoch, subject)`, oldest first.
+    recent: VecDeque<(u64, String)>,
+    /// Fetches that began before this epoch cache nothing.
+    barrier: u64,
+}
+
+/// Subjects whose evictions are remembered for fetches in flight.
+const EVICTIONS_REMEMBERED: usize = 1024;
+
+impl Evictions {
+    fn evict(&mut self, subject: &str) {
+        self.epoch += 1;
+        self.recent.push_back((self.epoch, subject.to_owned()));
+        while self.recent.len() > EVICTIONS_REMEMBERED {
+            if let Some((epoch, _)) = self.recent.pop_front() {
+                self.barrier = self.barrier.max(epoch);
+            }
+        }
+    }
+
+    /// No fetch that began before now caches anything.
+    fn raise_barrier(&mut self) {
+        self.epoch += 1;
+        self.barrier = self.epoch;
+        self.recent.clear();
+    }
+
+    /// Whether a fetch of `subject` that began at epoch `since` may cache it.
+    fn admits(&self, subject: &str, since: u64) -> bool {
+        since >= self.barrier
+            && !self
+                .recent
+                .iter()
+                .rev()
+                .take_while(|(epoch, _)| *epoch > since)
+                .any(|(_, s)| s == subject)
+    }
+}
+
+/// What the eviction follower (PostgreSQL keystore) has done so far; a
+/// [`KeyCacheProbe`] hands out a watch on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FollowerEvents {
+    /// Whether the `LISTEN` for evictions is established now.
+    pub listening: bool,
+    /// Eviction notices heard and applied.
+    pub notices: u64,
+    /// Times the caches were reconciled with the forget ledger after the
+    /// `LISTEN` was (re-)established.
+    pub resyncs: u64,
+}
+
+/// Where held fetches wait (see [`FetchHold`]).
+#[derive(Clone)]
+struct HoldPoint {
+    fetched: mpsc::UnboundedSender<String>,
+    go: watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for KeyManager {
@@ -204,9 +288,18 @@ impl KeyManager {
             kek,
             by_subject: Mutex::new(LruCache::new(cap)),
             by_id: Mutex::new(LruCache::new(cap)),
+            evictions: Mutex::new(Evictions::default()),
             max_encryptions: max_encryptions.max(1),
             metrics,
+            follower: watch::Sender::new(FollowerEvents::default()),
+            hold: Mutex::new(None),
         })
+    }
+
+    /// A read-only view of the caches (which subjects they hold, what the
+    /// eviction follower did) that holds no key and keeps nothing alive.
+    pub fn probe(self: &Arc<Self>) -> KeyCacheProbe {
+        KeyCacheProbe(Arc::downgrade(self))
     }
 
     pub fn keystore(&self) -> &Keystore {
@@ -264,6 +357,7 @@ impl KeyManager {
     async fn load_active(&self, subject: &str) -> Result<ActiveKey, KeyError> {
         let reservation = RESERVATION.min(self.max_encryptions);
         let mut budget = 0;
+        let since = self.fetch_begins();
         let stored = match self.keystore.active_dek(subject).await? {
             Some(w) => w,
             None => {
@@ -291,17 +385,8 @@ impl KeyManager {
             dek,
             budget: Arc::new(budget.into()),
         };
-        self.by_id.lock().expect("cache lock").put(
-            stored.key_id,
-            CachedDek {
-                subject: stored.subject,
-                dek: key.dek.clone(),
-            },
-        );
-        self.by_subject
-            .lock()
-            .expect("cache lock")
-            .put(subject.to_owned(), key.clone());
+        self.held(&stored.subject).await;
+        self.cache_fetched(since, &stored, &key.dek, Some(&key));
         Ok(key)
     }
 
@@ -317,18 +402,66 @@ impl KeyManager {
         if cached.is_some() {
             return Ok(cached);
         }
+        let since = self.fetch_begins();
         let Some(stored) = self.keystore.dek_by_id(key_id).await? else {
             return Ok(None);
         };
         let dek = self.unwrap(&stored)?;
+        self.held(&stored.subject).await;
+        self.cache_fetched(since, &stored, &dek, None);
+        Ok(Some(dek))
+    }
+
+    /// Notes when a keystore fetch begins (before it reads anything), for
+    /// [`KeyManager::cache_fetched`].
+    fn fetch_begins(&self) -> u64 {
+        self.evictions.lock().expect("evictions lock").epoch
+    }
+
+    /// Caches a key that a fetch begun at `since` read from the keystore
+    /// (and, with `active`, as its subject's active key), unless its subject
+    /// was evicted meanwhile: a forget may have deleted the key after the
+    /// fetch read it, and its eviction must not be undone. The key still
+    /// serves the request that fetched it (which began before the forget:
+    /// appends are refused by the writer's ledger check, reads read the
+    /// ledger with their rows), but no later one. Checked and cached under
+    /// the evictions lock, so that no eviction falls between the two.
+    fn cache_fetched(
+        &self,
+        since: u64,
+        stored: &WrappedDek,
+        dek: &Arc<Dek>,
+        active: Option<&ActiveKey>,
+    ) {
+        let evictions = self.evictions.lock().expect("evictions lock");
+        if !evictions.admits(&stored.subject, since) {
+            tracing::debug!("a data key fetched before an eviction is not cached");
+            return;
+        }
         self.by_id.lock().expect("cache lock").put(
-            stored.key_id,
+            stored.key_id.clone(),
             CachedDek {
-                subject: stored.subject,
+                subject: stored.subject.clone(),
                 dek: dek.clone(),
             },
         );
-        Ok(Some(dek))
+        if let Some(key) = active {
+            self.by_subject
+                .lock()
+                .expect("cache lock")
+                .put(stored.subject.clone(), key.clone());
+        }
+    }
+
+    /// Waits while a [`FetchHold`] is held (after a fetch read the keystore,
+    /// before it caches what it read); returns at once otherwise.
+    async fn held(&self, subject: &str) {
+        let point = self.hold.lock().expect("hold lock").clone();
+        if let Some(mut point) = point {
+            let _ = point.fetched.send(subject.to_owned());
+            // Released, or the hold dropped: either way, go on.
+            let _ = point.go.wait_for(|go| *go).await;
+        }
     }
 
     /// Destroys every key of `subject`: deleted from the keystore, evicted
@@ -355,8 +488,11 @@ impl KeyManager {
         Ok(())
     }
 
-    /// Drops every cached key of `subject`.
+    /// Drops every cached key of `subject`, and keeps a fetch in flight
+    /// from caching one again.
     fn evict(&self, subject: &str) {
+        let mut evictions = self.evictions.lock().expect("evictions lock");
+        evictions.evict(subject);
         self.by_subject.lock().expect("cache lock").pop(subject);
         let mut by_id = self.by_id.lock().expect("cache lock");
         let ids: Vec<String> = by_id
@@ -371,46 +507,68 @@ impl KeyManager {
 
     /// On a PostgreSQL keystore, follows the evictions of other processes
     /// (`LISTEN`), so that a forget anywhere takes effect here at once. The
-    /// task ends when the key manager is dropped. If the connection fails it
-    /// reconnects; while it is down, the whole cache is dropped on every
-    /// reconnect so that no eviction can have been missed.
-    pub fn follow_evictions(self: &Arc<Self>) {
+    /// task ends when the key manager is dropped.
+    ///
+    /// Notices sent while the `LISTEN` is down are lost. The caches are not
+    /// dropped meanwhile: every use of a cached key is checked against the
+    /// forget ledger anyway (appends by the writer in its transaction, reads
+    /// and snapshots with their rows), and the subjects whose keys are
+    /// cached go on being served through a keystore outage. What a missed
+    /// notice would leave is a forgotten subject's key in this process's
+    /// memory. So once the `LISTEN` is back (and every
+    /// [`RECONCILE_WHILE_DEAF`] while it is not), the caches are reconciled
+    /// with the forget ledger in `ledger` (the event store): every cached
+    /// subject it lists is evicted. Fetches that began before the `LISTEN`
+    /// was back cache nothing (they may have read a key that a missed
+    /// forget then deleted). If the ledger cannot be read, the caches are
+    /// dropped instead.
+    pub fn follow_evictions(self: &Arc<Self>, ledger: EventStore) {
         if !self.keystore.can_announce() {
             return;
         }
         let keystore = self.keystore.clone();
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
+            let mut deaf_since = Instant::now();
             loop {
                 let mut listener = match keystore.listen(EVICT_CHANNEL).await {
                     Ok(Some(l)) => l,
                     Ok(None) => return,
-                    Err(_) if this.strong_count() == 0 => return,
+                    // Stopping: the key manager or the pool is gone.
+                    Err(_) if this.strong_count() == 0 || keystore.db.is_closed() => return,
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot listen for key evictions; retrying in 1 s");
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        if deaf_since.elapsed() >= RECONCILE_WHILE_DEAF {
+                            let Some(km) = this.upgrade() else { return };
+                            km.reconcile(&ledger).await;
+                            deaf_since = Instant::now();
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                         continue;
                     }
                 };
-                // Anything cached before listening may have missed a notice.
                 match this.upgrade() {
-                    Some(km) => km.clear_caches(),
+                    Some(km) => km.resync(&ledger).await,
                     None => return,
                 }
                 loop {
-                    // `try_recv` says `None` when the connection was lost
-                    // (sqlx then reconnects by itself): notices sent
-                    // meanwhile are gone, so the whole cache goes.
                     let next = listener.try_recv().await;
                     let Some(km) = this.upgrade() else { return };
                     match next {
                         Ok(Some(n)) => match serde_json::from_str::<Eviction>(n.payload()) {
-                            Ok(ev) => km.evict(&ev.subject),
+                            Ok(ev) => {
+                                km.evict(&ev.subject);
+                                km.follower.send_modify(|f| f.notices += 1);
+                            }
                             Err(_) => km.clear_caches(),
                         },
-                        Ok(None) => km.clear_caches(),
+                        // The connection was lost and is made again, with
+                        // its `LISTEN` (sqlx reconnects before it says so):
+                        // what was sent meanwhile is gone.
+                        Ok(None) => km.resync(&ledger).await,
                         Err(_) => {
-                            km.clear_caches();
+                            km.follower.send_modify(|f| f.listening = false);
+                            deaf_since = Instant::now();
                             break;
                         }
                     }
@@ -419,7 +577,67 @@ impl KeyManager {
         });
     }
 
+    /// After the `LISTEN` was (re-)established: no fetch begun before caches
+    /// anything, and the caches are reconciled with the forget ledger.
+    async fn resync(&self, ledger: &EventStore) {
+        self.evictions
+            .lock()
+            .expect("evictions lock")
+            .raise_barrier();
+        self.follower.send_modify(|f| f.listening = true);
+        self.reconcile(ledger).await;
+        self.follower.send_modify(|f| f.resyncs += 1);
+    }
+
+    /// Evicts every cached subject that the forget ledger lists; drops the
+    /// whole cache if the ledger cannot be read.
+    async fn reconcile(&self, ledger: &EventStore) {
+        /// Subjects asked about in one statement.
+        const PAGE: usize = 1000;
+        let cached: Vec<String> = {
+            let mut subjects: HashSet<String> = self
+                .by_subject
+                .lock()
+                .expect("cache lock")
+                .iter()
+                .map(|(s, _)| s.clone())
+                .collect();
+            subjects.extend(
+                self.by_id
+                    .lock()
+                    .expect("cache lock")
+                    .iter()
+                    .map(|(_, k)| k.subject.clone()),
+            );
+            subjects.into_iter().collect()
+        };
+        let mut evicted = 0;
+        for page in cached.chunks(PAGE) {
+            match ledger.forgotten_among(page).await {
+                Ok(forgotten) => {
+                    for s in &forgotten {
+                        self.evict(s);
+                    }
+                    evicted += forgotten.len();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the forget ledger to reconcile the key caches; dropping them");
+                    self.clear_caches();
+                    return;
+                }
+            }
+        }
+        if evicted > 0 {
+            tracing::warn!(
+                subjects = evicted,
+                "evicted the keys of subjects forgotten while key evictions were not heard"
+            );
+        }
+    }
+
     fn clear_caches(&self) {
+        let mut evictions = self.evictions.lock().expect("evictions lock");
+        evictions.raise_barrier();
         self.by_subject.lock().expect("cache lock").clear();
         self.by_id.lock().expect("cache lock").clear();
     }
@@ -433,6 +651,93 @@ impl KeyManager {
             &stored.key_id,
             &stored.subject,
         )?))
+    }
+}
+
+/// A read-only view of a key manager's caches, for whoever embeds the
+/// service (the tests above all): which subjects have a key in memory, and
+/// what the eviction follower did. It holds no key, and does not keep the
+/// key manager alive.
+#[derive(Clone)]
+pub struct KeyCacheProbe(Weak<KeyManager>);
+
+impl std::fmt::Debug for KeyCacheProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyCacheProbe").finish_non_exhaustive()
+    }
+}
+
+impl KeyCacheProbe {
+    /// Whether a key of `subject` is in either cache.
+    pub fn holds_key_of(&self, subject: &str) -> bool {
+        let Some(km) = self.0.upgrade() else {
+            return false;
+        };
+        // One cache lock at a time.
+        let active = km.by_subject.lock().expect("cache lock").contains(subject);
+        active
+            || km
+                .by_id
+                .lock()
+                .expect("cache lock")
+                .iter()
+                .any(|(_, k)| k.subject == subject)
+    }
+
+    /// What the eviction follower has done; `changed()` completes when it
+    /// does more. Stays at its default on a SQLite keystore (no follower).
+    pub fn events(&self) -> watch::Receiver<FollowerEvents> {
+        match self.0.upgrade() {
+            Some(km) => km.follower.subscribe(),
+            None => watch::Sender::new(FollowerEvents::default()).subscribe(),
+        }
+    }
+
+    /// Holds every keystore fetch of the key manager after it has read its
+    /// row and before it caches the key, until the hold is released or
+    /// dropped: a test orders a fetch against a forget with it. Unheld,
+    /// a fetch only looks at an empty slot.
+    pub fn hold_fetches(&self) -> FetchHold {
+        let (fetched_tx, fetched) = mpsc::unbounded_channel();
+        let (go, go_rx) = watch::channel(false);
+        if let Some(km) = self.0.upgrade() {
+            *km.hold.lock().expect("hold lock") = Some(HoldPoint {
+                fetched: fetched_tx,
+                go: go_rx,
+            });
+        }
+        FetchHold {
+            km: self.0.clone(),
+            fetched,
+            go,
+        }
+    }
+}
+
+/// Fetches held by [`KeyCacheProbe::hold_fetches`].
+pub struct FetchHold {
+    km: Weak<KeyManager>,
+    fetched: mpsc::UnboundedReceiver<String>,
+    go: watch::Sender<bool>,
+}
+
+impl FetchHold {
+    /// Waits until a fetch has read a key from the keystore and is held;
+    /// returns the key's subject (`None` if the key manager is gone).
+    pub async fn fetched(&mut self) -> Option<String> {
+        self.fetched.recv().await
+    }
+
+    /// Lets every held fetch go on; later fetches are not held.
+    pub fn release(self) {}
+}
+
+impl Drop for FetchHold {
+    fn drop(&mut self) {
+        if let Some(km) = self.km.upgrade() {
+            km.hold.lock().expect("hold lock").take();
+        }
+        self.go.send_replace(true);
     }
 }
 
@@ -552,4 +857,44 @@ pub async fn rotate_master_key(
         rewrapped: done,
         retired_key_file: retired,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fetch_caches_nothing_of_a_subject_evicted_since_it_began() {
+        let mut ev = Evictions::default();
+        let before = ev.epoch;
+        ev.evict("cust-1");
+        assert!(
+            !ev.admits("cust-1", before),
+            "evicted after the fetch began"
+        );
+        assert!(ev.admits("cust-2", before), "others are not concerned");
+        assert!(ev.admits("cust-1", ev.epoch), "a fetch begun after it");
+        ev.raise_barrier();
+        assert!(!ev.admits("cust-2", before), "a barrier stops every fetch");
+        assert!(ev.admits("cust-1", ev.epoch));
+    }
+
+    #[test]
+    fn evictions_too_many_to_remember_raise_the_barrier() {
+        let mut ev = Evictions::default();
+        let before = ev.epoch;
+        ev.evict("cust-old");
+        let after_first = ev.epoch;
+        for i in 0..EVICTIONS_REMEMBERED {
+            ev.evict(&format!("cust-{i}"));
+        }
+        assert_eq!(ev.recent.len(), EVICTIONS_REMEMBERED, "bounded");
+        // The first eviction is no longer remembered: a fetch that began
+        // before it may not cache, whatever its subject.
+        assert!(!ev.admits("cust-old", before));
+        assert!(!ev.admits("cust-unrelated", before));
+        // One that began after it is still told apart precisely.
+        assert!(ev.admits("cust-unrelated", after_first));
+        assert!(!ev.admits("cust-5", after_first));
+    }
 }

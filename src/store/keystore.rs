@@ -115,7 +115,7 @@ impl Keystore {
         match &self.db {
             Db::Sqlite(pool) => {
                 // Each attempt waits for readers and writers as long as the
-                // busy timeout allows (10 s); under a steady stream of key
+                // busy timeout allows (the store timeout); under a steady stream of key
                 // writes (new subjects) one can still find the log in use,
                 // so one more is made before the caller is told to retry.
                 for attempt in 1..=SCRUB_ATTEMPTS {

@@ -146,6 +146,11 @@ fn pg_fault(state: &str) -> Option<Fault> {
             Some(Fault::Unreachable)
         }
         "25006" => Some(Fault::Unreachable),
+        // object not in prerequisite state: what a new connection is told
+        // by a database that accepts none now (`allow_connections false`,
+        // a database being dropped or restored); never raised by the
+        // statements eventvault runs
+        "55000" => Some(Fault::Unreachable),
         // serialization failure, deadlock, lock not available
         "40001" | "40P01" | "55P03" => Some(Fault::Busy),
         _ => None,
@@ -264,7 +269,10 @@ impl Db {
                 // every commit, so an acknowledged append survives power loss.
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Full)
-                .busy_timeout(Duration::from_secs(10))
+                // Another connection holding the file locked (a backup, an
+                // operator's shell, a checkpoint) is waited for as long as
+                // for a connection, then answered 503 busy: never longer.
+                .busy_timeout(timeout)
                 .foreign_keys(true)
                 // Deleted keystore rows are overwritten with zeros rather than
                 // left in free pages (crypto-shredding relies on it).
@@ -581,6 +589,11 @@ mod tests {
         );
         assert_eq!(pg_fault("08006"), Some(Fault::Unreachable));
         assert_eq!(pg_fault("25006"), Some(Fault::Unreachable), "a standby");
+        assert_eq!(
+            pg_fault("55000"),
+            Some(Fault::Unreachable),
+            "not accepting connections"
+        );
         assert_eq!(pg_fault("40001"), Some(Fault::Busy));
         assert_eq!(pg_fault("23505"), None, "a unique violation is not a fault");
         assert_eq!(pg_fault("42P01"), None, "nor an unknown table");

@@ -66,6 +66,30 @@ impl EventStore {
         })?)
     }
 
+    /// Which of `subjects` the forget ledger lists (a key manager
+    /// reconciling its caches after it may have missed evictions).
+    pub async fn forgotten_among(&self, subjects: &[String]) -> Result<Vec<String>, StoreError> {
+        if subjects.is_empty() {
+            return Ok(vec![]);
+        }
+        Ok(match &self.db {
+            super::Db::Sqlite(pool) => {
+                sqlx::query_scalar(
+                    "select subject from forgotten_subjects where subject in (select value from json_each($1))",
+                )
+                .bind(serde_json::to_string(subjects).expect("strings serialise"))
+                .fetch_all(pool)
+                .await?
+            }
+            super::Db::Postgres(pool) => {
+                sqlx::query_scalar("select subject from forgotten_subjects where subject = any($1)")
+                    .bind(subjects)
+                    .fetch_all(pool)
+                    .await?
+            }
+        })
+    }
+
     /// Adds keys destroyed by a forget to its ledger entry.
     pub async fn add_keys_destroyed(&self, subject: &str, n: u64) -> Result<(), StoreError> {
         on_db!(&self.db, |pool| {

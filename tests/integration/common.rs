@@ -524,9 +524,20 @@ impl TestApp {
     /// soon as it listens, while it may still be re-applying the forget
     /// ledger.
     pub async fn start_unready(env: Arc<TestEnv>) -> TestApp {
-        let mut app = Application::build(&env.config())
-            .await
-            .expect("application starts");
+        let cfg = env.config();
+        TestApp::start_unready_with(env, &cfg).await
+    }
+
+    /// [`TestApp::start`] with `cfg` in place of `env.config()` (e.g. a
+    /// second process that reaches a database as another role).
+    pub async fn start_with(env: Arc<TestEnv>, cfg: &Config) -> TestApp {
+        let app = TestApp::start_unready_with(env, cfg).await;
+        app.ready().await;
+        app
+    }
+
+    async fn start_unready_with(env: Arc<TestEnv>, cfg: &Config) -> TestApp {
+        let mut app = Application::build(cfg).await.expect("application starts");
         if let Some(t) = app.take_admin_token() {
             env.set_token(&t);
         }

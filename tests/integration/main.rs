@@ -13,6 +13,7 @@ mod concurrency;
 mod crash;
 mod faults;
 mod forget;
+mod key_cache;
 mod keys;
 mod limits;
 mod metrics;
