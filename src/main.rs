@@ -28,6 +28,9 @@ struct Cli {
         long,
         global = true,
         env = "EVENTVAULT_DATABASE_URL",
+        // A URL may hold a password: `--help` names the variable, never
+        // its value.
+        hide_env_values = true,
         default_value = "sqlite://data/eventvault.db"
     )]
     database_url: String,
@@ -36,6 +39,9 @@ struct Cli {
         long,
         global = true,
         env = "EVENTVAULT_KEYSTORE_URL",
+        // A URL may hold a password: `--help` names the variable, never
+        // its value.
+        hide_env_values = true,
         default_value = "sqlite://keys/keystore.db"
     )]
     keystore_url: String,
@@ -135,7 +141,7 @@ enum Command {
         /// NATS server URL (several: comma-separated). When set, every
         /// committed event is published to JetStream: clear fields and the
         /// sealed personal blob, never personal data in clear.
-        #[arg(long, env = "EVENTVAULT_NATS_URL")]
+        #[arg(long, env = "EVENTVAULT_NATS_URL", hide_env_values = true)]
         nats_url: Option<String>,
         /// JetStream stream the events are published to (created if missing).
         #[arg(long, env = "EVENTVAULT_NATS_STREAM", default_value = eventvault::relay::DEFAULT_STREAM)]

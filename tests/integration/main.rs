@@ -11,6 +11,7 @@ mod balances;
 mod concurrency;
 mod crash;
 mod forget;
+mod host;
 mod keys;
 mod limits;
 mod metrics;
