@@ -58,19 +58,20 @@ impl Caller {
     }
 
     /// The caller's grants as they are now, for a request that outlives the
-    /// authentication cache (a subscription): `None` once the token no
-    /// longer authenticates (the principal was removed).
-    pub async fn grants_now(&self, principals: &Principals, policies: &Policies) -> Option<Grants> {
-        match principals.authenticate(&self.token.0).await {
-            Ok(Some(p)) => Some(Grants::of(policies, &p.roles)),
-            Ok(None) => None,
-            Err(e) => {
-                // Keep serving on a passing database failure; the next check
-                // decides.
-                tracing::warn!(error = %e, "could not authenticate a subscriber again");
-                Some(self.grants.clone())
-            }
-        }
+    /// authentication cache (a subscription): `Ok(None)` once the token no
+    /// longer authenticates (the principal was removed), and an error when
+    /// that cannot be told now (the principals cannot be read). The caller
+    /// fails closed on an error: grants that cannot be confirmed are not
+    /// kept, since the principal may have been removed meanwhile.
+    pub async fn grants_now(
+        &self,
+        principals: &Principals,
+        policies: &Policies,
+    ) -> Result<Option<Grants>, crate::principals::PrincipalError> {
+        Ok(principals
+            .authenticate(&self.token.0)
+            .await?
+            .map(|p| Grants::of(policies, &p.roles)))
     }
 
     /// 400 if a read that may disclose personal data of `stream` (`None`: of
