@@ -194,12 +194,23 @@ impl FromRequestParts<AppState> for Caller {
                 tracing::error!("a data route is not wrapped by the audit middleware");
                 ApiError::Internal
             })?;
+        // A refusal for want of a valid token counts against the client
+        // address's allowance (429 beyond it) and is recorded, or counted
+        // into the address's aggregate record (`unauthenticated`).
+        let refuse = |why: &'static str| {
+            let verdict = state
+                .unauthenticated
+                .refused(audit.client(), audit.context().request_id.as_deref());
+            audit.refused_unauthenticated(verdict);
+            match verdict.retry_after {
+                Some(secs) => ApiError::TooManyUnauthenticated(secs),
+                None => ApiError::Unauthorized(why),
+            }
+        };
         let header = parts
             .headers
             .get(AUTHORIZATION)
-            .ok_or(ApiError::Unauthorized(
-                "an Authorization: Bearer token is required",
-            ))?;
+            .ok_or_else(|| refuse("an Authorization: Bearer token is required"))?;
         let token = header
             .to_str()
             .ok()
@@ -207,9 +218,7 @@ impl FromRequestParts<AppState> for Caller {
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, t)| t.trim())
             .filter(|t| !t.is_empty())
-            .ok_or(ApiError::Unauthorized(
-                "the Authorization header must be 'Bearer <token>'",
-            ))?;
+            .ok_or_else(|| refuse("the Authorization header must be 'Bearer <token>'"))?;
         match state.principals.authenticate(token).await {
             Ok(Some(principal)) => {
                 tracing::Span::current().record("principal", principal.name.as_str());
@@ -236,7 +245,7 @@ impl FromRequestParts<AppState> for Caller {
                     token: Token(Zeroizing::new(token.to_owned())),
                 })
             }
-            Ok(None) => Err(ApiError::Unauthorized("the token is not valid")),
+            Ok(None) => Err(refuse("the token is not valid")),
             Err(e) => {
                 tracing::error!(error = %e, "authentication failed");
                 Err(ApiError::Internal)

@@ -21,3 +21,4 @@ mod relay;
 mod snapshots;
 mod startup;
 mod subscribe;
+mod unauthenticated;
