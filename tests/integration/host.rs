@@ -31,6 +31,20 @@ async fn help_never_shows_a_secret_from_the_environment() {
             "nats-hunter2",
         ),
     ];
+    // The example read model's database URL too.
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_eventvault-balances"));
+    let out = cmd
+        .arg("--help")
+        .env(
+            "BALANCES_DATABASE_URL",
+            "postgres://rm:rm-hunter2@db.example/balances",
+        )
+        .output()
+        .await
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("[env: BALANCES_DATABASE_URL]"), "{help}");
+    assert!(!help.contains("rm-hunter2"), "{help}");
     for args in [
         &["--help"][..],
         &["serve", "--help"],
