@@ -563,4 +563,51 @@ mod tests {
             "postgres://u:***@h/db?sslmode=require&password=***&sslpassword=***"
         );
     }
+
+    #[test]
+    fn own_directories_are_made_owner_only_but_shared_ones_are_left_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode =
+            |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let root = tempfile::tempdir().unwrap();
+        // Created: 0700, parents too.
+        let new = root.path().join("a/keys");
+        private_dir(&new).unwrap();
+        assert_eq!((mode(&new), mode(new.parent().unwrap())), (0o700, 0o700));
+        // Existing and open to others: tightened.
+        let open = root.path().join("data");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&open).unwrap();
+        assert_eq!(mode(&open), 0o700);
+        // Shared by design (sticky, like /tmp): left as it is.
+        let shared = root.path().join("tmp");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        private_dir(&shared).unwrap();
+        assert_eq!(mode(&shared), 0o1777);
+        // A database file open to others, and its -shm, become 0600; a new
+        // one is created 0600 and empty.
+        let db = open.join("x.db");
+        for f in ["x.db", "x.db-shm"] {
+            std::fs::write(open.join(f), b"").unwrap();
+            std::fs::set_permissions(open.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        private_sqlite_file(&db).unwrap();
+        assert_eq!((mode(&db), mode(&open.join("x.db-shm"))), (0o600, 0o600));
+        let fresh = open.join("y.db");
+        private_sqlite_file(&fresh).unwrap();
+        assert_eq!(
+            (mode(&fresh), std::fs::metadata(&fresh).unwrap().len()),
+            (0o600, 0)
+        );
+        assert!(sqlite_on_disk(
+            "sqlite://data/x.db",
+            std::path::Path::new("data/x.db")
+        ));
+        assert!(!sqlite_on_disk(
+            "sqlite://x.db?mode=memory",
+            std::path::Path::new("x.db")
+        ));
+    }
 }
