@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use zeroize::Zeroizing;
 
 use crate::http::conn;
+use crate::http::unauthenticated::{self, Unauthenticated};
 use crate::http::{AppState, HttpConfig, router};
 use crate::keys::{KeyError, KeyManager, load_master_key, next_master_key_path};
 use crate::metrics::Metrics;
@@ -77,6 +78,17 @@ pub struct Config {
     pub max_in_flight: usize,
     /// The same for a principal alone.
     pub max_in_flight_alone: usize,
+    /// Requests refused for want of a valid token, per client address: one
+    /// per `period`, with bursts of `burst` (429 beyond); `None`: unlimited.
+    pub unauthenticated_rate_limit: Option<RateLimit>,
+    /// The window over which the audit records of requests without a
+    /// valid token are aggregated per client address (the first of an
+    /// address has a record of its own, the others are counted into one
+    /// record at the window's end); zero: every one has its own record.
+    pub unauthenticated_audit_interval: std::time::Duration,
+    /// Client addresses tracked at once for the two above; further ones
+    /// share one entry.
+    pub max_unauthenticated_addresses: usize,
     /// How often a subscription authenticates its caller again (a removed
     /// principal's subscriptions end within this).
     pub subscription_recheck: std::time::Duration,
@@ -277,6 +289,9 @@ pub struct Progress {
     /// eviction follower did, and a hold on fetches (to order one against
     /// a forget).
     pub key_cache: crate::keys::KeyCacheProbe,
+    /// Requests without a valid token accounted for by the aggregate audit
+    /// records committed so far (the sum of their counts).
+    pub unauthenticated_aggregated: watch::Receiver<u64>,
 }
 
 pub struct Application {
@@ -348,6 +363,16 @@ impl Application {
             rate_limit: cfg.rate_limit.and_then(RateLimit::limiter).map(Arc::new),
             turns: crate::http::Turns::new(cfg.max_in_flight, cfg.max_in_flight_alone)
                 .map(Arc::new),
+            unauthenticated: Arc::new(Unauthenticated::new(
+                unauthenticated::Settings {
+                    limit: cfg
+                        .unauthenticated_rate_limit
+                        .map(|r| (r.period, r.burst.max(1))),
+                    interval: Some(cfg.unauthenticated_audit_interval).filter(|i| !i.is_zero()),
+                    max_addresses: cfg.max_unauthenticated_addresses.max(1),
+                },
+                metrics.clone(),
+            )),
             metrics,
             ledger: ledger_rx,
         };
@@ -384,6 +409,7 @@ impl Application {
             tail_clears: self.state.events.tail_clears(),
             subscriptions_open: self.state.metrics.subscriptions_open(),
             key_cache: self.state.keys.probe(),
+            unauthenticated_aggregated: self.state.unauthenticated.aggregated(),
         }
     }
 
@@ -425,6 +451,14 @@ impl Application {
         let relay_task = relay.map(|cfg| {
             crate::relay::spawn(store.clone(), cfg, state.events.commits(), relay_stopped)
         });
+        // The aggregate audit records of requests without a valid token, at
+        // the end of every window and, after the last connection closed,
+        // of the window still open.
+        let (stop_windows, windows_stop) = watch::channel(false);
+        let windows = {
+            let (gate, events) = (state.unauthenticated.clone(), state.events.clone());
+            tokio::spawn(async move { gate.record_windows(events, windows_stop).await })
+        };
         let mut ledger_failed = ledger.subscribe();
         let reapply = tokio::spawn(reapply_ledger(state.events.clone(), ledger));
         let metrics = state.metrics.clone();
@@ -450,7 +484,13 @@ impl Application {
             // Subscriptions end, so that their connections can close.
             let _ = stopping.send(true);
         };
-        conn::serve(listener, app, limits, metrics, shutdown).await?;
+        let served = conn::serve(listener, app, limits, metrics, shutdown).await;
+        // Every connection is closed: no request is refused any more.
+        let _ = stop_windows.send(true);
+        if windows.await.is_err() {
+            tracing::error!("the task recording aggregate audit records panicked");
+        }
+        served?;
         // A stop during the re-apply cancels it: every step is repeated at
         // the next start, and the task holds a writer handle.
         if !reapply.is_finished() {

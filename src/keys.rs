@@ -53,6 +53,11 @@ pub fn load_master_key(env_value: Option<&str>, path: &Path) -> Result<(Kek, boo
         })?;
         return Ok((kek, false));
     }
+    // The key's directory (`keys/`) is owner-only, also when it exists
+    // already with access for others.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::store::private_dir(dir)?;
+    }
     match std::fs::metadata(path) {
         Ok(meta) => {
             let mode = meta.permissions().mode() & 0o777;
@@ -75,9 +80,6 @@ pub fn load_master_key(env_value: Option<&str>, path: &Path) -> Result<(Kek, boo
             Ok((kek, false))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                crate::store::create_private_dir(dir)?;
-            }
             let (kek, encoded) = Kek::generate()?;
             let mut file = std::fs::OpenOptions::new()
                 .write(true)

@@ -28,6 +28,9 @@ struct Cli {
         long,
         global = true,
         env = "EVENTVAULT_DATABASE_URL",
+        // A URL may hold a password: `--help` names the variable, never
+        // its value.
+        hide_env_values = true,
         default_value = "sqlite://data/eventvault.db"
     )]
     database_url: String,
@@ -36,6 +39,9 @@ struct Cli {
         long,
         global = true,
         env = "EVENTVAULT_KEYSTORE_URL",
+        // A URL may hold a password: `--help` names the variable, never
+        // its value.
+        hide_env_values = true,
         default_value = "sqlite://keys/keystore.db"
     )]
     keystore_url: String,
@@ -141,10 +147,48 @@ enum Command {
         /// active.
         #[arg(long, env = "EVENTVAULT_MAX_IN_FLIGHT_ALONE", default_value_t = 64)]
         max_in_flight_alone: usize,
+        /// Requests per second one client address may make without a valid
+        /// token (no token, a malformed or an unknown one) before they are
+        /// answered 429 with Retry-After instead of 401; 0: unlimited.
+        /// Requests with a valid token are never limited by it.
+        #[arg(
+            long,
+            env = "EVENTVAULT_UNAUTHENTICATED_RATE_LIMIT",
+            default_value_t = 10
+        )]
+        unauthenticated_rate_limit: u32,
+        /// Such requests one client address may make at once after a quiet
+        /// spell.
+        #[arg(
+            long,
+            env = "EVENTVAULT_UNAUTHENTICATED_RATE_LIMIT_BURST",
+            default_value_t = 20
+        )]
+        unauthenticated_rate_limit_burst: u32,
+        /// Seconds over which the audit records of requests without a valid
+        /// token are aggregated per client address: the first of an
+        /// address has a record of its own, the others are counted into
+        /// one record when the interval ends. 0: every one has a record of
+        /// its own (only behind a proxy that limits them by address).
+        #[arg(
+            long,
+            env = "EVENTVAULT_UNAUTHENTICATED_AUDIT_INTERVAL_SECS",
+            default_value_t = 60
+        )]
+        unauthenticated_audit_interval_secs: u64,
+        /// Client addresses (IPv4, or IPv6 /64) tracked at once for the
+        /// limit and the aggregation above; further addresses share one
+        /// allowance and one record.
+        #[arg(
+            long,
+            env = "EVENTVAULT_MAX_UNAUTHENTICATED_ADDRESSES",
+            default_value_t = 4096
+        )]
+        max_unauthenticated_addresses: usize,
         /// NATS server URL (several: comma-separated). When set, every
         /// committed event is published to JetStream: clear fields and the
         /// sealed personal blob, never personal data in clear.
-        #[arg(long, env = "EVENTVAULT_NATS_URL")]
+        #[arg(long, env = "EVENTVAULT_NATS_URL", hide_env_values = true)]
         nats_url: Option<String>,
         /// JetStream stream the events are published to (created if missing).
         #[arg(long, env = "EVENTVAULT_NATS_STREAM", default_value = eventvault::relay::DEFAULT_STREAM)]
@@ -254,6 +298,25 @@ fn config(cli: &Cli, listen: SocketAddr, max_body_bytes: usize, key_cache: usize
         _ => (30, 0, None, (0, 0)),
     };
     let (max_in_flight, max_in_flight_alone) = max_in_flight;
+    let unauthenticated = match &cli.command {
+        Command::Serve {
+            unauthenticated_rate_limit,
+            unauthenticated_rate_limit_burst,
+            unauthenticated_audit_interval_secs,
+            max_unauthenticated_addresses,
+            ..
+        } => (
+            app::RateLimit::per_second(
+                *unauthenticated_rate_limit,
+                *unauthenticated_rate_limit_burst,
+            ),
+            std::time::Duration::from_secs(*unauthenticated_audit_interval_secs),
+            *max_unauthenticated_addresses,
+        ),
+        _ => (None, std::time::Duration::ZERO, 1),
+    };
+    let (unauthenticated_rate_limit, unauthenticated_audit_interval, max_unauthenticated_addresses) =
+        unauthenticated;
     let connections = match &cli.command {
         Command::Serve {
             max_connections,
@@ -297,6 +360,9 @@ fn config(cli: &Cli, listen: SocketAddr, max_body_bytes: usize, key_cache: usize
         rate_limit,
         max_in_flight,
         max_in_flight_alone,
+        unauthenticated_rate_limit,
+        unauthenticated_audit_interval,
+        max_unauthenticated_addresses,
         subscription_recheck: std::time::Duration::from_secs(15),
         nats_url: None,
         nats_stream: eventvault::relay::DEFAULT_STREAM.into(),

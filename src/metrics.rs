@@ -121,6 +121,9 @@ struct Inner {
     connections: IntGauge,
     /// Times a connection-level limit was applied, by limit.
     limits: IntCounterVec,
+    /// Requests without an authenticated principal, by whether they got an
+    /// audit record of their own or were counted into an aggregate one.
+    unauthenticated: IntCounterVec,
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -243,8 +246,13 @@ impl Metrics {
             .expect("a valid metric name"),
             limits: counter_vec(
                 "eventvault_connection_limits_total",
-                "Times a connection-level limit was applied, by limit: max_connections (503), max_header_bytes (431), body_read_timeout (408), header_read_timeout, idle_timeout, write_timeout (connection closed).",
+                "Times a connection-level limit was applied, by limit: max_connections (503), max_header_bytes (431), body_read_timeout (408), header_read_timeout, idle_timeout, write_timeout (connection closed), unauthenticated_rate_limit (429 to a request without a valid token).",
                 &["limit"],
+            ),
+            unauthenticated: counter_vec(
+                "eventvault_unauthenticated_requests_total",
+                "Requests to data routes that ended without an authenticated principal (401 and the like), by audit: recorded (a record of their own) or aggregated (counted into their address's record of the interval).",
+                &["audit"],
             ),
         };
         let i = &inner;
@@ -269,6 +277,7 @@ impl Metrics {
             Box::new(i.head.clone()),
             Box::new(i.connections.clone()),
             Box::new(i.limits.clone()),
+            Box::new(i.unauthenticated.clone()),
         ];
         for c in all {
             inner
@@ -296,6 +305,9 @@ impl Metrics {
         }
         for limit in Limit::ALL {
             inner.limits.with_label_values(&[limit.label()]);
+        }
+        for audit in ["recorded", "aggregated"] {
+            inner.unauthenticated.with_label_values(&[audit]);
         }
         Self(Arc::new(inner))
     }
@@ -443,6 +455,13 @@ impl Metrics {
     pub fn limit_applied(&self, limit: Limit) {
         self.0.limits.with_label_values(&[limit.label()]).inc();
     }
+
+    /// A request without an authenticated principal: `recorded` with a
+    /// record of its own, or counted into an aggregate one.
+    pub fn unauthenticated_request(&self, recorded: bool) {
+        let audit = if recorded { "recorded" } else { "aggregated" };
+        self.0.unauthenticated.with_label_values(&[audit]).inc();
+    }
 }
 
 /// The connection-level limits, as counted by
@@ -456,16 +475,19 @@ pub enum Limit {
     BodyReadTimeout,
     IdleTimeout,
     WriteTimeout,
+    /// A request without a valid token beyond its address's allowance.
+    UnauthenticatedRateLimit,
 }
 
 impl Limit {
-    const ALL: [Limit; 6] = [
+    const ALL: [Limit; 7] = [
         Self::MaxConnections,
         Self::MaxHeaderBytes,
         Self::HeaderReadTimeout,
         Self::BodyReadTimeout,
         Self::IdleTimeout,
         Self::WriteTimeout,
+        Self::UnauthenticatedRateLimit,
     ];
 
     fn label(self) -> &'static str {
@@ -476,6 +498,7 @@ impl Limit {
             Self::BodyReadTimeout => "body_read_timeout",
             Self::IdleTimeout => "idle_timeout",
             Self::WriteTimeout => "write_timeout",
+            Self::UnauthenticatedRateLimit => "unauthenticated_rate_limit",
         }
     }
 }

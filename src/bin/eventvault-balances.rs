@@ -39,6 +39,8 @@ struct Args {
     #[arg(
         long,
         env = "BALANCES_DATABASE_URL",
+        // A URL may hold a password: `--help` names the variable only.
+        hide_env_values = true,
         default_value = "sqlite://balances.db?mode=rwc"
     )]
     database_url: String,

@@ -58,19 +58,20 @@ impl Caller {
     }
 
     /// The caller's grants as they are now, for a request that outlives the
-    /// authentication cache (a subscription): `None` once the token no
-    /// longer authenticates (the principal was removed).
-    pub async fn grants_now(&self, principals: &Principals, policies: &Policies) -> Option<Grants> {
-        match principals.authenticate(&self.token.0).await {
-            Ok(Some(p)) => Some(Grants::of(policies, &p.roles)),
-            Ok(None) => None,
-            Err(e) => {
-                // Keep serving on a passing database failure; the next check
-                // decides.
-                tracing::warn!(error = %e, "could not authenticate a subscriber again");
-                Some(self.grants.clone())
-            }
-        }
+    /// authentication cache (a subscription): `Ok(None)` once the token no
+    /// longer authenticates (the principal was removed), and an error when
+    /// that cannot be told now (the principals cannot be read). The caller
+    /// fails closed on an error: grants that cannot be confirmed are not
+    /// kept, since the principal may have been removed meanwhile.
+    pub async fn grants_now(
+        &self,
+        principals: &Principals,
+        policies: &Policies,
+    ) -> Result<Option<Grants>, crate::principals::PrincipalError> {
+        Ok(principals
+            .authenticate(&self.token.0)
+            .await?
+            .map(|p| Grants::of(policies, &p.roles)))
     }
 
     /// 400 if a read that may disclose personal data of `stream` (`None`: of
@@ -193,12 +194,23 @@ impl FromRequestParts<AppState> for Caller {
                 tracing::error!("a data route is not wrapped by the audit middleware");
                 ApiError::Internal
             })?;
+        // A refusal for want of a valid token counts against the client
+        // address's allowance (429 beyond it) and is recorded, or counted
+        // into the address's aggregate record (`unauthenticated`).
+        let refuse = |why: &'static str| {
+            let verdict = state
+                .unauthenticated
+                .refused(audit.client(), audit.context().request_id.as_deref());
+            audit.refused_unauthenticated(verdict);
+            match verdict.retry_after {
+                Some(secs) => ApiError::TooManyUnauthenticated(secs),
+                None => ApiError::Unauthorized(why),
+            }
+        };
         let header = parts
             .headers
             .get(AUTHORIZATION)
-            .ok_or(ApiError::Unauthorized(
-                "an Authorization: Bearer token is required",
-            ))?;
+            .ok_or_else(|| refuse("an Authorization: Bearer token is required"))?;
         let token = header
             .to_str()
             .ok()
@@ -206,9 +218,7 @@ impl FromRequestParts<AppState> for Caller {
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, t)| t.trim())
             .filter(|t| !t.is_empty())
-            .ok_or(ApiError::Unauthorized(
-                "the Authorization header must be 'Bearer <token>'",
-            ))?;
+            .ok_or_else(|| refuse("the Authorization header must be 'Bearer <token>'"))?;
         match state.principals.authenticate(token).await {
             Ok(Some(principal)) => {
                 tracing::Span::current().record("principal", principal.name.as_str());
@@ -235,7 +245,7 @@ impl FromRequestParts<AppState> for Caller {
                     token: Token(Zeroizing::new(token.to_owned())),
                 })
             }
-            Ok(None) => Err(ApiError::Unauthorized("the token is not valid")),
+            Ok(None) => Err(refuse("the token is not valid")),
             Err(crate::principals::PrincipalError::Store(e)) if e.fault().is_some() => {
                 Err(ApiError::from_fault(&e))
             }

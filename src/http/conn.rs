@@ -31,6 +31,11 @@
 //! heartbeats). Which of the two states a connection is in, the service
 //! wrapper ([`Tracked`]) tells the stream through [`Shared`]. A request body
 //! has its own deadline, applied where bodies are read (`http::body`: 408).
+//!
+//! Every request reaches the router with its connection's peer address as
+//! `axum::extract::ConnectInfo<SocketAddr>`: requests without a valid token
+//! are limited, and their audit records aggregated, by client address
+//! (`http::unauthenticated`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -115,7 +120,7 @@ pub async fn serve(
     let mut shutdown = pin!(shutdown);
     let mut at_limit = false;
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(c) => c,
                 Err(e) => {
@@ -147,6 +152,7 @@ pub async fn serve(
         let service = Tracked {
             app: app.clone(),
             shared: io.shared.clone(),
+            peer,
         };
         let conn = http.serve_connection(TokioIo::new(io), service);
         let (mut stop, closed) = (stop_rx.clone(), closed_rx.clone());
@@ -213,6 +219,9 @@ struct Shared {
 struct Tracked {
     app: Router,
     shared: Arc<Shared>,
+    /// The client's address, handed to the router with every request
+    /// (`ConnectInfo`): requests without a valid token are limited by it.
+    peer: std::net::SocketAddr,
 }
 
 /// Marks the request answered when dropped.
@@ -232,8 +241,10 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Tracked {
     type Future =
         Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
 
-    fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: hyper::Request<Incoming>) -> Self::Future {
         self.shared.busy.store(true, Ordering::Release);
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
         let answering = Answering(self.shared.clone());
         let response = tower::ServiceExt::oneshot(self.app.clone(), req);
         Box::pin(async move {

@@ -14,6 +14,7 @@ mod streams;
 mod subjects;
 mod subscribe;
 mod trail;
+pub mod unauthenticated;
 mod views;
 
 use std::sync::Arc;
@@ -73,6 +74,9 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Requests per principal served at once; `None`: unlimited.
     pub turns: Option<Arc<auth::Turns>>,
+    /// Requests without a valid token, per client address: their limit
+    /// and the aggregation of their audit records.
+    pub unauthenticated: Arc<unauthenticated::Unauthenticated>,
     /// Where the start-up re-apply of the forget ledger stands: no data
     /// route serves before it is `Applied` (see [`starting`]).
     pub ledger: tokio::sync::watch::Receiver<LedgerState>,

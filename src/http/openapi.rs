@@ -75,7 +75,10 @@ fn refusals() -> Vec<(&'static str, Response)> {
             .description(Some("`Bearer`"))
             .build(),
     );
-    let mut limited = problem("The principal's request rate is exceeded (`rate-limited`)");
+    let mut limited = problem(
+        "The principal's request rate is exceeded, or, without a valid token, the client \
+         address's (`rate-limited`)",
+    );
     limited.headers.insert(
         "Retry-After".into(),
         integer_header("Seconds until a request will be accepted"),

@@ -34,6 +34,10 @@ pub enum ApiError {
     /// The principal's rate limit is reached; retry after so many seconds.
     #[error("too many requests from this principal; retry after {0} s")]
     TooManyRequests(u64),
+    /// The client address's allowance of requests without a valid token is
+    /// used up; retry after so many seconds.
+    #[error("too many requests without a valid token from this address; retry after {0} s")]
+    TooManyUnauthenticated(u64),
     #[error("{0}")]
     UnsupportedMediaType(String),
     /// The request line and headers are larger than this many bytes.
@@ -97,7 +101,9 @@ impl ApiError {
             Self::Gone(_) => StatusCode::GONE,
             Self::StaleSnapshot(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::TooManyRequests(_) | Self::TooManyUnauthenticated(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -124,7 +130,7 @@ impl ApiError {
             Self::Gone(_) => "subject-forgotten",
             Self::StaleSnapshot(_) => "stale-snapshot",
             Self::PayloadTooLarge(_) => "payload-too-large",
-            Self::TooManyRequests(_) => "rate-limited",
+            Self::TooManyRequests(_) | Self::TooManyUnauthenticated(_) => "rate-limited",
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
             Self::HeadersTooLarge(_) => "headers-too-large",
             Self::RequestTimeout(_) => "request-timeout",
@@ -205,7 +211,7 @@ impl IntoResponse for ApiError {
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if let Self::TooManyRequests(secs) = &self {
+        if let Self::TooManyRequests(secs) | Self::TooManyUnauthenticated(secs) = &self {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(*secs));
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {

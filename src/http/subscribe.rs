@@ -345,6 +345,9 @@ impl Subscription {
     /// Authenticates the caller again when due: a removed principal, or
     /// one whose roles no longer allow this subscription, is cut off (and
     /// the close recorded as `denied`); changed roles apply from now on.
+    /// When the principals cannot be read, the subscription ends too (the
+    /// close recorded as `error`): access that cannot be confirmed is not
+    /// kept. The client resumes with `Last-Event-ID` once it can be.
     async fn still_allowed(&mut self) -> bool {
         if self.checked_at.elapsed() < self.recheck {
             return true;
@@ -359,12 +362,17 @@ impl Subscription {
             .grants_now(&self.principals, &self.policies)
             .await
         {
-            Some(grants) if grants.allows(Permission::Read, stream) => {
+            Ok(Some(grants)) if grants.allows(Permission::Read, stream) => {
                 self.grants = grants;
                 true
             }
-            _ => {
+            Ok(_) => {
                 self.trail.ended = Outcome::Denied;
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not authenticate a subscriber again; the subscription ends");
+                self.trail.ended = Outcome::Error;
                 false
             }
         }

@@ -11,10 +11,15 @@
 //!
 //! An append hands its record to the writer itself, to commit it in the same
 //! transaction as its events, and marks the slot as recorded.
+//!
+//! A request that ends without an authenticated principal (401 and the
+//! like) has a record of its own only when it is its client address's first
+//! in the current window; the others are counted, and their address's
+//! aggregate record is written when the window ends (`unauthenticated`).
 
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{MatchedPath, RawPathParams, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, RawPathParams, Request, State};
 use axum::http::{HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -108,6 +113,9 @@ struct Draft {
     /// The principal's turn (see `auth::Turns`), held until the record is
     /// written.
     turn: Option<super::auth::Turn>,
+    /// Decided when the request was refused for want of a valid token (see
+    /// `unauthenticated`): whether it gets a record of its own.
+    unauthenticated: Option<super::unauthenticated::Verdict>,
 }
 
 /// When a request that waits for the stores is answered 503 at the latest:
@@ -143,6 +151,9 @@ pub struct AuditSlot {
     /// A malformed audit header: the request is refused with this problem
     /// once the caller is authenticated (and recorded without the header).
     bad_header: Option<String>,
+    /// The client's address (the connection's peer), by which requests
+    /// without a valid token are limited and their records aggregated.
+    client: Option<std::net::IpAddr>,
     draft: Arc<Mutex<Draft>>,
 }
 
@@ -153,6 +164,16 @@ impl AuditSlot {
 
     pub fn bad_header(&self) -> Option<&str> {
         self.bad_header.as_deref()
+    }
+
+    pub fn client(&self) -> Option<std::net::IpAddr> {
+        self.client
+    }
+
+    /// The request was refused for want of a valid token; `verdict` says
+    /// whether it has a record of its own.
+    pub fn refused_unauthenticated(&self, verdict: super::unauthenticated::Verdict) {
+        self.draft().unauthenticated = Some(verdict);
     }
 
     fn draft(&self) -> std::sync::MutexGuard<'_, Draft> {
@@ -307,11 +328,16 @@ async fn audited(state: AppState, req: Request, next: Next, deadline: Deadline) 
             .ok()
     };
     let (ctx, bad_header) = RequestContext::from_headers(&parts.headers);
+    let client = parts
+        .extensions
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|ConnectInfo(peer)| peer.ip());
     let slot = AuditSlot {
         deadline,
         action,
         ctx: Arc::new(ctx),
         bad_header,
+        client,
         draft: Arc::new(Mutex::new(Draft {
             principal: None,
             resource: resource_of(&route, params.as_ref()),
@@ -319,6 +345,7 @@ async fn audited(state: AppState, req: Request, next: Next, deadline: Deadline) 
             personal_data: false,
             recorded: false,
             turn: None,
+            unauthenticated: None,
         })),
     };
     let mut req = Request::from_parts(parts, body);
@@ -331,8 +358,23 @@ async fn audited(state: AppState, req: Request, next: Next, deadline: Deadline) 
             ApiError::Internal.into_response()
         });
     let outcome = Outcome::from_status(response.status().as_u16());
-    let recorded = slot.draft().recorded;
-    let response = if recorded {
+    let (recorded, principal, refused) = {
+        let d = slot.draft();
+        (d.recorded, d.principal.is_some(), d.unauthenticated)
+    };
+    // A request that ends without a principal has a record of its own only
+    // if it is its address's first of the window; the others are counted
+    // into the address's aggregate record (see `unauthenticated`).
+    let counted = !recorded
+        && !principal
+        && !refused
+            .unwrap_or_else(|| {
+                state
+                    .unauthenticated
+                    .unattributed(slot.client(), slot.context().request_id.as_deref())
+            })
+            .record;
+    let response = if recorded || counted {
         response
     } else {
         match state.events.audit(slot.entry(outcome)).await {

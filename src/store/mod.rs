@@ -43,6 +43,11 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot create or make owner-only {path}: {source}")]
+    PrivateFile {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
@@ -278,25 +283,20 @@ impl Db {
                 // left in free pages (crypto-shredding relies on it).
                 .pragma("secure_delete", "on");
             let file = opts.get_filename().to_owned();
-            if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
-                create_private_dir(dir)?;
+            if sqlite_on_disk(url, &file) {
+                if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    private_dir(dir)?;
+                }
+                // Owner-only before SQLite opens it: SQLite gives the
+                // journal, `-wal` and `-shm` files it creates the database
+                // file's mode, so none of them is ever readable by others.
+                private_sqlite_file(&file)?;
             }
             let pool = SqlitePoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(timeout)
                 .connect_with(opts)
                 .await?;
-            // Owner-only, like the directory (SQLite gives its -wal and -shm
-            // files the database file's mode).
-            if file.is_file() {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).map_err(
-                    |source| StoreError::CreateDir {
-                        path: file.display().to_string(),
-                        source,
-                    },
-                )?;
-            }
             Db::Sqlite(pool)
         } else {
             return Err(StoreError::UnsupportedUrl(redact_url(url)));
@@ -357,7 +357,9 @@ impl Db {
 }
 
 /// Creates a directory (and parents) readable by the owner only, so that
-/// neither the event database nor the keystore is world-readable.
+/// neither the event database nor the keystore is world-readable. An
+/// existing directory is left as it is (a backup's target directory may be
+/// shared on purpose); see [`private_dir`] for eventvault's own.
 pub fn create_private_dir(dir: &std::path::Path) -> Result<(), StoreError> {
     use std::os::unix::fs::DirBuilderExt;
     if dir.is_dir() {
@@ -373,23 +375,124 @@ pub fn create_private_dir(dir: &std::path::Path) -> Result<(), StoreError> {
         })
 }
 
-/// A database URL fit for a log line: any password is replaced.
+/// A directory of eventvault's own (`data/`, `keys/`: the one holding a
+/// SQLite database or the master key file): created owner-only (0700), and
+/// tightened to 0700 when it exists with access for others (made by hand, by
+/// an older version, or under a loose umask). A directory with the sticky bit
+/// (`/tmp`) is shared by design and is never changed; nor is one this user
+/// may not change (owned by another user, read-only): both are only warned
+/// about, since the files inside are owner-only in any case.
+pub fn private_dir(dir: &std::path::Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = match std::fs::metadata(dir) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return create_private_dir(dir),
+        Err(source) => {
+            return Err(StoreError::CreateDir {
+                path: dir.display().to_string(),
+                source,
+            });
+        }
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if !meta.is_dir() || mode & 0o077 == 0 {
+        return Ok(());
+    }
+    if mode & 0o1000 != 0 {
+        tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"), "a shared directory (sticky bit) holds eventvault's files; give them a directory of their own");
+        return Ok(());
+    }
+    match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+        Ok(()) => {
+            tracing::warn!(dir = %dir.display(), was = format!("{mode:o}"), "the directory was accessible to others; made it owner-only (700)");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"), error = %e, "the directory is accessible to others and cannot be made owner-only");
+            Ok(())
+        }
+    }
+}
+
+/// Whether a SQLite URL names a file on disk (not an in-memory database).
+fn sqlite_on_disk(url: &str, file: &std::path::Path) -> bool {
+    let in_memory = file
+        .to_str()
+        .is_some_and(|f| f.starts_with("file:sqlx-in-memory-"))
+        || url
+            .split_once('?')
+            .is_some_and(|(_, query)| query.split('&').any(|p| p == "mode=memory"));
+    !in_memory
+}
+
+/// Creates the SQLite database file empty and owner-only (0600) if it does
+/// not exist (SQLite takes an empty file as an empty database), or makes an
+/// existing one and its `-wal`, `-shm` and `-journal` files owner-only.
+fn private_sqlite_file(file: &std::path::Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let failed = |path: &std::path::Path, source| StoreError::PrivateFile {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+    {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(failed(file, e)),
+    }
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut path = file.as_os_str().to_owned();
+        path.push(suffix);
+        let path = std::path::PathBuf::from(path);
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| failed(&path, e))?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A database URL fit for a log line: any password is replaced, in the user
+/// information and in `password` / `sslpassword` parameters.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let mut out = match (base.find("://"), base.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
+            let userinfo = &base[scheme_end + 3..at];
             match userinfo.find(':') {
                 Some(colon) => format!(
                     "{}{}:***{}",
-                    &url[..scheme_end + 3],
+                    &base[..scheme_end + 3],
                     &userinfo[..colon],
-                    &url[at..]
+                    &base[at..]
                 ),
-                None => url.to_owned(),
+                None => base.to_owned(),
             }
         }
-        _ => url.to_owned(),
+        _ => base.to_owned(),
+    };
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if matches!(k, "password" | "sslpassword") => format!("{k}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
+    out
 }
 
 /// Microseconds since the Unix epoch, UTC: the time unit of every stored time.
@@ -624,5 +727,56 @@ mod tests {
         );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("sqlite://data/x.db"), "sqlite://data/x.db");
+        assert_eq!(
+            redact_url("postgres://u:p@ss@h/db?sslmode=require&password=two&sslpassword=three"),
+            "postgres://u:***@h/db?sslmode=require&password=***&sslpassword=***"
+        );
+    }
+
+    #[test]
+    fn own_directories_are_made_owner_only_but_shared_ones_are_left_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode =
+            |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let root = tempfile::tempdir().unwrap();
+        // Created: 0700, parents too.
+        let new = root.path().join("a/keys");
+        private_dir(&new).unwrap();
+        assert_eq!((mode(&new), mode(new.parent().unwrap())), (0o700, 0o700));
+        // Existing and open to others: tightened.
+        let open = root.path().join("data");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&open).unwrap();
+        assert_eq!(mode(&open), 0o700);
+        // Shared by design (sticky, like /tmp): left as it is.
+        let shared = root.path().join("tmp");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        private_dir(&shared).unwrap();
+        assert_eq!(mode(&shared), 0o1777);
+        // A database file open to others, and its -shm, become 0600; a new
+        // one is created 0600 and empty.
+        let db = open.join("x.db");
+        for f in ["x.db", "x.db-shm"] {
+            std::fs::write(open.join(f), b"").unwrap();
+            std::fs::set_permissions(open.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        private_sqlite_file(&db).unwrap();
+        assert_eq!((mode(&db), mode(&open.join("x.db-shm"))), (0o600, 0o600));
+        let fresh = open.join("y.db");
+        private_sqlite_file(&fresh).unwrap();
+        assert_eq!(
+            (mode(&fresh), std::fs::metadata(&fresh).unwrap().len()),
+            (0o600, 0)
+        );
+        assert!(sqlite_on_disk(
+            "sqlite://data/x.db",
+            std::path::Path::new("data/x.db")
+        ));
+        assert!(!sqlite_on_disk(
+            "sqlite://x.db?mode=memory",
+            std::path::Path::new("x.db")
+        ));
     }
 }

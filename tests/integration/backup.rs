@@ -107,3 +107,136 @@ async fn a_restored_backup_reads_what_was_backed_up(backend: Backend) {
     assert_eq!(status, reqwest::StatusCode::OK);
     assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["ok"], true);
 }
+
+/// PostgreSQL only (a SQLite backup has no connection): `eventvault backup`
+/// hands pg_dump the whole URL, so that TLS settings, `options` and the
+/// other parameters apply to the backup's connection too, and the password
+/// reaches pg_dump through its environment, never its command line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_backup_connects_with_every_parameter_of_the_url() {
+    crate::common::capture_logs();
+    let Some(backend) = Backend::postgres().await else {
+        return;
+    };
+    let app = TestApp::spawn(&backend).await;
+    app.append_ok(
+        "accounts-1",
+        &batch(vec![deposit(Uuid::new_v4(), "cust-1", "7.50")]),
+    )
+    .await;
+    let env = app.stop().await;
+    let dir = env.dir.path().join("backups");
+    let with = |params: &str| {
+        let sep = if env.database_url.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        format!("{}{sep}{params}", env.database_url)
+    };
+    // A pg_dump in front of the real one that notes its arguments and the
+    // password it was given, then runs the real one.
+    let real = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+        .map(|d| d.join("pg_dump"))
+        .find(|p| p.is_file())
+        .expect("pg_dump is installed");
+    let shim = env.dir.path().join("bin");
+    std::fs::create_dir_all(&shim).unwrap();
+    let seen = env.dir.path().join("seen");
+    std::fs::write(
+        shim.join("pg_dump"),
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$@\" > '{seen}.argv'\nprintf '%s' \"$PGPASSWORD\" > '{seen}.password'\nexec '{real}' \"$@\"\n",
+            seen = seen.display(),
+            real = real.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(shim.join("pg_dump"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = std::env::join_paths(
+        std::iter::once(shim.clone())
+            .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap())),
+    )
+    .unwrap();
+    let backup = |url: String, to: &str| {
+        let to = dir.join(to);
+        let path = path.clone();
+        async move {
+            let out = tokio::process::Command::new(crate::common::binary())
+                .args(["backup", "events", "--to", to.to_str().unwrap()])
+                .env("EVENTVAULT_DATABASE_URL", url)
+                .env("PATH", path)
+                .env_remove("PGPASSWORD")
+                .output()
+                .await
+                .unwrap();
+            (
+                out.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+                to,
+            )
+        }
+    };
+
+    // TLS that cannot be verified (a root certificate that is not there)
+    // fails the way libpq fails, and leaves no file. Before, sslmode and
+    // sslrootcert were dropped and the backup went through in whatever TLS
+    // mode libpq chose by default.
+    let missing_ca = env.dir.path().join("no-such-ca.pem");
+    let (ok, out, to) = backup(
+        with(&format!(
+            "sslmode=verify-full&sslrootcert={}",
+            missing_ca.display()
+        )),
+        "tls.bak",
+    )
+    .await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("pg_dump failed") && out.contains(&missing_ca.display().to_string()),
+        "{out}"
+    );
+    assert!(!to.exists(), "a failed backup leaves no file");
+
+    // `options` reaches the server: the session pg_dump opened has the
+    // client encoding the URL asked for, and its dump says so.
+    let password = format!("pw-{}", Uuid::new_v4().simple());
+    crate::common::remember_secret(&password);
+    let url = with("options=-c%20client_encoding%3DLATIN1&application_name=ev-backup").replacen(
+        "postgres://postgres@",
+        &format!("postgres://postgres:{password}@"),
+        1,
+    );
+    assert!(
+        url.contains(&password),
+        "the test URL has a password: {url}"
+    );
+    let (ok, out, to) = backup(url, "options.bak").await;
+    assert!(ok, "{out}");
+    let restored = tokio::process::Command::new("pg_restore")
+        .arg("--file=-")
+        .arg(&to)
+        .output()
+        .await
+        .unwrap();
+    assert!(restored.status.success());
+    assert!(
+        String::from_utf8_lossy(&restored.stdout).contains("SET client_encoding = 'LATIN1';"),
+        "the URL's options did not reach the server"
+    );
+    // The password went through the environment only.
+    let argv = std::fs::read_to_string(format!("{}.argv", seen.display())).unwrap();
+    assert!(!argv.contains(&password), "{argv}");
+    assert!(argv.contains("application_name=ev-backup"), "{argv}");
+    assert_eq!(
+        std::fs::read_to_string(format!("{}.password", seen.display())).unwrap(),
+        password
+    );
+    assert!(!out.contains(&password), "{out}");
+    crate::common::assert_logs_hold_no_secret();
+}

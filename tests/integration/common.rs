@@ -278,6 +278,14 @@ pub struct TestEnv {
     pub subscription_recheck: Mutex<std::time::Duration>,
     /// The per-principal rate limit (none unless a test sets one).
     pub rate_limit: Mutex<Option<eventvault::app::RateLimit>>,
+    /// Requests without a valid token: their limit per client address and
+    /// their audit aggregation window (none and zero, so that every refusal
+    /// has a record of its own, unless a test sets them: the tests of
+    /// refusals look at each one's record; `unauthenticated.rs` tests the
+    /// limit and the aggregation).
+    pub unauthenticated_rate_limit: Mutex<Option<eventvault::app::RateLimit>>,
+    pub unauthenticated_audit_interval: Mutex<std::time::Duration>,
+    pub max_unauthenticated_addresses: Mutex<usize>,
     /// Connection-level limits (shortened by the limits tests).
     pub max_connections: Mutex<usize>,
     pub max_header_bytes: Mutex<usize>,
@@ -343,6 +351,9 @@ impl TestEnv {
             max_subscriptions: Mutex::new(1000),
             subscription_recheck: Mutex::new(std::time::Duration::from_secs(15)),
             rate_limit: Mutex::new(None),
+            unauthenticated_rate_limit: Mutex::new(None),
+            unauthenticated_audit_interval: Mutex::new(std::time::Duration::ZERO),
+            max_unauthenticated_addresses: Mutex::new(4096),
             max_connections: Mutex::new(10_000),
             max_header_bytes: Mutex::new(16 * 1024),
             header_read_timeout: Mutex::new(std::time::Duration::from_secs(10)),
@@ -377,6 +388,9 @@ impl TestEnv {
             rate_limit: *self.rate_limit.lock().unwrap(),
             max_in_flight: 4,
             max_in_flight_alone: 64,
+            unauthenticated_rate_limit: *self.unauthenticated_rate_limit.lock().unwrap(),
+            unauthenticated_audit_interval: *self.unauthenticated_audit_interval.lock().unwrap(),
+            max_unauthenticated_addresses: *self.max_unauthenticated_addresses.lock().unwrap(),
             max_connections: *self.max_connections.lock().unwrap(),
             max_header_bytes: *self.max_header_bytes.lock().unwrap(),
             header_read_timeout: *self.header_read_timeout.lock().unwrap(),

@@ -26,6 +26,7 @@ both_backends!(
     subscriptions_end_when_the_service_stops,
     a_batch_whose_disclosure_cannot_be_audited_is_not_sent,
     a_removed_principals_subscription_ends,
+    a_subscription_whose_caller_cannot_be_checked_again_ends,
     subscriptions_beyond_the_limit_are_refused,
 );
 
@@ -590,6 +591,47 @@ async fn a_removed_principals_subscription_ends(backend: Backend) {
     let closed = eventually_recorded(&app, "action=log.subscribe.close", |_| true).await;
     assert_eq!(closed["outcome"], "denied");
     assert_eq!(closed["principal"], "ledger");
+}
+
+/// Fails closed: when the principals cannot be read at a re-check (here the
+/// table is renamed away under the running service, so that every look-up
+/// fails in the database), the subscription ends instead of keeping grants
+/// it can no longer confirm; its close record says `error`.
+async fn a_subscription_whose_caller_cannot_be_checked_again_ends(backend: Backend) {
+    let env = TestEnv::new(&backend).await;
+    *env.subscription_recheck.lock().unwrap() = Duration::from_millis(500);
+    let app = TestApp::start(env).await;
+    let service = app.env.add_principal("ledger", &["service"]).await;
+    app.append_ok("accounts-1", &deposits("cust-1", 1)).await;
+    let mut sub = Subscriber::open(&app, "/events/subscribe", &service, &[]).await;
+    assert_eq!(sub.next().await.0, 1);
+    let db = crate::at_rest::events_db(&app.env).await;
+    crate::at_rest::exec(&db, "alter table principals rename to principals_away")
+        .await
+        .unwrap();
+    // Within the authentication cache's lifetime and one re-check, with
+    // nothing appended meanwhile.
+    let ended = tokio::time::timeout(PATIENCE, sub.next_or_end()).await;
+    crate::at_rest::exec(&db, "alter table principals_away rename to principals")
+        .await
+        .unwrap();
+    assert!(
+        ended.expect("the subscription ended").is_none(),
+        "nothing was appended"
+    );
+    crate::common::wait_for_log_lines(
+        &["could not authenticate a subscriber again; the subscription ends"],
+        1,
+        PATIENCE,
+    )
+    .await;
+    let closed = eventually_recorded(&app, "action=log.subscribe.close", |_| true).await;
+    assert_eq!(closed["outcome"], "error");
+    assert_eq!(closed["principal"], "ledger");
+    assert_eq!(closed["event_count"], 1);
+    // Once the principals can be read again, the caller subscribes again.
+    let (status, _) = Subscriber::try_open(&app, "/events/subscribe", &service, &[]).await;
+    assert_eq!(status, StatusCode::OK);
 }
 
 async fn subscriptions_beyond_the_limit_are_refused(backend: Backend) {
