@@ -126,6 +126,17 @@ impl std::fmt::Debug for Config {
     }
 }
 
+impl Config {
+    /// How long one wait for a store lasts (a pool connection, a SQLite
+    /// lock, the writer's answer): four fifths of the request's budget, so
+    /// that a request whose store does not answer is refused by that wait,
+    /// with its own answer and its audit record, and the request's deadline
+    /// (`--store-timeout-secs`) is only the last resort.
+    pub fn store_wait(&self) -> std::time::Duration {
+        self.store_timeout.mul_f64(0.8)
+    }
+}
+
 /// A per-principal request rate.
 #[derive(Debug, Clone, Copy)]
 pub struct RateLimit {
@@ -191,7 +202,7 @@ pub async fn open_event_store(cfg: &Config) -> Result<(EventStore, Arc<Policies>
         &cfg.database_url,
         Purpose::Events,
         cfg.max_db_connections,
-        cfg.store_timeout,
+        cfg.store_wait(),
     )
     .await?;
     Ok((EventStore::new(db), policies))
@@ -206,7 +217,7 @@ pub async fn open_keystore(cfg: &Config) -> Result<Keystore, StartError> {
         &cfg.keystore_url,
         Purpose::Keystore,
         cfg.max_db_connections,
-        cfg.store_timeout,
+        cfg.store_wait(),
     )
     .await?;
     Ok(Keystore::new(db))
@@ -235,7 +246,7 @@ pub async fn open_key_manager(
         &cfg.keystore_url,
         Purpose::Keystore,
         cfg.max_db_connections,
-        cfg.store_timeout,
+        cfg.store_wait(),
     )
     .await?;
     Ok((
@@ -333,7 +344,7 @@ impl Application {
         feed::follow_other_processes(&store, &feed);
         feed::Tail::spawn_reader(&feed, store.clone());
         let (writer, writer_task) =
-            Writer::spawn(store.db.clone(), feed, metrics.clone(), cfg.store_timeout);
+            Writer::spawn(store.db.clone(), feed, metrics.clone(), cfg.store_wait());
         keys.follow_evictions(store.clone());
         let events = Events::new(
             store.clone(),

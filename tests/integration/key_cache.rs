@@ -226,8 +226,21 @@ async fn a_keystore_outage_is_served_from_the_key_cache(backend: Backend) {
         let a = answer(app.append("accounts-3", None, &one_deposit(subject, "3.00"))).await;
         assert_unavailable(subject, &a);
     }
-    // The refusals were audited, as errors.
-    let refused = crate::access::audit_records(&app, "action=stream.append&outcome=error").await;
+    // The refusals were audited, as errors (a refusal at the request's
+    // deadline is recorded once its work has given up: waited for).
+    let mut head = app.progress().audit_head;
+    let refused = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            head.borrow_and_update();
+            let r = crate::access::audit_records(&app, "action=stream.append&outcome=error").await;
+            if r.len() >= 2 {
+                return r;
+            }
+            head.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("both refusals are recorded");
     assert_eq!(refused.len(), 2, "{refused:?}");
 
     // Back: normal service, without a restart.
