@@ -20,3 +20,4 @@ mod relay;
 mod snapshots;
 mod startup;
 mod subscribe;
+mod tour;
