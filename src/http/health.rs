@@ -10,6 +10,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
+use super::problem::Problem;
 use crate::service::LedgerState;
 use crate::store::Fault;
 use crate::store::writer;
@@ -141,7 +142,12 @@ async fn event_store_word(state: &AppState, until: tokio::time::Instant) -> &'st
     tag = "operations",
     responses(
         (status = 200, description = "Ready", body = Readiness),
-        (status = 503, description = "Not ready", body = Readiness),
+        (status = 503, description = "Not ready: the body says which part is not; beyond \
+            `--max-connections`, a `too-many-connections` problem with `Retry-After`",
+            content(
+                (Readiness = "application/json"),
+                (Problem = "application/problem+json"),
+            )),
     ),
 )]
 async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Readiness>) {

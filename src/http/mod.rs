@@ -193,6 +193,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(data)
         .merge(operations)
+        // A path served with other methods: problem+json, and the router
+        // adds `Allow` with the methods it is served with. After every
+        // route, which it applies to.
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::Extension(document))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .with_state(state)

@@ -40,6 +40,10 @@ pub enum ApiError {
     TooManyUnauthenticated(u64),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// The path is served, but not with this method; `Allow` (added by the
+    /// router) names the methods it is served with.
+    #[error("this path is not served with this method; Allow names the methods it is")]
+    MethodNotAllowed,
     /// The request line and headers are larger than this many bytes.
     #[error("the request line and headers are larger than {0} bytes")]
     HeadersTooLarge(usize),
@@ -67,6 +71,83 @@ pub enum ApiError {
     )]
     Starting,
 }
+
+/// Every problem kind (`urn:eventvault:problem:<kind>`) and what it means.
+/// The OpenAPI document lists them under the `Problem` schema and the
+/// README lists the same (a test compares the three): a new kind is added
+/// here, in [`ApiError::kind`] and in the README.
+pub const PROBLEM_KINDS: &[(&str, &str)] = &[
+    (
+        "bad-request",
+        "400: malformed input (path, query, headers or body), or a missing `X-Purpose`",
+    ),
+    (
+        "unauthorized",
+        "401: no token, a malformed `Authorization` header, or an unknown token",
+    ),
+    (
+        "forbidden",
+        "403: the caller's roles do not grant the operation on the resource",
+    ),
+    ("not-found", "404: no such stream, snapshot or endpoint"),
+    (
+        "method-not-allowed",
+        "405: the path is not served with this method; `Allow` names those it is",
+    ),
+    (
+        "request-timeout",
+        "408: the body did not arrive in time; the connection closes",
+    ),
+    (
+        "wrong-expected-version",
+        "409: `Expected-Version` does not hold; `current_version` says the stream's version",
+    ),
+    (
+        "duplicate-event-ids",
+        "409: event ids in use (in another stream, another order, or only some of them)",
+    ),
+    (
+        "stale-snapshot",
+        "409: a snapshot of a newer version is stored",
+    ),
+    ("subject-forgotten", "410: the subject has been forgotten"),
+    (
+        "payload-too-large",
+        "413: the body is over `--max-body-bytes`",
+    ),
+    (
+        "unsupported-media-type",
+        "415: the body is not `application/json`",
+    ),
+    (
+        "rate-limited",
+        "429: the principal's request rate is exceeded, or, without a valid token, the client address's; retry after `Retry-After` seconds",
+    ),
+    (
+        "headers-too-large",
+        "431: the request line and headers are over `--max-header-bytes`; the connection closes",
+    ),
+    (
+        "integrity-failure",
+        "500: stored data failed its integrity check; nothing was disclosed",
+    ),
+    (
+        "internal-error",
+        "500: an internal error; nothing was disclosed",
+    ),
+    (
+        "unavailable",
+        "503: a store does not answer, is full or busy, the request could not be committed or audited, or the service is stopping; retry after `Retry-After` seconds (the detail says whether something may have been written)",
+    ),
+    (
+        "starting",
+        "503: the forget ledger is being re-applied at start; retry after `Retry-After` seconds",
+    ),
+    (
+        "too-many-connections",
+        "503: the connection limit is reached; retry after `Retry-After` seconds; the connection closes",
+    ),
+];
 
 /// What a 503 (starting, unavailable, too many connections) asks the
 /// caller to wait before retrying, in seconds.
@@ -105,6 +186,7 @@ impl ApiError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
@@ -115,8 +197,9 @@ impl ApiError {
         }
     }
 
-    /// A stable, documented identifier of the problem kind.
-    fn kind(&self) -> &'static str {
+    /// A stable, documented identifier of the problem kind: one of
+    /// [`PROBLEM_KINDS`].
+    pub fn kind(&self) -> &'static str {
         match self {
             Self::BadRequest(_) => "bad-request",
             Self::Unauthorized(_) => "unauthorized",
@@ -132,6 +215,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => "payload-too-large",
             Self::TooManyRequests(_) | Self::TooManyUnauthenticated(_) => "rate-limited",
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
+            Self::MethodNotAllowed => "method-not-allowed",
             Self::HeadersTooLarge(_) => "headers-too-large",
             Self::RequestTimeout(_) => "request-timeout",
             Self::TooManyConnections => "too-many-connections",
@@ -287,5 +371,90 @@ impl From<ServiceError> for ApiError {
                 Self::Internal
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One error of every variant. The match has no wildcard, so a new
+    /// variant does not compile until it is given a sample here, which the
+    /// test then holds to [`PROBLEM_KINDS`].
+    fn samples() -> Vec<ApiError> {
+        let all = vec![
+            ApiError::BadRequest(String::new()),
+            ApiError::Unauthorized(""),
+            ApiError::Forbidden(String::new()),
+            ApiError::NotFound(String::new()),
+            ApiError::Conflict {
+                detail: String::new(),
+                current_version: Some(1),
+            },
+            ApiError::Conflict {
+                detail: String::new(),
+                current_version: None,
+            },
+            ApiError::Gone(String::new()),
+            ApiError::StaleSnapshot(String::new()),
+            ApiError::PayloadTooLarge(1),
+            ApiError::TooManyRequests(1),
+            ApiError::TooManyUnauthenticated(1),
+            ApiError::UnsupportedMediaType(String::new()),
+            ApiError::MethodNotAllowed,
+            ApiError::HeadersTooLarge(1),
+            ApiError::RequestTimeout(1),
+            ApiError::TooManyConnections,
+            ApiError::Integrity,
+            ApiError::Internal,
+            ApiError::Unavailable(""),
+            ApiError::StoreTimeout(1),
+            ApiError::Starting,
+        ];
+        for e in &all {
+            match e {
+                ApiError::BadRequest(_)
+                | ApiError::Unauthorized(_)
+                | ApiError::Forbidden(_)
+                | ApiError::NotFound(_)
+                | ApiError::Conflict { .. }
+                | ApiError::Gone(_)
+                | ApiError::StaleSnapshot(_)
+                | ApiError::PayloadTooLarge(_)
+                | ApiError::TooManyRequests(_)
+                | ApiError::TooManyUnauthenticated(_)
+                | ApiError::UnsupportedMediaType(_)
+                | ApiError::MethodNotAllowed
+                | ApiError::HeadersTooLarge(_)
+                | ApiError::RequestTimeout(_)
+                | ApiError::TooManyConnections
+                | ApiError::Integrity
+                | ApiError::Internal
+                | ApiError::Unavailable(_)
+                | ApiError::StoreTimeout(_)
+                | ApiError::Starting => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn every_kind_is_listed_with_its_status() {
+        let mut seen = std::collections::BTreeSet::new();
+        for e in samples() {
+            let (kind, status) = (e.kind(), e.status_code().as_u16());
+            let (_, meaning) = PROBLEM_KINDS
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .unwrap_or_else(|| panic!("{kind} is not in PROBLEM_KINDS"));
+            assert!(
+                meaning.starts_with(&format!("{status}: ")),
+                "{kind}: {meaning} (answered {status})"
+            );
+            seen.insert(kind);
+        }
+        let listed: std::collections::BTreeSet<&str> =
+            PROBLEM_KINDS.iter().map(|(k, _)| *k).collect();
+        assert_eq!(seen, listed, "a listed kind no error has");
     }
 }

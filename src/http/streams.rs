@@ -74,9 +74,35 @@ struct EventBody {
 #[allow(dead_code)]
 struct AppendHeaders {
     /// `any` (default), `no-stream` (= `0`), `exists`, or the stream's
-    /// current version.
-    #[param(rename = "Expected-Version", value_type = String, required = false, pattern = "^(any|no-stream|exists|[0-9]{1,19})$")]
+    /// current version (an integer). With `schema_with` the description is
+    /// the schema's: see [`expected_version_schema`].
+    #[param(rename = "Expected-Version", required = false, schema_with = expected_version_schema)]
     expected_version: Option<String>,
+}
+
+/// `Expected-Version`: an integer or one of the words, so that a generated
+/// client takes the version as the number it is.
+fn expected_version_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
+    Schema::OneOf(
+        OneOfBuilder::new()
+            .description(Some(
+                "`any` (default), `no-stream` (= `0`), `exists`, or the stream's current \
+                 version, an integer",
+            ))
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(0))
+                    .description(Some("The stream's current version (`0`: no stream)")),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some(["any", "no-stream", "exists"])),
+            )
+            .build(),
+    )
 }
 
 fn expected_version(headers: &HeaderMap) -> Result<ExpectedVersion, ApiError> {

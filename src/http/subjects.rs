@@ -7,7 +7,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{OpenApi as _, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -25,7 +25,7 @@ use crate::service::SubjectState;
 const MAX_REASON_CHARS: usize = 1000;
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
+    OpenApiRouter::with_openapi(ForgetSchemas::openapi())
         .routes(routes!(state))
         .routes(routes!(forget))
         .routes(routes!(export))
@@ -215,6 +215,12 @@ struct ForgetBody {
     reason: Option<String>,
 }
 
+/// The forget's body is described by reference (see [`forget`]), which
+/// does not register its schema: this does.
+#[derive(utoipa::OpenApi)]
+#[openapi(components(schemas(ForgetBody)))]
+struct ForgetSchemas;
+
 /// The result of a forget.
 #[derive(Serialize, ToSchema)]
 #[schema(as = Forgotten)]
@@ -234,8 +240,12 @@ struct ForgetView<'a> {
     path = "/subjects/{subject}/forget",
     tag = "subjects",
     params(SubjectPath),
-    request_body(content = Option<ForgetBody>, description = "Optional: no body, or `null`, \
-        is no reason"),
+    // An optional `ForgetRequest`, not `Option<ForgetBody>`: that is a
+    // required body of `oneOf: [null, ForgetRequest]`, which generated
+    // clients cannot send without a body.
+    request_body(content = ref("#/components/schemas/ForgetRequest"),
+        content_type = "application/json",
+        description = "Optional: no body is no reason"),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Forgotten (now or before)", body = ForgetView),
@@ -252,10 +262,11 @@ async fn forget(
     let reason = if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
-        // `null` is no body too.
-        serde_json::from_slice::<Option<ForgetBody>>(&body)
+        // A body is a `ForgetRequest` object, as the document says (`null`
+        // is not one).
+        serde_json::from_slice::<ForgetBody>(&body)
             .map_err(|e| ApiError::BadRequest(format!("body: {e}")))?
-            .and_then(|b| b.reason)
+            .reason
     };
     let reason = plain_text("reason", reason)?;
     if reason

@@ -81,10 +81,21 @@ struct StreamParams {
     from: Option<u64>,
 }
 
-/// One Server-Sent Event of a subscription, as a client reads it (the
-/// stream itself is `id:`, `data:` and blank lines; heartbeats are comments).
+/// What the document says of a subscription's body: a generated client
+/// cannot read it (it would wait for the end of an endless body), an SSE
+/// client can.
+const SSE_BODY: &str = "An endless `text/event-stream` (Server-Sent Events): read it with \
+    an SSE client, not a generated one, which would wait for its end. Each event is an \
+    `id:` line (the position; the version on a stream's subscription; send it back as \
+    `Last-Event-ID` to resume) and a `data:` line holding \
+    one `Event` as JSON; a `:heartbeat` comment comes every 15 s while nothing happens.";
+
+// The document gives this as the schema of each event of a subscription,
+// under `x-itemSchema` (see `item_schema`).
+/// One Server-Sent Event of a subscription, as an SSE client reads it (the
+/// stream itself is `id:`, `data:` and blank lines; heartbeats are
+/// comments).
 #[derive(ToSchema)]
-#[schema(as = SubscriptionEvent)]
 #[allow(dead_code)]
 struct SseEvent {
     /// The position (`/events/subscribe`) or the stream version
@@ -96,6 +107,13 @@ struct SseEvent {
     /// The event, as JSON (the `Event` schema).
     #[schema(content_media_type = "application/json")]
     data: String,
+}
+
+/// The schema of one event of a subscription, inline (an extension may
+/// not refer to a component).
+pub fn item_schema() -> serde_json::Value {
+    serde_json::to_value(<SseEvent as utoipa::PartialSchema>::schema())
+        .expect("a schema serialises")
 }
 
 /// The header a reconnecting client sends.
@@ -135,7 +153,7 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     params(LogParams, ResumeHeaders),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "An endless `text/event-stream`", body = SseEvent,
+        (status = 200, description = SSE_BODY, body = String,
             content_type = "text/event-stream"),
         (status = 503, description = "Too many open subscriptions, or the request could not \
             be audited", body = Problem, content_type = "application/problem+json"),
@@ -166,7 +184,7 @@ async fn subscribe_log(
     params(ReadStreamPath, StreamParams, ResumeHeaders),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "An endless `text/event-stream`", body = SseEvent,
+        (status = 200, description = SSE_BODY, body = String,
             content_type = "text/event-stream"),
         (status = 503, description = "Too many open subscriptions, or the request could not \
             be audited", body = Problem, content_type = "application/problem+json"),

@@ -54,6 +54,7 @@ macro_rules! both_backends {
 /// master key, may ever appear in what the service logs.
 pub const PERSONAL_VALUES: &[&str] = &[
     "Jane Roe",
+    "John Doe",
     "Payer of ",
     "DE89370400440532013000",
     "Alice Secret",

@@ -24,4 +24,5 @@ mod relay;
 mod snapshots;
 mod startup;
 mod subscribe;
+mod tour;
 mod unauthenticated;

@@ -26,3 +26,20 @@ def no_personal_value(ctx, response, case):
             f"{found} personal value(s) in a response to a caller without read_personal"
         )
     return None
+
+
+@schemathesis.hook
+def before_load_schema(context, raw_schema):
+    """Each event of a subscription (`text/event-stream`) is described by
+    the document's `x-itemSchema`: OpenAPI 3.2's `itemSchema`, which a 3.1
+    document cannot carry (its `schema` is the whole body, a string, for the
+    client generators). Schemathesis reads `itemSchema` in any version and
+    then checks every event against it."""
+    for item in raw_schema.get("paths", {}).values():
+        for operation in item.values():
+            if not isinstance(operation, dict):
+                continue
+            for response in operation.get("responses", {}).values():
+                media = response.get("content", {}).get("text/event-stream")
+                if media is not None and "x-itemSchema" in media:
+                    media["itemSchema"] = media["x-itemSchema"]
