@@ -50,6 +50,18 @@ pub enum ServiceError {
         "the stream's events are about data subjects: its snapshot must name one of them as its subject (the state is then sealed under that subject's key)"
     )]
     SnapshotSubject,
+    /// An event of a classified type without a subject carries a value the
+    /// classification makes personal: there is no key to seal it under.
+    /// Names the event's index in its batch and the field's path, never a
+    /// value.
+    #[error(
+        "events[{index}]: data.{path} is personal for the type {event_type} (not one of its clear fields, or not a scalar); an event without a subject may carry only its type's clear fields: give the event a subject, or leave the field out"
+    )]
+    PersonalWithoutSubject {
+        index: usize,
+        event_type: String,
+        path: String,
+    },
     /// A snapshot older than the one stored.
     #[error("a snapshot of version {stored} is stored; an older one does not replace it")]
     OlderSnapshot { stored: u64 },
@@ -213,6 +225,21 @@ impl Events {
         audit: AuditEntry,
     ) -> Result<Appended, ServiceError> {
         let events = batch.into_inner();
+        // Checked before any key is looked up: a refused batch makes none.
+        for (index, e) in events.iter().enumerate() {
+            if e.subject.is_none()
+                && let Some(path) = self
+                    .policies
+                    .classification
+                    .personal_path(e.event_type.as_str(), &e.data)
+            {
+                return Err(ServiceError::PersonalWithoutSubject {
+                    index,
+                    event_type: e.event_type.as_str().to_owned(),
+                    path,
+                });
+            }
+        }
         let inline = events.len() <= INLINE_CRYPTO_EVENTS;
         // Each subject's key, with as many encryptions as it has events here.
         let mut per_subject: HashMap<&str, u64> = HashMap::new();
@@ -789,14 +816,12 @@ fn seal_event(
     let to_json = |m: &Map<String, Value>| serde_json::to_string(m).expect("JSON values serialise");
     let metadata = to_json(&e.metadata);
     let event_type = e.event_type.as_str().to_owned();
-    // Without a subject nothing is personal: everything is stored as given.
+    // Without a subject nothing is personal: everything is stored as given
+    // (for a classified type, `append` has checked that all of it is clear).
     let key = e.subject.as_ref().map(|s| &keys[s.as_str()]);
-    let (clear, personal): (Map<String, Value>, Map<String, Value>) = match key {
+    let (clear, personal) = match key {
         None => (e.data, Map::new()),
-        Some(_) => e
-            .data
-            .into_iter()
-            .partition(|(field, _)| policies.classification.is_clear(&event_type, field)),
+        Some(_) => policies.classification.split(&event_type, e.data),
     };
     let (key_id, sealed) = match key.filter(|_| !personal.is_empty()) {
         None => (None, None),
@@ -863,11 +888,14 @@ fn open_event(
                     .map_err(|_| ServiceError::Integrity {
                         position: r.position as u64,
                     })?;
+                let broken = || ServiceError::Integrity {
+                    position: r.position as u64,
+                };
                 let personal: Map<String, Value> =
-                    serde_json::from_slice(&plain).map_err(|_| ServiceError::Integrity {
-                        position: r.position as u64,
-                    })?;
-                data.extend(personal);
+                    serde_json::from_slice(&plain).map_err(|_| broken())?;
+                // Nested values were split member by member: put each piece
+                // back where it was.
+                crate::policy::merge(&mut data, personal).map_err(|_| broken())?;
                 PersonalData::Decrypted
             }
         },
