@@ -66,6 +66,34 @@ impl EventStore {
         })?)
     }
 
+    /// The first of `subjects` (in name order) that is in the forget
+    /// ledger, if any.
+    pub async fn first_forgotten(&self, subjects: &[String]) -> Result<Option<String>, StoreError> {
+        if subjects.is_empty() {
+            return Ok(None);
+        }
+        Ok(match &self.db {
+            super::Db::Sqlite(pool) => {
+                sqlx::query_scalar(
+                    "select subject from forgotten_subjects
+                     where subject in (select value from json_each($1)) order by subject limit 1",
+                )
+                .bind(serde_json::to_string(subjects).expect("strings serialise"))
+                .fetch_optional(pool)
+                .await?
+            }
+            super::Db::Postgres(pool) => {
+                sqlx::query_scalar(
+                    "select subject from forgotten_subjects where subject = any($1)
+                     order by subject limit 1",
+                )
+                .bind(subjects)
+                .fetch_optional(pool)
+                .await?
+            }
+        })
+    }
+
     /// Adds keys destroyed by a forget to its ledger entry.
     pub async fn add_keys_destroyed(&self, subject: &str, n: u64) -> Result<(), StoreError> {
         on_db!(&self.db, |pool| {
