@@ -801,7 +801,7 @@ async fn no_user_stream_publishes_where_another_category_or_a_system_stream_does
     app.stop().await;
 }
 
-async fn key_exists(keystore: &Db, key_id: &str) -> bool {
+pub async fn key_exists(keystore: &Db, key_id: &str) -> bool {
     let q = "select count(*) from deks where key_id = $1";
     let n: i64 = match keystore {
         Db::Sqlite(p) => sqlx::query_scalar(q).bind(key_id).fetch_one(p).await,

@@ -308,53 +308,17 @@ async fn a_snapshot_of_several_subjects_is_erased_by_the_forget_of_any(backend: 
     seed(&app, "accounts-E", "cust-A", 1).await;
     seed(&app, "accounts-E", "cust-B", 1).await;
     let joint = json!({"holders": ["Zebulon Quackenbush", "Alice Secret"], "balance": "0.30"});
-    for (stream, version, subject) in [("accounts-J", 3, Some("cust-A")), ("accounts-E", 1, None)] {
-        let mut body = json!({"version": version, "state": joint});
-        if let Some(s) = subject {
-            body["subject"] = json!(s);
-        }
+    for (stream, version) in [("accounts-J", 3), ("accounts-E", 1)] {
+        let body = json!({"version": version, "subject": "cust-A", "state": joint});
         let (status, saved) = put(&app, stream, &token, &body).await;
         assert_eq!(status, StatusCode::OK, "{saved}");
-        assert_eq!(saved["subject"], json!(subject));
-    }
-    let db = events_db(&app.env).await;
-    let keystore = crate::at_rest::keystore_db(&app.env).await;
-    let key_a = crate::at_rest::key_ids_of(&keystore, "cust-A").await;
-    let key_b = crate::at_rest::key_ids_of(&keystore, "cust-B").await;
-    assert_eq!(
-        layers(&db, "accounts-J").await,
-        [
-            ("cust-A".to_owned(), key_a[0].clone()),
-            ("cust-B".to_owned(), key_b[0].clone())
-        ]
-    );
-    assert_eq!(
-        layers(&db, "accounts-E").await,
-        [("cust-A".to_owned(), key_a[0].clone())],
-        "up to version 1 the stream is about cust-A alone"
-    );
-    // At rest: no plaintext anywhere in the row.
-    let rows: Vec<(Option<String>, Vec<u8>, Vec<u8>)> = match &db {
-        Db::Sqlite(p) => sqlx::query_as("select state, sealed, wrapped_key from snapshots")
-            .fetch_all(p)
-            .await
-            .unwrap(),
-        Db::Postgres(p) => sqlx::query_as("select state, sealed, wrapped_key from snapshots")
-            .fetch_all(p)
-            .await
-            .unwrap(),
-    };
-    for (state, sealed, wrapped) in &rows {
-        assert_eq!(state, &None);
-        for secret in ["Zebulon", "Alice Secret"] {
-            assert!(!String::from_utf8_lossy(sealed).contains(secret));
-            assert!(!String::from_utf8_lossy(wrapped).contains(secret));
-        }
+        assert_eq!(saved["subject"], "cust-A");
     }
     for stream in ["accounts-J", "accounts-E"] {
         let (_, snap) = load(&app, stream, &token).await;
         assert_eq!(snap["personal_data"], "decrypted", "{snap}");
         assert_eq!(snap["state"], joint);
+        assert_eq!(snap["subject"], "cust-A");
     }
     let service = app.env.add_principal("ledger", &["service"]).await;
     let (_, text) = get(&app, "/streams/accounts-J/snapshot", &service).await;
@@ -388,10 +352,47 @@ async fn a_snapshot_of_several_subjects_is_erased_by_the_forget_of_any(backend: 
     .await;
     assert_eq!(status, StatusCode::GONE, "{problem}");
     assert_eq!(problem["type"], "urn:eventvault:problem:subject-forgotten");
+
+    // Sealed for both, one layer each, in subject order; no plaintext at rest.
+    let db = events_db(&app.env).await;
+    let keystore = crate::at_rest::keystore_db(&app.env).await;
+    let key_a = crate::at_rest::key_ids_of(&keystore, "cust-A").await;
+    assert_eq!(key_a.len(), 1);
+    let layers_j = layers(&db, "accounts-J").await;
+    let subjects: Vec<&str> = layers_j.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(subjects, ["cust-A", "cust-B"]);
+    assert_eq!(layers_j[0].1, key_a[0]);
+    assert!(
+        !crate::relay::key_exists(&keystore, &layers_j[1].1).await,
+        "cust-B's key is destroyed"
+    );
+    assert_eq!(
+        layers(&db, "accounts-E").await,
+        [("cust-A".to_owned(), key_a[0].clone())],
+        "up to version 1 the stream is about cust-A alone"
+    );
+    let rows: Vec<(Option<String>, Vec<u8>, Vec<u8>)> = match &db {
+        Db::Sqlite(p) => sqlx::query_as("select state, sealed, wrapped_key from snapshots")
+            .fetch_all(p)
+            .await
+            .unwrap(),
+        Db::Postgres(p) => sqlx::query_as("select state, sealed, wrapped_key from snapshots")
+            .fetch_all(p)
+            .await
+            .unwrap(),
+    };
+    assert_eq!(rows.len(), 2);
+    for (state, sealed, wrapped) in &rows {
+        assert_eq!(state, &None);
+        for secret in ["Zebulon", "Alice Secret"] {
+            assert!(!String::from_utf8_lossy(sealed).contains(secret));
+            assert!(!String::from_utf8_lossy(wrapped).contains(secret));
+        }
+    }
+
     // Crypto-shredding, not only the ledger: with the ledger entry gone (an
     // event store restored from before the forget), cust-A's key, which
-    // exists, does not open what cust-B's key sealed.
-    assert!(!key_a.is_empty() && crate::at_rest::key_ids_of(&keystore, "cust-A").await == key_a);
+    // exists, does not open what cust-B's key sealed too.
     crate::at_rest::exec(
         &db,
         "delete from forgotten_subjects where subject = 'cust-B'",
@@ -405,6 +406,34 @@ async fn a_snapshot_of_several_subjects_is_erased_by_the_forget_of_any(backend: 
     );
     let snap: Value = serde_json::from_str(&text).unwrap();
     assert_ne!(snap["personal_data"], "decrypted", "{status} {text}");
+
+    // A joint stream's snapshot that names nobody is sealed for all its
+    // subjects all the same.
+    seed(&app, "accounts-K", "cust-A", 1).await;
+    seed(&app, "accounts-K", "cust-C", 1).await;
+    let (status, saved) = put(
+        &app,
+        "accounts-K",
+        &token,
+        &json!({"version": 2, "state": joint}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{saved}");
+    assert_eq!(saved["subject"], Value::Null);
+    let subjects: Vec<String> = layers(&db, "accounts-K")
+        .await
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(subjects, ["cust-A", "cust-C"]);
+    let (_, snap) = load(&app, "accounts-K", &token).await;
+    assert_eq!(
+        (snap["personal_data"].as_str(), &snap["subject"]),
+        (Some("decrypted"), &Value::Null)
+    );
+    crate::forget::forget_ok(&app, &dpo, "cust-C").await;
+    let (_, snap) = load(&app, "accounts-K", &token).await;
+    assert_eq!(snap["personal_data"], "erased");
     db.close().await;
     keystore.close().await;
 }
