@@ -110,7 +110,8 @@ call 200 "$URL/metrics" | grep '^eventvault_appends_total'
 # readme: end
 
 # readme: snapshots
-# Save the folded state of a stream at one of its versions (permission: append)
+# Save the folded state of a stream at one of its versions (permission: append);
+# "subject" is optional: the state is sealed for every subject of the stream's events
 call 200 "${ADMIN[@]}" "${JSON[@]}" -X PUT "$URL/streams/accounts-ACC-1/snapshot" \
   -d '{"version":3,"subject":"cust-42",
        "state":{"balance":"12345678901234567995.500000000000000001","holder":"Jane Roe"}}'
@@ -130,8 +131,9 @@ call 200 "${ADMIN[@]}" "$URL/streams/accounts-ACC-1/snapshot"
 # State and event count: {"subject":"cust-42","state":"active","events":3}
 call 200 "${DPO[@]}" "$URL/subjects/cust-42"
 
-# Everything stored about the subject (GDPR Art. 15 and 20), decrypted, in
-# position order, streamed: {"subject":"cust-42","state":"active","events":[…]}
+# Everything stored about the subject (GDPR Art. 15 and 20), decrypted: its events
+# in position order, then the snapshots sealed for it; streamed:
+# {"subject":"cust-42","state":"active","events":[…],"snapshots":[…]}
 call 200 "${DPO[@]}" "$URL/subjects/cust-42/export"
 
 # Right to erasure (Art. 17): destroy the subject's keys (crypto-shredding)

@@ -1,9 +1,13 @@
 //! All cryptography of the service, and the only module that sees key bytes.
 //!
-//! Two kinds of keys, both AES-256-GCM:
+//! Keys, all AES-256-GCM:
 //! - the master key-encryption key ([`Kek`]) wraps data keys;
 //! - one data-encryption key ([`Dek`]) per data subject seals that subject's
-//!   personal fields.
+//!   personal fields;
+//! - a fresh key per snapshot seals its state, and is wrapped under the data
+//!   key of every subject of its stream, one layer inside the other, so that
+//!   destroying any one of those keys leaves it sealed for good
+//!   ([`seal_snapshot_for`]). It never leaves this module.
 //!
 //! The public operations are seal/open and wrap/unwrap. Nonces are made inside
 //! `seal`/`wrap` from `ring`'s system random generator and never passed in.
@@ -29,6 +33,8 @@ const KEY_LEN: usize = 32;
 
 const EVENT_AAD_LABEL: &[u8] = b"eventvault/event/v1";
 const SNAPSHOT_AAD_LABEL: &[u8] = b"eventvault/snapshot/v1";
+const SNAPSHOT_STATE_AAD_LABEL: &[u8] = b"eventvault/snapshot/v2";
+const SNAPSHOT_KEY_AAD_LABEL: &[u8] = b"eventvault/snapshot-key/v1";
 const DEK_AAD_LABEL: &[u8] = b"eventvault/dek/v1";
 const KEK_CHECK_LABEL: &[u8] = b"eventvault/kek-check/v1";
 const KEK_ID_LABEL: &[u8] = b"eventvault/kek-id/v1";
@@ -137,8 +143,9 @@ impl EventAad<'_> {
     }
 }
 
-/// Where a snapshot's sealed state belongs: its stream, the version it
-/// folds and its key, bound into the ciphertext as associated data.
+/// Where a snapshot's state sealed under one data key ([`Dek::seal_snapshot`],
+/// the earlier form) belongs: its stream, the version it folds and its key,
+/// bound into the ciphertext as associated data.
 pub struct SnapshotAad<'a> {
     pub stream_id: &'a str,
     pub version: u64,
@@ -156,6 +163,99 @@ impl SnapshotAad<'_> {
             ],
         )
     }
+}
+
+/// Where a snapshot sealed for the subjects of its stream belongs: its
+/// stream, the version it folds, and the ids of the subjects' data keys in
+/// the order of the layers (innermost first). All of it is bound into the
+/// state's ciphertext and into every layer, so neither can be moved to
+/// another stream or version, and no layer can be removed, added or
+/// reordered.
+pub struct SnapshotLayers<'a> {
+    pub stream_id: &'a str,
+    pub version: u64,
+    pub key_ids: &'a [&'a str],
+}
+
+impl SnapshotLayers<'_> {
+    fn fields(&self) -> Vec<&[u8]> {
+        let mut fields: Vec<&[u8]> = vec![self.stream_id.as_bytes()];
+        fields.extend(self.key_ids.iter().map(|k| k.as_bytes()));
+        fields
+    }
+
+    fn state(&self) -> Vec<u8> {
+        let version = self.version.to_be_bytes();
+        let mut fields = vec![&version[..]];
+        fields.extend(self.fields());
+        aad(SNAPSHOT_STATE_AAD_LABEL, &fields)
+    }
+
+    fn layer(&self, index: usize) -> Vec<u8> {
+        let version = self.version.to_be_bytes();
+        let index = (index as u32).to_be_bytes();
+        let mut fields = vec![&version[..], &index[..]];
+        fields.extend(self.fields());
+        aad(SNAPSHOT_KEY_AAD_LABEL, &fields)
+    }
+}
+
+/// A snapshot's state sealed under a key of its own, and that key wrapped
+/// under every subject's data key.
+pub struct SealedSnapshot {
+    /// The snapshot key, wrapped under `deks[0]`, that under `deks[1]`, …
+    pub wrapped_key: Vec<u8>,
+    /// The state, sealed under the snapshot key.
+    pub sealed: Vec<u8>,
+}
+
+/// Seals a snapshot's state so that it opens only while every one of
+/// `deks` exists: a fresh random key seals the state, and is wrapped under
+/// `deks[0]`, the result under `deks[1]`, and so on (each layer is
+/// AES-256-GCM with a fresh nonce, as everywhere). Destroying any one data
+/// key (a forget) leaves the snapshot key out of reach for good, even for
+/// someone holding all the other keys. `deks` pairs with `at.key_ids`, and
+/// holds at least one key.
+pub fn seal_snapshot_for(
+    deks: &[&Dek],
+    at: &SnapshotLayers<'_>,
+    plaintext: &[u8],
+) -> Result<SealedSnapshot, CryptoError> {
+    if deks.is_empty() || deks.len() != at.key_ids.len() {
+        return Err(CryptoError::MalformedKey);
+    }
+    let key = random_bytes::<KEY_LEN>()?;
+    let sealed = seal_with(&cipher_from(&key[..])?, plaintext, &at.state())?;
+    let mut wrapped = Zeroizing::new(key.to_vec());
+    for (i, dek) in deks.iter().enumerate() {
+        wrapped = Zeroizing::new(seal_with(&dek.cipher, &wrapped, &at.layer(i))?);
+    }
+    Ok(SealedSnapshot {
+        wrapped_key: wrapped.to_vec(),
+        sealed,
+    })
+}
+
+/// Opens a snapshot made by [`seal_snapshot_for`] with the same keys in the
+/// same order; any mismatch is [`CryptoError::Integrity`].
+pub fn open_snapshot_for(
+    deks: &[&Dek],
+    at: &SnapshotLayers<'_>,
+    wrapped_key: &[u8],
+    sealed: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    if deks.is_empty() || deks.len() != at.key_ids.len() {
+        return Err(CryptoError::Integrity);
+    }
+    let mut inner = Zeroizing::new(wrapped_key.to_vec());
+    for (i, dek) in deks.iter().enumerate().rev() {
+        inner = open_with(&dek.cipher, &inner, &at.layer(i))?;
+    }
+    if inner.len() != KEY_LEN {
+        return Err(CryptoError::Integrity);
+    }
+    let cipher = cipher_from(&inner).map_err(|_| CryptoError::Integrity)?;
+    open_with(&cipher, sealed, &at.state())
 }
 
 /// A data subject's data-encryption key. No `Debug`, no `Clone`, zeroized on
@@ -179,7 +279,9 @@ impl Dek {
         open_with(&self.cipher, blob, &at.encode())
     }
 
-    /// Seals a snapshot's state.
+    /// Seals a snapshot's state under this key alone: the form snapshots
+    /// were saved in before they were sealed for every subject of their
+    /// stream ([`seal_snapshot_for`]); kept to make and read that form.
     pub fn seal_snapshot(
         &self,
         plaintext: &[u8],
@@ -631,6 +733,61 @@ mod properties {
             let other_stream = format!("{stream}x");
             let moved = SnapshotAad { stream_id: &other_stream, version, key_id: &key_id };
             prop_assert_eq!(dek.open_snapshot(&blob, &moved).err(), Some(CryptoError::Integrity));
+        }
+
+        /// A snapshot sealed for several subjects opens with all their keys
+        /// in order, and with nothing less: a key missing (forgotten), replaced,
+        /// the layers reordered or cut, another stream, version or key-id
+        /// list, or any damage, is the one opaque error.
+        #[test]
+        fn snapshots_for_several_subjects_need_every_key(
+            plain in prop::collection::vec(any::<u8>(), 0..256),
+            n in 1usize..5,
+            stream in ".{0,12}",
+            version in any::<u64>(),
+            gone in any::<usize>(),
+            d in damage(),
+        ) {
+            let keys: Vec<Dek> = (0..n).map(|_| dek()).collect();
+            let ids: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
+            let key_ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let all: Vec<&Dek> = keys.iter().collect();
+            let at = SnapshotLayers { stream_id: &stream, version, key_ids: &key_ids };
+            let s = seal_snapshot_for(&all, &at, &plain).unwrap();
+            prop_assert_eq!(s.wrapped_key.len(), KEY_LEN + n * (1 + NONCE_LEN + TAG_LEN));
+            prop_assert_eq!(&open_snapshot_for(&all, &at, &s.wrapped_key, &s.sealed).unwrap()[..], &plain[..]);
+            let refused = |deks: &[&Dek], at: &SnapshotLayers<'_>, wrapped: &[u8], sealed: &[u8]| {
+                open_snapshot_for(deks, at, wrapped, sealed).err() == Some(CryptoError::Integrity)
+            };
+            // One key destroyed (another in its place): the others do not open it.
+            let other = dek();
+            let mut one_gone = all.clone();
+            one_gone[gone % n] = &other;
+            prop_assert!(refused(&one_gone, &at, &s.wrapped_key, &s.sealed));
+            if n > 1 {
+                let mut reordered = all.clone();
+                reordered.swap(0, n - 1);
+                prop_assert!(refused(&reordered, &at, &s.wrapped_key, &s.sealed));
+                let fewer = SnapshotLayers { key_ids: &key_ids[..n - 1], ..at };
+                prop_assert!(refused(&all[..n - 1], &fewer, &s.wrapped_key, &s.sealed));
+            }
+            let other_version = SnapshotLayers { version: version.wrapping_add(1), ..at };
+            prop_assert!(refused(&all, &other_version, &s.wrapped_key, &s.sealed));
+            let other_stream = format!("{stream}x");
+            let moved = SnapshotLayers { stream_id: &other_stream, ..at };
+            prop_assert!(refused(&all, &moved, &s.wrapped_key, &s.sealed));
+            let mut renamed = key_ids.clone();
+            renamed[gone % n] = "elsewhere";
+            let renamed = SnapshotLayers { key_ids: &renamed, ..at };
+            prop_assert!(refused(&all, &renamed, &s.wrapped_key, &s.sealed));
+            prop_assert!(refused(&all, &at, &apply(&s.wrapped_key, &d), &s.sealed));
+            prop_assert!(refused(&all, &at, &s.wrapped_key, &apply(&s.sealed, &d)));
+            // Nor is it a snapshot of the older form, under any one key.
+            let old = SnapshotAad { stream_id: &stream, version, key_id: key_ids[0] };
+            prop_assert_eq!(keys[0].open_snapshot(&s.sealed, &old).err(), Some(CryptoError::Integrity));
+            let no_layer = SnapshotLayers { key_ids: &[], ..at };
+            let sealed_for_nobody = seal_snapshot_for(&[], &no_layer, &plain);
+            prop_assert!(sealed_for_nobody.is_err());
         }
 
         #[test]

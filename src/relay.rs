@@ -11,9 +11,13 @@
 //! Subjects are `<prefix>.<category>.<type>`: the category is the stream id
 //! up to its first `-` (`accounts-42` → `accounts`), the whole id when it has
 //! none. A NATS subject token may not hold `.`, `*`, `>` or whitespace, so
-//! every character of category and type other than letters, digits, `-`,
-//! `_`, `:` and `@` becomes `_` (`$subjects` → `_subjects`, a type
-//! `Money.Deposited` → `Money_Deposited`).
+//! category and type are escaped, one-to-one ([`token`]): letters, digits,
+//! `-`, `:` and `@` stay, `_` becomes `__`, and every other byte `_` and its
+//! two hex digits (`$subjects` → `_24subjects`, a type `Money.Deposited` →
+//! `Money_2EDeposited`). Two different categories or types never share a
+//! token (`a.b` → `a_2Eb`, `a_b` → `a__b`), and only a category that begins
+//! with `$`, which only system streams have, gives a token beginning with
+//! `_24`: no user stream publishes where a system stream does.
 //!
 //! Order and delivery: events are read in position order and published in a
 //! pipelined batch; the checkpoint moves only past events JetStream has
@@ -153,7 +157,7 @@ impl RelayConfig {
         let prefix_ok = (1..=100).contains(&subject_prefix.len())
             && subject_prefix
                 .split('.')
-                .all(|t| !t.is_empty() && t.chars().all(token_char));
+                .all(|t| !t.is_empty() && t.chars().all(prefix_char));
         if !prefix_ok {
             return Err(RelayConfigError::SubjectPrefix(subject_prefix.to_owned()));
         }
@@ -198,21 +202,42 @@ fn shown(addr: &ServerAddr) -> String {
     url.to_string()
 }
 
-/// Characters kept in a subject token; every other one becomes `_`.
-fn token_char(c: char) -> bool {
+/// Characters a configured subject prefix may hold in its tokens.
+fn prefix_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':' | '@')
 }
 
-fn token(s: &str) -> String {
+/// Bytes a token keeps as they are: never `.`, `*`, `>`, white space, nor
+/// `_`, the escape character.
+fn kept(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b':' | b'@')
+}
+
+/// `s` as one subject token, one-to-one: kept bytes stay, `_` becomes `__`,
+/// every other byte `_XX` (its value in uppercase hex); the empty string is
+/// `_` alone. Read left to right, a `_` is always followed by a second `_`
+/// or by two hex digits (and by nothing only in `_` alone), so a token
+/// decodes to exactly one string: two strings never share a token.
+pub fn token(s: &str) -> String {
     if s.is_empty() {
         return "_".into();
     }
-    s.chars()
-        .map(|c| if token_char(c) { c } else { '_' })
-        .collect()
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'_' => out.push_str("__"),
+            b if kept(b) => out.push(char::from(b)),
+            b => {
+                use std::fmt::Write as _;
+                write!(out, "_{b:02X}").expect("writing to a String cannot fail");
+            }
+        }
+    }
+    out
 }
 
-/// The subject an event is published on: `<prefix>.<category>.<type>`.
+/// The subject an event is published on: `<prefix>.<category>.<type>`,
+/// category and type each one [`token`].
 pub fn subject_for(prefix: &str, stream_id: &str, event_type: &str) -> String {
     let category = stream_id.split_once('-').map_or(stream_id, |(c, _)| c);
     format!("{prefix}.{}.{}", token(category), token(event_type))
@@ -577,7 +602,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn subjects_are_category_and_type_with_unsafe_characters_replaced() {
+    fn subjects_are_category_and_type_escaped_one_to_one() {
         assert_eq!(
             subject_for("eventvault", "accounts-42", "MoneyDeposited"),
             "eventvault.accounts.MoneyDeposited"
@@ -589,13 +614,21 @@ mod tests {
         );
         assert_eq!(
             subject_for("ev", "$subjects", "SubjectForgotten"),
-            "ev._subjects.SubjectForgotten"
+            "ev._24subjects.SubjectForgotten"
         );
+        // The stream that used to share the system stream's subject.
+        assert_eq!(
+            subject_for("ev", "_subjects", "SubjectForgotten"),
+            "ev.__subjects.SubjectForgotten"
+        );
+        assert_eq!(subject_for("ev", "a.b-1", "T"), "ev.a_2Eb.T");
+        assert_eq!(subject_for("ev", "a_b-1", "T"), "ev.a__b.T");
         assert_eq!(
             subject_for("a.b", "x.y:z@w-1", "Money.Moved v2*>"),
-            "a.b.x_y:z@w.Money_Moved_v2__"
+            "a.b.x_2Ey:z@w.Money_2EMoved_20v2_2A_3E"
         );
         assert_eq!(subject_for("ev", "-odd", "T"), "ev._.T", "empty category");
+        assert_eq!(token("ü"), "_C3_BC", "byte by byte");
     }
 
     #[test]
@@ -660,5 +693,102 @@ mod tests {
         assert_eq!(v["type"], "MoneyDeposited");
         assert_eq!(v["recorded_at"], "2023-11-14T22:13:20.000001Z");
         assert_eq!(v["metadata"]["channel"], "mobile");
+    }
+}
+
+/// Property tests of subject tokens: one-to-one, valid NATS tokens, and no
+/// user stream reaches a system stream's subjects.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::domain::StreamId;
+    use proptest::prelude::*;
+
+    /// The inverse of [`token`]; `None` for text no string encodes to.
+    fn decode(t: &str) -> Option<String> {
+        if t == "_" {
+            return Some(String::new());
+        }
+        let b = t.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'_' if b.get(i + 1) == Some(&b'_') => {
+                    out.push(b'_');
+                    i += 2;
+                }
+                b'_' => {
+                    let hex = t.get(i + 1..i + 3)?;
+                    if !hex
+                        .bytes()
+                        .all(|h| h.is_ascii_digit() || (b'A'..=b'F').contains(&h))
+                    {
+                        return None;
+                    }
+                    let byte = u8::from_str_radix(hex, 16).ok()?;
+                    if byte == b'_' || kept(byte) {
+                        return None;
+                    }
+                    out.push(byte);
+                    i += 3;
+                }
+                c if kept(c) => {
+                    out.push(c);
+                    i += 1;
+                }
+                _ => return None,
+            }
+        }
+        if out.is_empty() {
+            return None;
+        }
+        String::from_utf8(out).ok()
+    }
+
+    /// Stream ids as `StreamId::parse` takes them, often with the
+    /// characters that escape.
+    fn stream_ids() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9._:@-]{1,40}"
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn tokens_decode_back_and_are_valid_nats_tokens(s in prop_oneof![any::<String>(), "[a-z._$:@ *>-]{0,12}"]) {
+            let t = token(&s);
+            prop_assert_eq!(decode(&t), Some(s.clone()), "{}", t);
+            prop_assert!(!t.is_empty());
+            prop_assert!(
+                t.bytes().all(|b| b.is_ascii_graphic() && !matches!(b, b'.' | b'*' | b'>')),
+                "{}", t
+            );
+        }
+
+        #[test]
+        fn different_categories_and_types_never_share_a_subject(
+            // A small alphabet, so that near misses (`a.b`, `a_b`, `$b`,
+            // `_b`) are frequent.
+            a in prop_oneof!["[ab._$]{1,4}(-[ab]{0,2})?", stream_ids()],
+            b in prop_oneof!["[ab._$]{1,4}(-[ab]{0,2})?", stream_ids()],
+            ta in prop_oneof!["[ab._]{1,3}", "[A-Za-z0-9._:-]{1,12}"],
+            tb in prop_oneof!["[ab._]{1,3}", "[A-Za-z0-9._:-]{1,12}"],
+        ) {
+            let category = |s: &str| s.split_once('-').map_or(s, |(c, _)| c).to_owned();
+            let (ca, cb) = (category(&a), category(&b));
+            let same = subject_for("ev", &a, &ta) == subject_for("ev", &b, &tb);
+            prop_assert_eq!(same, ca == cb && ta == tb);
+        }
+
+        #[test]
+        fn no_user_stream_reaches_a_system_streams_subjects(id in stream_ids(), t in "[A-Za-z0-9._:-]{1,12}") {
+            prop_assume!(StreamId::parse(&id).is_ok());
+            let subject = subject_for("ev", &id, &t);
+            let system = subject_for("ev", "$subjects", &t);
+            prop_assert_ne!(&subject, &system);
+            prop_assert!(!subject.starts_with("ev._24"), "{}", subject);
+            prop_assert!(system.starts_with("ev._24"));
+        }
     }
 }

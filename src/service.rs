@@ -16,14 +16,14 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::audit::AuditEntry;
-use crate::crypto::{Dek, EventAad, SnapshotAad};
+use crate::crypto::{self, Dek, EventAad, SnapshotAad, SnapshotLayers};
 use crate::domain::{
     EventBatch, ExpectedVersion, PersonalData, ProposedEvent, ReadEvent, StreamId, Subject,
 };
 use crate::keys::{ActiveKey, KeyError, KeyManager};
 use crate::metrics::{Metrics, Sealed};
 use crate::policy::{Grants, Policies, ReadKind, View};
-use crate::store::snapshots::{NewSnapshot, SnapshotRefusal};
+use crate::store::snapshots::{NewSnapshot, SnapshotLayer, SnapshotRefusal, StoredSnapshot};
 use crate::store::writer::{
     AppendCommand, AppendRejection, Appended, PendingEvent, WriteError, Writer,
 };
@@ -45,11 +45,24 @@ pub enum ServiceError {
     /// A version the stream does not have (yet): `current` is its version.
     #[error("the stream has no such version (its version is {current})")]
     NoSuchVersion { current: u64 },
-    /// A snapshot of a stream about data subjects that names none of them.
+    /// A snapshot that names a subject its stream's events (up to its
+    /// version) are not about.
     #[error(
-        "the stream's events are about data subjects: its snapshot must name one of them as its subject (the state is then sealed under that subject's key)"
+        "the snapshot names a subject the stream's events up to its version are not about: name one of them, or none (the state is sealed for all of them either way)"
     )]
     SnapshotSubject,
+    /// An event of a classified type without a subject carries a value the
+    /// classification makes personal: there is no key to seal it under.
+    /// Names the event's index in its batch and the field's path, never a
+    /// value.
+    #[error(
+        "events[{index}]: data.{path} is personal for the type {event_type} (not one of its clear fields, or not a scalar); an event without a subject may carry only its type's clear fields: give the event a subject, or leave the field out"
+    )]
+    PersonalWithoutSubject {
+        index: usize,
+        event_type: String,
+        path: String,
+    },
     /// A snapshot older than the one stored.
     #[error("a snapshot of version {stored} is stored; an older one does not replace it")]
     OlderSnapshot { stored: u64 },
@@ -226,6 +239,21 @@ impl Events {
         audit: AuditEntry,
     ) -> Result<Appended, ServiceError> {
         let events = batch.into_inner();
+        // Checked before any key is looked up: a refused batch makes none.
+        for (index, e) in events.iter().enumerate() {
+            if e.subject.is_none()
+                && let Some(path) = self
+                    .policies
+                    .classification
+                    .personal_path(e.event_type.as_str(), &e.data)
+            {
+                return Err(ServiceError::PersonalWithoutSubject {
+                    index,
+                    event_type: e.event_type.as_str().to_owned(),
+                    path,
+                });
+            }
+        }
         let inline = events.len() <= INLINE_CRYPTO_EVENTS;
         // Each subject's key, with as many encryptions as it has events here.
         let mut per_subject: HashMap<&str, u64> = HashMap::new();
@@ -431,9 +459,18 @@ impl Events {
         Ok((state, events))
     }
 
-    /// Saves the stream's snapshot at `version`. With a subject the whole
-    /// state is sealed under the subject's key, so a forget erases it like
-    /// the subject's events; without one it is stored in clear.
+    /// How many snapshots are sealed for `subject`.
+    pub async fn subject_snapshot_count(&self, subject: &str) -> Result<u64, ServiceError> {
+        Ok(self.store.subject_snapshot_count(subject).await?)
+    }
+
+    /// Saves the stream's snapshot at `version`. If the stream's events up
+    /// to `version` name data subjects, the state is sealed for all of
+    /// them ([`crypto::seal_snapshot_for`]): a key of its own, wrapped under
+    /// each one's data key in turn, so that the forget of any one erases
+    /// it. `subject`, if given, is kept as the client's label; it must be
+    /// one of those subjects (when the events name none, the state is
+    /// sealed for it alone). With no subject at all it is stored in clear.
     pub async fn save_snapshot(
         &self,
         stream: &StreamId,
@@ -442,29 +479,51 @@ impl Events {
         state: &Value,
     ) -> Result<(), ServiceError> {
         let text = Zeroizing::new(serde_json::to_string(state).expect("JSON values serialise"));
-        let forgotten =
-            |s: &Subject| ServiceError::Rejected(AppendRejection::Forgotten(s.as_str().to_owned()));
-        let (key_id, sealed, clear) = match subject {
-            None => (None, None, Some(text.to_string())),
-            Some(s) => {
-                // Refused before a key is made for a forgotten subject; the
-                // statement below checks again, for a forget that races.
-                if self.store.forgotten(s.as_str()).await?.is_some() {
-                    return Err(forgotten(s));
-                }
-                let key = self.keys.key_for_subject(s.as_str(), 1).await?;
-                let at = SnapshotAad {
-                    stream_id: stream.as_str(),
-                    version,
-                    key_id: &key.key_id,
-                };
-                let sealed = key
-                    .dek
-                    .seal_snapshot(text.as_bytes(), &at)
-                    .map_err(KeyError::from)?;
-                self.metrics.sealed(Sealed::Snapshot, 1);
-                (Some(key.key_id.to_string()), Some(sealed), None)
+        let forgotten = |s: String| ServiceError::Rejected(AppendRejection::Forgotten(s));
+        let mut subjects = match self
+            .store
+            .snapshot_subjects(stream.as_str(), version)
+            .await?
+        {
+            Ok(subjects) => subjects,
+            Err(refusal) => return Err(snapshot_refusal(refusal)),
+        };
+        if let Some(s) = subject {
+            if subjects.is_empty() {
+                subjects.push(s.as_str().to_owned());
+            } else if !subjects.iter().any(|x| x == s.as_str()) {
+                return Err(ServiceError::SnapshotSubject);
             }
+        }
+        let mut layers = Vec::with_capacity(subjects.len());
+        let (clear, sealed) = if subjects.is_empty() {
+            (Some(text.to_string()), None)
+        } else {
+            // Refused before a key is made for a forgotten subject; the
+            // save's transaction checks again, for a forget that races.
+            if let Some(s) = self.store.first_forgotten(&subjects).await? {
+                return Err(forgotten(s));
+            }
+            let mut keys = Vec::with_capacity(subjects.len());
+            for s in subjects {
+                let key = self.keys.key_for_subject(&s, 1).await?;
+                layers.push(SnapshotLayer {
+                    subject: s,
+                    key_id: key.key_id.to_string(),
+                });
+                keys.push(key);
+            }
+            let key_ids: Vec<&str> = layers.iter().map(|l| l.key_id.as_str()).collect();
+            let deks: Vec<&Dek> = keys.iter().map(|k| &*k.dek).collect();
+            let at = SnapshotLayers {
+                stream_id: stream.as_str(),
+                version,
+                key_ids: &key_ids,
+            };
+            let sealed =
+                crypto::seal_snapshot_for(&deks, &at, text.as_bytes()).map_err(KeyError::from)?;
+            self.metrics.sealed(Sealed::Snapshot, 1);
+            (None, Some(sealed))
         };
         let refusal = self
             .store
@@ -472,31 +531,30 @@ impl Events {
                 stream_id: stream.as_str(),
                 version,
                 subject: subject.map(Subject::as_str),
-                key_id: key_id.as_deref(),
                 state: clear,
-                sealed,
+                wrapped_key: sealed.as_ref().map(|s| s.wrapped_key.clone()),
+                sealed: sealed.map(|s| s.sealed),
+                layers: &layers,
             })
             .await?;
         match refusal {
             Ok(()) => Ok(()),
-            Err(SnapshotRefusal::NoSuchVersion { current }) => {
-                Err(ServiceError::NoSuchVersion { current })
-            }
-            Err(SnapshotRefusal::Older { stored }) => Err(ServiceError::OlderSnapshot { stored }),
-            Err(SnapshotRefusal::NotOfItsSubjects) => Err(ServiceError::SnapshotSubject),
-            Err(SnapshotRefusal::Forgotten) => {
-                let s = subject.expect("only a snapshot with a subject is refused as forgotten");
-                if let Err(e) = self.keys.discard_subject_keys(s.as_str()).await {
+            Err(SnapshotRefusal::Forgotten(s)) => {
+                // A key this request made for the subject sealed nothing
+                // that was stored: delete it at once (best effort: what is
+                // left is removed at the next start).
+                if let Err(e) = self.keys.discard_subject_keys(&s).await {
                     tracing::warn!(error = %e, "could not discard a key made for a forgotten subject");
                 }
                 Err(forgotten(s))
             }
+            Err(other) => Err(snapshot_refusal(other)),
         }
     }
 
     /// The stream's snapshot as the caller may see it: the state decrypted,
-    /// or left out (`redacted`; `erased` once the subject is forgotten).
-    /// The caller must have been allowed to read `stream`.
+    /// or left out (`redacted`; `erased` once any subject it is sealed for
+    /// is forgotten). The caller must have been allowed to read `stream`.
     pub async fn load_snapshot(
         &self,
         stream: &StreamId,
@@ -506,19 +564,98 @@ impl Events {
             return Ok(None);
         };
         let reveal = grants.read_view(stream.as_str()) == Some(View::Revealed);
+        Ok(Some(self.open_snapshot(row, reveal).await?))
+    }
+
+    /// The snapshots sealed for `subject` whose stream the caller may
+    /// export, after stream `after`, up to `limit` of them, as an export
+    /// shows them (decrypted, or erased once any of their subjects is
+    /// forgotten). Returns them with their streams, and the stream to pass
+    /// as `after` next (`None`: there are no more).
+    pub async fn export_snapshots(
+        &self,
+        subject: &str,
+        after: &str,
+        limit: u32,
+        grants: &Grants,
+    ) -> Result<(Vec<(String, SnapshotRead)>, Option<String>), ServiceError> {
+        let streams = self.store.snapshots_of(subject, after, limit).await?;
+        let next = (streams.len() == limit as usize)
+            .then(|| streams.last().cloned())
+            .flatten();
+        let mut out = Vec::with_capacity(streams.len());
+        for stream in streams {
+            let Some(view) = grants.view(ReadKind::Export, &stream) else {
+                continue;
+            };
+            let Some(row) = self.store.load_snapshot(&stream).await? else {
+                continue;
+            };
+            // Replaced since it was listed, by one not sealed for them.
+            if !row.layers.iter().any(|l| l.subject == subject) {
+                continue;
+            }
+            let read = self.open_snapshot(row, view == View::Revealed).await?;
+            out.push((stream, read));
+        }
+        Ok((out, next))
+    }
+
+    /// Decides and opens one stored snapshot for a reader, like an event.
+    async fn open_snapshot(
+        &self,
+        row: StoredSnapshot,
+        reveal: bool,
+    ) -> Result<SnapshotRead, ServiceError> {
         let broken = || ServiceError::SnapshotIntegrity(row.stream_id.clone());
-        let (state, personal_data) = match (&row.sealed, &row.key_id, &row.state) {
-            (Some(_), Some(_), _) if row.forgotten => (None, PersonalData::Erased),
-            (Some(_), Some(_), _) if !reveal => (None, PersonalData::Redacted),
-            (Some(blob), Some(key_id), _) => match self.keys.key_by_id(key_id).await? {
-                None => (None, PersonalData::Erased),
-                Some(dek) => {
-                    let at = SnapshotAad {
-                        stream_id: &row.stream_id,
-                        version: row.version as u64,
-                        key_id,
-                    };
-                    let plain = dek.open_snapshot(blob, &at).map_err(|_| {
+        let corrupt = || {
+            ServiceError::Store(StoreError::Corrupt(format!(
+                "the snapshot of {}",
+                row.stream_id
+            )))
+        };
+        let (state, personal_data) = match (&row.sealed, &row.state) {
+            (Some(_), _) if row.layers.is_empty() => return Err(corrupt()),
+            (Some(_), _) if row.forgotten => (None, PersonalData::Erased),
+            (Some(_), _) if !reveal => (None, PersonalData::Redacted),
+            (Some(blob), _) => {
+                let mut deks = Vec::with_capacity(row.layers.len());
+                for layer in &row.layers {
+                    match self.keys.key_by_id(&layer.key_id).await? {
+                        Some(dek) => deks.push(dek),
+                        None => break,
+                    }
+                }
+                if deks.len() < row.layers.len() {
+                    // A key is gone: its subject's data is erased.
+                    (None, PersonalData::Erased)
+                } else {
+                    let deks: Vec<&Dek> = deks.iter().map(|d| &**d).collect();
+                    let version = row.version as u64;
+                    let plain = match &row.wrapped_key {
+                        Some(wrapped) => {
+                            let key_ids: Vec<&str> =
+                                row.layers.iter().map(|l| l.key_id.as_str()).collect();
+                            let at = SnapshotLayers {
+                                stream_id: &row.stream_id,
+                                version,
+                                key_ids: &key_ids,
+                            };
+                            crypto::open_snapshot_for(&deks, &at, wrapped, blob)
+                        }
+                        // Saved before snapshots had layers: under its one
+                        // subject's key directly.
+                        None if deks.len() == 1 => deks[0].open_snapshot(
+                            blob,
+                            &SnapshotAad {
+                                stream_id: &row.stream_id,
+                                version,
+                                key_id: &row.layers[0].key_id,
+                            },
+                        ),
+                        None => return Err(corrupt()),
+                    }
+                    .map_err(|_| {
                         self.metrics.open_failed(Sealed::Snapshot);
                         broken()
                     })?;
@@ -526,30 +663,20 @@ impl Events {
                     let state = serde_json::from_slice(&plain).map_err(|_| broken())?;
                     (Some(state), PersonalData::Decrypted)
                 }
-            },
-            (None, None, Some(text)) => (
-                Some(serde_json::from_str(text).map_err(|_| {
-                    ServiceError::Store(StoreError::Corrupt(format!(
-                        "the snapshot of {}",
-                        row.stream_id
-                    )))
-                })?),
+            }
+            (None, Some(text)) => (
+                Some(serde_json::from_str(text).map_err(|_| corrupt())?),
                 PersonalData::None,
             ),
-            _ => {
-                return Err(ServiceError::Store(StoreError::Corrupt(format!(
-                    "the snapshot of {}",
-                    row.stream_id
-                ))));
-            }
+            (None, None) => return Err(corrupt()),
         };
-        Ok(Some(SnapshotRead {
+        Ok(SnapshotRead {
             version: row.version as u64,
             subject: row.subject,
             state,
             personal_data,
             recorded_at_us: row.recorded_at,
-        }))
+        })
     }
 
     /// Writes an audit record; returns once it is durable.
@@ -792,6 +919,15 @@ impl Events {
     }
 }
 
+/// The answer to a snapshot the store did not save.
+fn snapshot_refusal(r: SnapshotRefusal) -> ServiceError {
+    match r {
+        SnapshotRefusal::NoSuchVersion { current } => ServiceError::NoSuchVersion { current },
+        SnapshotRefusal::Older { stored } => ServiceError::OlderSnapshot { stored },
+        SnapshotRefusal::Forgotten(s) => ServiceError::Rejected(AppendRejection::Forgotten(s)),
+    }
+}
+
 /// Splits `data` into clear and personal fields and seals the personal ones.
 fn seal_event(
     policies: &Policies,
@@ -802,14 +938,12 @@ fn seal_event(
     let to_json = |m: &Map<String, Value>| serde_json::to_string(m).expect("JSON values serialise");
     let metadata = to_json(&e.metadata);
     let event_type = e.event_type.as_str().to_owned();
-    // Without a subject nothing is personal: everything is stored as given.
+    // Without a subject nothing is personal: everything is stored as given
+    // (for a classified type, `append` has checked that all of it is clear).
     let key = e.subject.as_ref().map(|s| &keys[s.as_str()]);
-    let (clear, personal): (Map<String, Value>, Map<String, Value>) = match key {
+    let (clear, personal) = match key {
         None => (e.data, Map::new()),
-        Some(_) => e
-            .data
-            .into_iter()
-            .partition(|(field, _)| policies.classification.is_clear(&event_type, field)),
+        Some(_) => policies.classification.split(&event_type, e.data),
     };
     let (key_id, sealed) = match key.filter(|_| !personal.is_empty()) {
         None => (None, None),
@@ -876,11 +1010,14 @@ fn open_event(
                     .map_err(|_| ServiceError::Integrity {
                         position: r.position as u64,
                     })?;
+                let broken = || ServiceError::Integrity {
+                    position: r.position as u64,
+                };
                 let personal: Map<String, Value> =
-                    serde_json::from_slice(&plain).map_err(|_| ServiceError::Integrity {
-                        position: r.position as u64,
-                    })?;
-                data.extend(personal);
+                    serde_json::from_slice(&plain).map_err(|_| broken())?;
+                // Nested values were split member by member: put each piece
+                // back where it was.
+                crate::policy::merge(&mut data, personal).map_err(|_| broken())?;
                 PersonalData::Decrypted
             }
         },

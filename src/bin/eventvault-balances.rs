@@ -9,6 +9,14 @@
 //! restart subscribes after the stored position: every event takes effect
 //! exactly once, however the process stops.
 //!
+//! Any `service` principal can append, so an event may be malformed (an
+//! amount that is not a number, a missing account, a balance that would
+//! overflow). Such an event is skipped, not applied in part: it is recorded
+//! in `balances_skipped` (its position and why, never a value of it) in the
+//! transaction of its batch, counted, and logged with its position, and the
+//! projection goes on. Otherwise one bad event would stop it for good, as it
+//! would resume before that event and meet it again.
+//!
 //! ```text
 //! eventvault-balances --url http://127.0.0.1:8080 --token "$TOKEN" \
 //!     --database-url sqlite://balances.db
@@ -59,20 +67,28 @@ struct Change<'a> {
     delta: Decimal,
 }
 
-/// What an event does to balances; `Err` names what is malformed.
-fn changes(event: &Value) -> Result<Vec<Change<'_>>, String> {
+/// What an event does to balances; `Err` says what is malformed, in words
+/// of its own (never a value of the event: the log must not hold payloads).
+fn changes(event: &Value) -> Result<Vec<Change<'_>>, &'static str> {
     let data = &event["data"];
     let text = |field: &str| data[field].as_str();
-    let amount = || -> Result<Decimal, String> {
+    let amount = || -> Result<Decimal, &'static str> {
         let raw = match &data["amount"] {
             Value::String(s) => s.clone(),
             Value::Number(n) => n.to_string(),
-            _ => return Err("no amount".into()),
+            Value::Null => return Err("it has no amount"),
+            _ => return Err("its amount is neither a string nor a number"),
         };
         // Exact or refused: an amount is never rounded.
-        Decimal::from_str_exact(&raw).map_err(|e| format!("amount {raw:?}: {e}"))
+        Decimal::from_str_exact(&raw).map_err(|_| "its amount is not an exact decimal number")
     };
-    let account = |field: &str| text(field).ok_or_else(|| format!("no {field}"));
+    let account = |field: &'static str| {
+        text(field).ok_or(match field {
+            "from_account" => "it has no from_account",
+            "to_account" => "it has no to_account",
+            _ => "it has no account",
+        })
+    };
     let currency = text("currency");
     Ok(match event["type"].as_str().unwrap_or_default() {
         "AccountOpened" => vec![Change {
@@ -109,11 +125,47 @@ fn changes(event: &Value) -> Result<Vec<Change<'_>>, String> {
     })
 }
 
+/// A balance: its currency (the first one seen) and amount.
+type Balance = (Option<String>, Decimal);
+
+/// The balances `changes` leave, for the accounts they touch; all of them
+/// or none (`Err`: one would overflow).
+fn fold(
+    balances: &HashMap<String, Balance>,
+    changes: &[Change<'_>],
+) -> Result<Vec<(String, Balance)>, &'static str> {
+    let mut after: Vec<(String, Balance)> = Vec::new();
+    for c in changes {
+        let i = match after.iter().position(|(a, _)| a == c.account) {
+            Some(i) => i,
+            None => {
+                let now = balances
+                    .get(c.account)
+                    .cloned()
+                    .unwrap_or((None, Decimal::ZERO));
+                after.push((c.account.to_owned(), now));
+                after.len() - 1
+            }
+        };
+        let entry = &mut after[i].1;
+        if entry.0.is_none() {
+            entry.0 = c.currency.map(str::to_owned);
+        }
+        entry.1 = entry
+            .1
+            .checked_add(c.delta)
+            .ok_or("a balance would overflow")?;
+    }
+    Ok(after)
+}
+
 /// The read model: balances in memory, mirrored in the database.
 struct Model {
     db: AnyConnection,
-    balances: HashMap<String, (Option<String>, Decimal)>,
+    balances: HashMap<String, Balance>,
     position: u64,
+    /// Malformed events skipped so far (the rows of `balances_skipped`).
+    skipped: u64,
 }
 
 impl Model {
@@ -129,6 +181,12 @@ impl Model {
              create table if not exists balances_checkpoint (
                  id       integer primary key check (id = 1),
                  position bigint not null
+             );
+             -- Malformed events, skipped: where, and why in words of the
+             -- projection's own (never a value of the event).
+             create table if not exists balances_skipped (
+                 position bigint primary key,
+                 reason   text not null
              );",
         )
         .execute(&mut db)
@@ -145,15 +203,20 @@ impl Model {
         for (account, currency, balance) in rows {
             balances.insert(account, (currency, Decimal::from_str_exact(&balance)?));
         }
+        let skipped: i64 = sqlx::query_scalar("select count(*) from balances_skipped")
+            .fetch_one(&mut db)
+            .await?;
         Ok(Self {
             db,
             balances,
             position: position.unwrap_or(0) as u64,
+            skipped: skipped as u64,
         })
     }
 
     /// Applies a batch of events and their last position in one
-    /// transaction; events at or before the stored position are skipped.
+    /// transaction; events at or before the stored position are ignored,
+    /// and malformed ones are skipped whole and recorded as such.
     async fn apply(&mut self, events: &[(u64, Value)]) -> Result<(), Box<dyn std::error::Error>> {
         let fresh: Vec<&(u64, Value)> = events.iter().filter(|(p, _)| *p > self.position).collect();
         let Some(last) = fresh.last().map(|(p, _)| *p) else {
@@ -161,23 +224,16 @@ impl Model {
         };
         let mut next = self.balances.clone();
         let mut touched = Vec::new();
+        let mut skipped: Vec<(u64, &'static str)> = Vec::new();
         for (position, event) in &fresh {
-            let changes =
-                changes(event).map_err(|e| format!("event at position {position}: {e}"))?;
-            for c in changes {
-                let entry = next
-                    .entry(c.account.to_owned())
-                    .or_insert((None, Decimal::ZERO));
-                if entry.0.is_none() {
-                    entry.0 = c.currency.map(str::to_owned);
+            match changes(event).and_then(|c| fold(&next, &c)) {
+                Ok(after) => {
+                    for (account, balance) in after {
+                        touched.push(account.clone());
+                        next.insert(account, balance);
+                    }
                 }
-                entry.1 = entry.1.checked_add(c.delta).ok_or_else(|| {
-                    format!(
-                        "event at position {position}: the balance of {} overflows",
-                        c.account
-                    )
-                })?;
-                touched.push(c.account.to_owned());
+                Err(reason) => skipped.push((*position, reason)),
             }
         }
         touched.sort();
@@ -195,6 +251,13 @@ impl Model {
             .execute(&mut *tx)
             .await?;
         }
+        for (position, reason) in &skipped {
+            sqlx::query("insert into balances_skipped (position, reason) values ($1, $2)")
+                .bind(*position as i64)
+                .bind(*reason)
+                .execute(&mut *tx)
+                .await?;
+        }
         sqlx::query(
             "insert into balances_checkpoint (id, position) values (1, $1)
              on conflict (id) do update set position = excluded.position",
@@ -203,9 +266,16 @@ impl Model {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        // Only what committed is believed.
+        // Only what committed is believed (and told).
         self.balances = next;
         self.position = last;
+        for (position, reason) in skipped {
+            self.skipped += 1;
+            eprintln!(
+                "skipped the malformed event at position {position}: {reason} ({} skipped so far)",
+                self.skipped
+            );
+        }
         Ok(())
     }
 }
@@ -285,9 +355,10 @@ async fn main() -> ExitCode {
     let result = async {
         let mut model = Model::open(&args.database_url).await?;
         eprintln!(
-            "balances: {} accounts, resuming after position {}",
+            "balances: {} accounts, resuming after position {} ({} malformed events skipped so far)",
             model.balances.len(),
-            model.position
+            model.position,
+            model.skipped
         );
         follow(&args, &mut model).await?;
         eprintln!("applied up to position {}", model.position);

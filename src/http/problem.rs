@@ -326,9 +326,9 @@ impl From<ServiceError> for ApiError {
             },
             ServiceError::Rejected(r @ AppendRejection::Forgotten(_)) => Self::Gone(r.to_string()),
             ServiceError::StreamNotFound => Self::NotFound("stream not found".into()),
-            e @ (ServiceError::NoSuchVersion { .. } | ServiceError::SnapshotSubject) => {
-                Self::BadRequest(e.to_string())
-            }
+            e @ (ServiceError::NoSuchVersion { .. }
+            | ServiceError::SnapshotSubject
+            | ServiceError::PersonalWithoutSubject { .. }) => Self::BadRequest(e.to_string()),
             e @ ServiceError::OlderSnapshot { .. } => Self::StaleSnapshot(e.to_string()),
             ServiceError::Integrity { position } => {
                 tracing::error!(

@@ -18,6 +18,7 @@ use super::views::{json_response, rfc3339};
 use super::{AppState, cursor_param, path_id};
 use crate::domain::{PersonalData, StreamId, Subject};
 use crate::policy::Permission;
+use crate::service::SnapshotRead;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(save, load))
@@ -31,8 +32,10 @@ struct SnapshotBody {
     /// The stream version the state folds (1-based; the stream must have it).
     #[schema(minimum = 1, maximum = 9223372036854775807_i64)]
     version: u64,
-    /// The subject whose key seals the state; required when the stream's
-    /// events name subjects (it must be one of them).
+    /// Optional: a subject to keep with the snapshot. When the stream's
+    /// events up to `version` name subjects it must be one of them; the
+    /// state is sealed for all of them whether or not one is named (for
+    /// this one alone when the events name none).
     #[schema(pattern = "^[A-Za-z0-9._:@-]{1,200}$")]
     subject: Option<String>,
     /// Any JSON value.
@@ -50,7 +53,9 @@ struct SavedView<'a> {
     subject: Option<&'a str>,
 }
 
-/// Saves a stream's snapshot (replacing an older one). Needs `append`.
+/// Saves a stream's snapshot (replacing an older one). Needs `append`. The
+/// state is sealed for every subject whose events the stream holds up to
+/// `version`, so that the forget of any of them erases it.
 #[utoipa::path(
     put,
     path = "/streams/{stream}/snapshot",
@@ -62,7 +67,8 @@ struct SavedView<'a> {
         (status = 200, description = "Saved", body = SavedView),
         (status = 409, description = "`stale-snapshot`: a newer snapshot is stored",
             body = Problem, content_type = "application/problem+json"),
-        (status = 410, description = "The subject has been forgotten",
+        (status = 410, description = "A subject of the stream's events up to the version \
+            (or the one named) has been forgotten: the snapshot would be erased",
             body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "The body is not `application/json`",
             body = Problem, content_type = "application/problem+json"),
@@ -106,18 +112,37 @@ async fn save(
 /// A stored snapshot, as this caller may see it.
 #[derive(Serialize, ToSchema)]
 #[schema(as = Snapshot)]
-struct SnapshotView<'a> {
+pub(super) struct SnapshotView<'a> {
     #[schema(value_type = String)]
     stream_id: &'a str,
     version: u64,
+    /// The subject the snapshot was saved with, if it named one.
     #[schema(value_type = Option<String>)]
     subject: Option<&'a str>,
     /// `null` when redacted or erased.
     #[schema(value_type = Value)]
     state: Option<&'a Value>,
+    /// `erased` once any subject whose events the stream holds up to the
+    /// snapshot's version is forgotten.
     personal_data: PersonalData,
     #[schema(format = DateTime)]
     recorded_at: String,
+}
+
+/// The name the API document gives [`SnapshotView`].
+pub(super) type Snapshot = SnapshotView<'static>;
+
+impl<'a> SnapshotView<'a> {
+    pub(super) fn new(stream_id: &'a str, snap: &'a SnapshotRead) -> Self {
+        Self {
+            stream_id,
+            version: snap.version,
+            subject: snap.subject.as_deref(),
+            state: snap.state.as_ref(),
+            personal_data: snap.personal_data,
+            recorded_at: rfc3339(snap.recorded_at_us),
+        }
+    }
 }
 
 /// Loads a stream's snapshot. Needs `read`.
@@ -151,13 +176,6 @@ async fn load(
         .disclosed(1, snap.personal_data == PersonalData::Decrypted);
     Ok(json_response(
         StatusCode::OK,
-        &SnapshotView {
-            stream_id: stream.as_str(),
-            version: snap.version,
-            subject: snap.subject.as_deref(),
-            state: snap.state.as_ref(),
-            personal_data: snap.personal_data,
-            recorded_at: rfc3339(snap.recorded_at_us),
-        },
+        &SnapshotView::new(stream.as_str(), &snap),
     ))
 }

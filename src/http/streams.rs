@@ -56,8 +56,9 @@ struct EventBody {
     #[serde(rename = "type")]
     #[schema(pattern = "^[A-Za-z0-9._:-]{1,200}$")]
     event_type: String,
-    /// The data subject whose personal data the event carries (needed when
-    /// the type has personal fields).
+    /// The data subject whose personal data the event carries. Without one,
+    /// an event of a type `classification.toml` lists may carry only that
+    /// type's clear values (400 otherwise).
     #[schema(pattern = "^[A-Za-z0-9._:@-]{1,200}$")]
     subject: Option<String>,
     #[schema(value_type = Object)]

@@ -14,6 +14,7 @@ use utoipa_axum::routes;
 use super::auth::Caller;
 use super::openapi::SubjectPath;
 use super::problem::ApiError;
+use super::snapshots::{Snapshot, SnapshotView};
 use super::views::{Event, EventView, json_response, rfc3339};
 use super::{AppState, path_id, plain_text};
 use crate::audit::Outcome;
@@ -51,10 +52,34 @@ struct ExportView {
     subject: String,
     state: StateName,
     events: Vec<Event>,
+    /// The snapshots sealed for the subject (their streams' events up to
+    /// their versions are about them), in stream id order. A snapshot folds
+    /// every subject of its stream: it is shown whole.
+    snapshots: Vec<Snapshot>,
 }
 
 /// Events per page of an export: what one export holds in memory at once.
 const EXPORT_PAGE: u32 = 1000;
+
+/// Snapshots per page of an export.
+const EXPORT_SNAPSHOT_PAGE: u32 = 100;
+
+/// Where a streamed export is.
+enum Part {
+    /// The opening, not yet sent.
+    Head(String),
+    /// Events after position `after`; `written` so far.
+    Events {
+        after: u64,
+        written: u64,
+    },
+    /// Snapshots of streams after `after`; `written` so far.
+    Snapshots {
+        after: String,
+        written: u64,
+    },
+    Done,
+}
 
 fn state_name(s: SubjectState) -> StateName {
     match s {
@@ -64,8 +89,9 @@ fn state_name(s: SubjectState) -> StateName {
     }
 }
 
-/// Everything stored about a subject (GDPR Art. 15 and 20), in position
-/// order across all streams: `{"subject","state","events":[…]}`. Streamed a
+/// Everything stored about a subject (GDPR Art. 15 and 20): its events in
+/// position order across all streams, then the snapshots sealed for it:
+/// `{"subject","state","events":[…],"snapshots":[…]}`. Streamed a
 /// page at a time, so a subject with 100,000 events is never held in memory
 /// whole. The disclosure is audited before the first byte leaves; a failure
 /// mid-way cuts the connection (the JSON is then visibly incomplete).
@@ -75,8 +101,8 @@ fn state_name(s: SubjectState) -> StateName {
     tag = "subjects",
     params(SubjectPath),
     security(("bearer" = [])),
-    responses((status = 200, description = "Every event about the subject, decrypted \
-        (GDPR Art. 15 and 20); erased if forgotten", body = ExportView)),
+    responses((status = 200, description = "Every event about the subject, and every snapshot \
+        sealed for it, decrypted (GDPR Art. 15 and 20); erased if forgotten", body = ExportView)),
 )]
 async fn export(
     State(state): State<AppState>,
@@ -89,11 +115,17 @@ async fn export(
     // wait for the next one, so the audited count is exact and the export ends.
     let until = state.events.head_position().await?;
     let (s, count) = state.events.subject_state(subject.as_str(), until).await?;
-    // A forgotten subject's events are erased on every read path (the
-    // ledger is checked per page), so only an active one discloses.
-    caller
-        .audit
-        .disclosed(count, s == SubjectState::Active && count > 0);
+    let snapshots = state
+        .events
+        .subject_snapshot_count(subject.as_str())
+        .await?;
+    // A forgotten subject's events and snapshots are erased on every read
+    // path (the ledger is checked per page), so only one that is not
+    // forgotten discloses.
+    caller.audit.disclosed(
+        count,
+        s != SubjectState::Forgotten && (count > 0 || snapshots > 0),
+    );
     if state
         .events
         .audit(caller.audit.entry(Outcome::Ok))
@@ -112,49 +144,84 @@ async fn export(
     let events = state.events.clone();
     let grants = caller.grants.clone();
     let subject = subject.as_str().to_owned();
-    // (next position to read after, events written so far, finished)
-    let body = futures::stream::unfold(
-        (Some(head), 0u64, 0u64, false),
-        move |(head, after, written, done)| {
-            let (events, grants, subject) = (events.clone(), grants.clone(), subject.clone());
-            async move {
-                if let Some(h) = head {
-                    return Some((Ok(Bytes::from(h)), (None, after, written, done)));
-                }
-                if done {
-                    return None;
-                }
-                let (page, read, last) = match events
-                    .export_page(&subject, after, until, EXPORT_PAGE, &grants)
-                    .await
-                {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::error!(error = %e, "export failed mid-way; the response is cut");
-                        return Some((
-                            Err(std::io::Error::other("export failed")),
-                            (None, after, written, true),
-                        ));
+    let cut = |e: crate::service::ServiceError| {
+        tracing::error!(error = %e, "export failed mid-way; the response is cut");
+        std::io::Error::other("export failed")
+    };
+    let body = futures::stream::unfold(Part::Head(head), move |part| {
+        let (events, grants, subject) = (events.clone(), grants.clone(), subject.clone());
+        async move {
+            match part {
+                Part::Head(h) => Some((
+                    Ok(Bytes::from(h)),
+                    Part::Events {
+                        after: 0,
+                        written: 0,
+                    },
+                )),
+                Part::Events { after, written } => {
+                    let (page, read, last) = match events
+                        .export_page(&subject, after, until, EXPORT_PAGE, &grants)
+                        .await
+                    {
+                        Ok(p) => p,
+                        Err(e) => return Some((Err(cut(e)), Part::Done)),
+                    };
+                    let mut chunk = Vec::new();
+                    let mut n = written;
+                    for e in &page {
+                        if n > 0 {
+                            chunk.push(b',');
+                        }
+                        serde_json::to_writer(&mut chunk, &EventView::from(e))
+                            .expect("events serialise");
+                        n += 1;
                     }
-                };
-                let mut chunk = Vec::new();
-                let mut n = written;
-                for e in &page {
-                    if n > 0 {
-                        chunk.push(b',');
+                    let next = if read < EXPORT_PAGE as usize {
+                        chunk.extend_from_slice(b"],\"snapshots\":[");
+                        Part::Snapshots {
+                            after: String::new(),
+                            written: 0,
+                        }
+                    } else {
+                        Part::Events {
+                            after: last,
+                            written: n,
+                        }
+                    };
+                    Some((Ok(Bytes::from(chunk)), next))
+                }
+                Part::Snapshots { after, written } => {
+                    let (page, more) = match events
+                        .export_snapshots(&subject, &after, EXPORT_SNAPSHOT_PAGE, &grants)
+                        .await
+                    {
+                        Ok(p) => p,
+                        Err(e) => return Some((Err(cut(e)), Part::Done)),
+                    };
+                    let mut chunk = Vec::new();
+                    let mut n = written;
+                    for (stream, snap) in &page {
+                        if n > 0 {
+                            chunk.push(b',');
+                        }
+                        serde_json::to_writer(&mut chunk, &SnapshotView::new(stream, snap))
+                            .expect("snapshots serialise");
+                        n += 1;
                     }
-                    serde_json::to_writer(&mut chunk, &EventView::from(e))
-                        .expect("events serialise");
-                    n += 1;
+                    let next = match more {
+                        Some(after) => Part::Snapshots { after, written: n },
+                        None => {
+                            chunk.extend_from_slice(b"]}");
+                            Part::Done
+                        }
+                    };
+                    Some((Ok(Bytes::from(chunk)), next))
                 }
-                let finished = read < EXPORT_PAGE as usize;
-                if finished {
-                    chunk.extend_from_slice(b"]}");
-                }
-                Some((Ok(Bytes::from(chunk)), (None, last, n, finished)))
+                Part::Done => None,
             }
-        },
-    );
+        }
+    });
     Ok(Response::builder()
         .status(StatusCode::OK)
         .header(axum::http::header::CONTENT_TYPE, "application/json")

@@ -90,6 +90,12 @@ impl EventStore {
         })
     }
 
+    /// The first of `subjects` (in name order) that is in the forget
+    /// ledger, if any.
+    pub async fn first_forgotten(&self, subjects: &[String]) -> Result<Option<String>, StoreError> {
+        Ok(self.forgotten_among(subjects).await?.into_iter().min())
+    }
+
     /// Adds keys destroyed by a forget to its ledger entry.
     pub async fn add_keys_destroyed(&self, subject: &str, n: u64) -> Result<(), StoreError> {
         on_db!(&self.db, |pool| {

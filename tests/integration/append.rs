@@ -5,6 +5,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::access::{audit_records, get};
 use crate::both_backends;
 use crate::common::{Backend, TestApp, batch, deposit};
 
@@ -15,6 +16,8 @@ both_backends!(
     idempotency_survives_a_restart,
     bad_input_is_refused_and_writes_nothing,
     events_without_subject_and_unlisted_types,
+    a_classified_type_without_a_subject_carries_only_clear_values,
+    nested_values_are_clear_only_by_listed_paths,
     requests_without_a_valid_token_are_refused,
 );
 
@@ -416,7 +419,7 @@ async fn events_without_subject_and_unlisted_types(backend: Backend) {
     app.append_ok(
         "s",
         &json!({"events": [
-            {"type": "MoneyDeposited", "data": {"account": "A", "amount": "1", "note": "no subject, no personal data"}},
+            {"type": "RateChanged", "data": {"rate": "0.01", "note": "no subject, no personal data"}},
             {"type": "ProfileUpdated", "subject": "c9", "data": {"email_hash": "h", "city": "Bonn"}},
             {"type": "MoneyDeposited", "subject": "c9", "data": {"account": "A", "amount": "2"}},
         ]}),
@@ -439,6 +442,144 @@ async fn events_without_subject_and_unlisted_types(backend: Backend) {
     let stored: Vec<(String, bool)> = crate::at_rest::stored_data(&db).await;
     assert_eq!(stored[1], ("{}".to_owned(), true));
     assert!(!stored[2].1, "only clear fields: nothing sealed");
+}
+
+/// An event of a type `classification.toml` lists, without a subject, has no
+/// key to seal under: any value that is not one of its type's clear ones is
+/// a 400 naming its path (never its value), and the batch writes nothing.
+async fn a_classified_type_without_a_subject_carries_only_clear_values(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    let fine = json!({"type": "MoneyDeposited", "data": {"account": "A", "amount": "1"}});
+    let refused = [
+        (
+            json!({"type": "MoneyDeposited", "data": {"account": "A", "amount": "1", "payer_name": "Jane Roe"}}),
+            "data.payer_name",
+        ),
+        (
+            json!({"type": "MoneyDeposited", "data": {"account": {"holder": "Jane Roe"}, "amount": "1"}}),
+            "data.account",
+        ),
+        (
+            json!({"type": "MoneyDeposited", "data": {"account": "A", "amount": ["Jane Roe"]}}),
+            "data.amount",
+        ),
+        (
+            json!({"type": "TransferCompleted", "data": {"amount": "1",
+                   "counterparty": {"bic": "DEUTDEFF", "name": "Jane Roe"}}}),
+            "data.counterparty.name",
+        ),
+        (
+            json!({"type": "TransferCompleted", "data": {"amount": "1", "counterparty": "Jane Roe"}}),
+            "data.counterparty",
+        ),
+    ];
+    for (event, path) in &refused {
+        let body = batch(vec![fine.clone(), event.clone()]);
+        let p = problem(
+            app.append("accounts-1", None, &body).await,
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
+        assert_eq!(p["type"], "urn:eventvault:problem:bad-request");
+        let detail = p["detail"].as_str().unwrap();
+        assert!(
+            detail.starts_with(&format!("events[1]: {path} is personal for the type ")),
+            "{detail}"
+        );
+        assert!(!detail.contains("Jane"), "never the value: {detail}");
+    }
+    assert!(
+        app.whole_log().await.is_empty(),
+        "no refused batch wrote anything"
+    );
+    let records = audit_records(&app, "action=stream.append").await;
+    assert_eq!(records.len(), refused.len());
+    assert!(
+        records.iter().all(|r| r["outcome"] == "error"),
+        "{records:?}"
+    );
+
+    // Clear values only (a listed path into an object included): stored.
+    app.append_ok(
+        "accounts-1",
+        &batch(vec![
+            fine,
+            json!({"type": "TransferCompleted", "data": {"amount": "1", "counterparty": {"bic": "DEUTDEFF"}}}),
+        ]),
+    )
+    .await;
+    let log = app.whole_log().await;
+    assert_eq!(log.len(), 2);
+    assert!(log.iter().all(|e| e["personal_data"] == "none"));
+    assert_eq!(log[1]["data"]["counterparty"], json!({"bic": "DEUTDEFF"}));
+}
+
+/// A listed field is clear only as a scalar: an object or array in its
+/// place is personal (sealed, redacted, erased), except for the paths into
+/// it the classification lists. Readers allowed to see everything get the
+/// event back exactly, numbers digit for digit.
+async fn nested_values_are_clear_only_by_listed_paths(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    // Written by hand: a `json!` literal would round the numbers through f64.
+    let data = r#"{"from_account": "ACC-1",
+        "to_account": {"holder": "Jane Roe", "iban": "DE89370400440532013000"},
+        "amount": 12345678901234567890.000000000000000001, "currency": "EUR",
+        "counterparty": {"bic": "DEUTDEFF", "name": "Zebulon Quackenbush",
+                         "limit": 0.1000000000000000000001, "notes": ["Payer of cust-7"], "extra": {}},
+        "booked_on": {"date": "2026-11-27"}}"#;
+    let data: Value = serde_json::from_str(data).unwrap();
+    let event = json!({"type": "TransferCompleted", "subject": "cust-7", "data": data});
+    app.append_ok("payments-7", &batch(vec![event])).await;
+    let clear = json!({"from_account": "ACC-1",
+        "amount": serde_json::from_str::<Value>("12345678901234567890.000000000000000001").unwrap(),
+        "currency": "EUR", "counterparty": {"bic": "DEUTDEFF"}});
+
+    // At rest: only the clear pieces outside the sealed blob.
+    let db = crate::at_rest::events_db(&app.env).await;
+    let stored = crate::at_rest::stored_data(&db).await;
+    assert_eq!(stored.len(), 1);
+    let (stored_clear, sealed) = &stored[0];
+    assert!(*sealed);
+    assert_eq!(serde_json::from_str::<Value>(stored_clear).unwrap(), clear);
+    for secret in [
+        "Jane Roe",
+        "Zebulon",
+        "Payer of",
+        "DE89370400440532013000",
+        "2026-11-27",
+    ] {
+        assert!(
+            !stored_clear.contains(secret),
+            "{secret} in clear: {stored_clear}"
+        );
+    }
+
+    // Put back together exactly for a reader of personal data.
+    let r = app.read("payments-7", "").await;
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("12345678901234567890.000000000000000001"),
+        "{text}"
+    );
+    assert!(text.contains("0.1000000000000000000001"), "{text}");
+    let page: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(page["events"][0]["personal_data"], "decrypted");
+    assert_eq!(page["events"][0]["data"], data);
+
+    // Redacted: the clear pieces alone.
+    let service = app.env.add_principal("ledger", &["service"]).await;
+    let (_, text) = get(&app, "/streams/payments-7/events", &service).await;
+    let page: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(page["events"][0]["personal_data"], "redacted");
+    assert_eq!(page["events"][0]["data"], clear, "{text}");
+
+    // Erased for everyone after a forget; the clear pieces stay.
+    let dpo = app.env.add_principal("privacy", &["dpo"]).await;
+    crate::forget::forget_ok(&app, &dpo, "cust-7").await;
+    let page: Value = app.read("payments-7", "").await.json().await.unwrap();
+    assert_eq!(page["events"][0]["personal_data"], "erased");
+    assert_eq!(page["events"][0]["data"], clear);
+    db.close().await;
 }
 
 async fn requests_without_a_valid_token_are_refused(backend: Backend) {

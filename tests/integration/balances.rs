@@ -18,7 +18,10 @@ use crate::both_backends;
 use crate::common::{Backend, TestApp, TestEnv, batch};
 use eventvault::store::Db;
 
-both_backends!(balances_equal_an_independent_sum_before_and_after_a_forget);
+both_backends!(
+    balances_equal_an_independent_sum_before_and_after_a_forget,
+    a_malformed_event_is_skipped_counted_and_logged_and_the_projection_goes_on,
+);
 
 const ACCOUNTS: usize = 100;
 const MOVES: usize = 10_000;
@@ -53,8 +56,8 @@ fn projector(base: &str, token: &str, db: &str, stop_at: Option<u64>) -> tokio::
 }
 
 /// Runs the projector until it has applied `stop_at`; its stderr goes to
-/// the suite's log capture.
-async fn project(base: &str, token: &str, db: &str, stop_at: u64) {
+/// the suite's log capture, and is returned.
+async fn project(base: &str, token: &str, db: &str, stop_at: u64) -> String {
     let out = tokio::time::timeout(
         Duration::from_secs(120),
         projector(base, token, db, Some(stop_at)).output(),
@@ -65,6 +68,7 @@ async fn project(base: &str, token: &str, db: &str, stop_at: u64) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     crate::common::append_to_log(&stderr);
     assert!(out.status.success(), "projector failed: {stderr}");
+    stderr.into_owned()
 }
 
 /// The balances the projector stored.
@@ -115,7 +119,8 @@ async fn projection_db(backend: &Backend, env: &TestEnv, name: &str) -> String {
             let db = Db::Postgres(sqlx::PgPool::connect(&env.database_url).await.unwrap());
             if let Db::Postgres(p) = &db {
                 sqlx::raw_sql(
-                    "drop table if exists balances; drop table if exists balances_checkpoint;",
+                    "drop table if exists balances; drop table if exists balances_checkpoint;
+                     drop table if exists balances_skipped;",
                 )
                 .execute(p)
                 .await
@@ -218,7 +223,8 @@ async fn balances_equal_an_independent_sum_before_and_after_a_forget(backend: Ba
     let killed_at = checkpoint(&db).await.unwrap();
     eprintln!("balances: killed at position {killed_at} of {head}");
     assert!(killed_at > 0);
-    project(&app.base, &service, &db, head).await;
+    let stderr = project(&app.base, &service, &db, head).await;
+    assert!(!stderr.contains("skipped the malformed event"), "{stderr}");
     assert_eq!(stored_balances(&db).await, expected, "seed {seed}");
 
     // Forget half of the account holders: the amounts are clear fields, so
@@ -245,4 +251,98 @@ async fn balances_equal_an_independent_sum_before_and_after_a_forget(backend: Ba
             "{text}"
         );
     }
+}
+
+/// The positions and reasons the projector recorded as skipped.
+async fn skipped(db_url: &str) -> Vec<(i64, String)> {
+    let q = "select position, reason from balances_skipped order by position";
+    if db_url.starts_with("postgres") {
+        let pool = sqlx::PgPool::connect(db_url).await.unwrap();
+        let rows = sqlx::query_as(q).fetch_all(&pool).await.unwrap();
+        pool.close().await;
+        rows
+    } else {
+        let pool = sqlx::SqlitePool::connect(db_url).await.unwrap();
+        let rows = sqlx::query_as(q).fetch_all(&pool).await.unwrap();
+        pool.close().await;
+        rows
+    }
+}
+
+/// Any `service` principal can append: an amount that is no number, one
+/// that a classification makes personal (an object: the projector does not
+/// see it), a balance that would overflow. Each such event is skipped
+/// whole, recorded and logged with its position (never its value), and the
+/// projection reaches the end; a restart counts none of them twice.
+async fn a_malformed_event_is_skipped_counted_and_logged_and_the_projection_goes_on(
+    backend: Backend,
+) {
+    let app = TestApp::spawn(&backend).await;
+    let service = app.env.add_principal("balances", &["service"]).await;
+    let max = Decimal::MAX.to_string();
+    let deposit = |account: &str, amount: Value| {
+        json!({"type": "MoneyDeposited", "subject": "cust-1",
+               "data": {"account": account, "amount": amount, "currency": "EUR"}})
+    };
+    let events = vec![
+        json!({"type": "AccountOpened", "subject": "cust-1", "data": {"account": "ACC-1", "currency": "EUR"}}),
+        deposit("ACC-1", json!("10.00")),
+        deposit("ACC-1", json!("abc-not-a-number")),
+        deposit("ACC-1", json!({"value": "5.00"})),
+        deposit("ACC-2", json!(max)),
+        // Both legs or neither: the credit to ACC-2 would overflow.
+        json!({"type": "TransferCompleted", "subject": "cust-1",
+               "data": {"from_account": "ACC-1", "to_account": "ACC-2", "amount": "1.00", "currency": "EUR"}}),
+        json!({"type": "MoneyWithdrawn", "subject": "cust-1", "data": {"amount": "1.00", "currency": "EUR"}}),
+        deposit("ACC-1", json!("2.50")),
+    ];
+    let r = app.append_ok("accounts-1", &batch(events)).await;
+    let head = r["last_position"].as_u64().unwrap();
+    assert_eq!(head, 8);
+
+    let db = projection_db(&backend, &app.env, "skipping").await;
+    let stderr = project(&app.base, &service, &db, head).await;
+    let want: HashMap<String, Decimal> = [
+        ("ACC-1".to_owned(), Decimal::from_str("12.50").unwrap()),
+        ("ACC-2".to_owned(), Decimal::MAX),
+    ]
+    .into();
+    assert_eq!(stored_balances(&db).await, want);
+    assert_eq!(checkpoint(&db).await, Some(head));
+    let recorded = skipped(&db).await;
+    let positions: Vec<i64> = recorded.iter().map(|(p, _)| *p).collect();
+    assert_eq!(positions, [3, 4, 6, 7], "{recorded:?}");
+    assert_eq!(recorded[0].1, "its amount is not an exact decimal number");
+    assert_eq!(recorded[1].1, "it has no amount", "the object was redacted");
+    assert_eq!(recorded[2].1, "a balance would overflow");
+    assert_eq!(recorded[3].1, "it has no account");
+    for (n, p) in positions.iter().enumerate() {
+        let line = format!(
+            "skipped the malformed event at position {p}: {} ({} skipped so far)",
+            recorded[n].1,
+            n + 1
+        );
+        assert!(stderr.contains(&line), "{line:?} not in {stderr}");
+    }
+    assert!(
+        !stderr.contains("abc-not-a-number"),
+        "never a value: {stderr}"
+    );
+
+    // A restart goes on from the checkpoint and counts nothing twice.
+    let r = app
+        .append_ok("accounts-1", &batch(vec![deposit("ACC-1", json!("0.50"))]))
+        .await;
+    let head = r["last_position"].as_u64().unwrap();
+    let stderr = project(&app.base, &service, &db, head).await;
+    assert!(
+        stderr.contains("resuming after position 8 (4 malformed events skipped so far)"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("skipped the malformed event"), "{stderr}");
+    assert_eq!(skipped(&db).await.len(), 4);
+    assert_eq!(
+        stored_balances(&db).await["ACC-1"],
+        Decimal::from_str("13.00").unwrap()
+    );
 }

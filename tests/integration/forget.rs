@@ -542,7 +542,7 @@ async fn an_export_holds_everything_about_the_subject(backend: Backend) {
     let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(
         v,
-        json!({"subject": "cust-none", "state": "unknown", "events": []})
+        json!({"subject": "cust-none", "state": "unknown", "events": [], "snapshots": []})
     );
 
     // After a forget the events are still listed, erased.

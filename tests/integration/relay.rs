@@ -39,6 +39,7 @@ both_backends!(
     an_unreachable_broker_neither_stops_the_service_nor_moves_the_checkpoint,
     a_broker_outage_in_the_middle_of_a_run_loses_and_repeats_nothing,
     after_a_forget_the_broker_holds_only_blobs_whose_key_is_gone,
+    no_user_stream_publishes_where_another_category_or_a_system_stream_does,
 );
 
 mod postgres_only {
@@ -162,6 +163,12 @@ impl Broker {
 
     /// A durable pull consumer from the stream's first message on.
     async fn consumer(&self, name: &str) -> PullConsumer {
+        self.consumer_of(name, "").await
+    }
+
+    /// [`Broker::consumer`] of the messages whose subject matches `filter`
+    /// (`""`: every one).
+    async fn consumer_of(&self, name: &str, filter: &str) -> PullConsumer {
         self.js
             .get_stream(self.stream())
             .await
@@ -171,6 +178,7 @@ impl Broker {
                 pull::Config {
                     durable_name: Some(name.into()),
                     ack_policy: AckPolicy::Explicit,
+                    filter_subject: filter.into(),
                     ..Default::default()
                 },
             )
@@ -359,7 +367,7 @@ async fn every_committed_event_is_published_once_in_position_order(backend: Back
             format!("{p}.accounts.MoneyDeposited"),
             format!("{p}.accounts.MoneyDeposited"),
             format!("{p}.accounts.MoneyDeposited"),
-            format!("{p}.ledger.Fee_Charged"),
+            format!("{p}.ledger.Fee_2ECharged"),
             format!("{p}.payments.MoneyDeposited"),
         ]
     );
@@ -719,7 +727,7 @@ async fn after_a_forget_the_broker_holds_only_blobs_whose_key_is_gone(backend: B
     let ledger = &got[3];
     assert_eq!(
         ledger.subject,
-        format!("{}._subjects.SubjectForgotten", broker.prefix())
+        format!("{}._24subjects.SubjectForgotten", broker.prefix())
     );
     assert_eq!(ledger.body["stream_id"], "$subjects");
     assert_eq!(ledger.body["data"]["subject"], "cust-1");
@@ -732,7 +740,68 @@ async fn after_a_forget_the_broker_holds_only_blobs_whose_key_is_gone(backend: B
     keystore.close().await;
 }
 
-async fn key_exists(keystore: &Db, key_id: &str) -> bool {
+/// Subjects are one-to-one: `_subjects` (a user stream) no longer publishes
+/// where `$subjects` does, so it cannot forge the `SubjectForgotten`
+/// messages read models obey; `a.b-1` and `a_b-1` no longer share a
+/// category. A consumer of the system stream's subjects gets the real
+/// forget alone. (And a nested value in a clear field, personal, goes out
+/// sealed.)
+async fn no_user_stream_publishes_where_another_category_or_a_system_stream_does(backend: Backend) {
+    let broker = Broker::new().await;
+    let env = TestEnv::new(&backend).await;
+    env.set_nats(Some(broker.target.clone()));
+    let app = TestApp::start(env.clone()).await;
+    let forged: Value = serde_json::json!({"type": "SubjectForgotten",
+        "data": {"subject": "cust-2", "keys_destroyed": 1, "events_affected": 1}});
+    app.append_ok("_subjects", &batch(vec![forged])).await;
+    let t = || serde_json::json!({"type": "T", "data": {"n": 1}});
+    app.append_ok("a.b-1", &batch(vec![t()])).await;
+    app.append_ok("a_b-1", &batch(vec![t()])).await;
+    let nested: Value = serde_json::json!({"type": "MoneyDeposited", "subject": "cust-1",
+        "data": {"account": {"holder": "Jane Roe"}, "amount": "1.00", "currency": "EUR"}});
+    app.append_ok("accounts-1", &batch(vec![nested])).await;
+    let dpo = env.add_principal("dpo", &["dpo"]).await;
+    crate::forget::forget_ok(&app, &dpo, "cust-1").await;
+
+    broker.wait_until_stored(5).await;
+    let got = drain(&broker.consumer("reader").await).await;
+    assert_eq!(positions(&got), [1, 2, 3, 4, 5]);
+    let p = broker.prefix();
+    let subjects: Vec<&str> = got.iter().map(|r| r.subject.as_str()).collect();
+    assert_eq!(
+        subjects,
+        [
+            format!("{p}.__subjects.SubjectForgotten"),
+            format!("{p}.a_2Eb.T"),
+            format!("{p}.a__b.T"),
+            format!("{p}.accounts.MoneyDeposited"),
+            format!("{p}._24subjects.SubjectForgotten"),
+        ]
+    );
+    assert_no_personal_value(&got);
+    assert_eq!(
+        got[3].body["data"],
+        serde_json::json!({"amount": "1.00", "currency": "EUR"})
+    );
+    assert!(got[3].body["sealed"].is_string());
+
+    // What a read model following the forgets receives.
+    let forgets = drain(
+        &broker
+            .consumer_of("forgets", &format!("{p}._24subjects.>"))
+            .await,
+    )
+    .await;
+    assert_eq!(forgets.len(), 1);
+    assert_eq!(forgets[0].body["stream_id"], "$subjects");
+    assert_eq!(forgets[0].body["data"]["subject"], "cust-1");
+    let categories = drain(&broker.consumer_of("a_b", &format!("{p}.a__b.>")).await).await;
+    assert_eq!(categories.len(), 1);
+    assert_eq!(categories[0].body["stream_id"], "a_b-1");
+    app.stop().await;
+}
+
+pub async fn key_exists(keystore: &Db, key_id: &str) -> bool {
     let q = "select count(*) from deks where key_id = $1";
     let n: i64 = match keystore {
         Db::Sqlite(p) => sqlx::query_scalar(q).bind(key_id).fetch_one(p).await,
