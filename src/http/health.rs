@@ -10,7 +10,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use crate::service::LedgerState;
+use crate::service::{KeyCheck, LedgerState};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -101,10 +101,19 @@ struct Readiness {
     /// or `failed`.
     #[schema(value_type = String, pattern = "^(reapplying|applied|failed)$")]
     forget_ledger: &'static str,
+    /// The start-up check that the keystore holds every data key the event
+    /// store refers to: `checking`, `ok`, or `missing` (the service does not
+    /// become ready; see the log).
+    #[schema(value_type = String, pattern = "^(checking|ok|missing)$")]
+    data_keys: &'static str,
+    /// With `missing`: how many.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    missing_data_keys: Option<u64>,
 }
 
-/// Ready when the forget ledger has been re-applied at start and both the
-/// event store and the keystore answer; the body says which part is not.
+/// Ready when the forget ledger has been re-applied at start, the keystore
+/// holds every data key the event store refers to, and both the event store
+/// and the keystore answer; the body says which part is not.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -116,9 +125,10 @@ struct Readiness {
 )]
 async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Readiness>) {
     let ledger = *state.ledger.borrow();
+    let keys = *state.data_keys.borrow();
     let events = state.store.db.ping().await.is_ok();
     let keystore = state.keys.keystore().db.ping().await.is_ok();
-    let ready = events && keystore && ledger == LedgerState::Applied;
+    let ready = events && keystore && ledger == LedgerState::Applied && keys == KeyCheck::Complete;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -132,6 +142,11 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Readin
             event_store: word(events),
             keystore: word(keystore),
             forget_ledger: ledger.as_str(),
+            data_keys: keys.as_str(),
+            missing_data_keys: match keys {
+                KeyCheck::Missing(n) => Some(n),
+                _ => None,
+            },
         }),
     )
 }

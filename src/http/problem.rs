@@ -47,6 +47,11 @@ pub enum ApiError {
     TooManyConnections,
     #[error("integrity check failed")]
     Integrity,
+    /// A data key the event store refers to is missing from the keystore.
+    #[error(
+        "a data key this data needs is missing from the keystore (its subject was not forgotten); nothing was disclosed"
+    )]
+    KeyMissing,
     #[error("internal error")]
     Internal,
     #[error("{0}")]
@@ -96,7 +101,9 @@ impl ApiError {
             Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Integrity | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Integrity | Self::KeyMissing | Self::Internal => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             Self::Unavailable(_) | Self::Starting => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -122,6 +129,7 @@ impl ApiError {
             Self::RequestTimeout(_) => "request-timeout",
             Self::TooManyConnections => "too-many-connections",
             Self::Integrity => "integrity-failure",
+            Self::KeyMissing => "key-missing",
             Self::Internal => "internal-error",
             Self::Unavailable(_) => "unavailable",
             Self::Starting => "starting",
@@ -246,6 +254,8 @@ impl From<ServiceError> for ApiError {
                 );
                 Self::Integrity
             }
+            // Logged (position and key id) and counted where it was found.
+            ServiceError::KeyMissing { .. } => Self::KeyMissing,
             ServiceError::Unavailable => Self::Unavailable("the service is shutting down"),
             ServiceError::Key(crate::keys::KeyError::Store(StoreError::Busy(why)))
             | ServiceError::Store(StoreError::Busy(why)) => {

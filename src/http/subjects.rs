@@ -3,7 +3,7 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
@@ -12,6 +12,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::Caller;
+use super::body::OptionalJsonBody;
 use super::openapi::SubjectPath;
 use super::problem::ApiError;
 use super::views::{Event, EventView, json_response, rfc3339};
@@ -39,6 +40,10 @@ enum StateName {
     Active,
     /// Forgotten: keys destroyed, personal data erased.
     Forgotten,
+    /// Being forgotten: personal data erased for every reader, the keys not
+    /// all destroyed yet (the keystore did not answer); the service
+    /// finishes by itself.
+    Forgetting,
     /// Never seen.
     Unknown,
 }
@@ -60,6 +65,7 @@ fn state_name(s: SubjectState) -> StateName {
     match s {
         SubjectState::Active => StateName::Active,
         SubjectState::Forgotten => StateName::Forgotten,
+        SubjectState::Forgetting => StateName::Forgetting,
         SubjectState::Unknown => StateName::Unknown,
     }
 }
@@ -90,7 +96,8 @@ async fn export(
     let until = state.events.head_position().await?;
     let (s, count) = state.events.subject_state(subject.as_str(), until).await?;
     // A forgotten subject's events are erased on every read path (the
-    // ledger is checked per page), so only an active one discloses.
+    // ledger is checked per page), so only an active one discloses
+    // (`forgetting` is forgotten for every reader too).
     caller
         .audit
         .disclosed(count, s == SubjectState::Active && count > 0);
@@ -221,14 +228,26 @@ struct ForgetBody {
 struct ForgetView<'a> {
     #[schema(value_type = String)]
     subject: &'a str,
+    /// `forgotten` (200): every step has run. `forgetting` (202): recorded,
+    /// so erased for every reader, but the keys are not all destroyed yet
+    /// (the keystore did not answer); the service finishes by itself, and
+    /// `GET /subjects/{subject}` says `forgotten` once it has.
+    #[schema(value_type = String, pattern = "^(forgotten|forgetting)$")]
+    state: StateName,
     #[schema(format = DateTime)]
     forgotten_at: String,
+    /// Data keys of the subject destroyed by its forget, over all attempts
+    /// (while `forgetting`: those whose destruction is recorded so far).
     keys_destroyed: u64,
     events_affected: u64,
 }
 
 /// Forgets a subject: destroys its keys (crypto-shredding), so its personal
-/// data is erased everywhere. Idempotent. Needs `forget`.
+/// data is erased everywhere. Idempotent. Needs `forget`. Once the forget is
+/// recorded the subject reads `erased` for everyone: if its keys cannot be
+/// destroyed at once (the keystore does not answer) the answer is 202
+/// `forgetting`, and the service finishes by itself; 503 only when the
+/// forget could not be recorded.
 #[utoipa::path(
     post,
     path = "/subjects/{subject}/forget",
@@ -239,25 +258,24 @@ struct ForgetView<'a> {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Forgotten (now or before)", body = ForgetView),
+        (status = 202, description = "Recorded: erased for every reader; the keys are destroyed \
+            as soon as the keystore answers (`state`: `forgetting`)", body = ForgetView),
     )
 )]
 async fn forget(
     State(state): State<AppState>,
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
-    body: Bytes,
+    request: Request,
 ) -> Result<Response, ApiError> {
+    // Before a byte of the body is read: a caller without the permission
+    // gets its 403 whatever it sends.
     caller.require(Permission::Forget, None)?;
     let subject = path_id(path, Subject::parse)?;
-    let reason = if body.iter().all(u8::is_ascii_whitespace) {
-        None
-    } else {
-        // `null` is no body too.
-        serde_json::from_slice::<Option<ForgetBody>>(&body)
-            .map_err(|e| ApiError::BadRequest(format!("body: {e}")))?
-            .and_then(|b| b.reason)
-    };
-    let reason = plain_text("reason", reason)?;
+    // No body, an empty one or `null`: no reason.
+    let OptionalJsonBody(body) =
+        OptionalJsonBody::<ForgetBody>::from_request(request, &state).await?;
+    let reason = plain_text("reason", body.and_then(|b| b.reason))?;
     if reason
         .as_ref()
         .is_some_and(|r| r.chars().count() > MAX_REASON_CHARS)
@@ -278,10 +296,15 @@ async fn forget(
     if recorded {
         caller.audit.mark_recorded();
     }
+    let status = match report.state {
+        SubjectState::Forgetting => StatusCode::ACCEPTED,
+        _ => StatusCode::OK,
+    };
     Ok(json_response(
-        StatusCode::OK,
+        status,
         &ForgetView {
             subject: subject.as_str(),
+            state: state_name(report.state),
             forgotten_at: rfc3339(report.forgotten_at_us),
             keys_destroyed: report.keys_destroyed,
             events_affected: report.events_affected,

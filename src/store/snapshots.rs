@@ -1,5 +1,6 @@
 //! Snapshots: one per stream, the newest a client saved.
 
+use super::data_keys::{Conn, KeyRef, register_key_refs};
 use super::{EventStore, StoreError, now_us, on_db};
 
 /// A snapshot as stored: the state in clear (`state`) when it has no
@@ -53,9 +54,7 @@ impl EventStore {
         s: NewSnapshot<'_>,
     ) -> Result<Result<(), SnapshotRefusal>, StoreError> {
         let version = i64::try_from(s.version).unwrap_or(i64::MAX);
-        let written = on_db!(&self.db, |pool| {
-            sqlx::query(
-                "insert into snapshots (stream_id, version, subject, key_id, state, sealed, recorded_at)
+        const SAVE: &str = "insert into snapshots (stream_id, version, subject, key_id, state, sealed, recorded_at)
                  select $1, $2, $3, $4, $5, $6, $7
                  where exists (select 1 from streams where stream_id = $1 and version >= $2)
                    and not exists (select 1 from forgotten_subjects where subject = $3)
@@ -64,18 +63,34 @@ impl EventStore {
                  on conflict (stream_id) do update set
                    version = excluded.version, subject = excluded.subject, key_id = excluded.key_id,
                    state = excluded.state, sealed = excluded.sealed, recorded_at = excluded.recorded_at
-                 where excluded.version >= snapshots.version",
-            )
-            .bind(s.stream_id)
-            .bind(version)
-            .bind(s.subject)
-            .bind(s.key_id)
-            .bind(s.state.as_deref())
-            .bind(s.sealed.as_deref())
-            .bind(now_us())
-            .execute(pool)
+                 where excluded.version >= snapshots.version";
+        // The snapshot's key goes into the key registry in the snapshot's
+        // transaction (and stays out of it if nothing is written).
+        let refs: Vec<KeyRef<'_>> = match (s.key_id, s.subject) {
+            (Some(key_id), Some(subject)) => vec![KeyRef { key_id, subject }],
+            _ => vec![],
+        };
+        let written = on_db!(&self.db, |pool| {
+            async {
+                let mut tx = pool.begin().await?;
+                let written = sqlx::query(SAVE)
+                    .bind(s.stream_id)
+                    .bind(version)
+                    .bind(s.subject)
+                    .bind(s.key_id)
+                    .bind(s.state.as_deref())
+                    .bind(s.sealed.as_deref())
+                    .bind(now_us())
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if written > 0 {
+                    register_key_refs(Conn::from(&mut *tx), &refs).await?;
+                    tx.commit().await?;
+                }
+                Ok::<_, StoreError>(written)
+            }
             .await
-            .map(|r| r.rows_affected())
         })?;
         if written > 0 {
             return Ok(Ok(()));

@@ -9,7 +9,6 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use eventvault::app::{Application, Config, Progress};
-use eventvault::service::LedgerState;
 use reqwest::{Response, StatusCode};
 use serde_json::{Value, json};
 use sqlx::Connection as _;
@@ -288,6 +287,8 @@ pub struct TestEnv {
     pub nats: Mutex<Option<NatsTarget>>,
     /// How long a request waits for a store that does not answer.
     pub store_timeout: Mutex<std::time::Duration>,
+    /// Whether the next start accepts missing data keys.
+    pub accept_missing_keys: Mutex<bool>,
 }
 
 /// A NATS server, JetStream stream and subject prefix for the relay.
@@ -350,6 +351,7 @@ impl TestEnv {
             idle_timeout: Mutex::new(std::time::Duration::from_secs(60)),
             nats: Mutex::new(None),
             store_timeout: Mutex::new(eventvault::store::DEFAULT_STORE_TIMEOUT),
+            accept_missing_keys: Mutex::new(false),
         })
     }
 
@@ -391,6 +393,7 @@ impl TestEnv {
                 || eventvault::relay::DEFAULT_SUBJECT_PREFIX.into(),
                 |n| n.subject_prefix.clone(),
             ),
+            accept_missing_keys: *self.accept_missing_keys.lock().unwrap(),
         }
     }
 
@@ -487,21 +490,18 @@ impl TestApp {
         app
     }
 
-    /// Waits until the application has re-applied the forget ledger (and so
-    /// serves data); fails the test if the re-apply failed or took longer
-    /// than a minute.
+    /// Waits until the application has re-applied the forget ledger and
+    /// checked the data keys (and so serves data); fails the test if either
+    /// failed or took longer than a minute.
     pub async fn ready(&self) {
-        let mut ledger = self.progress().ledger;
-        let state = tokio::time::timeout(
-            Duration::from_secs(60),
-            ledger.wait_for(|s| *s != LedgerState::Reapplying),
-        )
-        .await
-        .expect("the forget ledger is re-applied within a minute")
-        .map(|s| *s);
+        let mut progress = self.progress();
+        let state = tokio::time::timeout(Duration::from_secs(60), progress.ready())
+            .await
+            .expect("the application is ready or refuses within a minute");
         match state {
-            Ok(LedgerState::Applied) => {}
-            _ => {
+            Ok(()) => {}
+            Err(why) => {
+                eprintln!("not ready: {why}");
                 // The service stops; its error says why.
                 let task = self.task.lock().await.take();
                 let outcome = match task {

@@ -11,6 +11,8 @@ mod balances;
 mod concurrency;
 mod crash;
 mod forget;
+mod forget_faults;
+mod keyloss;
 mod keys;
 mod limits;
 mod metrics;
