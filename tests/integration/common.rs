@@ -255,6 +255,13 @@ pub fn with_database(url: &str, db: &str) -> String {
     }
 }
 
+/// Replaces the user of a PostgreSQL URL (`postgres://user@host/db`).
+pub fn with_user(url: &str, user: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
+    let host = rest.split_once('@').map_or(rest, |(_, h)| h);
+    format!("{scheme}://{user}@{host}")
+}
+
 /// The storage of one test: databases, master key, policies. Survives
 /// restarts of the application; cleaned up when dropped.
 pub struct TestEnv {
@@ -289,6 +296,9 @@ pub struct TestEnv {
     pub store_timeout: Mutex<std::time::Duration>,
     /// Whether the next start accepts missing data keys.
     pub accept_missing_keys: Mutex<bool>,
+    /// PostgreSQL: the role the application connects to both databases as
+    /// (`None`: the owner the databases were made with).
+    pub serving_role: Mutex<Option<String>>,
 }
 
 /// A NATS server, JetStream stream and subject prefix for the relay.
@@ -352,6 +362,7 @@ impl TestEnv {
             nats: Mutex::new(None),
             store_timeout: Mutex::new(eventvault::store::DEFAULT_STORE_TIMEOUT),
             accept_missing_keys: Mutex::new(false),
+            serving_role: Mutex::new(None),
         })
     }
 
@@ -361,10 +372,15 @@ impl TestEnv {
 
     pub fn config(&self) -> Config {
         let nats = self.nats.lock().unwrap().clone();
+        let role = self.serving_role.lock().unwrap().clone();
+        let as_role = |url: &str| match &role {
+            Some(r) => with_user(url, r),
+            None => url.to_owned(),
+        };
         Config {
             listen: "127.0.0.1:0".parse().unwrap(),
-            database_url: self.database_url.clone(),
-            keystore_url: self.keystore_url.clone(),
+            database_url: as_role(&self.database_url),
+            keystore_url: as_role(&self.keystore_url),
             master_key_file: self.master_key_file(),
             master_key: None,
             policies_dir: self.policies.lock().unwrap().clone(),

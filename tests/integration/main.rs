@@ -19,6 +19,7 @@ mod metrics;
 mod openapi;
 mod read;
 mod relay;
+mod roles;
 mod snapshots;
 mod startup;
 mod subscribe;
