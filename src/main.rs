@@ -486,6 +486,11 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             if cfg.database_url == cfg.keystore_url {
                 return Err("the keystore must be a separate database from the event store".into());
             }
+            let postgres =
+                |url: &str| url.starts_with("postgres:") || url.starts_with("postgresql:");
+            if grant_to.is_some() && !(postgres(&cfg.database_url) && postgres(&cfg.keystore_url)) {
+                return Err(eventvault::store::StoreError::NoRoles.into());
+            }
             let policies = eventvault::policy::Policies::load(&cfg.policies_dir)?;
             let mut admin = None;
             for (url, purpose) in [

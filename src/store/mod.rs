@@ -74,6 +74,11 @@ pub enum StoreError {
         role: String,
         detail: String,
     },
+    /// Roles asked of SQLite, which has none.
+    #[error(
+        "SQLite has no database roles: --grant-to applies to PostgreSQL only (on SQLite, the files' owner and modes are the boundary)"
+    )]
+    NoRoles,
     /// `eventvault migrate` by a role that may not create or change the
     /// schema.
     #[error(
@@ -401,9 +406,7 @@ impl Db {
     /// owner after the migrations.
     pub async fn grant_serving_role(&self, purpose: Purpose, role: &str) -> Result<(), StoreError> {
         let Db::Postgres(pool) = self else {
-            return Err(StoreError::Corrupt(
-                "--grant-to applies to PostgreSQL only: SQLite has no roles (protect its files instead)".into(),
-            ));
+            return Err(StoreError::NoRoles);
         };
         let database: String = sqlx::query_scalar("select current_database()")
             .fetch_one(pool)
@@ -864,6 +867,30 @@ mod tests {
             Some(Fault::Unreachable)
         );
         assert_eq!(sqlx_fault(&sqlx::Error::RowNotFound), None);
+    }
+
+    #[test]
+    fn grants_split_into_statements_and_names_are_quoted() {
+        for purpose in [Purpose::Events, Purpose::Keystore] {
+            let statements = sql_statements(purpose.postgres_grants());
+            assert!(statements.len() >= 4, "{statements:?}");
+            for s in &statements {
+                assert!(s.starts_with("grant "), "{s}");
+                assert!(s.contains(":\"role\""), "{s}");
+                assert!(!s.contains("--"), "{s}");
+            }
+        }
+        // No grant of what history must never have.
+        let events = sql_statements(Purpose::Events.postgres_grants()).join("\n");
+        for line in events.lines().filter(|l| {
+            l.contains(" events ") || l.contains(" audit_log ") || l.contains("forgotten_subjects")
+        }) {
+            for word in ["update", "delete", "truncate"] {
+                assert!(!line.contains(word), "{line}");
+            }
+        }
+        assert_eq!(quote_ident("app"), "\"app\"");
+        assert_eq!(quote_ident("a\"b; drop"), "\"a\"\"b; drop\"");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! triggers that guard it, and still runs the whole service. As that role,
 //! `serve` checks the migrations instead of running them, and says what to
 //! do when they are missing. (SQLite has no roles: its files are the
-//! boundary, 0600 in 0700 directories.)
+//! boundary, 0600 in 0700 directories; `migrate` works on both.)
 
 use std::sync::Arc;
 
@@ -16,12 +16,15 @@ use uuid::Uuid;
 
 use crate::access::{audit_records, call, get};
 use crate::at_rest::{events_db, exec, key_ids_of, keystore_db};
+use crate::both_backends;
 use crate::common::{
-    Backend, TestApp, TestEnv, batch, deposit, log_has_line_with, pg_admin_url, run_ok,
+    Backend, TestApp, TestEnv, batch, deposit, log_has_line_with, pg_admin_url, run, run_ok,
     with_database, with_user,
 };
 use crate::relay::{Broker, wait_for_checkpoint};
 use crate::subscribe::Subscriber;
+
+both_backends!(migrate_prepares_both_databases_and_the_first_principal);
 
 mod postgres_only {
     // Roles are PostgreSQL's.
@@ -307,4 +310,34 @@ async fn as_the_serving_role_serve_checks_the_migrations_instead_of_running_them
     assert!(!out.status.success());
     assert!(stderr.contains("not applied"), "{stderr}");
     let _ = role;
+}
+
+async fn migrate_prepares_both_databases_and_the_first_principal(backend: Backend) {
+    let env = TestEnv::new(&backend).await;
+    let out = run_ok(&env, &["migrate"]).await;
+    assert!(
+        out.contains("migrated the event store and the keystore"),
+        "{out}"
+    );
+    let token = out.lines().last().unwrap();
+    assert!(token.starts_with("evt_"), "the admin token, last: {out}");
+    env.set_token(token);
+    // Again: nothing to do, no second admin.
+    let again = run_ok(&env, &["migrate"]).await;
+    assert!(!again.contains("evt_"), "{again}");
+    // `serve` finds the schema and the principal made.
+    let app = TestApp::start(env.clone()).await;
+    app.append_ok(
+        "accounts-1",
+        &batch(vec![deposit(Uuid::new_v4(), "cust-1", "1.00")]),
+    )
+    .await;
+    app.stop().await;
+    // Roles: PostgreSQL's alone, and only existing ones.
+    let (ok, _, err) = run(&env, &["migrate", "--grant-to", "no_such_role_at_all"]).await;
+    assert!(!ok);
+    match backend {
+        Backend::Sqlite => assert!(err.contains("SQLite has no database roles"), "{err}"),
+        Backend::Postgres(_) => assert!(err.contains("does not exist"), "{err}"),
+    }
 }
