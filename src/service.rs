@@ -305,24 +305,15 @@ impl PendingForgets {
         self.counted(n);
     }
 
-    /// Up to `n` pending subjects after `after` in name order, wrapping
-    /// round to the first.
-    fn next(&self, after: &str, n: usize) -> Vec<String> {
+    /// The pending subject after `after` in name order, wrapping round to
+    /// the first.
+    fn next(&self, after: &str) -> Option<String> {
+        use std::ops::Bound::{Excluded, Unbounded};
         let s = self.subjects.lock().expect("pending lock");
-        let mut out: Vec<String> = s
-            .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
-            .take(n)
+        s.range::<str, _>((Excluded(after), Unbounded))
+            .next()
+            .or_else(|| s.iter().next())
             .cloned()
-            .collect();
-        if out.len() < n {
-            out.extend(
-                s.iter()
-                    .take_while(|x| x.as_str() <= after)
-                    .take(n - out.len())
-                    .cloned(),
-            );
-        }
-        out
     }
 }
 
@@ -656,80 +647,63 @@ impl Events {
     }
 
     /// Finishes, in the background, every forget whose later steps failed
-    /// after its ledger entry was recorded, until `stop` turns `true`. Each
-    /// is tried again after a wait that doubles from 100 ms up to 5 s while
-    /// the stores do not answer (a fault of a store stops the round at once:
-    /// the others would meet it too), and at once after one succeeds;
-    /// finished ones are audited as `subject.forget.resume`, like those the
-    /// start completes. Cancelling it at any point is safe: every step is
-    /// idempotent, and the next start completes what is left.
+    /// after its ledger entry was recorded, until `stop` turns `true`. The
+    /// pending subjects are taken in turn, round-robin; after a failure the
+    /// next attempt waits, 100 ms at first and twice as long after each
+    /// failure in a row, at most 5 s, so that a keystore that does not
+    /// answer costs one attempt (and one log line) per wait, and the
+    /// forgets go on within 5 s of its return; after a success the next one
+    /// follows at once. A subject that keeps failing does not hold up the
+    /// others: each attempt moves past it. Finished forgets are audited as
+    /// `subject.forget.resume`, like those the start completes. Cancelling
+    /// it at any point is safe: every step is idempotent, and the next
+    /// start completes what is left.
     pub async fn complete_pending_forgets(self, mut stop: watch::Receiver<bool>) {
-        /// Subjects taken per round.
-        const ROUND: usize = 100;
         let mut wait = FORGET_RETRY_FIRST;
         let mut cursor = String::new();
         loop {
             if *stop.borrow_and_update() {
                 return;
             }
-            let round = self.forgets.next(&cursor, ROUND);
-            if round.is_empty() {
+            let Some(subject) = self.forgets.next(&cursor) else {
                 tokio::select! {
                     () = self.forgets.wake.notified() => continue,
                     _ = stop.changed() => return,
                 }
-            }
-            let mut failed = false;
-            for subject in &round {
-                let attempt = async {
-                    let _turn = self.forgets.turn(subject).await;
-                    self.carry_out(subject, Self::resume_record(subject)).await
-                };
-                let outcome = tokio::select! {
-                    r = attempt => r,
-                    _ = stop.changed() => return,
-                };
-                match outcome {
-                    Ok(_) => {
-                        cursor.clone_from(subject);
-                        self.forgets.done(subject);
-                        tracing::info!(
-                            "finished a recorded forget whose keys could not be destroyed before"
-                        );
-                    }
-                    Err(e) => {
-                        self.metrics.forget_retried();
-                        failed = true;
-                        let fault = match &e {
-                            ServiceError::Key(KeyError::Store(s)) | ServiceError::Store(s) => {
-                                s.fault().is_some()
-                            }
-                            _ => false,
-                        };
-                        tracing::warn!(
-                            error = %e,
-                            retry_in_ms = wait.as_millis() as u64,
-                            pending = *self.forgets.count.borrow(),
-                            "a recorded forget cannot be finished yet; retrying"
-                        );
-                        // A store that does not answer: the round stops
-                        // here and starts again with this subject. Any
-                        // other failure is this subject's: the others go on.
-                        if fault {
-                            break;
-                        }
-                        cursor.clone_from(subject);
-                    }
+            };
+            cursor.clone_from(&subject);
+            let attempt = async {
+                let _turn = self.forgets.turn(&subject).await;
+                self.carry_out(&subject, Self::resume_record(&subject))
+                    .await
+            };
+            let outcome = tokio::select! {
+                r = attempt => r,
+                _ = stop.changed() => return,
+            };
+            match outcome {
+                Ok(_) => {
+                    self.forgets.done(&subject);
+                    wait = FORGET_RETRY_FIRST;
+                    tracing::info!(
+                        pending = *self.forgets.count.borrow(),
+                        "finished a recorded forget whose keys could not be destroyed before"
+                    );
                 }
-            }
-            if failed {
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    _ = stop.changed() => return,
+                Err(e) => {
+                    self.metrics.forget_retried();
+                    tracing::warn!(
+                        error = %e,
+                        retry_in_ms = wait.as_millis() as u64,
+                        pending = *self.forgets.count.borrow(),
+                        "a recorded forget cannot be finished yet; retrying"
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        _ = stop.changed() => return,
+                    }
+                    wait = (wait * 2).min(FORGET_RETRY_MAX);
                 }
-                wait = (wait * 2).min(FORGET_RETRY_MAX);
-            } else {
-                wait = FORGET_RETRY_FIRST;
             }
         }
     }
