@@ -129,6 +129,7 @@ call 200 "${ADMIN[@]}" "$URL/streams/accounts-ACC-1/snapshot"
 
 # readme: subjects
 # State and event count: {"subject":"cust-42","state":"active","events":3}
+# (states: active, forgetting, forgotten, unknown)
 call 200 "${DPO[@]}" "$URL/subjects/cust-42"
 
 # Everything stored about the subject (GDPR Art. 15 and 20), decrypted: its events
@@ -138,7 +139,9 @@ call 200 "${DPO[@]}" "$URL/subjects/cust-42/export"
 
 # Right to erasure (Art. 17): destroy the subject's keys (crypto-shredding)
 call 200 "${DPO[@]}" "${JSON[@]}" "$URL/subjects/cust-42/forget" -d '{"reason":"ticket 4711"}'
-# {"subject":"cust-42","forgotten_at":"…","keys_destroyed":1,"events_affected":3}
+# {"subject":"cust-42","state":"forgotten","forgotten_at":"…","keys_destroyed":1,"events_affected":3}
+# (202 with "state":"forgetting" if the keystore does not answer: recorded, and the
+# keys are destroyed as soon as it does)
 
 # For everyone now: cust-42's events are "erased" (the amounts stay), cust-7's
 # still decrypt, the snapshot is erased, and appends about cust-42 are refused

@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::policy::{Policies, PolicyError};
 use crate::principals::{PrincipalError, Principals};
 use crate::relay::{RelayConfig, RelayConfigError};
-use crate::service::{Events, LedgerState, ServiceError};
+use crate::service::{Events, KeyCheck, LedgerState, ServiceError};
 use crate::store::feed::{self, Feed};
 use crate::store::keystore::Keystore;
 use crate::store::writer::Writer;
@@ -99,6 +99,10 @@ pub struct Config {
     pub nats_stream: String,
     /// First token(s) of the relay's subjects: `<prefix>.<category>.<type>`.
     pub nats_subject_prefix: String,
+    /// Accept the loss of data keys the start-up check finds missing from
+    /// the keystore (their events then read `lost`; recorded and audited)
+    /// instead of refusing to become ready.
+    pub accept_missing_keys: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -122,6 +126,7 @@ impl std::fmt::Debug for Config {
             )
             .field("nats_stream", &self.nats_stream)
             .field("nats_subject_prefix", &self.nats_subject_prefix)
+            .field("accept_missing_keys", &self.accept_missing_keys)
             .finish_non_exhaustive()
     }
 }
@@ -303,6 +308,39 @@ pub struct Progress {
     /// Requests without a valid token accounted for by the aggregate audit
     /// records committed so far (the sum of their counts).
     pub unauthenticated_aggregated: watch::Receiver<u64>,
+    /// Where the start-up check of the data keys stands.
+    pub data_keys: watch::Receiver<KeyCheck>,
+    /// Recorded forgets waiting to be finished in the background (as
+    /// `eventvault_forgets_pending`).
+    pub forgets_pending: watch::Receiver<usize>,
+}
+
+impl Progress {
+    /// Waits until the service serves data (`Ok`), or until it is clear it
+    /// will not: the re-apply of the forget ledger failed, or data keys are
+    /// missing (`Err` with what `/readyz` says).
+    pub async fn ready(&mut self) -> Result<(), String> {
+        let ledger = self
+            .ledger
+            .wait_for(|s| *s != LedgerState::Reapplying)
+            .await
+            .map(|s| *s)
+            .map_err(|_| "the service stopped".to_owned())?;
+        if ledger != LedgerState::Applied {
+            return Err(format!("forget_ledger: {}", ledger.as_str()));
+        }
+        let keys = self
+            .data_keys
+            .wait_for(|s| *s != KeyCheck::Checking)
+            .await
+            .map(|s| *s)
+            .map_err(|_| "the service stopped".to_owned())?;
+        match keys {
+            KeyCheck::Complete => Ok(()),
+            KeyCheck::Missing(n) => Err(format!("data_keys: {n} missing")),
+            KeyCheck::Checking => unreachable!("waited for another state"),
+        }
+    }
 }
 
 pub struct Application {
@@ -319,6 +357,11 @@ pub struct Application {
     /// Where the re-apply of the forget ledger stands; the HTTP layer holds
     /// the receiving end and serves no data before it is `Applied`.
     ledger: watch::Sender<LedgerState>,
+    /// Where the start-up check of the data keys stands; no data is served
+    /// before it is `Complete`.
+    data_keys: watch::Sender<KeyCheck>,
+    /// Accept the loss of missing data keys (`--accept-missing-keys`).
+    accept_missing_keys: bool,
 }
 
 impl Application {
@@ -356,6 +399,12 @@ impl Application {
         // The forget ledger is re-applied by `run_until`, while the listener
         // answers: until then no data route serves (see `http::starting`).
         let (ledger, ledger_rx) = watch::channel(LedgerState::Reapplying);
+        let (data_keys, data_keys_rx) = watch::channel(KeyCheck::Checking);
+        if !keys.keystore().can_vacuum().await? {
+            tracing::warn!(
+                "the keystore's database role may not VACUUM deks (it is not the table's owner; PostgreSQL 17 and later: grant it MAINTAIN): after a forget, PostgreSQL leaves the deleted keys' rows to autovacuum"
+            );
+        }
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         let state = AppState {
             events,
@@ -386,6 +435,7 @@ impl Application {
             )),
             metrics,
             ledger: ledger_rx,
+            data_keys: data_keys_rx,
         };
         let listener = TcpListener::bind(cfg.listen)
             .await
@@ -408,6 +458,8 @@ impl Application {
             },
             relay,
             ledger,
+            data_keys,
+            accept_missing_keys: cfg.accept_missing_keys,
         })
     }
 
@@ -421,6 +473,8 @@ impl Application {
             subscriptions_open: self.state.metrics.subscriptions_open(),
             key_cache: self.state.keys.probe(),
             unauthenticated_aggregated: self.state.unauthenticated.aggregated(),
+            data_keys: self.data_keys.subscribe(),
+            forgets_pending: self.state.events.pending_forgets(),
         }
     }
 
@@ -454,6 +508,8 @@ impl Application {
             limits,
             relay,
             ledger,
+            data_keys,
+            accept_missing_keys,
             ..
         } = self;
         let store = state.store.clone();
@@ -471,7 +527,21 @@ impl Application {
             tokio::spawn(async move { gate.record_windows(events, windows_stop).await })
         };
         let mut ledger_failed = ledger.subscribe();
-        let reapply = tokio::spawn(reapply_ledger(state.events.clone(), ledger));
+        let reapply = tokio::spawn(start_up(
+            state.events.clone(),
+            ledger,
+            data_keys,
+            accept_missing_keys,
+        ));
+        // Forgets recorded while the keystore does not answer are finished
+        // in the background as soon as it does.
+        let (stop_completion, completion_stopped) = watch::channel(false);
+        let completion = tokio::spawn(
+            state
+                .events
+                .clone()
+                .complete_pending_forgets(completion_stopped),
+        );
         let metrics = state.metrics.clone();
         let app = router(state);
         tracing::info!(addr = %listener.local_addr()?, "eventvault listening");
@@ -506,9 +576,15 @@ impl Application {
         // the next start, and the task holds a writer handle.
         if !reapply.is_finished() {
             tracing::warn!(
-                "stopping before the forget ledger was re-applied; the next start re-applies it"
+                "stopping before the start-up work (forget ledger, data key check) was done; the next start does it again"
             );
             reapply.abort();
+        }
+        // Its handle on the writer must go before the writer can stop;
+        // what it had not finished, the next start finishes.
+        let _ = stop_completion.send(true);
+        if completion.await.is_err() {
+            tracing::error!("the background completion of forgets panicked");
         }
         let failure = match reapply.await {
             Ok(result) => result.err().map(StartError::Forget),
@@ -541,12 +617,25 @@ impl Application {
     }
 }
 
-/// Re-applies the forget ledger (a restored keystore must not bring a
-/// forgotten subject back, and an interrupted forget is finished) and says
-/// how it went on `ledger`.
-async fn reapply_ledger(
+/// What a start does before the service serves data: re-applies the forget
+/// ledger (a restored keystore must not bring a forgotten subject back, and
+/// an interrupted forget is finished), saying how it went on `ledger`; then
+/// checks that the keystore holds every data key the event store refers to,
+/// saying so on `data_keys`.
+async fn start_up(
     events: Events,
     ledger: watch::Sender<LedgerState>,
+    data_keys: watch::Sender<KeyCheck>,
+    accept_missing_keys: bool,
+) -> Result<(), ServiceError> {
+    reapply_ledger(&events, &ledger).await?;
+    check_data_keys(&events, &data_keys, accept_missing_keys).await;
+    Ok(())
+}
+
+async fn reapply_ledger(
+    events: &Events,
+    ledger: &watch::Sender<LedgerState>,
 ) -> Result<(), ServiceError> {
     match events.reapply_forgets().await {
         Ok(reapplied) => {
@@ -563,7 +652,7 @@ async fn reapply_ledger(
                 );
             }
             ledger.send_replace(LedgerState::Applied);
-            tracing::info!("forget ledger re-applied; eventvault is ready");
+            tracing::info!("forget ledger re-applied");
             Ok(())
         }
         Err(e) => {
@@ -572,6 +661,45 @@ async fn reapply_ledger(
             Err(e)
         }
     }
+}
+
+/// The start-up check of the data keys. A store that does not answer is
+/// asked again (the service stays not ready meanwhile). Missing keys leave
+/// the service running but never ready, the log saying how many (never
+/// which subjects), unless `accept` records their loss.
+async fn check_data_keys(events: &Events, data_keys: &watch::Sender<KeyCheck>, accept: bool) {
+    let mut wait = std::time::Duration::from_millis(500);
+    let found = loop {
+        match events.check_data_keys(accept).await {
+            Ok(found) => break found,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot check the data keys yet; eventvault is not ready");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    };
+    let missing = found.missing - found.accepted;
+    if found.accepted > 0 {
+        tracing::warn!(
+            keys = found.accepted,
+            "data keys the event store refers to are missing from the keystore; their loss is accepted (--accept-missing-keys, audited as keys.accept_missing): their events read \"lost\""
+        );
+    }
+    if missing > 0 {
+        tracing::error!(
+            keys = missing,
+            expected = found.expected,
+            "data keys the event store refers to are missing from the keystore (restored from a backup older than the event store's, or a replica that was behind?); eventvault does not become ready: restore a keystore backup taken after the event store's, or accept the loss with --accept-missing-keys"
+        );
+        data_keys.send_replace(KeyCheck::Missing(missing));
+        return;
+    }
+    data_keys.send_replace(KeyCheck::Complete);
+    tracing::info!(
+        keys = found.expected,
+        "every data key is in the keystore; eventvault is ready"
+    );
 }
 
 /// A future that completes on SIGINT or SIGTERM. The handlers are installed

@@ -262,6 +262,12 @@ pub enum PersonalData {
     Redacted,
     /// The subject was forgotten: personal fields are gone for everyone.
     Erased,
+    /// The data key is missing from the keystore (restored from a backup
+    /// older than the event store, or a replica that was behind) and an
+    /// operator accepted the loss (`serve --accept-missing-keys`): the
+    /// personal fields cannot be read. Not a forget: the subject was not
+    /// forgotten.
+    Lost,
     /// The event has no personal fields.
     None,
 }
@@ -272,6 +278,7 @@ impl PersonalData {
             Self::Decrypted => "decrypted",
             Self::Redacted => "redacted",
             Self::Erased => "erased",
+            Self::Lost => "lost",
             Self::None => "none",
         }
     }

@@ -104,6 +104,16 @@ pub fn load_master_key(env_value: Option<&str>, path: &Path) -> Result<(Kek, boo
     }
 }
 
+/// Where a forget records the ids of the data keys it destroys, durably and
+/// idempotently, before they are deleted (the event store implements it).
+pub trait DestructionLedger {
+    fn record_destroyed(
+        &self,
+        subject: &str,
+        key_ids: &[String],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
 /// The PostgreSQL channel on which a forget tells every process to evict.
 const EVICT_CHANNEL: &str = "eventvault_key_evictions";
 
@@ -392,7 +402,11 @@ impl KeyManager {
         Ok(key)
     }
 
-    /// The key with this id, or `None` when it no longer exists (destroyed).
+    /// The key with this id, or `None` when the keystore does not have it.
+    /// `None` is not the answer to a reader by itself: the key of a
+    /// forgotten subject is gone on purpose (`erased`), any other missing
+    /// key is an integrity failure of the stores (see
+    /// `service::Events::open_all`).
     pub async fn key_by_id(&self, key_id: &str) -> Result<Option<Arc<Dek>>, KeyError> {
         let cached = self
             .by_id
@@ -466,28 +480,50 @@ impl KeyManager {
         }
     }
 
-    /// Destroys every key of `subject`: deleted from the keystore, evicted
-    /// from this process's caches and (PostgreSQL keystore) announced to
-    /// every other process, and only then scrubbed from the keystore's files
-    /// (which may wait for readers). The scrub runs even when there was
-    /// nothing left to delete, so a retry after a failed scrub completes it.
-    /// Returns how many keys this call deleted.
-    pub async fn destroy_subject(&self, subject: &str) -> Result<u64, KeyError> {
-        let ids = self.keystore.delete_subject_keys(subject).await?;
+    /// Destroys every key of `subject`: each one is first recorded in
+    /// `ledger` (the event store, so that the count of a forget survives a
+    /// failure of any later step and its retry), then deleted from the
+    /// keystore, until none is left; then evicted from this process's
+    /// caches. With `scrub` (a forget) the eviction is also announced to
+    /// every other process (PostgreSQL keystore), and only then are the
+    /// deleted bytes scrubbed from the keystore's files (which may wait for
+    /// readers). The scrub runs even when there was nothing left to delete,
+    /// so a retry after a failed scrub completes it. Returns how many keys
+    /// this call deleted.
+    pub async fn destroy_subject(
+        &self,
+        subject: &str,
+        ledger: &impl DestructionLedger,
+        scrub: bool,
+    ) -> Result<u64, KeyError> {
+        /// Rounds of list, record, delete: a key made meanwhile (a racing
+        /// append, refused since the subject is in the forget ledger) is
+        /// taken by the next round; more rounds than this mean keys keep
+        /// coming, and the forget is retried later.
+        const ROUNDS: usize = 8;
+        let mut deleted = 0;
+        let mut left = true;
+        for _ in 0..ROUNDS {
+            let ids = self.keystore.subject_key_ids(subject).await?;
+            if ids.is_empty() {
+                left = false;
+                break;
+            }
+            ledger.record_destroyed(subject, &ids).await?;
+            deleted += self.keystore.delete_keys(subject, &ids).await?;
+        }
         self.evict(subject);
-        let payload = serde_json::json!({ "subject": subject }).to_string();
-        self.keystore.announce(EVICT_CHANNEL, &payload).await?;
-        self.keystore.scrub_deleted_keys().await?;
-        Ok(ids.len() as u64)
-    }
-
-    /// Deletes and evicts the keys of a forgotten subject that a refused
-    /// append made; they sealed nothing stored; no scrub, which a flood of
-    /// such appends could otherwise turn into a flood of checkpoints.
-    pub async fn discard_subject_keys(&self, subject: &str) -> Result<(), KeyError> {
-        self.keystore.delete_subject_keys(subject).await?;
-        self.evict(subject);
-        Ok(())
+        if left {
+            return Err(KeyError::Store(StoreError::Busy(
+                "new data keys of a forgotten subject kept appearing while its keys were deleted; the forget is retried",
+            )));
+        }
+        if scrub {
+            let payload = serde_json::json!({ "subject": subject }).to_string();
+            self.keystore.announce(EVICT_CHANNEL, &payload).await?;
+            self.keystore.scrub_deleted_keys().await?;
+        }
+        Ok(deleted)
     }
 
     /// Drops every cached key of `subject`, and keeps a fetch in flight

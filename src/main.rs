@@ -8,9 +8,8 @@ use clap::{Parser, Subcommand};
 use eventvault::app::{self, Application, Config};
 use eventvault::keys::rotate_master_key;
 use eventvault::principals::Principals;
-use eventvault::service::LedgerState;
 use eventvault::store::audit::{ChainReport, parse_expectation};
-use eventvault::store::{Db, EventStore};
+use eventvault::store::{Db, EventStore, Purpose};
 use zeroize::Zeroizing;
 
 /// The request path allocates and frees many small buffers (JSON, rows,
@@ -200,6 +199,25 @@ enum Command {
             default_value = eventvault::relay::DEFAULT_SUBJECT_PREFIX
         )]
         nats_subject_prefix: String,
+        /// Accept the loss of the data keys the start-up check finds missing
+        /// from the keystore (a keystore restored from a backup older than
+        /// the event store's): their events then read "lost", the loss is
+        /// recorded and audited, and the service becomes ready. Without it
+        /// the service does not become ready while keys are missing. Pass it
+        /// once, for a loss you have looked at, then remove it.
+        #[arg(long, env = "EVENTVAULT_ACCEPT_MISSING_KEYS")]
+        accept_missing_keys: bool,
+    },
+    /// Run the migrations of both databases and exit (as the owner of their
+    /// tables; `serve` as the owner does this by itself, `serve` as a
+    /// least-privilege role only checks them). On a first run with no
+    /// principal, creates the `admin` principal and prints its token once.
+    Migrate {
+        /// PostgreSQL: also grant this existing role the least privileges
+        /// eventvault serves with (migrations/postgres/grants/): no UPDATE,
+        /// DELETE or TRUNCATE on events, the audit log or the forget ledger.
+        #[arg(long)]
+        grant_to: Option<String>,
     },
     /// Manage principals (callers and their tokens).
     #[command(subcommand)]
@@ -230,6 +248,17 @@ enum BackupCommand {
         /// The file to write (it must not exist).
         #[arg(long)]
         to: PathBuf,
+    },
+    /// Both, in the order a restore needs: the event store first, then the
+    /// keystore, so the keystore's copy holds every key the events' copy
+    /// refers to.
+    All {
+        /// The file for the event store (it must not exist).
+        #[arg(long)]
+        events_to: PathBuf,
+        /// The file for the keystore (it must not exist; keep it apart).
+        #[arg(long)]
+        keystore_to: PathBuf,
     },
 }
 
@@ -367,6 +396,7 @@ fn config(cli: &Cli, listen: SocketAddr, max_body_bytes: usize, key_cache: usize
         nats_url: None,
         nats_stream: eventvault::relay::DEFAULT_STREAM.into(),
         nats_subject_prefix: eventvault::relay::DEFAULT_SUBJECT_PREFIX.into(),
+        accept_missing_keys: false,
     }
 }
 
@@ -399,9 +429,11 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             nats_url,
             nats_stream,
             nats_subject_prefix,
+            accept_missing_keys,
             ..
         } => {
             let cfg = Config {
+                accept_missing_keys: *accept_missing_keys,
                 // An empty EVENTVAULT_NATS_URL means no relay, as unset does.
                 nats_url: nats_url.clone().filter(|url| !url.trim().is_empty()),
                 nats_stream: nats_stream.clone(),
@@ -422,15 +454,12 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 "eventvault listening on http://{}",
                 application.local_addr()
             );
-            // Data is served once the forget ledger is re-applied; the line
-            // says so to whoever started the process (as `/readyz` does).
-            let mut ledger = application.progress().ledger;
+            // Data is served once the forget ledger is re-applied and the
+            // data keys are checked; the line says so to whoever started the
+            // process (as `/readyz` does).
+            let mut progress = application.progress();
             tokio::spawn(async move {
-                if ledger
-                    .wait_for(|s| *s == LedgerState::Applied)
-                    .await
-                    .is_ok()
-                {
+                if progress.ready().await.is_ok() {
                     println!("eventvault ready");
                 }
             });
@@ -487,15 +516,76 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             );
         }
         Command::Backup(which) => {
-            let (url, to, what) = match which {
-                BackupCommand::Events { to } => (&cli.database_url, to, "event store"),
-                BackupCommand::Keystore { to } => (&cli.keystore_url, to, "keystore"),
+            let copies = match which {
+                BackupCommand::Events { to } => vec![(&cli.database_url, to, "event store")],
+                BackupCommand::Keystore { to } => vec![(&cli.keystore_url, to, "keystore")],
+                // The keystore after the event store: every key the events'
+                // copy refers to was created before the keystore's copy.
+                BackupCommand::All {
+                    events_to,
+                    keystore_to,
+                } => {
+                    if events_to == keystore_to {
+                        return Err("--events-to and --keystore-to must be different files".into());
+                    }
+                    vec![
+                        (&cli.database_url, events_to, "event store"),
+                        (&cli.keystore_url, keystore_to, "keystore"),
+                    ]
+                }
             };
-            let bytes = eventvault::backup::backup(url, to).await?;
-            println!(
-                "wrote {} ({bytes} bytes): a consistent copy of the {what}",
-                to.display()
-            );
+            if let Some((_, to, _)) = copies.iter().find(|(_, to, _)| to.exists()) {
+                return Err(
+                    format!("{} exists; a backup never overwrites a file", to.display()).into(),
+                );
+            }
+            for (url, to, what) in copies {
+                let bytes = eventvault::backup::backup(url, to).await?;
+                println!(
+                    "wrote {} ({bytes} bytes): a consistent copy of the {what}",
+                    to.display()
+                );
+            }
+        }
+        Command::Migrate { grant_to } => {
+            let cfg = config(&cli, "127.0.0.1:0".parse()?, 0, 1);
+            if cfg.database_url == cfg.keystore_url {
+                return Err("the keystore must be a separate database from the event store".into());
+            }
+            let postgres =
+                |url: &str| url.starts_with("postgres:") || url.starts_with("postgresql:");
+            if grant_to.is_some() && !(postgres(&cfg.database_url) && postgres(&cfg.keystore_url)) {
+                return Err(eventvault::store::StoreError::NoRoles.into());
+            }
+            let policies = eventvault::policy::Policies::load(&cfg.policies_dir)?;
+            let mut admin = None;
+            for (url, purpose) in [
+                (&cfg.database_url, Purpose::Events),
+                (&cfg.keystore_url, Purpose::Keystore),
+            ] {
+                let db = Db::migrate(url, purpose, cfg.store_timeout).await?;
+                if let Some(role) = grant_to {
+                    db.grant_serving_role(purpose, role).await?;
+                }
+                if purpose == Purpose::Events {
+                    let principals = Principals::new(EventStore::new(db.clone()));
+                    admin = principals.bootstrap_admin(&policies).await?;
+                }
+                db.close().await;
+            }
+            match grant_to {
+                Some(role) => println!(
+                    "migrated the event store and the keystore; granted {role:?} what eventvault serves with"
+                ),
+                None => println!("migrated the event store and the keystore"),
+            }
+            // The token last, as `principal add` prints it.
+            if let Some(token) = admin {
+                println!(
+                    "First start: created principal 'admin' with role 'admin'. Its token, shown only this once:"
+                );
+                println!("{}", token.as_str());
+            }
         }
         Command::Keys(KeysCommand::Status) => {
             let cfg = config(&cli, "127.0.0.1:0".parse()?, 0, 1);

@@ -108,6 +108,15 @@ struct Inner {
     forgets: IntCounter,
     /// Data keys destroyed by forgets.
     keys_destroyed: IntCounter,
+    /// Recorded forgets waiting to be finished in the background.
+    forgets_pending: IntGauge,
+    /// Attempts of the background completion that failed.
+    forget_retries: IntCounter,
+    /// Reads that needed a data key the keystore lacks although its
+    /// subject was not forgotten (an integrity failure).
+    keys_missing: IntCounter,
+    /// Data keys the start-up check found missing, their loss not accepted.
+    data_keys_missing: IntGauge,
     /// Subscriptions open now.
     subscriptions: IntGauge,
     /// The same number, for whoever waits for it to change (the gauge
@@ -223,6 +232,24 @@ impl Metrics {
                 "eventvault_keys_destroyed_total",
                 "Data keys destroyed by forgets.",
             ),
+            forgets_pending: IntGauge::new(
+                "eventvault_forgets_pending",
+                "Recorded forgets (their subjects erased for every reader) whose keys are not all destroyed yet: the service finishes them in the background as soon as the keystore answers.",
+            )
+            .expect("a valid metric name"),
+            forget_retries: counter(
+                "eventvault_forget_retries_total",
+                "Attempts to finish a recorded forget in the background that failed (the keystore did not answer); each is tried again.",
+            ),
+            keys_missing: counter(
+                "eventvault_data_key_missing_total",
+                "Reads refused because a data key the event store refers to is missing from the keystore although its subject was not forgotten (problem key-missing).",
+            ),
+            data_keys_missing: IntGauge::new(
+                "eventvault_data_keys_missing",
+                "Data keys the event store refers to that the start-up check found missing from the keystore, their loss not accepted (non-zero: the service is not ready).",
+            )
+            .expect("a valid metric name"),
             subscriptions: IntGauge::new(
                 "eventvault_subscriptions_open",
                 "Live subscriptions open now.",
@@ -272,6 +299,10 @@ impl Metrics {
             Box::new(i.key_cache.clone()),
             Box::new(i.forgets.clone()),
             Box::new(i.keys_destroyed.clone()),
+            Box::new(i.forgets_pending.clone()),
+            Box::new(i.forget_retries.clone()),
+            Box::new(i.keys_missing.clone()),
+            Box::new(i.data_keys_missing.clone()),
             Box::new(i.subscriptions.clone()),
             Box::new(i.subscription_lag.clone()),
             Box::new(i.head.clone()),
@@ -418,6 +449,30 @@ impl Metrics {
     /// Data keys destroyed by a forget (or by re-applying one at start).
     pub fn keys_destroyed(&self, n: u64) {
         self.0.keys_destroyed.inc_by(n);
+    }
+
+    /// How many recorded forgets wait to be finished in the background.
+    pub fn forgets_pending(&self, n: usize) {
+        self.0
+            .forgets_pending
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// An attempt to finish a recorded forget in the background failed.
+    pub fn forget_retried(&self) {
+        self.0.forget_retries.inc();
+    }
+
+    /// A read needed a data key the keystore lacks (not a forget).
+    pub fn key_missing(&self) {
+        self.0.keys_missing.inc();
+    }
+
+    /// What the start-up check of the data keys found missing.
+    pub fn data_keys_missing(&self, n: u64) {
+        self.0
+            .data_keys_missing
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// A subscription opened: the gauge goes down when the guard drops.

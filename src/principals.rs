@@ -197,6 +197,16 @@ impl Principals {
             Ok(token) => Ok(Some(token)),
             // Another process sharing the database bootstrapped it first.
             Err(PrincipalError::Exists(_)) => Ok(None),
+            // A least-privilege serving role only reads principals: the
+            // owner creates them (`eventvault migrate` makes the first).
+            Err(PrincipalError::Store(StoreError::Database(sqlx::Error::Database(d))))
+                if d.code().as_deref() == Some("42501") =>
+            {
+                tracing::warn!(
+                    "no principal exists, and this database role may not create one: run `eventvault migrate` or `eventvault principal add NAME --role admin` as the owner"
+                );
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }

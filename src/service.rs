@@ -8,8 +8,11 @@
 //!
 //! Bulk crypto and JSON work runs on the blocking pool, off the async threads.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
 
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -20,7 +23,7 @@ use crate::crypto::{self, Dek, EventAad, SnapshotAad, SnapshotLayers};
 use crate::domain::{
     EventBatch, ExpectedVersion, PersonalData, ProposedEvent, ReadEvent, StreamId, Subject,
 };
-use crate::keys::{ActiveKey, KeyError, KeyManager};
+use crate::keys::{ActiveKey, DestructionLedger, KeyError, KeyManager};
 use crate::metrics::{Metrics, Sealed};
 use crate::policy::{Grants, Policies, ReadKind, View};
 use crate::store::snapshots::{NewSnapshot, SnapshotLayer, SnapshotRefusal, StoredSnapshot};
@@ -73,6 +76,13 @@ pub enum ServiceError {
     /// A stored snapshot failed to open (names the stream).
     #[error("integrity check failed for the snapshot of {0}")]
     SnapshotIntegrity(String),
+    /// A data key the event store refers to is not in the keystore, and its
+    /// subject was not forgotten: the keystore lost it (restored from a
+    /// backup older than the event store, a replica that was behind, a
+    /// deletion behind the service's back). Never shown as `erased`.
+    /// Names the position of the first event (0: a snapshot) that needs it.
+    #[error("the data key of the event at position {position} is missing from the keystore")]
+    KeyMissing { position: u64 },
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(transparent)]
@@ -131,8 +141,13 @@ pub struct LogPage {
 /// The result of a forget.
 #[derive(Debug, Clone, Copy)]
 pub struct ForgetReport {
+    /// `Forgotten` once every step has run; `Forgetting` while the keys are
+    /// still to be destroyed (the service finishes it by itself): either way
+    /// the subject is forgotten for every reader.
+    pub state: SubjectState,
     pub forgotten_at_us: i64,
-    /// Keys destroyed by this subject's forget, over all calls.
+    /// Keys recorded as destroyed by this subject's forget, over all
+    /// attempts (final once the state is `Forgotten`).
     pub keys_destroyed: u64,
     pub events_affected: u64,
 }
@@ -174,8 +189,183 @@ impl LedgerState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubjectState {
     Active,
+    /// In the forget ledger, and every step of the forget has run.
     Forgotten,
+    /// In the forget ledger (erased for every reader), its keys not yet all
+    /// destroyed: the service is finishing the forget.
+    Forgetting,
     Unknown,
+}
+
+/// Where the start-up check of the data keys stands: every key the event
+/// store refers to, of a subject not forgotten, must be in the keystore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyCheck {
+    /// Not done yet: not ready.
+    Checking,
+    /// Every key is there (or its loss was accepted): ready.
+    Complete,
+    /// So many keys are missing and their loss was not accepted: the
+    /// service does not become ready.
+    Missing(u64),
+}
+
+impl KeyCheck {
+    /// The word `GET /readyz` reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Checking => "checking",
+            Self::Complete => "ok",
+            Self::Missing(_) => "missing",
+        }
+    }
+}
+
+/// What the start-up check of the data keys found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeysChecked {
+    /// Keys the event store refers to that the keystore must hold.
+    pub expected: u64,
+    /// Of those, missing from the keystore (their loss not accepted before).
+    pub missing: u64,
+    /// Of the missing, whose loss was accepted now.
+    pub accepted: u64,
+}
+
+/// Forgets whose ledger entry is durable but whose later steps failed (the
+/// keystore did not answer), waiting to be finished in the background, and
+/// one turn per subject, so that a retried request and the background never
+/// carry out the same forget at once in this process.
+#[derive(Debug)]
+struct PendingForgets {
+    subjects: Mutex<BTreeSet<String>>,
+    /// Wakes the background task when a subject is added.
+    wake: tokio::sync::Notify,
+    /// How many are pending, for whoever waits for it to change.
+    count: watch::Sender<usize>,
+    turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Shows the count as `eventvault_forgets_pending`.
+    metrics: Metrics,
+}
+
+/// A subject's turn to carry out its forget; given back when dropped.
+struct ForgetTurn<'a> {
+    pending: &'a PendingForgets,
+    subject: String,
+    _held: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for ForgetTurn<'_> {
+    fn drop(&mut self) {
+        let mut turns = self.pending.turns.lock().expect("turns lock");
+        // The map's and this guard's: nobody else waits for the turn.
+        if turns
+            .get(&self.subject)
+            .is_some_and(|t| Arc::strong_count(t) <= 2)
+        {
+            turns.remove(&self.subject);
+        }
+    }
+}
+
+impl PendingForgets {
+    fn new(metrics: Metrics) -> Self {
+        Self {
+            subjects: Mutex::new(BTreeSet::new()),
+            wake: tokio::sync::Notify::new(),
+            count: watch::Sender::new(0),
+            turns: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    fn counted(&self, n: usize) {
+        self.metrics.forgets_pending(n);
+        self.count.send_replace(n);
+    }
+
+    async fn turn(&self, subject: &str) -> ForgetTurn<'_> {
+        let lock = self
+            .turns
+            .lock()
+            .expect("turns lock")
+            .entry(subject.to_owned())
+            .or_default()
+            .clone();
+        ForgetTurn {
+            pending: self,
+            subject: subject.to_owned(),
+            _held: lock.lock_owned().await,
+        }
+    }
+
+    fn push(&self, subject: &str) {
+        let n = {
+            let mut s = self.subjects.lock().expect("pending lock");
+            s.insert(subject.to_owned());
+            s.len()
+        };
+        self.counted(n);
+        self.wake.notify_one();
+    }
+
+    fn done(&self, subject: &str) {
+        let n = {
+            let mut s = self.subjects.lock().expect("pending lock");
+            s.remove(subject);
+            s.len()
+        };
+        self.counted(n);
+    }
+
+    /// The pending subject after `after` in name order, wrapping round to
+    /// the first.
+    fn next(&self, after: &str) -> Option<String> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let s = self.subjects.lock().expect("pending lock");
+        s.range::<str, _>((Excluded(after), Unbounded))
+            .next()
+            .or_else(|| s.iter().next())
+            .cloned()
+    }
+}
+
+/// The first wait of the background completion after a failure, and the
+/// longest: the keystore is tried again at most this long after it answers.
+const FORGET_RETRY_FIRST: Duration = Duration::from_millis(100);
+const FORGET_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The event store records the keys a forget destroys.
+impl DestructionLedger for EventStore {
+    fn record_destroyed(
+        &self,
+        subject: &str,
+        key_ids: &[String],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.record_destroyed_keys(subject, key_ids)
+    }
+}
+
+/// Told, after every round of keys recorded as destroyed, how many the
+/// subject's forget has destroyed in all (a request's early answer keeps
+/// up with it).
+type DestroyedSoFar<'a> = &'a (dyn Fn(u64) + Send + Sync);
+
+/// The event store as the ledger of destroyed keys, telling `then` the
+/// count after each round.
+struct Noting<'a> {
+    store: &'a EventStore,
+    then: DestroyedSoFar<'a>,
+}
+
+impl DestructionLedger for Noting<'_> {
+    async fn record_destroyed(&self, subject: &str, key_ids: &[String]) -> Result<(), StoreError> {
+        self.store.record_destroyed_keys(subject, key_ids).await?;
+        if let Some(entry) = self.store.forgotten(subject).await? {
+            (self.then)(entry.keys_destroyed as u64);
+        }
+        Ok(())
+    }
 }
 
 /// The event services shared by all handlers.
@@ -187,6 +377,8 @@ pub struct Events {
     policies: Arc<Policies>,
     /// Counts seals, opens and forgets.
     metrics: Metrics,
+    /// Forgets to finish in the background.
+    forgets: Arc<PendingForgets>,
 }
 
 impl Events {
@@ -197,13 +389,21 @@ impl Events {
         policies: Arc<Policies>,
         metrics: Metrics,
     ) -> Self {
+        let forgets = Arc::new(PendingForgets::new(metrics.clone()));
         Self {
             store,
             writer,
             keys,
             policies,
             metrics,
+            forgets,
         }
+    }
+
+    /// How many recorded forgets wait to be finished in the background:
+    /// `changed()` completes when one is added or finished.
+    pub fn pending_forgets(&self) -> watch::Receiver<usize> {
+        self.forgets.count.subscribe()
     }
 
     /// The newest committed position this process knows of.
@@ -299,9 +499,7 @@ impl Events {
             // transaction); a key this request may have made for it sealed
             // nothing that was stored: delete it at once.
             // Best effort: what is left is removed at the next start.
-            if let Err(e) = self.keys.discard_subject_keys(s).await {
-                tracing::warn!(error = %e, "could not discard a key made for a forgotten subject");
-            }
+            self.discard_keys(s).await;
         }
         Ok(appended?)
     }
@@ -312,53 +510,120 @@ impl Events {
     /// `audit` (the request's record) in one transaction, then mark the
     /// forget complete. Idempotent: a second call finds the ledger entry,
     /// destroys what might have appeared since (nothing, normally) and
-    /// returns the first call's time. Returns the report and whether the
-    /// audit record was written (only when step 4 ran).
+    /// returns the first call's time.
+    ///
+    /// Once (1) is durable the subject is forgotten for every reader: if a
+    /// later step fails (the keystore does not answer), the report says
+    /// `Forgetting` and the forget is finished in the background
+    /// ([`Events::complete_pending_forgets`]); only a failure of (1) is an
+    /// error. Returns the report and whether `audit` was written (only when
+    /// step 4 ran).
+    ///
+    /// `recorded` is told the report as it stands once the ledger entry is
+    /// durable (`forgetting`, unless the forget was completed before): from
+    /// then on that is the truthful answer, whatever the later steps do or
+    /// however long they take.
     pub async fn forget(
         &self,
         subject: &str,
         reason: Option<&str>,
         audit: AuditEntry,
+        recorded: impl Fn(&ForgetReport) + Send + Sync,
     ) -> Result<(ForgetReport, bool), ServiceError> {
         let entry = self.store.record_forget(subject, reason).await;
         // Rows held in memory for subscribers may predate the ledger entry:
         // dropped whatever the answer (an error may follow a commit).
         self.writer.feed().forget_recorded();
-        let entry = entry?;
-        let destroyed = self.destroy_keys(subject).await?;
+        entry?;
+        let early = self.forget_report(subject).await?;
+        recorded(&early);
+        let so_far = |keys_destroyed| {
+            recorded(&ForgetReport {
+                keys_destroyed,
+                ..early
+            })
+        };
+        let carried = {
+            let _turn = self.forgets.turn(subject).await;
+            self.carry_out(subject, audit, &so_far).await
+        };
+        let recorded = match carried {
+            Ok(recorded) => recorded,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "a forget is recorded (its subject reads erased) but its keys could not be destroyed yet; it is finished in the background"
+                );
+                self.forgets.push(subject);
+                false
+            }
+        };
+        Ok((self.forget_report(subject).await?, recorded))
+    }
+
+    /// The report of a recorded forget, as the ledger says it now.
+    async fn forget_report(&self, subject: &str) -> Result<ForgetReport, ServiceError> {
+        let entry = self
+            .store
+            .forgotten(subject)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("a recorded forget vanished".into()))?;
         let events_affected = self.store.subject_event_count(subject, u64::MAX).await?;
-        let recorded = entry.completed_at.is_none();
-        if recorded {
-            let audit = AuditEntry {
-                event_count: events_affected,
-                ..audit
-            };
-            self.finish_forget(subject, destroyed, events_affected, audit)
-                .await?;
-        }
-        Ok((
-            ForgetReport {
-                forgotten_at_us: entry.forgotten_at,
-                keys_destroyed: entry.keys_destroyed as u64 + destroyed,
-                events_affected,
+        Ok(ForgetReport {
+            state: if entry.completed_at.is_some() {
+                SubjectState::Forgotten
+            } else {
+                SubjectState::Forgetting
             },
-            recorded,
-        ))
+            forgotten_at_us: entry.forgotten_at,
+            keys_destroyed: entry.keys_destroyed as u64,
+            events_affected,
+        })
+    }
+
+    /// Steps 2 to 4 of a recorded forget (the caller holds the subject's
+    /// turn): the keys destroyed (again: a key restored meanwhile goes too)
+    /// and, unless the forget was completed before, the `$subjects` event
+    /// with `audit` and the completion mark. Returns whether `audit` was
+    /// written.
+    async fn carry_out(
+        &self,
+        subject: &str,
+        audit: AuditEntry,
+        so_far: DestroyedSoFar<'_>,
+    ) -> Result<bool, ServiceError> {
+        self.destroy_keys(subject, so_far).await?;
+        let entry = self
+            .store
+            .forgotten(subject)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("a recorded forget vanished".into()))?;
+        if entry.completed_at.is_some() {
+            return Ok(false);
+        }
+        let events_affected = self.store.subject_event_count(subject, u64::MAX).await?;
+        let audit = AuditEntry {
+            event_count: events_affected,
+            ..audit
+        };
+        self.finish_forget(subject, entry.keys_destroyed as u64, events_affected, audit)
+            .await?;
+        Ok(true)
     }
 
     /// Step 4: the `$subjects` event (no personal data: the pseudonymous
-    /// subject id and counts) with its audit record, then the ledger entry
-    /// is marked complete.
+    /// subject id and counts) with its audit record, then the forget is
+    /// marked complete.
     async fn finish_forget(
         &self,
         subject: &str,
-        destroyed: u64,
+        keys_destroyed: u64,
         events_affected: u64,
         audit: AuditEntry,
     ) -> Result<(), ServiceError> {
         let data = serde_json::json!({
             "subject": subject,
-            "keys_destroyed": destroyed,
+            "keys_destroyed": keys_destroyed,
             "events_affected": events_affected,
         });
         let event = PendingEvent {
@@ -385,14 +650,51 @@ impl Events {
         Ok(())
     }
 
-    /// Steps 2 and 3, with the count kept in the ledger at once.
-    async fn destroy_keys(&self, subject: &str) -> Result<u64, ServiceError> {
-        let destroyed = self.keys.destroy_subject(subject).await?;
+    /// Steps 2 and 3: every key recorded as destroyed in the event store,
+    /// then deleted, evicted and scrubbed.
+    async fn destroy_keys(
+        &self,
+        subject: &str,
+        so_far: DestroyedSoFar<'_>,
+    ) -> Result<u64, ServiceError> {
+        let ledger = Noting {
+            store: &self.store,
+            then: so_far,
+        };
+        let destroyed = self.keys.destroy_subject(subject, &ledger, true).await?;
         self.metrics.keys_destroyed(destroyed);
-        if destroyed > 0 {
-            self.store.add_keys_destroyed(subject, destroyed).await?;
-        }
         Ok(destroyed)
+    }
+
+    /// Deletes and evicts the keys of a forgotten subject that a refused
+    /// request (an append, a snapshot) made; they sealed nothing stored. No
+    /// scrub, which a flood of such requests could otherwise turn into a
+    /// flood of checkpoints. Best effort: what is left is removed at the
+    /// next start.
+    async fn discard_keys(&self, subject: &str) {
+        match self.keys.destroy_subject(subject, &self.store, false).await {
+            Ok(n) => self.metrics.keys_destroyed(n),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not discard a key made for a forgotten subject")
+            }
+        }
+    }
+
+    /// The audit record of a forget finished without a request (at start,
+    /// or in the background).
+    fn resume_record(subject: &str) -> AuditEntry {
+        AuditEntry {
+            principal: None,
+            action: "subject.forget.resume".into(),
+            resource: format!("subject:{subject}"),
+            outcome: crate::audit::Outcome::Ok,
+            event_count: 0,
+            personal_data: false,
+            correlation_id: None,
+            causation_id: None,
+            purpose: None,
+            request_id: None,
+        }
     }
 
     /// At start: every forgotten subject whose keys exist again (a keystore
@@ -411,27 +713,17 @@ impl Events {
             let names: Vec<String> = page.iter().map(|e| e.subject.clone()).collect();
             let with_keys = self.keys.keystore().subjects_with_keys(&names).await?;
             for e in &page {
+                let _turn = self.forgets.turn(&e.subject).await;
                 if e.completed_at.is_none() {
                     // Interrupted: every step again (the scrub too).
-                    let destroyed = self.destroy_keys(&e.subject).await?;
-                    let events = self.store.subject_event_count(&e.subject, u64::MAX).await?;
-                    let audit = AuditEntry {
-                        principal: None,
-                        action: "subject.forget.resume".into(),
-                        resource: format!("subject:{}", e.subject),
-                        outcome: crate::audit::Outcome::Ok,
-                        event_count: events,
-                        personal_data: false,
-                        correlation_id: None,
-                        causation_id: None,
-                        purpose: None,
-                        request_id: None,
-                    };
-                    self.finish_forget(&e.subject, destroyed, events, audit)
-                        .await?;
-                    done.completed += 1;
+                    if self
+                        .carry_out(&e.subject, Self::resume_record(&e.subject), &|_| {})
+                        .await?
+                    {
+                        done.completed += 1;
+                    }
                 } else if with_keys.contains(&e.subject) {
-                    self.destroy_keys(&e.subject).await?;
+                    self.destroy_keys(&e.subject, &|_| {}).await?;
                     done.reshredded += 1;
                 }
             }
@@ -439,6 +731,118 @@ impl Events {
                 return Ok(done);
             }
         }
+    }
+
+    /// Finishes, in the background, every forget whose later steps failed
+    /// after its ledger entry was recorded, until `stop` turns `true`. The
+    /// pending subjects are taken in turn, round-robin; after a failure the
+    /// next attempt waits, 100 ms at first and twice as long after each
+    /// failure in a row, at most 5 s, so that a keystore that does not
+    /// answer costs one attempt (and one log line) per wait, and the
+    /// forgets go on within 5 s of its return; after a success the next one
+    /// follows at once. A subject that keeps failing does not hold up the
+    /// others: each attempt moves past it. Finished forgets are audited as
+    /// `subject.forget.resume`, like those the start completes. Cancelling
+    /// it at any point is safe: every step is idempotent, and the next
+    /// start completes what is left.
+    pub async fn complete_pending_forgets(self, mut stop: watch::Receiver<bool>) {
+        let mut wait = FORGET_RETRY_FIRST;
+        let mut cursor = String::new();
+        loop {
+            if *stop.borrow_and_update() {
+                return;
+            }
+            let Some(subject) = self.forgets.next(&cursor) else {
+                tokio::select! {
+                    () = self.forgets.wake.notified() => continue,
+                    _ = stop.changed() => return,
+                }
+            };
+            cursor.clone_from(&subject);
+            let attempt = async {
+                let _turn = self.forgets.turn(&subject).await;
+                self.carry_out(&subject, Self::resume_record(&subject), &|_| {})
+                    .await
+            };
+            let outcome = tokio::select! {
+                r = attempt => r,
+                _ = stop.changed() => return,
+            };
+            match outcome {
+                Ok(_) => {
+                    self.forgets.done(&subject);
+                    wait = FORGET_RETRY_FIRST;
+                    tracing::info!(
+                        pending = *self.forgets.count.borrow(),
+                        "finished a recorded forget whose keys could not be destroyed before"
+                    );
+                }
+                Err(e) => {
+                    self.metrics.forget_retried();
+                    tracing::warn!(
+                        error = %e,
+                        retry_in_ms = wait.as_millis() as u64,
+                        pending = *self.forgets.count.borrow(),
+                        "a recorded forget cannot be finished yet; retrying"
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        _ = stop.changed() => return,
+                    }
+                    wait = (wait * 2).min(FORGET_RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    /// At start: checks that the keystore holds every data key the event
+    /// store refers to, but those of forgotten subjects and those whose
+    /// loss was accepted before; one pass over the key registry, a page at
+    /// a time. With `accept`, the keys found missing are recorded as lost
+    /// (their events then read `lost`) and an audit record says how many.
+    pub async fn check_data_keys(&self, accept: bool) -> Result<KeysChecked, ServiceError> {
+        const PAGE: u32 = 1000;
+        let mut found = KeysChecked::default();
+        let mut after = String::new();
+        loop {
+            let page = self.store.expected_keys_page(&after, PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = last.clone();
+            found.expected += page.len() as u64;
+            let present = self.keys.keystore().existing_key_ids(&page).await?;
+            let missing: Vec<String> = page
+                .iter()
+                .filter(|k| !present.contains(k))
+                .cloned()
+                .collect();
+            // A forget elsewhere may have destroyed some since the page was read.
+            let missing = self.store.still_expected(&missing).await?;
+            found.missing += missing.len() as u64;
+            if accept && !missing.is_empty() {
+                found.accepted += self.store.accept_lost_keys(&missing).await?;
+            }
+            if page.len() < PAGE as usize {
+                break;
+            }
+        }
+        self.metrics
+            .data_keys_missing(found.missing - found.accepted);
+        if found.accepted > 0 {
+            let record = AuditEntry {
+                principal: None,
+                action: "keys.accept_missing".into(),
+                resource: "keystore".into(),
+                outcome: crate::audit::Outcome::Ok,
+                event_count: found.accepted,
+                personal_data: false,
+                correlation_id: None,
+                causation_id: None,
+                purpose: None,
+                request_id: None,
+            };
+            self.audit(record).await?;
+        }
+        Ok(found)
     }
 
     /// A subject's state and how many events name it, up to position
@@ -449,12 +853,11 @@ impl Events {
         until: u64,
     ) -> Result<(SubjectState, u64), ServiceError> {
         let events = self.store.subject_event_count(subject, until).await?;
-        let state = if self.store.forgotten(subject).await?.is_some() {
-            SubjectState::Forgotten
-        } else if events > 0 {
-            SubjectState::Active
-        } else {
-            SubjectState::Unknown
+        let state = match self.store.forgotten(subject).await? {
+            Some(f) if f.completed_at.is_some() => SubjectState::Forgotten,
+            Some(_) => SubjectState::Forgetting,
+            None if events > 0 => SubjectState::Active,
+            None => SubjectState::Unknown,
         };
         Ok((state, events))
     }
@@ -543,9 +946,7 @@ impl Events {
                 // A key this request made for the subject sealed nothing
                 // that was stored: delete it at once (best effort: what is
                 // left is removed at the next start).
-                if let Err(e) = self.keys.discard_subject_keys(&s).await {
-                    tracing::warn!(error = %e, "could not discard a key made for a forgotten subject");
-                }
+                self.discard_keys(&s).await;
                 Err(forgotten(s))
             }
             Err(other) => Err(snapshot_refusal(other)),
@@ -619,16 +1020,25 @@ impl Events {
             (Some(_), _) if row.forgotten => (None, PersonalData::Erased),
             (Some(_), _) if !reveal => (None, PersonalData::Redacted),
             (Some(blob), _) => {
+                // Every layer's key: one the keystore lacks is erased (its
+                // subject forgotten meanwhile), lost (accepted so), or an
+                // integrity failure — never passed off as a forget.
                 let mut deks = Vec::with_capacity(row.layers.len());
+                let mut gone = None;
                 for layer in &row.layers {
-                    match self.keys.key_by_id(&layer.key_id).await? {
-                        Some(dek) => deks.push(dek),
-                        None => break,
+                    match self.key_fate(&layer.key_id, &layer.subject, 0).await? {
+                        KeyFate::Open(dek) => deks.push(dek),
+                        KeyFate::Erased => {
+                            gone = Some(PersonalData::Erased);
+                            break;
+                        }
+                        KeyFate::Lost => {
+                            gone.get_or_insert(PersonalData::Lost);
+                        }
                     }
                 }
-                if deks.len() < row.layers.len() {
-                    // A key is gone: its subject's data is erased.
-                    (None, PersonalData::Erased)
+                if let Some(gone) = gone {
+                    (None, gone)
                 } else {
                     let deks: Vec<&Dek> = deks.iter().map(|d| &**d).collect();
                     let version = row.version as u64;
@@ -863,6 +1273,37 @@ impl Events {
         Ok(self.store.head_position().await?)
     }
 
+    /// The key with id `key_id` of `subject`, or what its absence from the
+    /// keystore means: the subject was forgotten meanwhile (`Erased`), an
+    /// operator accepted its loss (`Lost`), or else an integrity failure of
+    /// the stores ([`ServiceError::KeyMissing`], logged and counted): a key
+    /// the keystore lost is never passed off as a forget. `position` names
+    /// the first row that needs it (0: a snapshot).
+    async fn key_fate(
+        &self,
+        key_id: &str,
+        subject: &str,
+        position: u64,
+    ) -> Result<KeyFate, ServiceError> {
+        if let Some(dek) = self.keys.key_by_id(key_id).await? {
+            return Ok(KeyFate::Open(dek));
+        }
+        // The ledger was read with the row; a forget since then deleted it.
+        if self.store.forgotten(subject).await?.is_some() {
+            return Ok(KeyFate::Erased);
+        }
+        if self.store.key_lost(key_id).await? {
+            return Ok(KeyFate::Lost);
+        }
+        self.metrics.key_missing();
+        tracing::error!(
+            position,
+            key_id,
+            "a data key the event store refers to is missing from the keystore, and its subject was not forgotten; nothing was disclosed"
+        );
+        Err(ServiceError::KeyMissing { position })
+    }
+
     /// Turns stored rows into events for a reader: decides per event what
     /// the caller sees ([`Grants::view`]: rows it may not see are dropped),
     /// opens the sealed fields it may see, and says for each what became of
@@ -880,15 +1321,16 @@ impl Events {
                 Some((r, view == View::Revealed))
             })
             .collect();
-        let mut deks: HashMap<String, Option<Arc<Dek>>> = HashMap::new();
+        let mut deks: HashMap<String, KeyFate> = HashMap::new();
         // Keys are needed only where personal data is shown; a subject in the
         // forget ledger is erased whatever a cache or a not yet finished key
         // deletion still holds, so its keys are not even looked up.
         for (r, _) in rows.iter().filter(|(r, reveal)| *reveal && !r.forgotten) {
-            if let Some(k) = &r.key_id
+            if let (Some(k), Some(subject)) = (&r.key_id, &r.subject)
                 && !deks.contains_key(k)
             {
-                deks.insert(k.clone(), self.keys.key_by_id(k).await?);
+                let fate = self.key_fate(k, subject, r.position as u64).await?;
+                deks.insert(k.clone(), fate);
             }
         }
         let inline = rows.len() <= INLINE_CRYPTO_EVENTS;
@@ -980,13 +1422,22 @@ fn corrupt(what: &str, position: i64) -> ServiceError {
     )))
 }
 
-/// Opens one stored event for a reader. `deks` holds the key of every
-/// revealed row of a subject not forgotten (a `None` entry: the key is gone,
-/// the data erased).
+/// What became of a data key a reader needs.
+enum KeyFate {
+    /// Here it is.
+    Open(Arc<Dek>),
+    /// Destroyed by a forget.
+    Erased,
+    /// Missing from the keystore; an operator accepted the loss.
+    Lost,
+}
+
+/// Opens one stored event for a reader. `deks` holds the fate of the key of
+/// every revealed row of a subject not forgotten.
 fn open_event(
     r: StoredEvent,
     reveal: bool,
-    deks: &HashMap<String, Option<Arc<Dek>>>,
+    deks: &HashMap<String, KeyFate>,
 ) -> Result<ReadEvent, ServiceError> {
     let mut data: Map<String, Value> =
         serde_json::from_str(&r.data).map_err(|_| corrupt("data", r.position))?;
@@ -996,9 +1447,12 @@ fn open_event(
     let personal_data = match (&r.sealed, &r.key_id) {
         (Some(_), Some(_)) if r.forgotten => PersonalData::Erased,
         (Some(_), Some(_)) if !reveal => PersonalData::Redacted,
-        (Some(blob), Some(key_id)) => match deks.get(key_id).and_then(Option::as_ref) {
-            None => PersonalData::Erased,
-            Some(dek) => {
+        (Some(blob), Some(key_id)) => match deks.get(key_id) {
+            // Looked up for every revealed row of a subject not forgotten.
+            None => return Err(corrupt("key of", r.position)),
+            Some(KeyFate::Erased) => PersonalData::Erased,
+            Some(KeyFate::Lost) => PersonalData::Lost,
+            Some(KeyFate::Open(dek)) => {
                 let at = EventAad {
                     event_id: id.as_bytes(),
                     stream_id: &r.stream_id,

@@ -11,7 +11,7 @@ use utoipa_axum::routes;
 
 use super::AppState;
 use super::problem::Problem;
-use crate::service::LedgerState;
+use crate::service::{KeyCheck, LedgerState};
 use crate::store::Fault;
 use crate::store::writer;
 use std::time::Duration;
@@ -107,6 +107,14 @@ struct Readiness {
     /// or `failed`.
     #[schema(value_type = String, pattern = "^(reapplying|applied|failed)$")]
     forget_ledger: &'static str,
+    /// The start-up check that the keystore holds every data key the event
+    /// store refers to: `checking`, `ok`, or `missing` (the service does not
+    /// become ready; see the log).
+    #[schema(value_type = String, pattern = "^(checking|ok|missing)$")]
+    data_keys: &'static str,
+    /// With `missing`: how many.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    missing_data_keys: Option<u64>,
 }
 
 /// How long readiness waits for the stores, in all: a probe's own timeout
@@ -133,9 +141,10 @@ async fn event_store_word(state: &AppState, until: tokio::time::Instant) -> &'st
     }
 }
 
-/// Ready when the forget ledger has been re-applied at start, both the
-/// event store and the keystore answer and writes commit; the body says
-/// which part is not. Answers within 1.5 s whatever the stores do.
+/// Ready when the forget ledger has been re-applied at start, the keystore
+/// holds every data key the event store refers to, both the event store
+/// and the keystore answer and writes commit; the body says which part is
+/// not. Answers within 1.5 s whatever the stores do.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -152,6 +161,7 @@ async fn event_store_word(state: &AppState, until: tokio::time::Instant) -> &'st
 )]
 async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Readiness>) {
     let ledger = *state.ledger.borrow();
+    let keys = *state.data_keys.borrow();
     let until = tokio::time::Instant::now() + READINESS_PATIENCE;
     let keystore = async {
         match tokio::time::timeout_at(until, state.keys.keystore().db.ping()).await {
@@ -160,7 +170,10 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Readin
         }
     };
     let (events, keystore) = tokio::join!(event_store_word(&state, until), keystore);
-    let ready = events == "ok" && keystore == "ok" && ledger == LedgerState::Applied;
+    let ready = events == "ok"
+        && keystore == "ok"
+        && ledger == LedgerState::Applied
+        && keys == KeyCheck::Complete;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -173,6 +186,11 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Readin
             event_store: events,
             keystore,
             forget_ledger: ledger.as_str(),
+            data_keys: keys.as_str(),
+            missing_data_keys: match keys {
+                KeyCheck::Missing(n) => Some(n),
+                _ => None,
+            },
         }),
     )
 }

@@ -37,7 +37,7 @@ use crate::keys::KeyManager;
 use crate::metrics::Metrics;
 use crate::policy::Policies;
 use crate::principals::Principals;
-use crate::service::{Events, LedgerState};
+use crate::service::{Events, KeyCheck, LedgerState};
 use crate::store::EventStore;
 
 /// Settings the handlers need.
@@ -80,6 +80,9 @@ pub struct AppState {
     /// Where the start-up re-apply of the forget ledger stands: no data
     /// route serves before it is `Applied` (see [`starting`]).
     pub ledger: tokio::sync::watch::Receiver<LedgerState>,
+    /// Where the start-up check of the data keys stands: no data route
+    /// serves before it is `Complete`.
+    pub data_keys: tokio::sync::watch::Receiver<KeyCheck>,
 }
 
 /// The id in a request path (a stream or a subject), checked by `parse`:
@@ -145,9 +148,11 @@ async fn observe_request(
 /// Refuses every data request (503, problem `starting`, `Retry-After`)
 /// until the forget ledger has been re-applied at start: until then a
 /// keystore restored from a backup may still hold the keys of forgotten
-/// subjects. Deny by default: whatever the state is, if it is not
-/// `Applied`, nothing is served. It runs inside the audit middleware, so
-/// each refusal is recorded like any other.
+/// subjects; and until the data keys have been checked (503 `unavailable`
+/// for good if some are missing and their loss was not accepted). Deny by
+/// default: whatever the state is, if it is not `Applied` and `Complete`,
+/// nothing is served. It runs inside the audit middleware, so each refusal
+/// is recorded like any other.
 async fn starting(
     State(state): State<AppState>,
     req: Request<axum::body::Body>,
@@ -155,8 +160,16 @@ async fn starting(
 ) -> Response {
     use axum::response::IntoResponse;
     let ledger = *state.ledger.borrow();
+    let keys = *state.data_keys.borrow();
     match ledger {
-        LedgerState::Applied => next.run(req).await,
+        LedgerState::Applied => match keys {
+            KeyCheck::Complete => next.run(req).await,
+            KeyCheck::Checking => ApiError::Starting.into_response(),
+            KeyCheck::Missing(_) => ApiError::Unavailable(
+                "the keystore lacks data keys the event store refers to; the service is not ready (see /readyz and the log)",
+            )
+            .into_response(),
+        },
         LedgerState::Reapplying => ApiError::Starting.into_response(),
         LedgerState::Failed => {
             ApiError::Unavailable("the service could not start and is stopping").into_response()

@@ -114,7 +114,11 @@ fn refusals() -> Vec<(&'static str, Response)> {
         ),
         (
             "500",
-            problem("An internal error or a failed integrity check; nothing was disclosed"),
+            problem(
+                "An internal error, a failed integrity check (`integrity-failure`), or a data key \
+                 the event store refers to missing from the keystore for a subject that was not \
+                 forgotten (`key-missing`); nothing was disclosed",
+            ),
         ),
         (
             "503",

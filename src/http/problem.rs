@@ -55,6 +55,11 @@ pub enum ApiError {
     TooManyConnections,
     #[error("integrity check failed")]
     Integrity,
+    /// A data key the event store refers to is missing from the keystore.
+    #[error(
+        "a data key this data needs is missing from the keystore (its subject was not forgotten); nothing was disclosed"
+    )]
+    KeyMissing,
     #[error("internal error")]
     Internal,
     #[error("{0}")]
@@ -132,6 +137,10 @@ pub const PROBLEM_KINDS: &[(&str, &str)] = &[
         "500: stored data failed its integrity check; nothing was disclosed",
     ),
     (
+        "key-missing",
+        "500: a data key the event store refers to is missing from the keystore, and its subject was not forgotten (an integrity failure of the stores); nothing was disclosed",
+    ),
+    (
         "internal-error",
         "500: an internal error; nothing was disclosed",
     ),
@@ -190,7 +199,9 @@ impl ApiError {
             Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Integrity | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Integrity | Self::KeyMissing | Self::Internal => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             Self::Unavailable(_) | Self::StoreTimeout(_) | Self::Starting => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -220,6 +231,7 @@ impl ApiError {
             Self::RequestTimeout(_) => "request-timeout",
             Self::TooManyConnections => "too-many-connections",
             Self::Integrity => "integrity-failure",
+            Self::KeyMissing => "key-missing",
             Self::Internal => "internal-error",
             Self::Unavailable(_) | Self::StoreTimeout(_) => "unavailable",
             Self::Starting => "starting",
@@ -344,6 +356,8 @@ impl From<ServiceError> for ApiError {
                 );
                 Self::Integrity
             }
+            // Logged (position and key id) and counted where it was found.
+            ServiceError::KeyMissing { .. } => Self::KeyMissing,
             ServiceError::Unavailable => Self::Unavailable("the service is shutting down"),
             ServiceError::Key(crate::keys::KeyError::Store(StoreError::Busy(why)))
             | ServiceError::Store(StoreError::Busy(why)) => {
@@ -406,6 +420,7 @@ mod tests {
             ApiError::RequestTimeout(1),
             ApiError::TooManyConnections,
             ApiError::Integrity,
+            ApiError::KeyMissing,
             ApiError::Internal,
             ApiError::Unavailable(""),
             ApiError::StoreTimeout(1),
@@ -429,6 +444,7 @@ mod tests {
                 | ApiError::RequestTimeout(_)
                 | ApiError::TooManyConnections
                 | ApiError::Integrity
+                | ApiError::KeyMissing
                 | ApiError::Internal
                 | ApiError::Unavailable(_)
                 | ApiError::StoreTimeout(_)

@@ -3,7 +3,7 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
@@ -12,6 +12,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::Caller;
+use super::body::OptionalJsonBody;
 use super::openapi::SubjectPath;
 use super::problem::ApiError;
 use super::snapshots::{Snapshot, SnapshotView};
@@ -20,7 +21,7 @@ use super::{AppState, path_id, plain_text};
 use crate::audit::Outcome;
 use crate::domain::Subject;
 use crate::policy::Permission;
-use crate::service::SubjectState;
+use crate::service::{ForgetReport, SubjectState};
 
 /// Longest accepted reason of a forget.
 const MAX_REASON_CHARS: usize = 1000;
@@ -40,6 +41,10 @@ enum StateName {
     Active,
     /// Forgotten: keys destroyed, personal data erased.
     Forgotten,
+    /// Being forgotten: personal data erased for every reader, the keys not
+    /// all destroyed yet (the keystore did not answer); the service
+    /// finishes by itself.
+    Forgetting,
     /// Never seen.
     Unknown,
 }
@@ -85,6 +90,7 @@ fn state_name(s: SubjectState) -> StateName {
     match s {
         SubjectState::Active => StateName::Active,
         SubjectState::Forgotten => StateName::Forgotten,
+        SubjectState::Forgetting => StateName::Forgetting,
         SubjectState::Unknown => StateName::Unknown,
     }
 }
@@ -121,10 +127,11 @@ async fn export(
         .await?;
     // A forgotten subject's events and snapshots are erased on every read
     // path (the ledger is checked per page), so only one that is not
-    // forgotten discloses.
+    // forgotten discloses (`forgetting` is forgotten for every reader too).
     caller.audit.disclosed(
         count,
-        s != SubjectState::Forgotten && (count > 0 || snapshots > 0),
+        !matches!(s, SubjectState::Forgotten | SubjectState::Forgetting)
+            && (count > 0 || snapshots > 0),
     );
     if state
         .events
@@ -294,14 +301,26 @@ struct ForgetSchemas;
 struct ForgetView<'a> {
     #[schema(value_type = String)]
     subject: &'a str,
+    /// `forgotten` (200): every step has run. `forgetting` (202): recorded,
+    /// so erased for every reader, but the keys are not all destroyed yet
+    /// (the keystore did not answer); the service finishes by itself, and
+    /// `GET /subjects/{subject}` says `forgotten` once it has.
+    #[schema(value_type = String, pattern = "^(forgotten|forgetting)$")]
+    state: StateName,
     #[schema(format = DateTime)]
     forgotten_at: String,
+    /// Data keys of the subject destroyed by its forget, over all attempts
+    /// (while `forgetting`: those whose destruction is recorded so far).
     keys_destroyed: u64,
     events_affected: u64,
 }
 
 /// Forgets a subject: destroys its keys (crypto-shredding), so its personal
-/// data is erased everywhere. Idempotent. Needs `forget`.
+/// data is erased everywhere. Idempotent. Needs `forget`. Once the forget is
+/// recorded the subject reads `erased` for everyone: if its keys cannot be
+/// destroyed at once (the keystore does not answer) the answer is 202
+/// `forgetting`, and the service finishes by itself; 503 only when the
+/// forget could not be recorded.
 #[utoipa::path(
     post,
     path = "/subjects/{subject}/forget",
@@ -316,26 +335,24 @@ struct ForgetView<'a> {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Forgotten (now or before)", body = ForgetView),
+        (status = 202, description = "Recorded: erased for every reader; the keys are destroyed \
+            as soon as the keystore answers (`state`: `forgetting`)", body = ForgetView),
     )
 )]
 async fn forget(
     State(state): State<AppState>,
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
-    body: Bytes,
+    request: Request,
 ) -> Result<Response, ApiError> {
+    // Before a byte of the body is read: a caller without the permission
+    // gets its 403 whatever it sends.
     caller.require(Permission::Forget, None)?;
     let subject = path_id(path, Subject::parse)?;
-    let reason = if body.iter().all(u8::is_ascii_whitespace) {
-        None
-    } else {
-        // A body is a `ForgetRequest` object, as the document says (`null`
-        // is not one).
-        serde_json::from_slice::<ForgetBody>(&body)
-            .map_err(|e| ApiError::BadRequest(format!("body: {e}")))?
-            .reason
-    };
-    let reason = plain_text("reason", reason)?;
+    // No body, an empty one or `null`: no reason.
+    let OptionalJsonBody(body) =
+        OptionalJsonBody::<ForgetBody>::from_request(request, &state).await?;
+    let reason = plain_text("reason", body.and_then(|b| b.reason))?;
     if reason
         .as_ref()
         .is_some_and(|r| r.chars().count() > MAX_REASON_CHARS)
@@ -344,25 +361,47 @@ async fn forget(
             "reason is longer than {MAX_REASON_CHARS} characters"
         )));
     }
+    // Once the ledger entry is durable, the answer is at least 202
+    // `forgetting`: should the later steps outlast the request's deadline
+    // (a keystore that does not answer), that is what the caller gets, not
+    // a 503 that would deny a forget that took effect.
+    let slot = caller.audit.clone();
     let (report, recorded) = state
         .events
         .forget(
             subject.as_str(),
             reason.as_deref(),
             caller.audit.entry(Outcome::Ok),
+            |early| {
+                let (status, body) = forget_answer(&subject, early);
+                slot.set_fallback(status, body);
+            },
         )
         .await?;
     caller.audit.disclosed(report.events_affected, false);
     if recorded {
         caller.audit.mark_recorded();
     }
-    Ok(json_response(
-        StatusCode::OK,
-        &ForgetView {
-            subject: subject.as_str(),
-            forgotten_at: rfc3339(report.forgotten_at_us),
-            keys_destroyed: report.keys_destroyed,
-            events_affected: report.events_affected,
-        },
-    ))
+    let (status, body) = forget_answer(&subject, &report);
+    Ok(json_response(status, &body))
+}
+
+/// The answer to a forget: 200 once it has run to its end, 202 while its
+/// keys are still to be destroyed.
+fn forget_answer(subject: &Subject, report: &ForgetReport) -> (StatusCode, serde_json::Value) {
+    let status = match report.state {
+        SubjectState::Forgetting => StatusCode::ACCEPTED,
+        _ => StatusCode::OK,
+    };
+    let view = ForgetView {
+        subject: subject.as_str(),
+        state: state_name(report.state),
+        forgotten_at: rfc3339(report.forgotten_at_us),
+        keys_destroyed: report.keys_destroyed,
+        events_affected: report.events_affected,
+    };
+    (
+        status,
+        serde_json::to_value(&view).expect("a forget's answer serialises"),
+    )
 }

@@ -123,20 +123,43 @@ struct Draft {
 /// itself took to send its body (which is the body deadline's business,
 /// not the stores').
 #[derive(Debug, Clone)]
-pub struct Deadline(Arc<Mutex<tokio::time::Instant>>);
+pub struct Deadline(Arc<Mutex<Due>>);
+
+#[derive(Debug)]
+struct Due {
+    at: tokio::time::Instant,
+    /// What to answer when it passes, if not the 503: set once the handler
+    /// has done what that answer says (a forget's ledger entry).
+    fallback: Option<(axum::http::StatusCode, serde_json::Value)>,
+}
 
 impl Deadline {
     fn after(budget: std::time::Duration) -> Self {
-        Self(Arc::new(Mutex::new(tokio::time::Instant::now() + budget)))
+        Self(Arc::new(Mutex::new(Due {
+            at: tokio::time::Instant::now() + budget,
+            fallback: None,
+        })))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Due> {
+        self.0.lock().expect("deadline lock")
     }
 
     fn at(&self) -> tokio::time::Instant {
-        *self.0.lock().expect("deadline lock")
+        self.lock().at
     }
 
     /// Moves the deadline by time spent waiting for the client.
     pub fn add_client_time(&self, waited: std::time::Duration) {
-        *self.0.lock().expect("deadline lock") += waited;
+        self.lock().at += waited;
+    }
+
+    /// The answer when the deadline has passed.
+    fn passed(&self, budget: std::time::Duration) -> Response {
+        match self.lock().fallback.take() {
+            Some((status, body)) => super::views::json_response(status, &body),
+            None => ApiError::StoreTimeout(budget.as_secs()).into_response(),
+        }
     }
 }
 
@@ -200,6 +223,12 @@ impl AuditSlot {
         let mut d = self.draft();
         d.event_count = events;
         d.personal_data = personal_data;
+    }
+
+    /// What the request is answered should its deadline pass from now on,
+    /// instead of a 503 that would claim nothing.
+    pub fn set_fallback(&self, status: axum::http::StatusCode, body: serde_json::Value) {
+        self.deadline.lock().fallback = Some((status, body));
     }
 
     /// The record was committed by the handler (with its append).
@@ -304,9 +333,9 @@ pub async fn record_requests(State(state): State<AppState>, req: Request, next: 
                 if deadline.at() <= at {
                     tracing::warn!(
                         timeout_secs = budget.as_secs(),
-                        "a request was not served within the store timeout; answered 503 while it goes on"
+                        "a request was not served within the store timeout; answered (503, or what it has done for certain) while it goes on"
                     );
-                    return ApiError::StoreTimeout(budget.as_secs()).into_response();
+                    return deadline.passed(budget);
                 }
             }
         }

@@ -93,15 +93,90 @@ impl Keystore {
         Ok(done == 1)
     }
 
-    /// Deletes every data key of `subject` (step 2 of a forget) and returns
-    /// their ids.
-    pub async fn delete_subject_keys(&self, subject: &str) -> Result<Vec<String>, StoreError> {
+    /// The ids of every data key of `subject`, retired ones included.
+    pub async fn subject_key_ids(&self, subject: &str) -> Result<Vec<String>, StoreError> {
         Ok(on_db!(&self.db, |pool| {
-            sqlx::query_scalar("delete from deks where subject = $1 returning key_id")
+            sqlx::query_scalar("select key_id from deks where subject = $1 order by key_id")
                 .bind(subject)
                 .fetch_all(pool)
                 .await
         })?)
+    }
+
+    /// Deletes the data keys `key_ids` of `subject` (step 2 of a forget);
+    /// returns how many this call deleted.
+    pub async fn delete_keys(&self, subject: &str, key_ids: &[String]) -> Result<u64, StoreError> {
+        if key_ids.is_empty() {
+            return Ok(0);
+        }
+        Ok(match &self.db {
+            Db::Sqlite(pool) => {
+                sqlx::query(
+                    "delete from deks where subject = $1 and key_id in (select value from json_each($2))",
+                )
+                .bind(subject)
+                .bind(serde_json::to_string(key_ids).expect("strings serialise"))
+                .execute(pool)
+                .await?
+                .rows_affected()
+            }
+            Db::Postgres(pool) => {
+                sqlx::query("delete from deks where subject = $1 and key_id = any($2)")
+                    .bind(subject)
+                    .bind(key_ids)
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+            }
+        })
+    }
+
+    /// Which of `key_ids` the keystore holds.
+    pub async fn existing_key_ids(&self, key_ids: &[String]) -> Result<Vec<String>, StoreError> {
+        if key_ids.is_empty() {
+            return Ok(vec![]);
+        }
+        Ok(match &self.db {
+            Db::Sqlite(pool) => {
+                sqlx::query_scalar(
+                    "select key_id from deks where key_id in (select value from json_each($1))",
+                )
+                .bind(serde_json::to_string(key_ids).expect("strings serialise"))
+                .fetch_all(pool)
+                .await?
+            }
+            Db::Postgres(pool) => {
+                sqlx::query_scalar("select key_id from deks where key_id = any($1)")
+                    .bind(key_ids)
+                    .fetch_all(pool)
+                    .await?
+            }
+        })
+    }
+
+    /// Whether this connection's role may `VACUUM deks` (PostgreSQL: only
+    /// the table's owner may before version 17, or a role granted MAINTAIN
+    /// since; PostgreSQL skips the table with a warning otherwise). Always
+    /// on SQLite.
+    pub async fn can_vacuum(&self) -> Result<bool, StoreError> {
+        let Db::Postgres(pool) = &self.db else {
+            return Ok(true);
+        };
+        let (owner, version): (bool, i32) = sqlx::query_as(
+            "select pg_has_role(current_user, c.relowner, 'USAGE'),
+                    current_setting('server_version_num')::int
+             from pg_class c where c.oid = to_regclass('deks')",
+        )
+        .fetch_one(pool)
+        .await?;
+        if owner || version < 170000 {
+            return Ok(owner);
+        }
+        Ok(
+            sqlx::query_scalar("select has_table_privilege(current_user, 'deks', 'MAINTAIN')")
+                .fetch_one(pool)
+                .await?,
+        )
     }
 
     /// Removes deleted keys' bytes from the files as far as the backend
@@ -110,30 +185,22 @@ impl Keystore {
     /// PostgreSQL: `VACUUM` reclaims the dead rows; it does not overwrite
     /// them, nor reach WAL archives (see SECURITY.md).
     pub async fn scrub_deleted_keys(&self) -> Result<(), StoreError> {
-        /// Checkpoints tried before a scrub gives up (retryable).
-        const SCRUB_ATTEMPTS: u32 = 2;
         match &self.db {
             Db::Sqlite(pool) => {
-                // Each attempt waits for readers and writers as long as the
-                // busy timeout allows (the store timeout); under a steady stream of key
-                // writes (new subjects) one can still find the log in use,
-                // so one more is made before the caller is told to retry.
-                for attempt in 1..=SCRUB_ATTEMPTS {
-                    let (busy, _, _): (i64, i64, i64) =
-                        sqlx::query_as("pragma wal_checkpoint(truncate)")
-                            .fetch_one(pool)
-                            .await?;
-                    if busy == 0 {
-                        return Ok(());
-                    }
-                    tracing::warn!(attempt, "the keystore's WAL was busy; checkpointing again");
-                    if attempt < SCRUB_ATTEMPTS {
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
+                // One checkpoint, which waits for readers and writers as
+                // long as the busy timeout allows (four fifths of the store
+                // timeout): within a request's budget, so that a forget
+                // whose scrub is kept waiting is answered 202 `forgetting`
+                // by the forget itself, and retried in the background.
+                let (busy, _, _): (i64, i64, i64) =
+                    sqlx::query_as("pragma wal_checkpoint(truncate)")
+                        .fetch_one(pool)
+                        .await?;
+                if busy != 0 {
+                    return Err(StoreError::Busy(
+                        "the keystore's WAL could not be checkpointed after a key deletion (other connections kept it busy); retry the forget",
+                    ));
                 }
-                return Err(StoreError::Busy(
-                    "the keystore's WAL could not be checkpointed after a key deletion (other connections kept it busy); retry the forget",
-                ));
             }
             Db::Postgres(pool) => {
                 sqlx::query("vacuum deks").execute(pool).await?;

@@ -8,6 +8,7 @@
 //! locks, `uuid` columns) each has its own small function next to the other.
 
 pub mod audit;
+pub mod data_keys;
 pub mod feed;
 pub mod keystore;
 pub mod principals;
@@ -68,6 +69,31 @@ pub enum StoreError {
     /// long; retrying it is safe.
     #[error("{0}")]
     Busy(&'static str),
+    /// This database role does not own the schema and the schema lacks
+    /// migrations this binary needs (or has some it does not know).
+    #[error(
+        "the {store} schema is not what this binary needs: {detail}; the database role {role:?} does not own it, so it does not migrate it: run `eventvault migrate` as the owner first"
+    )]
+    NotMigrated {
+        store: &'static str,
+        role: String,
+        detail: String,
+    },
+    /// Roles asked of SQLite, which has none.
+    #[error(
+        "SQLite has no database roles: --grant-to applies to PostgreSQL only (on SQLite, the files' owner and modes are the boundary)"
+    )]
+    NoRoles,
+    /// `eventvault migrate` by a role that may not create or change the
+    /// schema.
+    #[error(
+        "the database role {role:?} may not migrate the {store} schema ({cause}); run `eventvault migrate` as the owner of the database's tables"
+    )]
+    NotOwner {
+        store: &'static str,
+        role: String,
+        cause: String,
+    },
 }
 
 /// Why a store cannot serve now, when the cause is the store's condition
@@ -193,11 +219,51 @@ fn pg_options(url: &str) -> Result<PgConnectOptions, StoreError> {
         .options([("plan_cache_mode", "force_custom_plan")]))
 }
 
+/// [`pg_options`] for `purpose`. The keystore's connections also give up
+/// waiting for a table lock after `timeout` (`lock_timeout`): a forget's
+/// `VACUUM deks` waits for any other maintenance of the table (autovacuum,
+/// `ANALYZE`, an operator's `VACUUM`) and would otherwise hold the forget
+/// for as long as that runs; it fails instead, and the forget is finished
+/// later. The event store's writer waits for other processes' writers on an
+/// advisory lock, which is not bounded this way.
+fn pg_options_for(
+    url: &str,
+    purpose: Purpose,
+    timeout: Duration,
+) -> Result<PgConnectOptions, StoreError> {
+    let opts = pg_options(url)?;
+    Ok(match purpose {
+        Purpose::Events => opts,
+        Purpose::Keystore => {
+            opts.options([("lock_timeout", format!("{}ms", timeout.as_millis().max(1)))])
+        }
+    })
+}
+
 /// Which of the two databases a pool serves; they have separate migrations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
     Events,
     Keystore,
+}
+
+impl Purpose {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Events => "event store",
+            Self::Keystore => "keystore",
+        }
+    }
+
+    /// The least privileges of a serving role that does not own the
+    /// schema, on PostgreSQL (`migrations/postgres/grants/`), with psql's
+    /// `:"role"` and `:"DBNAME"` variables.
+    pub fn postgres_grants(self) -> &'static str {
+        match self {
+            Self::Events => include_str!("../../migrations/postgres/grants/events.sql"),
+            Self::Keystore => include_str!("../../migrations/postgres/grants/keystore.sql"),
+        }
+    }
 }
 
 /// A connection pool to one of the two supported backends.
@@ -251,16 +317,53 @@ impl Db {
     }
 
     /// [`Db::connect`], waiting at most `timeout` for a connection from the
-    /// pool (a new one included): while the database does not answer, work
-    /// fails after that long instead of waiting for it to come back.
+    /// pool (a new one included) and, on SQLite, for another connection's
+    /// lock on the file (`busy_timeout`): while the database does not
+    /// answer, work fails after that long instead of waiting for it to come
+    /// back.
+    ///
+    /// The schema: a role that owns it (or a new, empty database) runs the
+    /// migrations; on PostgreSQL a role that does not own it (the
+    /// least-privilege serving role) only checks that every migration of
+    /// this binary is applied, and fails with [`StoreError::NotMigrated`]
+    /// otherwise.
     pub async fn connect_bounded(
         url: &str,
         purpose: Purpose,
         max_connections: u32,
         timeout: Duration,
     ) -> Result<Self, StoreError> {
+        let db = Self::open_pool(url, purpose, max_connections, timeout).await?;
+        match &db {
+            Db::Sqlite(pool) => migrator(&db, purpose).run(pool).await?,
+            Db::Postgres(pool) => match pg_schema_owner(pool).await? {
+                Ownership::Owner | Ownership::Empty => run_migrations(&db, purpose).await?,
+                Ownership::Other(role) => check_migrations(pool, purpose, role).await?,
+            },
+        }
+        Ok(db)
+    }
+
+    /// Runs the migrations for `purpose` on `url` (`eventvault migrate`):
+    /// as the owner of the schema, or on an empty database.
+    pub async fn migrate(
+        url: &str,
+        purpose: Purpose,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let db = Self::open_pool(url, purpose, 2, timeout).await?;
+        run_migrations(&db, purpose).await?;
+        Ok(db)
+    }
+
+    async fn open_pool(
+        url: &str,
+        purpose: Purpose,
+        max_connections: u32,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
         let db = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            let opts = pg_options(url)?;
+            let opts = pg_options_for(url, purpose, timeout)?;
             let pool = PgPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(timeout)
@@ -301,14 +404,32 @@ impl Db {
         } else {
             return Err(StoreError::UnsupportedUrl(redact_url(url)));
         };
-        let migrator = match (&db, purpose) {
-            (Db::Sqlite(_), Purpose::Events) => &EVENTS_SQLITE,
-            (Db::Sqlite(_), Purpose::Keystore) => &KEYSTORE_SQLITE,
-            (Db::Postgres(_), Purpose::Events) => &EVENTS_POSTGRES,
-            (Db::Postgres(_), Purpose::Keystore) => &KEYSTORE_POSTGRES,
-        };
-        on_db!(&db, |pool| migrator.run(pool).await)?;
         Ok(db)
+    }
+
+    /// Grants `role` the least privileges of a serving role on this
+    /// PostgreSQL database (`migrations/postgres/grants/`); run by the
+    /// owner after the migrations.
+    pub async fn grant_serving_role(&self, purpose: Purpose, role: &str) -> Result<(), StoreError> {
+        let Db::Postgres(pool) = self else {
+            return Err(StoreError::NoRoles);
+        };
+        let database: String = sqlx::query_scalar("select current_database()")
+            .fetch_one(pool)
+            .await?;
+        let mut tx = pool.begin().await?;
+        // Split before the names go in: they are quoted, and may hold
+        // anything a quoted identifier may.
+        for statement in sql_statements(purpose.postgres_grants()) {
+            let statement = statement
+                .replace(":\"role\"", &quote_ident(role))
+                .replace(":\"DBNAME\"", &quote_ident(&database));
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Opens an existing event store to read it (SQLite read-only): creates
@@ -354,6 +475,149 @@ impl Db {
     pub async fn close(&self) {
         on_db!(self, |pool| pool.close().await)
     }
+}
+
+fn migrator(db: &Db, purpose: Purpose) -> &'static Migrator {
+    match (db, purpose) {
+        (Db::Sqlite(_), Purpose::Events) => &EVENTS_SQLITE,
+        (Db::Sqlite(_), Purpose::Keystore) => &KEYSTORE_SQLITE,
+        (Db::Postgres(_), Purpose::Events) => &EVENTS_POSTGRES,
+        (Db::Postgres(_), Purpose::Keystore) => &KEYSTORE_POSTGRES,
+    }
+}
+
+/// Runs the migrations; a PostgreSQL role refused the privilege to change
+/// the schema gets [`StoreError::NotOwner`], which says what to do.
+async fn run_migrations(db: &Db, purpose: Purpose) -> Result<(), StoreError> {
+    let migrator = migrator(db, purpose);
+    let result = on_db!(db, |pool| migrator.run(pool).await);
+    match (result, db) {
+        (Ok(()), _) => Ok(()),
+        (Err(e), Db::Postgres(pool)) if insufficient_privilege(&e) => {
+            let role: String = sqlx::query_scalar("select current_user::text")
+                .fetch_one(pool)
+                .await?;
+            Err(StoreError::NotOwner {
+                store: purpose.name(),
+                role,
+                cause: e.to_string(),
+            })
+        }
+        (Err(e), _) => Err(e.into()),
+    }
+}
+
+fn insufficient_privilege(e: &sqlx::migrate::MigrateError) -> bool {
+    use sqlx::migrate::MigrateError;
+    match e {
+        MigrateError::Execute(sqlx::Error::Database(d))
+        | MigrateError::ExecuteMigration(sqlx::Error::Database(d), _) => {
+            // insufficient_privilege, or must be owner (42501 as well)
+            d.code().as_deref() == Some("42501")
+        }
+        _ => false,
+    }
+}
+
+/// Who owns a PostgreSQL database's schema, as the migrations table says.
+enum Ownership {
+    /// No migration has run yet.
+    Empty,
+    /// The connected role owns it (or is a member of its owner, or a
+    /// superuser).
+    Owner,
+    /// Another role does: this one is the serving role, named here.
+    Other(String),
+}
+
+async fn pg_schema_owner(pool: &PgPool) -> Result<Ownership, StoreError> {
+    let (exists, owner, role): (bool, Option<bool>, String) = sqlx::query_as(
+        "select to_regclass('_sqlx_migrations') is not null,
+                (select pg_has_role(current_user, c.relowner, 'USAGE') from pg_class c
+                  where c.oid = to_regclass('_sqlx_migrations')),
+                current_user::text",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(match (exists, owner) {
+        (false, _) => Ownership::Empty,
+        (true, Some(true)) => Ownership::Owner,
+        _ => Ownership::Other(role),
+    })
+}
+
+/// Checks, as a role that does not own the schema, that the database has
+/// exactly the migrations of this binary, each applied whole and unchanged.
+async fn check_migrations(pool: &PgPool, purpose: Purpose, role: String) -> Result<(), StoreError> {
+    let applied: Vec<(i64, Vec<u8>, bool)> =
+        sqlx::query_as("select version, checksum, success from _sqlx_migrations order by version")
+            .fetch_all(pool)
+            .await
+            .map_err(|e| StoreError::NotMigrated {
+                store: purpose.name(),
+                role: role.clone(),
+                detail: format!(
+                    "its migrations cannot be read ({e}); grant the role SELECT on _sqlx_migrations"
+                ),
+            })?;
+    let known: Vec<_> = migrator(&Db::Postgres(pool.clone()), purpose)
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .collect();
+    let fail = |detail: String| StoreError::NotMigrated {
+        store: purpose.name(),
+        role: role.clone(),
+        detail,
+    };
+    let missing: Vec<String> = known
+        .iter()
+        .filter(|m| !applied.iter().any(|(v, _, ok)| *v == m.version && *ok))
+        .map(|m| format!("{} ({})", m.version, m.description))
+        .collect();
+    if !missing.is_empty() {
+        return Err(fail(format!(
+            "migration(s) {} not applied",
+            missing.join(", ")
+        )));
+    }
+    if let Some(m) = known.iter().find(|m| {
+        applied
+            .iter()
+            .any(|(v, sum, _)| *v == m.version && sum.as_slice() != &*m.checksum)
+    }) {
+        return Err(fail(format!(
+            "migration {} was applied from a different file than this binary's",
+            m.version
+        )));
+    }
+    if let Some((v, _, _)) = applied
+        .iter()
+        .find(|(v, _, _)| !known.iter().any(|m| m.version == *v))
+    {
+        return Err(fail(format!(
+            "it has migration {v}, which this binary does not know (a newer eventvault migrated it)"
+        )));
+    }
+    Ok(())
+}
+
+/// An SQL identifier in double quotes (quotes inside doubled).
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The statements of a grants file: comments dropped, split at `;`.
+fn sql_statements(sql: &str) -> Vec<String> {
+    let text: String = sql
+        .lines()
+        .map(|l| l.split("--").next().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n");
+    text.split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Creates a directory (and parents) readable by the owner only, so that
@@ -717,6 +981,30 @@ mod tests {
             Some(Fault::Unreachable)
         );
         assert_eq!(sqlx_fault(&sqlx::Error::RowNotFound), None);
+    }
+
+    #[test]
+    fn grants_split_into_statements_and_names_are_quoted() {
+        for purpose in [Purpose::Events, Purpose::Keystore] {
+            let statements = sql_statements(purpose.postgres_grants());
+            assert!(statements.len() >= 4, "{statements:?}");
+            for s in &statements {
+                assert!(s.starts_with("grant "), "{s}");
+                assert!(s.contains(":\"role\""), "{s}");
+                assert!(!s.contains("--"), "{s}");
+            }
+        }
+        // No grant of what history must never have.
+        let events = sql_statements(Purpose::Events.postgres_grants()).join("\n");
+        for line in events.lines().filter(|l| {
+            l.contains(" events ") || l.contains(" audit_log ") || l.contains("forgotten_subjects")
+        }) {
+            for word in ["update", "delete", "truncate"] {
+                assert!(!line.contains(word), "{line}");
+            }
+        }
+        assert_eq!(quote_ident("app"), "\"app\"");
+        assert_eq!(quote_ident("a\"b; drop"), "\"a\"\"b; drop\"");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Snapshots: one per stream, the newest a client saved, and the data keys
 //! each is sealed under (`snapshot_keys`, one row per layer).
 
+use super::data_keys::{Conn, KeyRef, register_key_refs};
 use super::{Db, EventStore, StoreError, now_us, on_db};
 
 /// One layer of a sealed snapshot's key: a subject of the stream and the
@@ -73,6 +74,17 @@ impl NewSnapshot<'_> {
     /// for it to open. The one place a snapshot's key ids are enumerated.
     pub fn key_ids(&self) -> impl Iterator<Item = &str> {
         self.layers.iter().map(|l| l.key_id.as_str())
+    }
+
+    /// The same keys with their subjects, for the key registry.
+    fn key_refs(&self) -> Vec<KeyRef<'_>> {
+        self.layers
+            .iter()
+            .map(|l| KeyRef {
+                key_id: &l.key_id,
+                subject: &l.subject,
+            })
+            .collect()
     }
 }
 
@@ -355,6 +367,8 @@ async fn save_sqlite(pool: &sqlx::SqlitePool, s: &NewSnapshot<'_>) -> Result<Sav
     if let Some(subject) = forgotten {
         return Ok(Saved::Forgotten(subject));
     }
+    // Its keys go into the key registry in the snapshot's transaction.
+    register_key_refs(Conn::from(&mut *tx), &s.key_refs()).await?;
     tx.commit().await?;
     Ok(Saved::Yes)
 }
@@ -401,6 +415,8 @@ async fn save_postgres(pool: &sqlx::PgPool, s: &NewSnapshot<'_>) -> Result<Saved
     if let Some(subject) = forgotten {
         return Ok(Saved::Forgotten(subject));
     }
+    // Its keys go into the key registry in the snapshot's transaction.
+    register_key_refs(Conn::from(&mut *tx), &s.key_refs()).await?;
     tx.commit().await?;
     Ok(Saved::Yes)
 }

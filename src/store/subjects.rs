@@ -1,14 +1,37 @@
-//! The forget ledger (`forgotten_subjects`) and per-subject counts.
+//! The forget ledger (`forgotten_subjects`), what each forget has done
+//! (`destroyed_keys`, `forgets_completed`) and per-subject counts.
+//!
+//! The ledger entry is written once and never changed: the progress of a
+//! forget lives in tables of its own, into which rows are only inserted, so
+//! that the serving database role needs no UPDATE on the ledger.
 
-use super::{EventStore, StoreError, now_us, on_db};
+use super::{Db, EventStore, StoreError, now_us, on_db};
 
-/// A subject's entry in the forget ledger.
+/// A subject's entry in the forget ledger, with its progress.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ForgottenRow {
     pub subject: String,
     pub forgotten_at: i64,
+    /// Keys recorded as destroyed by this subject's forget, over all its
+    /// attempts (each recorded before the keystore deletes it).
     pub keys_destroyed: i64,
+    /// When the forget ran to its end; `None` while it is under way.
     pub completed_at: Option<i64>,
+}
+
+/// The ledger's columns with the forget's progress. Forgets made before
+/// progress had tables of its own kept their count in the ledger's
+/// `keys_destroyed` (no longer written): both are added.
+macro_rules! select_forgotten {
+    ($rest:literal) => {
+        concat!(
+            "select f.subject, f.forgotten_at,
+                f.keys_destroyed + (select count(*) from destroyed_keys d where d.subject = f.subject) as keys_destroyed,
+                (select c.completed_at from forgets_completed c where c.subject = f.subject) as completed_at
+             from forgotten_subjects f ",
+            $rest
+        )
+    };
 }
 
 impl EventStore {
@@ -57,12 +80,10 @@ impl EventStore {
 
     pub async fn forgotten(&self, subject: &str) -> Result<Option<ForgottenRow>, StoreError> {
         Ok(on_db!(&self.db, |pool| {
-            sqlx::query_as(
-                "select subject, forgotten_at, keys_destroyed, completed_at from forgotten_subjects where subject = $1",
-            )
-            .bind(subject)
-            .fetch_optional(pool)
-            .await
+            sqlx::query_as(select_forgotten!("where f.subject = $1"))
+                .bind(subject)
+                .fetch_optional(pool)
+                .await
         })?)
     }
 
@@ -96,26 +117,53 @@ impl EventStore {
         Ok(self.forgotten_among(subjects).await?.into_iter().min())
     }
 
-    /// Adds keys destroyed by a forget to its ledger entry.
-    pub async fn add_keys_destroyed(&self, subject: &str, n: u64) -> Result<(), StoreError> {
-        on_db!(&self.db, |pool| {
-            sqlx::query(
-                "update forgotten_subjects set keys_destroyed = keys_destroyed + $2 where subject = $1",
-            )
-            .bind(subject)
-            .bind(n as i64)
-            .execute(pool)
-            .await
-            .map(|r| r.rows_affected())
-        })?;
+    /// Records, before the keystore deletes them, that the forget of
+    /// `subject` destroys the keys `key_ids` (those recorded before are left
+    /// as they are): the count survives a failure of any later step.
+    pub async fn record_destroyed_keys(
+        &self,
+        subject: &str,
+        key_ids: &[String],
+    ) -> Result<(), StoreError> {
+        if key_ids.is_empty() {
+            return Ok(());
+        }
+        match &self.db {
+            Db::Sqlite(pool) => {
+                sqlx::query(
+                    "insert into destroyed_keys (key_id, subject, destroyed_at)
+                     select value, $2, $3 from json_each($1) where true
+                     on conflict (key_id) do nothing",
+                )
+                .bind(serde_json::to_string(key_ids).expect("strings serialise"))
+                .bind(subject)
+                .bind(now_us())
+                .execute(pool)
+                .await?;
+            }
+            Db::Postgres(pool) => {
+                sqlx::query(
+                    "insert into destroyed_keys (key_id, subject, destroyed_at)
+                     select k, $2, $3 from unnest($1::text[]) as t(k)
+                     on conflict (key_id) do nothing",
+                )
+                .bind(key_ids)
+                .bind(subject)
+                .bind(now_us())
+                .execute(pool)
+                .await?;
+            }
+        }
         Ok(())
     }
 
-    /// Marks a forget as carried out to the end.
+    /// Marks a forget as carried out to the end (once: a second mark keeps
+    /// the first time).
     pub async fn complete_forget(&self, subject: &str) -> Result<(), StoreError> {
         on_db!(&self.db, |pool| {
             sqlx::query(
-                "update forgotten_subjects set completed_at = $2 where subject = $1 and completed_at is null",
+                "insert into forgets_completed (subject, completed_at) values ($1, $2)
+                 on conflict (subject) do nothing",
             )
             .bind(subject)
             .bind(now_us())
@@ -134,10 +182,9 @@ impl EventStore {
         limit: u32,
     ) -> Result<Vec<ForgottenRow>, StoreError> {
         Ok(on_db!(&self.db, |pool| {
-            sqlx::query_as(
-                "select subject, forgotten_at, keys_destroyed, completed_at from forgotten_subjects
-                 where subject > $1 order by subject limit $2",
-            )
+            sqlx::query_as(select_forgotten!(
+                "where f.subject > $1 order by f.subject limit $2"
+            ))
             .bind(after)
             .bind(i64::from(limit))
             .fetch_all(pool)

@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use super::feed::{COMMIT_CHANNEL, Feed};
-use super::{Db, Fault, StoreError, audit, now_us};
+use super::{Db, Fault, StoreError, audit, data_keys, now_us};
 use crate::audit::{AuditEntry, AuditRecord, Outcome, seal_records};
 use crate::domain::{AppendResult, ExpectedVersion, StreamId};
 use crate::metrics::{Committed, Metrics};
@@ -436,6 +436,23 @@ struct Rows {
     metadata: Vec<String>,
     append_index: Vec<i32>,
     append_size: Vec<i32>,
+}
+
+impl Rows {
+    /// The data keys the group's sealed events refer to, for the key
+    /// registry (written in the group's transaction).
+    fn key_refs(&self) -> Vec<data_keys::KeyRef<'_>> {
+        self.key_id
+            .iter()
+            .zip(&self.subject)
+            .filter_map(|(k, s)| {
+                Some(data_keys::KeyRef {
+                    key_id: k.as_deref()?,
+                    subject: s.as_deref()?,
+                })
+            })
+            .collect()
+    }
 }
 
 /// One job's outcome: `None` for a job without an append.
@@ -955,7 +972,7 @@ async fn sqlite_write(tx: &mut SqliteConnection, plan: &Plan) -> Result<(), Stor
     .bind(plan.recorded_at)
     .execute(&mut *tx)
     .await?;
-    Ok(())
+    data_keys::register_key_refs(data_keys::Conn::Sqlite(tx), &plan.rows.key_refs()).await
 }
 
 async fn pg_snapshot(
@@ -1033,7 +1050,7 @@ async fn pg_write(tx: &mut PgConnection, plan: &Plan) -> Result<(), StoreError> 
     .bind(&r.append_size)
     .execute(&mut *tx)
     .await?;
-    Ok(())
+    data_keys::register_key_refs(data_keys::Conn::Postgres(tx), &r.key_refs()).await
 }
 
 #[cfg(test)]

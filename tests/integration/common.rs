@@ -9,7 +9,6 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use eventvault::app::{Application, Config, Progress};
-use eventvault::service::LedgerState;
 use reqwest::{Response, StatusCode};
 use serde_json::{Value, json};
 use sqlx::Connection as _;
@@ -257,6 +256,13 @@ pub fn with_database(url: &str, db: &str) -> String {
     }
 }
 
+/// Replaces the user of a PostgreSQL URL (`postgres://user@host/db`).
+pub fn with_user(url: &str, user: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
+    let host = rest.split_once('@').map_or(rest, |(_, h)| h);
+    format!("{scheme}://{user}@{host}")
+}
+
 /// The storage of one test: databases, master key, policies. Survives
 /// restarts of the application; cleaned up when dropped.
 pub struct TestEnv {
@@ -297,6 +303,11 @@ pub struct TestEnv {
     pub nats: Mutex<Option<NatsTarget>>,
     /// How long a request waits for a store that does not answer.
     pub store_timeout: Mutex<std::time::Duration>,
+    /// Whether the next start accepts missing data keys.
+    pub accept_missing_keys: Mutex<bool>,
+    /// PostgreSQL: the role the application connects to both databases as
+    /// (`None`: the owner the databases were made with).
+    pub serving_role: Mutex<Option<String>>,
 }
 
 /// A NATS server, JetStream stream and subject prefix for the relay.
@@ -362,6 +373,8 @@ impl TestEnv {
             idle_timeout: Mutex::new(std::time::Duration::from_secs(60)),
             nats: Mutex::new(None),
             store_timeout: Mutex::new(eventvault::store::DEFAULT_STORE_TIMEOUT),
+            accept_missing_keys: Mutex::new(false),
+            serving_role: Mutex::new(None),
         })
     }
 
@@ -371,10 +384,15 @@ impl TestEnv {
 
     pub fn config(&self) -> Config {
         let nats = self.nats.lock().unwrap().clone();
+        let role = self.serving_role.lock().unwrap().clone();
+        let as_role = |url: &str| match &role {
+            Some(r) => with_user(url, r),
+            None => url.to_owned(),
+        };
         Config {
             listen: "127.0.0.1:0".parse().unwrap(),
-            database_url: self.database_url.clone(),
-            keystore_url: self.keystore_url.clone(),
+            database_url: as_role(&self.database_url),
+            keystore_url: as_role(&self.keystore_url),
             master_key_file: self.master_key_file(),
             master_key: None,
             policies_dir: self.policies.lock().unwrap().clone(),
@@ -406,6 +424,7 @@ impl TestEnv {
                 || eventvault::relay::DEFAULT_SUBJECT_PREFIX.into(),
                 |n| n.subject_prefix.clone(),
             ),
+            accept_missing_keys: *self.accept_missing_keys.lock().unwrap(),
         }
     }
 
@@ -502,21 +521,18 @@ impl TestApp {
         app
     }
 
-    /// Waits until the application has re-applied the forget ledger (and so
-    /// serves data); fails the test if the re-apply failed or took longer
-    /// than a minute.
+    /// Waits until the application has re-applied the forget ledger and
+    /// checked the data keys (and so serves data); fails the test if either
+    /// failed or took longer than a minute.
     pub async fn ready(&self) {
-        let mut ledger = self.progress().ledger;
-        let state = tokio::time::timeout(
-            Duration::from_secs(60),
-            ledger.wait_for(|s| *s != LedgerState::Reapplying),
-        )
-        .await
-        .expect("the forget ledger is re-applied within a minute")
-        .map(|s| *s);
+        let mut progress = self.progress();
+        let state = tokio::time::timeout(Duration::from_secs(60), progress.ready())
+            .await
+            .expect("the application is ready or refuses within a minute");
         match state {
-            Ok(LedgerState::Applied) => {}
-            _ => {
+            Ok(()) => {}
+            Err(why) => {
+                eprintln!("not ready: {why}");
                 // The service stops; its error says why.
                 let task = self.task.lock().await.take();
                 let outcome = match task {

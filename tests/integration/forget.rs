@@ -414,14 +414,16 @@ async fn an_interrupted_forget_is_completed_at_start(backend: Backend) {
     // The key deletion fails once.
     refuse_key_deletions(&ks).await;
     let (status, body) = forget(&app, &app.token(), "cust-1").await;
-    assert!(status.is_server_error(), "{status} {body}");
+    // The intent is recorded, so the answer says so: being forgotten.
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["state"], "forgetting", "{body}");
     assert!(
         !body.to_string().contains("disk on fire"),
         "no internals: {body}"
     );
-    // The intent is recorded: the subject is forgotten, appends are refused.
+    // The subject is being forgotten, appends are refused.
     let (_, text) = get(&app, "/subjects/cust-1", &app.token()).await;
-    assert!(text.contains("\"forgotten\""), "{text}");
+    assert!(text.contains("\"forgetting\""), "{text}");
     // ... and reads show it erased although its key could not be deleted yet.
     let r = app
         .append(

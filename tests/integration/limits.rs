@@ -34,7 +34,7 @@ both_backends!(
 /// fails: far beyond every timeout the tests set.
 const PATIENCE: Duration = Duration::from_secs(30);
 
-async fn connect(app: &TestApp) -> TcpStream {
+pub async fn connect(app: &TestApp) -> TcpStream {
     TcpStream::connect(app.base.trim_start_matches("http://"))
         .await
         .expect("connect")
@@ -65,7 +65,7 @@ async fn until_closed(s: &mut TcpStream) -> String {
 
 /// One response (head and `Content-Length` body) from a kept-alive
 /// connection.
-async fn one_response(s: &mut TcpStream) -> String {
+pub async fn one_response(s: &mut TcpStream) -> String {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     tokio::time::timeout(PATIENCE, async {
@@ -94,13 +94,13 @@ async fn one_response(s: &mut TcpStream) -> String {
 }
 
 /// The problem document at the end of a raw response.
-fn problem(response: &str) -> Value {
+pub fn problem(response: &str) -> Value {
     let (_, body) = response.split_once("\r\n\r\n").expect("a head and a body");
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response:?}"))
 }
 
 /// The value of a counter or gauge line of `GET /metrics`.
-async fn metric(app: &TestApp, line: &str) -> u64 {
+pub async fn metric(app: &TestApp, line: &str) -> u64 {
     let text = app
         .client
         .get(format!("{}/metrics", app.base))
@@ -204,7 +204,7 @@ async fn oversized_headers_are_answered_431_and_others_are_served(backend: Backe
 
 /// Writes `bytes` one at a time, `every` apart, until the server closes the
 /// connection (a slow client; the pace is the behaviour under test).
-fn trickle(
+pub fn trickle(
     mut w: tokio::net::tcp::OwnedWriteHalf,
     bytes: Vec<u8>,
     every: Duration,

@@ -61,13 +61,13 @@ const PATIENCE: Duration = Duration::from_secs(15);
 
 /// A JetStream stream and subject prefix of this test's own; the stream is
 /// deleted when this is dropped, also when the test fails.
-struct Broker {
+pub struct Broker {
     js: jetstream::Context,
-    target: NatsTarget,
+    pub target: NatsTarget,
 }
 
 impl Broker {
-    async fn new() -> Broker {
+    pub async fn new() -> Broker {
         let client = async_nats::connect(NATS_URL).await.unwrap_or_else(|e| {
             panic!("these tests need a NATS server with JetStream on {NATS_URL}: {e}")
         });
@@ -129,7 +129,7 @@ impl Broker {
     /// an ordered consumer of its own (from the first message, not
     /// acknowledging) receives them as JetStream stores them.
     #[track_caller]
-    fn wait_until_stored(&self, n: u64) -> impl Future<Output = ()> + '_ {
+    pub fn wait_until_stored(&self, n: u64) -> impl Future<Output = ()> + '_ {
         let caller = std::panic::Location::caller();
         async move {
             let received = tokio::time::timeout(PATIENCE, async {
@@ -283,7 +283,7 @@ async fn checkpoint(db: &Db, stream: &str) -> Option<i64> {
 /// (it logs each saved checkpoint: `… stream=<stream> position=<n>`, at
 /// debug or info level), then checks the saved row.
 #[track_caller]
-fn wait_for_checkpoint<'a>(
+pub fn wait_for_checkpoint<'a>(
     db: &'a Db,
     stream: &'a str,
     position: i64,
