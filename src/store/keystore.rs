@@ -305,14 +305,14 @@ impl Keystore {
             "update deks set wrapped = $1, kek_id = $2 where key_id = $3 and kek_id = $4";
         on_db!(&self.db, |pool| {
             async {
-                let mut tx = pool.begin().await?;
+                let mut tx = super::tx::Tx::begin(pool, "begin").await?;
                 for (id, wrapped) in keys {
                     sqlx::query(SQL)
                         .bind(wrapped)
                         .bind(to)
                         .bind(id)
                         .bind(from)
-                        .execute(&mut *tx)
+                        .execute(tx.conn())
                         .await?;
                 }
                 tx.commit().await

@@ -15,6 +15,7 @@ pub mod principals;
 pub mod relay;
 pub mod snapshots;
 pub mod subjects;
+pub mod tx;
 pub mod writer;
 
 use std::str::FromStr;
@@ -417,7 +418,7 @@ impl Db {
         let database: String = sqlx::query_scalar("select current_database()")
             .fetch_one(pool)
             .await?;
-        let mut tx = pool.begin().await?;
+        let mut tx = tx::Tx::begin(pool, "begin").await?;
         // Split before the names go in: they are quoted, and may hold
         // anything a quoted identifier may.
         for statement in sql_statements(purpose.postgres_grants()) {
@@ -425,7 +426,7 @@ impl Db {
                 .replace(":\"role\"", &quote_ident(role))
                 .replace(":\"DBNAME\"", &quote_ident(&database));
             sqlx::query(sqlx::AssertSqlSafe(statement))
-                .execute(&mut *tx)
+                .execute(tx.conn())
                 .await?;
         }
         tx.commit().await?;

@@ -2,6 +2,7 @@
 //! each is sealed under (`snapshot_keys`, one row per layer).
 
 use super::data_keys::{Conn, KeyRef, register_key_refs};
+use super::tx::Tx;
 use super::{Db, EventStore, StoreError, now_us, on_db};
 
 /// One layer of a sealed snapshot's key: a subject of the stream and the
@@ -320,7 +321,7 @@ const DELETE_LAYERS: &str = "delete from snapshot_keys where stream_id = $1";
 async fn save_sqlite(pool: &sqlx::SqlitePool, s: &NewSnapshot<'_>) -> Result<Saved, StoreError> {
     // The only writer of the file from the first statement on, like the
     // group-commit writer: no upgrade from reader to writer to fail.
-    let mut tx = pool.begin_with("begin immediate").await?;
+    let mut tx = Tx::begin(pool, "begin immediate").await?;
     let written = sqlx::query(UPSERT)
         .bind(s.stream_id)
         .bind(i64::try_from(s.version).unwrap_or(i64::MAX))
@@ -329,15 +330,16 @@ async fn save_sqlite(pool: &sqlx::SqlitePool, s: &NewSnapshot<'_>) -> Result<Sav
         .bind(s.sealed.as_deref())
         .bind(s.wrapped_key.as_deref())
         .bind(now_us())
-        .execute(&mut *tx)
+        .execute(tx.conn())
         .await?
         .rows_affected();
     if written == 0 {
+        tx.rollback().await;
         return Ok(Saved::Not);
     }
     sqlx::query(DELETE_LAYERS)
         .bind(s.stream_id)
-        .execute(&mut *tx)
+        .execute(tx.conn())
         .await?;
     // The layers travel as one JSON array of [subject, key id] pairs; the
     // array index is the layer.
@@ -354,7 +356,7 @@ async fn save_sqlite(pool: &sqlx::SqlitePool, s: &NewSnapshot<'_>) -> Result<Sav
     )
     .bind(s.stream_id)
     .bind(&layers)
-    .execute(&mut *tx)
+    .execute(tx.conn())
     .await?;
     let forgotten: Option<String> = sqlx::query_scalar(
         "select subject from forgotten_subjects
@@ -362,19 +364,20 @@ async fn save_sqlite(pool: &sqlx::SqlitePool, s: &NewSnapshot<'_>) -> Result<Sav
          order by subject limit 1",
     )
     .bind(&layers)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(tx.conn())
     .await?;
     if let Some(subject) = forgotten {
+        tx.rollback().await;
         return Ok(Saved::Forgotten(subject));
     }
     // Its keys go into the key registry in the snapshot's transaction.
-    register_key_refs(Conn::from(&mut *tx), &s.key_refs()).await?;
+    register_key_refs(Conn::from(tx.conn()), &s.key_refs()).await?;
     tx.commit().await?;
     Ok(Saved::Yes)
 }
 
 async fn save_postgres(pool: &sqlx::PgPool, s: &NewSnapshot<'_>) -> Result<Saved, StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = Tx::begin(pool, "begin").await?;
     let written = sqlx::query(UPSERT)
         .bind(s.stream_id)
         .bind(i64::try_from(s.version).unwrap_or(i64::MAX))
@@ -383,15 +386,16 @@ async fn save_postgres(pool: &sqlx::PgPool, s: &NewSnapshot<'_>) -> Result<Saved
         .bind(s.sealed.as_deref())
         .bind(s.wrapped_key.as_deref())
         .bind(now_us())
-        .execute(&mut *tx)
+        .execute(tx.conn())
         .await?
         .rows_affected();
     if written == 0 {
+        tx.rollback().await;
         return Ok(Saved::Not);
     }
     sqlx::query(DELETE_LAYERS)
         .bind(s.stream_id)
-        .execute(&mut *tx)
+        .execute(tx.conn())
         .await?;
     let subjects: Vec<&str> = s.layers.iter().map(|l| l.subject.as_str()).collect();
     let key_ids: Vec<&str> = s.key_ids().collect();
@@ -403,20 +407,21 @@ async fn save_postgres(pool: &sqlx::PgPool, s: &NewSnapshot<'_>) -> Result<Saved
     .bind(s.stream_id)
     .bind(&subjects)
     .bind(&key_ids)
-    .execute(&mut *tx)
+    .execute(tx.conn())
     .await?;
     let forgotten: Option<String> = sqlx::query_scalar(
         "select subject from forgotten_subjects where subject = any($1)
          order by subject limit 1",
     )
     .bind(&subjects)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(tx.conn())
     .await?;
     if let Some(subject) = forgotten {
+        tx.rollback().await;
         return Ok(Saved::Forgotten(subject));
     }
     // Its keys go into the key registry in the snapshot's transaction.
-    register_key_refs(Conn::from(&mut *tx), &s.key_refs()).await?;
+    register_key_refs(Conn::from(tx.conn()), &s.key_refs()).await?;
     tx.commit().await?;
     Ok(Saved::Yes)
 }

@@ -58,17 +58,17 @@ impl EventStore {
                 // With its notice, in one transaction: other processes drop
                 // the rows they hold for subscribers if and only if the
                 // entry committed.
-                let mut tx = pool.begin().await?;
+                let mut tx = super::tx::Tx::begin(pool, "begin").await?;
                 sqlx::query(INSERT)
                     .bind(subject)
                     .bind(now_us())
                     .bind(reason)
-                    .execute(&mut *tx)
+                    .execute(tx.conn())
                     .await?;
                 sqlx::query("select pg_notify($1, $2)")
                     .bind(super::feed::COMMIT_CHANNEL)
                     .bind(super::feed::FORGET_NOTICE)
-                    .execute(&mut *tx)
+                    .execute(tx.conn())
                     .await?;
                 tx.commit().await?;
             }

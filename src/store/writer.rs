@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use super::feed::{COMMIT_CHANNEL, Feed};
+use super::tx::Tx;
 use super::{Db, Fault, StoreError, audit, data_keys, now_us};
 use crate::audit::{AuditEntry, AuditRecord, Outcome, seal_records};
 use crate::domain::{AppendResult, ExpectedVersion, StreamId};
@@ -657,21 +658,6 @@ impl From<sqlx::Error> for GroupFailure {
     }
 }
 
-/// Ends a failed group's transaction: rolls it back and closes the
-/// connection, so that no connection goes back to the pool inside a
-/// transaction. (After `SQLITE_FULL` SQLite may already have rolled back by
-/// itself; a transaction object of sqlx would then still believe it open
-/// and refuse every later `BEGIN` on that connection, which is how a full
-/// disk once wedged the writer for good. The transaction is therefore
-/// driven by plain statements here.)
-async fn discard<DB: sqlx::Database>(mut conn: sqlx::pool::PoolConnection<DB>)
-where
-    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
-{
-    let _ = sqlx::raw_sql("rollback").execute(&mut *conn).await;
-    let _ = conn.close().await;
-}
-
 /// Commits one small write (a row of `write_probe`) in a transaction of its
 /// own, as the writer would: whether writes can commit now. Readiness asks
 /// it while the writer's last group failed, so that it reports recovery
@@ -679,124 +665,105 @@ where
 async fn probe_write(db: &Db) -> Result<(), StoreError> {
     const PROBE: &str = "insert into write_probe (id, probed_at) values (1, $1)
          on conflict (id) do update set probed_at = excluded.probed_at";
-    macro_rules! probe {
-        ($pool:expr, $begin:literal, $lock:literal) => {{
-            let mut conn = $pool.acquire().await?;
-            sqlx::raw_sql($begin).execute(&mut *conn).await?;
-            let done = async {
-                if !$lock.is_empty() {
-                    sqlx::query($lock)
-                        .bind(PG_WRITER_LOCK)
-                        .execute(&mut *conn)
-                        .await?;
-                }
-                sqlx::query(PROBE)
-                    .bind(now_us())
-                    .execute(&mut *conn)
-                    .await?;
-                sqlx::raw_sql("commit").execute(&mut *conn).await
-            }
-            .await;
-            if let Err(e) = done {
-                discard(conn).await;
-                return Err(e.into());
-            }
-        }};
-    }
     match db {
-        Db::Sqlite(pool) => probe!(pool, "begin immediate", ""),
-        // The writer's lock too: a writer stuck holding it means writes do
-        // not commit, whatever else the database still does.
-        Db::Postgres(pool) => probe!(pool, "begin", "select pg_advisory_xact_lock($1)"),
+        Db::Sqlite(pool) => {
+            let mut tx = Tx::begin(pool, "begin immediate").await?;
+            sqlx::query(PROBE).bind(now_us()).execute(tx.conn()).await?;
+            tx.commit().await?;
+        }
+        Db::Postgres(pool) => {
+            let mut tx = Tx::begin(pool, "begin").await?;
+            // The writer's lock too: a writer stuck holding it means writes
+            // do not commit, whatever else the database still does.
+            sqlx::query("select pg_advisory_xact_lock($1)")
+                .bind(PG_WRITER_LOCK)
+                .execute(tx.conn())
+                .await?;
+            sqlx::query(PROBE).bind(now_us()).execute(tx.conn()).await?;
+            tx.commit().await?;
+        }
     }
     Ok(())
 }
 
+/// The group's transaction on SQLite: `begin immediate` makes it the only
+/// writer of the file from its first statement.
+async fn sqlite_group(
+    pool: &sqlx::SqlitePool,
+    jobs: Vec<Job>,
+    anchor: Option<(u64, [u8; 32])>,
+) -> Result<Plan, GroupFailure> {
+    let mut tx = Tx::begin(pool, "begin immediate").await?;
+    let c = tx.conn();
+    let cmds: Vec<&AppendCommand> = jobs.iter().filter_map(|j| j.append.as_ref()).collect();
+    let snap = sqlite_snapshot(c, &cmds).await?;
+    let kept = match anchor {
+        Some((seq, _)) if seq < snap.audit_head.0 => audit::sqlite_hash_at(c, seq).await?,
+        _ => None,
+    };
+    audit::check_anchor(anchor, snap.audit_head, kept)?;
+    let plan = plan(jobs, snap);
+    sqlite_write(c, &plan).await?;
+    audit::sqlite_insert(c, &plan.audit).await?;
+    // A SQLite commit that fails has not committed.
+    tx.commit().await?;
+    Ok(plan)
+}
+
+/// The group's transaction on PostgreSQL, under the writers' advisory lock.
+async fn pg_group(
+    pool: &sqlx::PgPool,
+    jobs: Vec<Job>,
+    anchor: Option<(u64, [u8; 32])>,
+) -> Result<Plan, GroupFailure> {
+    let mut tx = Tx::begin(pool, "begin").await?;
+    let c = tx.conn();
+    let cmds: Vec<&AppendCommand> = jobs.iter().filter_map(|j| j.append.as_ref()).collect();
+    sqlx::query("select pg_advisory_xact_lock($1)")
+        .bind(PG_WRITER_LOCK)
+        .execute(&mut *c)
+        .await?;
+    let snap = pg_snapshot(c, &cmds).await?;
+    let kept = match anchor {
+        Some((seq, _)) if seq < snap.audit_head.0 => audit::pg_hash_at(c, seq).await?,
+        _ => None,
+    };
+    audit::check_anchor(anchor, snap.audit_head, kept)?;
+    let plan = plan(jobs, snap);
+    pg_write(c, &plan).await?;
+    audit::pg_insert(c, &plan.audit).await?;
+    if let Some(head) = plan.rows.position.last() {
+        // Delivered to the other processes only if this commits.
+        sqlx::query("select pg_notify($1, $2)")
+            .bind(COMMIT_CHANNEL)
+            .bind(head.to_string())
+            .execute(&mut *c)
+            .await?;
+    }
+    if let Err(e) = tx.commit().await {
+        // An answer the server gave means it did not commit; a lost
+        // connection leaves the outcome unknown.
+        let error = StoreError::from(e);
+        let maybe_committed = error.fault() == Some(Fault::Unreachable);
+        return Err(GroupFailure {
+            error,
+            maybe_committed,
+        });
+    }
+    Ok(plan)
+}
+
+/// Decides and writes one group in one transaction. A failed group's
+/// transaction is rolled back and its connection closed (see
+/// [`super::tx`]): the writer goes on with the next group.
 async fn commit_group(
     db: &Db,
     jobs: Vec<Job>,
     anchor: &mut Option<(u64, [u8; 32])>,
 ) -> Result<(Outcomes, Option<u64>, Committed), GroupFailure> {
     let plan = match db {
-        Db::Sqlite(pool) => {
-            let mut conn = pool.acquire().await?;
-            sqlx::raw_sql("begin immediate").execute(&mut *conn).await?;
-            let done = async {
-                let tx = &mut *conn;
-                let cmds: Vec<&AppendCommand> =
-                    jobs.iter().filter_map(|j| j.append.as_ref()).collect();
-                let snap = sqlite_snapshot(tx, &cmds).await?;
-                let kept = match *anchor {
-                    Some((seq, _)) if seq < snap.audit_head.0 => {
-                        audit::sqlite_hash_at(tx, seq).await?
-                    }
-                    _ => None,
-                };
-                audit::check_anchor(*anchor, snap.audit_head, kept)?;
-                let plan = plan(jobs, snap);
-                sqlite_write(tx, &plan).await?;
-                audit::sqlite_insert(tx, &plan.audit).await?;
-                sqlx::raw_sql("commit").execute(&mut *tx).await?;
-                Ok::<_, GroupFailure>(plan)
-            }
-            .await;
-            match done {
-                Ok(plan) => plan,
-                Err(failure) => {
-                    discard(conn).await;
-                    return Err(failure);
-                }
-            }
-        }
-        Db::Postgres(pool) => {
-            let mut conn = pool.acquire().await?;
-            sqlx::raw_sql("begin").execute(&mut *conn).await?;
-            let done = async {
-                let tx = &mut *conn;
-                let cmds: Vec<&AppendCommand> =
-                    jobs.iter().filter_map(|j| j.append.as_ref()).collect();
-                sqlx::query("select pg_advisory_xact_lock($1)")
-                    .bind(PG_WRITER_LOCK)
-                    .execute(&mut *tx)
-                    .await?;
-                let snap = pg_snapshot(tx, &cmds).await?;
-                let kept = match *anchor {
-                    Some((seq, _)) if seq < snap.audit_head.0 => audit::pg_hash_at(tx, seq).await?,
-                    _ => None,
-                };
-                audit::check_anchor(*anchor, snap.audit_head, kept)?;
-                let plan = plan(jobs, snap);
-                pg_write(tx, &plan).await?;
-                audit::pg_insert(tx, &plan.audit).await?;
-                if let Some(head) = plan.rows.position.last() {
-                    // Delivered to the other processes only if this commits.
-                    sqlx::query("select pg_notify($1, $2)")
-                        .bind(COMMIT_CHANNEL)
-                        .bind(head.to_string())
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                if let Err(e) = sqlx::raw_sql("commit").execute(&mut *tx).await {
-                    // An answer the server gave means it did not commit; a
-                    // lost connection leaves the outcome unknown.
-                    let error = StoreError::from(e);
-                    let maybe_committed = error.fault() == Some(Fault::Unreachable);
-                    return Err(GroupFailure {
-                        error,
-                        maybe_committed,
-                    });
-                }
-                Ok::<_, GroupFailure>(plan)
-            }
-            .await;
-            match done {
-                Ok(plan) => plan,
-                Err(failure) => {
-                    discard(conn).await;
-                    return Err(failure);
-                }
-            }
-        }
+        Db::Sqlite(pool) => sqlite_group(pool, jobs, *anchor).await?,
+        Db::Postgres(pool) => pg_group(pool, jobs, *anchor).await?,
     };
     if let Some(last) = plan.audit.last() {
         *anchor = Some((last.seq, last.hash));

@@ -510,6 +510,17 @@ impl Drop for SmallDisk {
     }
 }
 
+/// Saves the snapshot of the first appender's stream at its version 1.
+async fn save_snapshot(app: &TestApp) -> reqwest::Response {
+    app.client
+        .put(format!("{}/streams/accounts-fault-0/snapshot", app.base))
+        .bearer_auth(app.token())
+        .json(&serde_json::json!({"version": 1, "state": {"balance": "10.00"}}))
+        .send()
+        .await
+        .unwrap()
+}
+
 /// The SQLite event store's disk fills up under load: appends and audited
 /// reads get a prompt 503, `/readyz` says `full`; once space is freed the
 /// next append succeeds without a restart (the failed transactions were
@@ -531,11 +542,21 @@ async fn sqlite_a_full_disk_is_answered_promptly_and_then_served() {
     let ballast = disk.fill();
     load.refused(6).await;
     assert_not_ready(&app, &["full", "unavailable"]).await;
+    // A snapshot's transaction, too, is refused and rolled back.
+    let r = save_snapshot(&app).await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    check_unavailable(r, Duration::ZERO).await.unwrap();
 
     disk.free();
     // Readiness finds out by itself that writes commit again.
     assert_ready(&app).await;
     load.serves_again(10).await;
+    // Its connection did not go back to the pool inside a transaction that
+    // SQLite had ended: snapshots are saved again.
+    for _ in 0..3 {
+        let r = save_snapshot(&app).await;
+        assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+    }
     let attempts = load.finish().await;
     let acked = assert_nothing_lost(&app, &attempts).await;
     let refused = attempts
