@@ -637,7 +637,20 @@ async fn reapply_ledger(
     events: &Events,
     ledger: &watch::Sender<LedgerState>,
 ) -> Result<(), ServiceError> {
-    match events.reapply_forgets().await {
+    // A store that does not answer yet is asked again (not ready
+    // meanwhile); any other failure stops the service.
+    let mut wait = std::time::Duration::from_millis(500);
+    let reapplied = loop {
+        match events.reapply_forgets().await {
+            Err(e) if e.fault().is_some() => {
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot re-apply the forget ledger yet; eventvault is not ready");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(5));
+            }
+            other => break other,
+        }
+    };
+    match reapplied {
         Ok(reapplied) => {
             if reapplied.reshredded > 0 {
                 tracing::warn!(

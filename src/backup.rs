@@ -156,10 +156,14 @@ impl PgDumpConnection {
             .split_once("://")
             .filter(|(scheme, _)| matches!(*scheme, "postgres" | "postgresql"))
             .ok_or_else(|| bad("it must start with postgres:// or postgresql://"))?;
-        // libpq ends the user information at the first '@' before the path
-        // (a literal '@' in a password must be written %40).
+        // The user information ends at the last '@' before the path, as the
+        // service reads the URL (sqlx), so that a raw '@' in a password is
+        // part of the password here too, never of a host that pg_dump would
+        // then show on its command line. (libpq would stop at the first one:
+        // the URL handed over carries no password, and its user part is
+        // re-encoded.)
         let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        let (userinfo, rest) = match rest[..authority_end].find('@') {
+        let (userinfo, rest) = match rest[..authority_end].rfind('@') {
             Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
             None => (None, rest),
         };
@@ -210,7 +214,10 @@ impl PgDumpConnection {
         }
         let mut out = format!("{scheme}://");
         if let Some(user) = user.filter(|u| !u.is_empty()) {
-            out.push_str(user);
+            // Decoded and encoded again: a raw '@' or ':' in it is escaped.
+            out.push_str(&percent_encode(&String::from_utf8_lossy(&percent_decode(
+                user,
+            ))));
             out.push('@');
         }
         out.push_str(before_query);
@@ -275,6 +282,13 @@ mod tests {
             c.password
                 .map(|p| p.into_string().expect("UTF-8 in these tests")),
         )
+    }
+
+    #[test]
+    fn a_raw_at_sign_in_a_password_stays_in_the_password() {
+        let c = PgDumpConnection::from_url("postgres://app:se@cret@db:5432/ev").unwrap();
+        assert_eq!(c.url, "postgres://app@db:5432/ev");
+        assert_eq!(c.password.as_deref(), Some(std::ffi::OsStr::new("se@cret")));
     }
 
     #[test]

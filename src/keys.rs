@@ -323,6 +323,15 @@ impl KeyManager {
     /// new one, when its count would pass the limit. Two requests racing to
     /// create a key end up with the same key: the keystore keeps one active
     /// key per subject and the loser reads it back.
+    /// Whether the subject's active key is cached here (an append about
+    /// it then needs no keystore, and creates no key).
+    pub fn has_active_key_cached(&self, subject: &str) -> bool {
+        self.by_subject
+            .lock()
+            .expect("cache lock")
+            .contains(subject)
+    }
+
     pub async fn key_for_subject(&self, subject: &str, n: u64) -> Result<ActiveKey, KeyError> {
         if n > self.max_encryptions {
             return Err(KeyError::MasterKey(format!(

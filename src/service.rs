@@ -91,6 +91,17 @@ pub enum ServiceError {
     Unavailable,
 }
 
+impl ServiceError {
+    /// The condition of a store behind this error, if that is its cause
+    /// (retrying later may succeed).
+    pub fn fault(&self) -> Option<crate::store::Fault> {
+        match self {
+            Self::Store(e) | Self::Key(KeyError::Store(e)) => e.fault(),
+            _ => None,
+        }
+    }
+}
+
 impl From<WriteError> for ServiceError {
     fn from(e: WriteError) -> Self {
         match e {
@@ -330,6 +341,14 @@ impl PendingForgets {
     }
 }
 
+/// The namespace of the ids of `$subjects` events (UUID v5 of the subject).
+const SUBJECTS_LEDGER_IDS: Uuid = Uuid::from_u128(0x6576_7661_756c_7424_7375_626a_6563_7473);
+
+/// How often the background completion looks in the forget ledger for
+/// forgets that no process finished (one that stopped, in a deployment of
+/// several): whichever process sees one finishes it.
+const FORGET_SWEEP: Duration = Duration::from_secs(60);
+
 /// The first wait of the background completion after a failure, and the
 /// longest: the keystore is tried again at most this long after it answers.
 const FORGET_RETRY_FIRST: Duration = Duration::from_millis(100);
@@ -343,6 +362,16 @@ impl DestructionLedger for EventStore {
         key_ids: &[String],
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.record_destroyed_keys(subject, key_ids)
+    }
+}
+
+/// Keys deleted without being counted as a forget's (discarded keys that a
+/// refused request made, which sealed nothing).
+struct Uncounted;
+
+impl DestructionLedger for Uncounted {
+    async fn record_destroyed(&self, _: &str, _: &[String]) -> Result<(), StoreError> {
+        Ok(())
     }
 }
 
@@ -460,6 +489,18 @@ impl Events {
         for s in events.iter().filter_map(|e| e.subject.as_ref()) {
             *per_subject.entry(s.as_str()).or_default() += 1;
         }
+        // A subject without a cached key may need one made: not for a
+        // forgotten subject, whose key would otherwise exist again until the
+        // writer refuses the append (one look-up, only on a cache miss; the
+        // writer checks again in its transaction, for a forget that races).
+        let uncached: Vec<String> = per_subject
+            .keys()
+            .filter(|s| !self.keys.has_active_key_cached(s))
+            .map(|s| (*s).to_owned())
+            .collect();
+        if let Some(s) = self.store.first_forgotten(&uncached).await? {
+            return Err(ServiceError::Rejected(AppendRejection::Forgotten(s)));
+        }
         let mut keys: HashMap<String, ActiveKey> = HashMap::new();
         for (s, n) in per_subject {
             keys.insert(s.to_owned(), self.keys.key_for_subject(s, n).await?);
@@ -530,14 +571,37 @@ impl Events {
         audit: AuditEntry,
         recorded: impl Fn(&ForgetReport) + Send + Sync,
     ) -> Result<(ForgetReport, bool), ServiceError> {
-        let entry = self.store.record_forget(subject, reason).await;
+        let recorded_now = self.store.record_forget(subject, reason).await;
         // Rows held in memory for subscribers may predate the ledger entry:
         // dropped whatever the answer (an error may follow a commit).
         self.writer.feed().forget_recorded();
-        entry?;
-        let early = self.forget_report(subject).await?;
+        let (entry, events_affected) = match recorded_now {
+            Ok(done) => done,
+            Err(e @ StoreError::RecordedOrNot(_)) => {
+                // Perhaps recorded: then the background finishes it (it
+                // does nothing for a subject the ledger does not list).
+                self.forgets.push(subject);
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // From here on the forget has happened for every reader; whatever
+        // fails later, the answer says so (202 `forgetting`), and the
+        // background finishes it.
+        let early = ForgetReport {
+            state: if entry.completed_at.is_some() {
+                SubjectState::Forgotten
+            } else {
+                SubjectState::Forgetting
+            },
+            forgotten_at_us: entry.forgotten_at,
+            keys_destroyed: entry.keys_destroyed as u64,
+            events_affected,
+        };
         recorded(&early);
+        let destroyed = std::sync::atomic::AtomicU64::new(early.keys_destroyed);
         let so_far = |keys_destroyed| {
+            destroyed.store(keys_destroyed, std::sync::atomic::Ordering::Relaxed);
             recorded(&ForgetReport {
                 keys_destroyed,
                 ..early
@@ -547,38 +611,23 @@ impl Events {
             let _turn = self.forgets.turn(subject).await;
             self.carry_out(subject, audit, &so_far).await
         };
-        let recorded = match carried {
-            Ok(recorded) => recorded,
+        let (state, written) = match carried {
+            Ok(written) => (SubjectState::Forgotten, written),
             Err(e) => {
                 tracing::warn!(
                     error = %e,
                     "a forget is recorded (its subject reads erased) but its keys could not be destroyed yet; it is finished in the background"
                 );
                 self.forgets.push(subject);
-                false
+                (SubjectState::Forgetting, false)
             }
         };
-        Ok((self.forget_report(subject).await?, recorded))
-    }
-
-    /// The report of a recorded forget, as the ledger says it now.
-    async fn forget_report(&self, subject: &str) -> Result<ForgetReport, ServiceError> {
-        let entry = self
-            .store
-            .forgotten(subject)
-            .await?
-            .ok_or_else(|| StoreError::Corrupt("a recorded forget vanished".into()))?;
-        let events_affected = self.store.subject_event_count(subject, u64::MAX).await?;
-        Ok(ForgetReport {
-            state: if entry.completed_at.is_some() {
-                SubjectState::Forgotten
-            } else {
-                SubjectState::Forgetting
-            },
-            forgotten_at_us: entry.forgotten_at,
-            keys_destroyed: entry.keys_destroyed as u64,
-            events_affected,
-        })
+        let report = ForgetReport {
+            state,
+            keys_destroyed: destroyed.load(std::sync::atomic::Ordering::Relaxed),
+            ..early
+        };
+        Ok((report, written))
     }
 
     /// Steps 2 to 4 of a recorded forget (the caller holds the subject's
@@ -592,6 +641,11 @@ impl Events {
         audit: AuditEntry,
         so_far: DestroyedSoFar<'_>,
     ) -> Result<bool, ServiceError> {
+        // Only a subject the ledger lists: a forget whose recording was in
+        // doubt may not have happened, and its subject's keys must stay.
+        if self.store.forgotten(subject).await?.is_none() {
+            return Ok(false);
+        }
         self.destroy_keys(subject, so_far).await?;
         let entry = self
             .store
@@ -627,7 +681,10 @@ impl Events {
             "events_affected": events_affected,
         });
         let event = PendingEvent {
-            id: Uuid::now_v7(),
+            // One id per subject: a forget finished twice (by two
+            // processes, or again after its completion mark failed) is an
+            // idempotent retry of the same append, not a second event.
+            id: Uuid::new_v5(&SUBJECTS_LEDGER_IDS, subject.as_bytes()),
             event_type: "SubjectForgotten".into(),
             subject: None,
             key_id: None,
@@ -672,11 +729,9 @@ impl Events {
     /// flood of checkpoints. Best effort: what is left is removed at the
     /// next start.
     async fn discard_keys(&self, subject: &str) {
-        match self.keys.destroy_subject(subject, &self.store, false).await {
-            Ok(n) => self.metrics.keys_destroyed(n),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not discard a key made for a forgotten subject")
-            }
+        // Not counted as destroyed by the forget: they sealed nothing.
+        if let Err(e) = self.keys.destroy_subject(subject, &Uncounted, false).await {
+            tracing::warn!(error = %e, "could not discard a key made for a forgotten subject");
         }
     }
 
@@ -714,17 +769,35 @@ impl Events {
             let with_keys = self.keys.keystore().subjects_with_keys(&names).await?;
             for e in &page {
                 let _turn = self.forgets.turn(&e.subject).await;
-                if e.completed_at.is_none() {
+                let step = if e.completed_at.is_none() {
                     // Interrupted: every step again (the scrub too).
-                    if self
-                        .carry_out(&e.subject, Self::resume_record(&e.subject), &|_| {})
-                        .await?
-                    {
-                        done.completed += 1;
-                    }
+                    self.carry_out(&e.subject, Self::resume_record(&e.subject), &|_| {})
+                        .await
+                        .map(|finished| done.completed += u64::from(finished))
                 } else if with_keys.contains(&e.subject) {
-                    self.destroy_keys(&e.subject, &|_| {}).await?;
-                    done.reshredded += 1;
+                    self.destroy_keys(&e.subject, &|_| {})
+                        .await
+                        .map(|_| done.reshredded += 1)
+                } else {
+                    Ok(())
+                };
+                if let Err(err) = step {
+                    // What must hold before serving is that no forgotten
+                    // subject has a key: if its keys are gone and only a
+                    // later step failed for the stores' condition (a scrub
+                    // kept waiting), the background finishes it.
+                    let keys_gone = err.fault().is_some()
+                        && self
+                            .keys
+                            .keystore()
+                            .subjects_with_keys(std::slice::from_ref(&e.subject))
+                            .await
+                            .is_ok_and(|left| left.is_empty());
+                    if !keys_gone {
+                        return Err(err);
+                    }
+                    tracing::warn!(error = %err, "a forget's keys are gone but it could not be finished at start; it is finished in the background");
+                    self.forgets.push(&e.subject);
                 }
             }
             if page.len() < PAGE as usize {
@@ -755,6 +828,10 @@ impl Events {
             let Some(subject) = self.forgets.next(&cursor) else {
                 tokio::select! {
                     () = self.forgets.wake.notified() => continue,
+                    () = tokio::time::sleep(FORGET_SWEEP) => {
+                        self.sweep_unfinished_forgets().await;
+                        continue;
+                    }
                     _ = stop.changed() => return,
                 }
             };
@@ -795,6 +872,31 @@ impl Events {
         }
     }
 
+    /// Adds to the pending set every forget of the ledger that no process
+    /// finished (a page at a time); a failure to read is logged, and the
+    /// next sweep tries again.
+    async fn sweep_unfinished_forgets(&self) {
+        const PAGE: u32 = 1000;
+        let mut after = String::new();
+        loop {
+            match self.store.unfinished_forgets(&after, PAGE).await {
+                Ok(page) => {
+                    for s in &page {
+                        self.forgets.push(s);
+                    }
+                    match page.last() {
+                        Some(last) if page.len() == PAGE as usize => after.clone_from(last),
+                        _ => return,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not look for unfinished forgets; trying again later");
+                    return;
+                }
+            }
+        }
+    }
+
     /// At start: checks that the keystore holds every data key the event
     /// store refers to, but those of forgotten subjects and those whose
     /// loss was accepted before; one pass over the key registry, a page at
@@ -803,6 +905,8 @@ impl Events {
     pub async fn check_data_keys(&self, accept: bool) -> Result<KeysChecked, ServiceError> {
         const PAGE: u32 = 1000;
         let mut found = KeysChecked::default();
+        // With `accept`: the missing keys, accepted once they are all known.
+        let mut lost: Vec<String> = Vec::new();
         let mut after = String::new();
         loop {
             let page = self.store.expected_keys_page(&after, PAGE).await?;
@@ -818,22 +922,23 @@ impl Events {
             // A forget elsewhere may have destroyed some since the page was read.
             let missing = self.store.still_expected(&missing).await?;
             found.missing += missing.len() as u64;
-            if accept && !missing.is_empty() {
-                found.accepted += self.store.accept_lost_keys(&missing).await?;
+            if accept {
+                lost.extend(missing);
             }
             if page.len() < PAGE as usize {
                 break;
             }
         }
-        self.metrics
-            .data_keys_missing(found.missing - found.accepted);
-        if found.accepted > 0 {
+        if !lost.is_empty() {
+            // The record first: an acceptance is never without its record
+            // (a failure after it makes the next start accept, and record,
+            // what is left).
             let record = AuditEntry {
                 principal: None,
                 action: "keys.accept_missing".into(),
                 resource: "keystore".into(),
                 outcome: crate::audit::Outcome::Ok,
-                event_count: found.accepted,
+                event_count: lost.len() as u64,
                 personal_data: false,
                 correlation_id: None,
                 causation_id: None,
@@ -841,7 +946,12 @@ impl Events {
                 request_id: None,
             };
             self.audit(record).await?;
+            for chunk in lost.chunks(PAGE as usize) {
+                found.accepted += self.store.accept_lost_keys(chunk).await?;
+            }
         }
+        self.metrics
+            .data_keys_missing(found.missing - found.accepted);
         Ok(found)
     }
 

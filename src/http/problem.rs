@@ -375,6 +375,13 @@ impl From<ServiceError> for ApiError {
                 "the store failed while committing the request, which may or may not have been \
                  written; retry it (an append with the same event ids is answered with its result)",
             ),
+            ServiceError::Store(StoreError::RecordedOrNot(e)) => {
+                tracing::warn!(error = %e, "the connection was lost while committing");
+                Self::Unavailable(
+                    "the store failed while committing, so this may or may not have been \
+                     recorded; send it again (it is idempotent)",
+                )
+            }
             ServiceError::Key(crate::keys::KeyError::Store(e)) | ServiceError::Store(e)
                 if e.fault().is_some() =>
             {

@@ -253,6 +253,7 @@ fn open(
         grants: caller.grants.clone(),
         cursor,
         feed: state.events.follow(),
+        forgets: state.events.tail_clears(),
         shutdown: state.shutdown.clone(),
         queue: VecDeque::new(),
         caught_up: false,
@@ -290,6 +291,9 @@ struct Subscription {
     cursor: Cursor,
     feed: watch::Receiver<u64>,
     shutdown: watch::Receiver<bool>,
+    /// Moves when a forget is recorded (here, or on PostgreSQL in another
+    /// process): what is queued was decided before it.
+    forgets: watch::Receiver<u64>,
     /// Read, audited, not yet sent.
     queue: VecDeque<ReadEvent>,
     /// The queue holds the last read before the head: once it is sent, wait.
@@ -302,6 +306,10 @@ impl Subscription {
     /// failure that is logged and recorded).
     async fn next(&mut self) -> Option<Event> {
         loop {
+            if self.forgets.has_changed().unwrap_or(false) {
+                self.forgets.borrow_and_update();
+                self.reread_queue();
+            }
             if let Some(e) = self.queue.pop_front() {
                 self.trail.delivered += 1;
                 // Behind the newest commit by this much as it leaves; read
@@ -347,6 +355,26 @@ impl Subscription {
                 return None;
             }
         }
+    }
+
+    /// Drops what is queued and moves the cursor back to its first event,
+    /// so that it is read again: a forget recorded since it was read may
+    /// erase some of it, and a queued event would leave as it was decided
+    /// before (its delivery record, already written, says more was shown
+    /// than will be: on the safe side).
+    fn reread_queue(&mut self) {
+        let Some(first) = self.queue.front() else {
+            return;
+        };
+        match &mut self.cursor {
+            Cursor::Log { after } => *after = first.position - 1,
+            Cursor::Stream { from, checked, .. } => {
+                *from = first.version;
+                *checked = first.position - 1;
+            }
+        }
+        self.queue.clear();
+        self.caught_up = false;
     }
 
     /// Waits until the feed moves or the caller is due to be checked again;

@@ -154,9 +154,15 @@ impl Deadline {
         self.lock().at += waited;
     }
 
+    /// Whether the handler has done what its answer will say for certain
+    /// (it set what to answer at the deadline).
+    fn committed(&self) -> bool {
+        self.lock().fallback.is_some()
+    }
+
     /// The answer when the deadline has passed.
     fn passed(&self, budget: std::time::Duration) -> Response {
-        match self.lock().fallback.take() {
+        match self.lock().fallback.clone() {
             Some((status, body)) => super::views::json_response(status, &body),
             None => ApiError::StoreTimeout(budget.as_secs()).into_response(),
         }
@@ -302,6 +308,23 @@ fn resource_of(route: &str, params: Option<&RawPathParams>) -> String {
     route.trim_start_matches('/').replace('/', ":")
 }
 
+/// Writes `entry` once the store takes it: tried again and again, further
+/// apart (up to a minute), for about an hour, then logged as lost.
+async fn record_later(events: crate::service::Events, entry: AuditEntry) {
+    let mut wait = std::time::Duration::from_secs(1);
+    for _ in 0..70 {
+        tokio::time::sleep(wait).await;
+        match events.audit(entry.clone()).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "an audit record still cannot be written; trying again")
+            }
+        }
+        wait = (wait * 2).min(std::time::Duration::from_secs(60));
+    }
+    tracing::error!(action = %entry.action, "an audit record could not be written within an hour and is lost");
+}
+
 /// The middleware: see the module documentation. The handler and the audit
 /// write run in a task of their own, so a client that goes away cannot
 /// cancel the record, and a handler that panics is recorded as an error
@@ -406,8 +429,17 @@ async fn audited(state: AppState, req: Request, next: Next, deadline: Deadline) 
     let response = if recorded || counted {
         response
     } else {
-        match state.events.audit(slot.entry(outcome)).await {
+        let entry = slot.entry(outcome);
+        match state.events.audit(entry.clone()).await {
             Ok(()) => response,
+            // A response that discloses nothing and states what was done
+            // for certain (a forget that took effect) is not withdrawn:
+            // its record is written as soon as the store takes it.
+            Err(e) if slot.deadline.committed() && !entry.personal_data => {
+                tracing::warn!(error = %e, "the audit record of a request that took effect could not be written yet; writing it in the background");
+                tokio::spawn(record_later(state.events.clone(), entry));
+                response
+            }
             Err(e) => {
                 tracing::error!(error = %e, "the audit record could not be written; the response is withheld");
                 ApiError::not_audited().into_response()

@@ -70,6 +70,10 @@ pub enum StoreError {
     /// long; retrying it is safe.
     #[error("{0}")]
     Busy(&'static str),
+    /// The connection was lost while committing: the work may or may not
+    /// have been recorded (retrying it is safe: it is idempotent).
+    #[error("the outcome of a commit is unknown: {0}")]
+    RecordedOrNot(Box<StoreError>),
     /// This database role does not own the schema and the schema lacks
     /// migrations this binary needs (or has some it does not know).
     #[error(
@@ -134,6 +138,7 @@ impl StoreError {
         match self {
             Self::Database(e) => sqlx_fault(e),
             Self::GroupCommit { fault, .. } => *fault,
+            Self::RecordedOrNot(e) => e.fault(),
             Self::Busy(_) => Some(Fault::Busy),
             _ => None,
         }

@@ -36,46 +36,88 @@ macro_rules! select_forgotten {
 
 impl EventStore {
     /// Records the intent to forget `subject` (step 1) unless it is recorded
-    /// already; returns the ledger entry either way.
+    /// already; returns the ledger entry either way, with how many events
+    /// name the subject, read in the same transaction: once this returns,
+    /// the caller knows all it needs to tell the truth about the forget
+    /// without asking the database again. An error means the entry was not
+    /// written, except [`RecordedOrNot`] (the commit's outcome is unknown).
     pub async fn record_forget(
         &self,
         subject: &str,
         reason: Option<&str>,
-    ) -> Result<ForgottenRow, StoreError> {
+    ) -> Result<(ForgottenRow, u64), StoreError> {
         const INSERT: &str =
             "insert into forgotten_subjects (subject, forgotten_at, reason) values ($1, $2, $3)
              on conflict (subject) do nothing";
-        match &self.db {
-            super::Db::Sqlite(pool) => {
-                sqlx::query(INSERT)
-                    .bind(subject)
-                    .bind(now_us())
-                    .bind(reason)
-                    .execute(pool)
-                    .await?;
-            }
-            super::Db::Postgres(pool) => {
-                // With its notice, in one transaction: other processes drop
-                // the rows they hold for subscribers if and only if the
-                // entry committed.
-                let mut tx = super::tx::Tx::begin(pool, "begin").await?;
+        const COUNT: &str = "select count(*) from events where subject = $1";
+        macro_rules! record {
+            ($pool:expr, $begin:literal, $notify:expr) => {{
+                let mut tx = super::tx::Tx::begin($pool, $begin).await?;
                 sqlx::query(INSERT)
                     .bind(subject)
                     .bind(now_us())
                     .bind(reason)
                     .execute(tx.conn())
                     .await?;
-                sqlx::query("select pg_notify($1, $2)")
-                    .bind(super::feed::COMMIT_CHANNEL)
-                    .bind(super::feed::FORGET_NOTICE)
-                    .execute(tx.conn())
+                if $notify {
+                    // With its notice, in one transaction: other processes
+                    // drop the rows they hold for subscribers if and only if
+                    // the entry committed.
+                    sqlx::query("select pg_notify($1, $2)")
+                        .bind(super::feed::COMMIT_CHANNEL)
+                        .bind(super::feed::FORGET_NOTICE)
+                        .execute(tx.conn())
+                        .await?;
+                }
+                let row: Option<ForgottenRow> =
+                    sqlx::query_as(select_forgotten!("where f.subject = $1"))
+                        .bind(subject)
+                        .fetch_optional(tx.conn())
+                        .await?;
+                let events: i64 = sqlx::query_scalar(COUNT)
+                    .bind(subject)
+                    .fetch_one(tx.conn())
                     .await?;
-                tx.commit().await?;
-            }
+                let row =
+                    row.ok_or_else(|| StoreError::Corrupt("a recorded forget vanished".into()))?;
+                if let Err(e) = tx.commit().await {
+                    let e = StoreError::from(e);
+                    // A SQLite commit that fails has not committed; a
+                    // PostgreSQL connection lost at commit leaves it unknown.
+                    return Err(if $notify && e.fault() == Some(super::Fault::Unreachable) {
+                        StoreError::RecordedOrNot(Box::new(e))
+                    } else {
+                        e
+                    });
+                }
+                (row, events as u64)
+            }};
         }
-        self.forgotten(subject)
-            .await?
-            .ok_or_else(|| StoreError::Corrupt("a recorded forget vanished".into()))
+        Ok(match &self.db {
+            Db::Sqlite(pool) => record!(pool, "begin immediate", false),
+            Db::Postgres(pool) => record!(pool, "begin", true),
+        })
+    }
+
+    /// Forgotten subjects after `after` in name order whose forget has not
+    /// run to its end (no completion mark), `limit` at a time.
+    pub async fn unfinished_forgets(
+        &self,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(on_db!(&self.db, |pool| {
+            sqlx::query_scalar(
+                "select f.subject from forgotten_subjects f
+                 where f.subject > $1
+                   and not exists (select 1 from forgets_completed c where c.subject = f.subject)
+                 order by f.subject limit $2",
+            )
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await
+        })?)
     }
 
     pub async fn forgotten(&self, subject: &str) -> Result<Option<ForgottenRow>, StoreError> {

@@ -198,6 +198,13 @@ async fn a_forget_is_idempotent_and_refuses_later_appends(backend: Backend) {
         text.contains("urn:eventvault:problem:subject-forgotten"),
         "{text}"
     );
+    // The refused append made no key for the forgotten subject, so a
+    // forget again destroys nothing more and counts nothing more.
+    let ks = keystore_db(&app.env).await;
+    assert!(key_ids_of(&ks, "cust-1").await.is_empty());
+    ks.close().await;
+    let (_, third) = forget(&app, &dpo, "cust-1").await;
+    assert_eq!(first, third, "still the first answer");
 
     // An unknown subject is recorded as forgotten too.
     let (status, body) = forget(&app, &dpo, "cust-never").await;
@@ -222,7 +229,7 @@ async fn a_forget_is_idempotent_and_refuses_later_appends(backend: Backend) {
     assert!(key_ids_of(&ks, "cust-never").await.is_empty());
 
     let records = audit_records(&app, "action=subject.forget").await;
-    assert_eq!(records.len(), 3, "{records:?}");
+    assert_eq!(records.len(), 4, "{records:?}");
     assert!(
         records
             .iter()

@@ -579,7 +579,8 @@ async fn snapshots_saved_before_layers_are_kept_or_removed(backend: Backend) {
     .unwrap();
     let key = keystore.key_for_subject("cust-1", 3).await.unwrap();
     // Streams, events (clear fields only) and snapshots, as stored then.
-    let events: [(&str, i64, &str); 7] = [
+    let events: [(&str, i64, &str); 8] = [
+        ("accounts-4", 1, "cust-1"),
         ("accounts-1", 1, "cust-1"),
         ("accounts-1", 2, "cust-1"),
         ("accounts-2", 1, "cust-1"),
@@ -680,6 +681,14 @@ async fn snapshots_saved_before_layers_are_kept_or_removed(backend: Backend) {
     )
     .await
     .unwrap();
+    // Saved in clear although its stream is about cust-1 (the previous
+    // release allowed a snapshot without a subject anywhere).
+    crate::at_rest::exec(
+        &db,
+        "insert into snapshots (stream_id, version, state, recorded_at) values ('accounts-4', 1, '{\"holder\":\"Jane Roe\"}', 1)",
+    )
+    .await
+    .unwrap();
     db.close().await;
     drop(keystore);
 
@@ -693,6 +702,12 @@ async fn snapshots_saved_before_layers_are_kept_or_removed(backend: Backend) {
     );
     let (status, _) = load(&app, "accounts-2", &token).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "about cust-2 too: removed");
+    let (status, _) = load(&app, "accounts-4", &token).await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "in clear, of a stream about cust-1: removed"
+    );
     let (_, snap) = load(&app, "accounts-3", &token).await;
     assert_eq!(
         snap["state"]["holder"], "Other Name",

@@ -28,6 +28,7 @@ both_backends!(
     a_removed_principals_subscription_ends,
     a_subscription_whose_caller_cannot_be_checked_again_ends,
     subscriptions_beyond_the_limit_are_refused,
+    events_read_before_a_forget_but_not_yet_sent_are_read_again,
 );
 
 mod postgres_only {
@@ -688,4 +689,50 @@ async fn a_forget_recorded_by_another_process_reaches_live_subscribers(backend: 
     let (_, e) = again.next().await;
     assert_eq!(e["personal_data"], "erased", "{e}");
     assert_no_personal_value(&e);
+}
+
+/// A subscriber that reads slowly has events read, decrypted and audited
+/// that have not left yet when the subject is forgotten: they are read
+/// again, so that what leaves after the forget is `erased`, not decided
+/// before it. (One page of a stream subscription is a hundred events; at
+/// 350 KB each most of them cannot have left into the sockets' buffers
+/// while the client reads none.)
+async fn events_read_before_a_forget_but_not_yet_sent_are_read_again(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    let note = "n".repeat(350_000);
+    for _ in 0..10 {
+        let events = (0..10)
+            .map(|i| {
+                let mut e = deposit(Uuid::new_v4(), "cust-slow", &format!("{i}.00"));
+                e["data"]["note"] = json!(note);
+                e
+            })
+            .collect();
+        app.append_ok("accounts-slow", &batch(events)).await;
+    }
+    let mut sub =
+        Subscriber::open(&app, "/streams/accounts-slow/subscribe", &app.token(), &[]).await;
+    let (_, first) = sub.next().await;
+    assert_eq!(first["personal_data"], "decrypted");
+    let dpo = app.env.add_principal("dpo", &["dpo"]).await;
+    crate::forget::forget_ok(&app, &dpo, "cust-slow").await;
+    let rest = sub.take(99).await;
+    let versions: Vec<u64> = rest.iter().map(|(id, _)| *id).collect();
+    assert_eq!(
+        versions,
+        (2..=100).collect::<Vec<u64>>(),
+        "no gap, no repeat"
+    );
+    let erased = rest
+        .iter()
+        .skip_while(|(_, e)| e["personal_data"] == "decrypted")
+        .collect::<Vec<_>>();
+    assert!(
+        !erased.is_empty(),
+        "events decided before the forget left after it"
+    );
+    assert!(
+        erased.iter().all(|(_, e)| e["personal_data"] == "erased"),
+        "nothing decrypted after the first erased one"
+    );
 }

@@ -26,8 +26,10 @@ create index snapshot_keys_subject on snapshot_keys (subject);
 -- one subject it named (`key_id`; `wrapped_key` stays null). If its stream
 -- holds, up to its version, events of any other subject, its state may hold
 -- their data, which their forget would not reach: it is removed (a snapshot
--- is a cache of a fold, which its client saves again). Every other one keeps
--- its form, with its one key listed as its layer.
+-- is a cache of a fold, which its client saves again). So is one stored in
+-- clear (saved without a subject, which was allowed) whose stream holds,
+-- up to its version, events of any subject: no forget would reach it.
+-- Every other one keeps its form, with its one key listed as its layer.
 delete from snapshots
  where sealed is not null
    and (subject is null
@@ -36,6 +38,13 @@ delete from snapshots
                      and e.version <= snapshots.version
                      and e.subject is not null
                      and e.subject <> snapshots.subject));
+
+delete from snapshots
+ where sealed is null
+   and exists (select 1 from events e
+               where e.stream_id = snapshots.stream_id
+                 and e.version <= snapshots.version
+                 and e.subject is not null);
 
 insert into snapshot_keys (stream_id, layer, subject, key_id)
 select stream_id, 0, subject, key_id from snapshots where sealed is not null;
