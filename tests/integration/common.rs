@@ -842,3 +842,46 @@ impl ServerProcess {
         self.child.wait().await.unwrap()
     }
 }
+
+/// A transaction another session holds open on one of a test's databases
+/// (an operator's shell, a maintenance job): begun with the statements for
+/// its backend, held until [`Held::release`] rolls it back.
+pub enum Held {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
+impl Held {
+    /// Connects to `url` and runs `sqlite` or `postgres` (whichever the URL
+    /// is), leaving the transaction they begin open. SQLite is opened in
+    /// WAL mode, as the service opens it.
+    pub async fn begin(url: &str, sqlite: &'static str, postgres: &'static str) -> Held {
+        if url.starts_with("sqlite:") {
+            use std::str::FromStr as _;
+            let opts = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+                .unwrap()
+                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+            let mut conn = sqlx::SqliteConnection::connect_with(&opts).await.unwrap();
+            sqlx::raw_sql(sqlite).execute(&mut conn).await.unwrap();
+            Held::Sqlite(conn)
+        } else {
+            let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+            sqlx::raw_sql(postgres).execute(&mut conn).await.unwrap();
+            Held::Postgres(conn)
+        }
+    }
+
+    /// Rolls the transaction back and disconnects.
+    pub async fn release(self) {
+        match self {
+            Held::Sqlite(mut c) => {
+                sqlx::raw_sql("rollback").execute(&mut c).await.unwrap();
+                c.close().await.unwrap();
+            }
+            Held::Postgres(mut c) => {
+                sqlx::raw_sql("rollback").execute(&mut c).await.unwrap();
+                c.close().await.unwrap();
+            }
+        }
+    }
+}

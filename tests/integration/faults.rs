@@ -383,39 +383,16 @@ async fn a_locked_event_store_is_answered_promptly_and_then_served(backend: Back
     load.until("appends", |c| c.acked >= 10 && c.reads_ok >= 1)
         .await;
 
-    let lock = match &backend {
-        Backend::Sqlite => {
-            let mut c = sqlx::SqliteConnection::connect(&env.database_url)
-                .await
-                .unwrap();
-            sqlx::raw_sql("begin immediate")
-                .execute(&mut c)
-                .await
-                .unwrap();
-            Locked::Sqlite(c)
-        }
-        Backend::Postgres(_) => {
-            let mut c = sqlx::PgConnection::connect(&env.database_url)
-                .await
-                .unwrap();
-            sqlx::raw_sql("begin; lock table events in access exclusive mode")
-                .execute(&mut c)
-                .await
-                .unwrap();
-            Locked::Postgres(c)
-        }
-    };
+    let lock = Held::begin(
+        &env.database_url,
+        "begin immediate",
+        "begin; lock table events in access exclusive mode",
+    )
+    .await;
     load.refused(6).await;
     assert_not_ready(&app, &["unavailable"]).await;
 
-    match lock {
-        Locked::Sqlite(mut c) => {
-            sqlx::raw_sql("rollback").execute(&mut c).await.unwrap();
-        }
-        Locked::Postgres(mut c) => {
-            sqlx::raw_sql("rollback").execute(&mut c).await.unwrap();
-        }
-    }
+    lock.release().await;
     load.serves_again(10).await;
     assert_ready(&app).await;
     let attempts = load.finish().await;
@@ -425,11 +402,6 @@ async fn a_locked_event_store_is_answered_promptly_and_then_served(backend: Back
         attempts.len()
     );
     app.stop().await;
-}
-
-enum Locked {
-    Sqlite(sqlx::SqliteConnection),
-    Postgres(sqlx::PgConnection),
 }
 
 both_backends!(a_locked_event_store_is_answered_promptly_and_then_served);

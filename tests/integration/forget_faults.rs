@@ -314,49 +314,13 @@ async fn a_forget_that_cannot_be_recorded_is_answered_503_and_takes_no_effect(ba
 /// snapshot open, so the truncating WAL checkpoint waits for it. PostgreSQL:
 /// another maintenance of `deks` (as autovacuum or `ANALYZE` would) holds
 /// the table's SHARE UPDATE EXCLUSIVE lock, which `VACUUM deks` waits for.
-enum ScrubHold {
-    Sqlite(sqlx::SqliteConnection),
-    Postgres(sqlx::PgConnection),
-}
-
-impl ScrubHold {
-    async fn take(env: &TestEnv) -> ScrubHold {
-        match env.backend {
-            Backend::Sqlite => {
-                use std::str::FromStr as _;
-                let opts = sqlx::sqlite::SqliteConnectOptions::from_str(&env.keystore_url).unwrap();
-                let mut conn = sqlx::SqliteConnection::connect_with(&opts).await.unwrap();
-                sqlx::raw_sql("begin; select count(*) from deks")
-                    .execute(&mut conn)
-                    .await
-                    .unwrap();
-                ScrubHold::Sqlite(conn)
-            }
-            Backend::Postgres(_) => {
-                let mut conn = sqlx::PgConnection::connect(&env.keystore_url)
-                    .await
-                    .unwrap();
-                sqlx::raw_sql("begin; lock table deks in share update exclusive mode")
-                    .execute(&mut conn)
-                    .await
-                    .unwrap();
-                ScrubHold::Postgres(conn)
-            }
-        }
-    }
-
-    async fn release(self) {
-        match self {
-            ScrubHold::Sqlite(mut c) => {
-                sqlx::raw_sql("rollback").execute(&mut c).await.unwrap();
-                c.close().await.unwrap();
-            }
-            ScrubHold::Postgres(mut c) => {
-                sqlx::raw_sql("rollback").execute(&mut c).await.unwrap();
-                c.close().await.unwrap();
-            }
-        }
-    }
+async fn hold_scrub(env: &TestEnv) -> crate::common::Held {
+    crate::common::Held::begin(
+        &env.keystore_url,
+        "begin; select count(*) from deks",
+        "begin; lock table deks in share update exclusive mode",
+    )
+    .await
 }
 
 async fn keys_destroyed_by_an_attempt_whose_later_step_failed_are_still_counted(backend: Backend) {
@@ -366,7 +330,7 @@ async fn keys_destroyed_by_an_attempt_whose_later_step_failed_are_still_counted(
     two_deposits(&app).await;
     let dpo = app.env.add_principal("dpo", &["dpo"]).await;
 
-    let hold = ScrubHold::take(&app.env).await;
+    let hold = hold_scrub(&app.env).await;
     let (status, body) = forget(&app, &dpo, "cust-1").await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     assert_eq!(body["state"], "forgetting");

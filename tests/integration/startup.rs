@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use reqwest::StatusCode;
 use serde_json::Value;
-use sqlx::Connection as _;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -248,51 +247,13 @@ async fn forgotten_but_restored(backend: &Backend) -> std::sync::Arc<TestEnv> {
 /// transaction (in WAL mode readers go on, so the re-apply reads which keys
 /// exist and then waits to delete them). PostgreSQL: the key table locked
 /// against everything, reads too (the ping touches no table).
-enum KeystoreLock {
-    Sqlite(sqlx::SqliteConnection),
-    Postgres(sqlx::PgConnection),
-}
-
-impl KeystoreLock {
-    async fn take(env: &TestEnv) -> KeystoreLock {
-        match env.backend {
-            Backend::Sqlite => {
-                use std::str::FromStr as _;
-                let opts = sqlx::sqlite::SqliteConnectOptions::from_str(&env.keystore_url)
-                    .unwrap()
-                    .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
-                let mut conn = sqlx::SqliteConnection::connect_with(&opts).await.unwrap();
-                sqlx::raw_sql("begin immediate")
-                    .execute(&mut conn)
-                    .await
-                    .unwrap();
-                KeystoreLock::Sqlite(conn)
-            }
-            Backend::Postgres(_) => {
-                let mut conn = sqlx::PgConnection::connect(&env.keystore_url)
-                    .await
-                    .unwrap();
-                sqlx::raw_sql("begin; lock table deks in access exclusive mode")
-                    .execute(&mut conn)
-                    .await
-                    .unwrap();
-                KeystoreLock::Postgres(conn)
-            }
-        }
-    }
-
-    async fn release(self) {
-        match self {
-            KeystoreLock::Sqlite(mut conn) => {
-                sqlx::raw_sql("rollback").execute(&mut conn).await.unwrap();
-                conn.close().await.unwrap();
-            }
-            KeystoreLock::Postgres(mut conn) => {
-                sqlx::raw_sql("rollback").execute(&mut conn).await.unwrap();
-                conn.close().await.unwrap();
-            }
-        }
-    }
+async fn lock_keystore(env: &TestEnv) -> crate::common::Held {
+    crate::common::Held::begin(
+        &env.keystore_url,
+        "begin immediate",
+        "begin; lock table deks in access exclusive mode",
+    )
+    .await
 }
 
 async fn readyz(app: &TestApp) -> (StatusCode, Value) {
@@ -310,7 +271,7 @@ async fn no_data_is_served_while_the_forget_ledger_is_reapplied(backend: Backend
     // The re-apply cannot finish while the lock is held, and waits for it
     // (up to the store timeout: longer than this test holds it).
     *env.store_timeout.lock().unwrap() = std::time::Duration::from_secs(60);
-    let lock = KeystoreLock::take(&env).await;
+    let lock = lock_keystore(&env).await;
     let app = TestApp::start_unready(env).await;
 
     let r = app
