@@ -159,7 +159,9 @@ async fn event_store_word(state: &AppState, until: tokio::time::Instant) -> &'st
             )),
     ),
 )]
-async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Readiness>) {
+async fn readyz(
+    State(state): State<AppState>,
+) -> (StatusCode, axum::http::HeaderMap, axum::Json<Readiness>) {
     let ledger = *state.ledger.borrow();
     let keys = *state.data_keys.borrow();
     let until = tokio::time::Instant::now() + READINESS_PATIENCE;
@@ -179,8 +181,17 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Readin
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    // Like every 503: when to ask again.
+    let mut retry = axum::http::HeaderMap::new();
+    if !ready {
+        retry.insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+    }
     (
         status,
+        retry,
         axum::Json(Readiness {
             status: if ready { "ready" } else { "not ready" },
             event_store: events,

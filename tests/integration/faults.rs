@@ -280,6 +280,11 @@ async fn readyz(app: &TestApp) -> (StatusCode, Value) {
         .await
         .expect("/readyz answers within 2 s");
     assert!(began.elapsed() < Duration::from_secs(2));
+    // Not ready says when to ask again; ready does not.
+    assert_eq!(
+        r.headers().contains_key("retry-after"),
+        r.status() == StatusCode::SERVICE_UNAVAILABLE
+    );
     (r.status(), r.json().await.unwrap())
 }
 
