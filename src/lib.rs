@@ -18,7 +18,9 @@
 //!   fields and sealed blobs as stored, in position order, at least once.
 //! - [`metrics`]: the Prometheus registry of one application and what it
 //!   counts; labels carry no identifiers.
-//! - [`app`]: configuration, start-up and graceful shutdown.
+//! - [`config`]: the configuration and the flags it comes from.
+//! - [`cli`]: the commands other than `serve`.
+//! - [`app`]: start-up and graceful shutdown.
 //! - [`sse`]: a Server-Sent Events reader for clients of the subscriptions.
 
 #![forbid(unsafe_code)]
@@ -26,6 +28,8 @@
 pub mod app;
 pub mod audit;
 pub mod backup;
+pub mod cli;
+pub mod config;
 pub mod crypto;
 pub mod domain;
 pub mod http;

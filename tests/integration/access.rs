@@ -424,7 +424,7 @@ async fn what_a_reader_sees_follows_todays_policy(backend: Backend) {
         .unwrap();
     };
     roles(true);
-    *env.policies.lock().unwrap() = policies.clone();
+    env.configure(|c| c.policies_dir = policies.clone());
 
     let app = TestApp::start(env.clone()).await;
     let reader = env.add_principal("reader", &["reader"]).await;
@@ -471,7 +471,7 @@ async fn a_principal_with_an_undefined_role_stops_the_start(backend: Backend) {
         "[roles.admin]\n[[roles.admin.grant]]\nstreams = [\"*\"]\npermissions = [\"read\"]\n",
     )
     .unwrap();
-    *env.policies.lock().unwrap() = policies;
+    env.configure(|c| c.policies_dir = policies);
     let err = match eventvault::app::Application::build(&env.config()).await {
         Ok(_) => panic!("the start must fail"),
         Err(e) => e.to_string(),

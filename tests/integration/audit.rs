@@ -589,7 +589,7 @@ async fn the_listing_filters_and_pages(backend: Backend) {
 async fn the_documented_script_verifies_the_chain() {
     crate::common::capture_logs();
     let env = TestEnv::new(&Backend::Sqlite).await;
-    *env.unauthenticated_audit_interval.lock().unwrap() = std::time::Duration::from_secs(3600);
+    env.configure(|c| c.unauthenticated_audit_interval = std::time::Duration::from_secs(3600));
     let app = TestApp::start(env).await;
     make_records(&app).await;
     let db = events_db(&app.env).await;

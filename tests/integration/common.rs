@@ -274,40 +274,9 @@ pub struct TestEnv {
     pg_databases: Vec<String>,
     /// The admin token printed on first start.
     pub token: Mutex<Option<String>>,
-    /// The policies directory the application starts with.
-    pub policies: Mutex<PathBuf>,
-    /// Events a data key seals before it is retired.
-    pub dek_max_encryptions: Mutex<u64>,
-    /// The service's write deadline (shortened by the slow-client tests).
-    pub write_timeout: Mutex<std::time::Duration>,
-    /// Subscriptions open at once, and how often they authenticate again.
-    pub max_subscriptions: Mutex<usize>,
-    pub subscription_recheck: Mutex<std::time::Duration>,
-    /// The per-principal rate limit (none unless a test sets one).
-    pub rate_limit: Mutex<Option<eventvault::app::RateLimit>>,
-    /// Requests without a valid token: their limit per client address and
-    /// their audit aggregation window (none and zero, so that every refusal
-    /// has a record of its own, unless a test sets them: the tests of
-    /// refusals look at each one's record; `unauthenticated.rs` tests the
-    /// limit and the aggregation).
-    pub unauthenticated_rate_limit: Mutex<Option<eventvault::app::RateLimit>>,
-    pub unauthenticated_audit_interval: Mutex<std::time::Duration>,
-    pub max_unauthenticated_addresses: Mutex<usize>,
-    /// Connection-level limits (shortened by the limits tests).
-    pub max_connections: Mutex<usize>,
-    pub max_header_bytes: Mutex<usize>,
-    pub header_read_timeout: Mutex<std::time::Duration>,
-    pub body_read_timeout: Mutex<std::time::Duration>,
-    pub idle_timeout: Mutex<std::time::Duration>,
-    /// Where the application's outbox relay publishes; `None`: no relay.
-    pub nats: Mutex<Option<NatsTarget>>,
-    /// How long a request waits for a store that does not answer.
-    pub store_timeout: Mutex<std::time::Duration>,
-    /// Whether the next start accepts missing data keys.
-    pub accept_missing_keys: Mutex<bool>,
-    /// PostgreSQL: the role the application connects to both databases as
-    /// (`None`: the owner the databases were made with).
-    pub serving_role: Mutex<Option<String>>,
+    /// The configuration the application starts with; tests change it with
+    /// [`TestEnv::configure`] between starts.
+    config: Mutex<Config>,
 }
 
 /// A NATS server, JetStream stream and subject prefix for the relay.
@@ -350,6 +319,25 @@ impl TestEnv {
                 )
             }
         };
+        let config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            database_url: database_url.clone(),
+            keystore_url: keystore_url.clone(),
+            master_key_file: dir.path().join("keys/master.key"),
+            policies_dir: policies_dir(),
+            key_cache_capacity: 1000,
+            max_db_connections: 8,
+            // No limit per principal unless a test sets one.
+            rate_limit: None,
+            // Requests without a valid token: no limit per client address
+            // and no aggregation of their audit records (every refusal has
+            // a record of its own) unless a test sets them: the tests of
+            // refusals look at each one's record; `unauthenticated.rs` tests
+            // the limit and the aggregation.
+            unauthenticated_rate_limit: None,
+            unauthenticated_audit_interval: std::time::Duration::ZERO,
+            ..Config::default()
+        };
         Arc::new(TestEnv {
             backend: backend.clone(),
             dir,
@@ -357,24 +345,7 @@ impl TestEnv {
             keystore_url,
             pg_databases,
             token: Mutex::new(None),
-            policies: Mutex::new(policies_dir()),
-            dek_max_encryptions: Mutex::new(eventvault::keys::DEFAULT_MAX_ENCRYPTIONS),
-            write_timeout: Mutex::new(std::time::Duration::from_secs(30)),
-            max_subscriptions: Mutex::new(1000),
-            subscription_recheck: Mutex::new(std::time::Duration::from_secs(15)),
-            rate_limit: Mutex::new(None),
-            unauthenticated_rate_limit: Mutex::new(None),
-            unauthenticated_audit_interval: Mutex::new(std::time::Duration::ZERO),
-            max_unauthenticated_addresses: Mutex::new(4096),
-            max_connections: Mutex::new(10_000),
-            max_header_bytes: Mutex::new(16 * 1024),
-            header_read_timeout: Mutex::new(std::time::Duration::from_secs(10)),
-            body_read_timeout: Mutex::new(std::time::Duration::from_secs(30)),
-            idle_timeout: Mutex::new(std::time::Duration::from_secs(60)),
-            nats: Mutex::new(None),
-            store_timeout: Mutex::new(eventvault::store::DEFAULT_STORE_TIMEOUT),
-            accept_missing_keys: Mutex::new(false),
-            serving_role: Mutex::new(None),
+            config: Mutex::new(config),
         })
     }
 
@@ -382,55 +353,43 @@ impl TestEnv {
         self.dir.path().join("keys/master.key")
     }
 
+    /// The configuration the next start uses.
     pub fn config(&self) -> Config {
-        let nats = self.nats.lock().unwrap().clone();
-        let role = self.serving_role.lock().unwrap().clone();
-        let as_role = |url: &str| match &role {
+        self.config.lock().unwrap().clone()
+    }
+
+    /// Changes the configuration of the next start.
+    pub fn configure(&self, change: impl FnOnce(&mut Config)) {
+        change(&mut self.config.lock().unwrap());
+    }
+
+    /// PostgreSQL: connects the next start to both databases as `role`
+    /// (`None`: as the owner the databases were made with).
+    pub fn serve_as(&self, role: Option<&str>) {
+        let as_role = |url: &str| match role {
             Some(r) => with_user(url, r),
             None => url.to_owned(),
         };
-        Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            database_url: as_role(&self.database_url),
-            keystore_url: as_role(&self.keystore_url),
-            master_key_file: self.master_key_file(),
-            master_key: None,
-            policies_dir: self.policies.lock().unwrap().clone(),
-            max_body_bytes: 4 * 1024 * 1024,
-            key_cache_capacity: 1000,
-            dek_max_encryptions: *self.dek_max_encryptions.lock().unwrap(),
-            max_db_connections: 8,
-            store_timeout: *self.store_timeout.lock().unwrap(),
-            write_timeout: *self.write_timeout.lock().unwrap(),
-            max_subscriptions: *self.max_subscriptions.lock().unwrap(),
-            subscription_recheck: *self.subscription_recheck.lock().unwrap(),
-            rate_limit: *self.rate_limit.lock().unwrap(),
-            max_in_flight: 4,
-            max_in_flight_alone: 64,
-            unauthenticated_rate_limit: *self.unauthenticated_rate_limit.lock().unwrap(),
-            unauthenticated_audit_interval: *self.unauthenticated_audit_interval.lock().unwrap(),
-            max_unauthenticated_addresses: *self.max_unauthenticated_addresses.lock().unwrap(),
-            max_connections: *self.max_connections.lock().unwrap(),
-            max_header_bytes: *self.max_header_bytes.lock().unwrap(),
-            header_read_timeout: *self.header_read_timeout.lock().unwrap(),
-            body_read_timeout: *self.body_read_timeout.lock().unwrap(),
-            idle_timeout: *self.idle_timeout.lock().unwrap(),
-            nats_url: nats.as_ref().map(|n| n.url.clone()),
-            nats_stream: nats.as_ref().map_or_else(
-                || eventvault::relay::DEFAULT_STREAM.into(),
-                |n| n.stream.clone(),
-            ),
-            nats_subject_prefix: nats.as_ref().map_or_else(
-                || eventvault::relay::DEFAULT_SUBJECT_PREFIX.into(),
-                |n| n.subject_prefix.clone(),
-            ),
-            accept_missing_keys: *self.accept_missing_keys.lock().unwrap(),
-        }
+        let (database_url, keystore_url) =
+            (as_role(&self.database_url), as_role(&self.keystore_url));
+        self.configure(|c| {
+            c.database_url = database_url;
+            c.keystore_url = keystore_url;
+        });
     }
 
     /// Points the relay of the next start at `target` (`None`: no relay).
     pub fn set_nats(&self, target: Option<NatsTarget>) {
-        *self.nats.lock().unwrap() = target;
+        self.configure(|c| {
+            c.nats_url = target.as_ref().map(|n| n.url.clone());
+            if let Some(n) = target {
+                c.nats_stream = n.stream;
+                c.nats_subject_prefix = n.subject_prefix;
+            } else {
+                c.nats_stream = eventvault::relay::DEFAULT_STREAM.into();
+                c.nats_subject_prefix = eventvault::relay::DEFAULT_SUBJECT_PREFIX.into();
+            }
+        });
     }
 
     pub fn token(&self) -> String {

@@ -373,7 +373,7 @@ async fn assert_nothing_lost(app: &TestApp, attempts: &[Attempt]) -> usize {
 
 async fn env_with_short_timeout(backend: &Backend) -> Arc<TestEnv> {
     let env = TestEnv::new(backend).await;
-    *env.store_timeout.lock().unwrap() = STORE_TIMEOUT;
+    env.configure(|c| c.store_timeout = STORE_TIMEOUT);
     env
 }
 

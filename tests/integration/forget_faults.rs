@@ -160,7 +160,7 @@ async fn a_forget_while_the_keystore_is_down_is_accepted_and_finished_when_it_an
     backend: Backend,
 ) {
     let env = TestEnv::new(&backend).await;
-    *env.store_timeout.lock().unwrap() = Duration::from_secs(1);
+    env.configure(|c| c.store_timeout = Duration::from_secs(1));
     let app = TestApp::start(env).await;
     // Many subjects, so that many forgets wait at once.
     let subjects: Vec<String> = (0..20).map(|i| format!("cust-{i}")).collect();
@@ -273,7 +273,7 @@ async fn a_forget_while_the_keystore_is_down_is_accepted_and_finished_when_it_an
 
 async fn a_forget_that_cannot_be_recorded_is_answered_503_and_takes_no_effect(backend: Backend) {
     let env = TestEnv::new(&backend).await;
-    *env.store_timeout.lock().unwrap() = Duration::from_secs(1);
+    env.configure(|c| c.store_timeout = Duration::from_secs(1));
     let app = TestApp::start(env).await;
     two_deposits(&app).await;
     let dpo = app.env.add_principal("dpo", &["dpo"]).await;
@@ -325,7 +325,7 @@ async fn hold_scrub(env: &TestEnv) -> crate::common::Held {
 
 async fn keys_destroyed_by_an_attempt_whose_later_step_failed_are_still_counted(backend: Backend) {
     let env = TestEnv::new(&backend).await;
-    *env.store_timeout.lock().unwrap() = Duration::from_secs(1);
+    env.configure(|c| c.store_timeout = Duration::from_secs(1));
     let app = TestApp::start(env).await;
     two_deposits(&app).await;
     let dpo = app.env.add_principal("dpo", &["dpo"]).await;
@@ -390,7 +390,7 @@ async fn the_forget_body_is_read_like_every_other_body_and_only_after_the_permis
     backend: Backend,
 ) {
     let env = TestEnv::new(&backend).await;
-    *env.body_read_timeout.lock().unwrap() = Duration::from_secs(1);
+    env.configure(|c| c.body_read_timeout = Duration::from_secs(1));
     let app = TestApp::start(env).await;
     for i in 0..8 {
         app.append_ok(

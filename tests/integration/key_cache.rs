@@ -183,7 +183,7 @@ fn one_deposit(subject: &str, amount: &str) -> Value {
 
 async fn a_keystore_outage_is_served_from_the_key_cache(backend: Backend) {
     let env = TestEnv::new(&backend).await;
-    *env.store_timeout.lock().unwrap() = STORE_TIMEOUT;
+    env.configure(|c| c.store_timeout = STORE_TIMEOUT);
     let app = TestApp::start(env).await;
     app.append_ok("accounts-2", &one_deposit("cust-2", "2.00"))
         .await;

@@ -117,7 +117,7 @@ async fn a_keystore_older_than_the_event_store_keeps_the_service_unready_until_t
     let env = app.stop().await;
 
     // The operator accepts the loss: ready, and the events say `lost`.
-    *env.accept_missing_keys.lock().unwrap() = true;
+    env.configure(|c| c.accept_missing_keys = true);
     let app = TestApp::start(env).await;
     assert_eq!(
         states(&app, "accounts-1").await,
@@ -139,7 +139,7 @@ async fn a_keystore_older_than_the_event_store_keeps_the_service_unready_until_t
     let env = app.stop().await;
 
     // The acceptance is recorded: the next start needs no flag for it.
-    *env.accept_missing_keys.lock().unwrap() = false;
+    env.configure(|c| c.accept_missing_keys = false);
     let app = TestApp::start(env).await;
     assert_eq!(states(&app, "accounts-1").await[1].1, "lost");
     // A lost key is not a forget, but the subject can still be forgotten.

@@ -120,7 +120,7 @@ async fn rotation_rewraps_every_key_and_resumes_after_an_interruption(backend: B
 
 async fn a_key_is_retired_before_its_encryption_limit(backend: Backend) {
     let env = TestEnv::new(&backend).await;
-    *env.dek_max_encryptions.lock().unwrap() = 3;
+    env.configure(|c| c.dek_max_encryptions = 3);
     let app = TestApp::start(env).await;
     for i in 0..8 {
         app.append_ok(

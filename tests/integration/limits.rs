@@ -119,9 +119,11 @@ async fn a_principal_over_its_rate_is_told_when_to_retry(backend: Backend) {
     let env = TestEnv::new(&backend).await;
     // Three at once, then one a minute: the fourth request is refused
     // however slowly the first three run.
-    *env.rate_limit.lock().unwrap() = Some(RateLimit {
-        period: Duration::from_secs(60),
-        burst: 3,
+    env.configure(|c| {
+        c.rate_limit = Some(RateLimit {
+            period: Duration::from_secs(60),
+            burst: 3,
+        })
     });
     let app = TestApp::start(env).await;
     let service = app.env.add_principal("ledger", &["service"]).await;
@@ -156,7 +158,7 @@ async fn a_principal_over_its_rate_is_told_when_to_retry(backend: Backend) {
 
 async fn oversized_headers_are_answered_431_and_others_are_served(backend: Backend) {
     let env = TestEnv::new(&backend).await;
-    *env.max_header_bytes.lock().unwrap() = 4096;
+    env.configure(|c| c.max_header_bytes = 4096);
     let app = TestApp::start(env).await;
     // Headers just under the limit are served (with the token in them, so
     // that the log check below also covers a request that was refused).
@@ -228,7 +230,7 @@ pub fn trickle(
 
 async fn a_client_sending_its_headers_slowly_is_disconnected(backend: Backend) {
     let env = TestEnv::new(&backend).await;
-    *env.header_read_timeout.lock().unwrap() = Duration::from_secs(1);
+    env.configure(|c| c.header_read_timeout = Duration::from_secs(1));
     let app = TestApp::start(env).await;
     let s = connect(&app).await;
     let (mut r, w) = s.into_split();
@@ -270,7 +272,7 @@ async fn a_client_sending_its_headers_slowly_is_disconnected(backend: Backend) {
 
 async fn a_trickled_body_is_answered_408(backend: Backend) {
     let env = TestEnv::new(&backend).await;
-    *env.body_read_timeout.lock().unwrap() = Duration::from_secs(1);
+    env.configure(|c| c.body_read_timeout = Duration::from_secs(1));
     let app = TestApp::start(env).await;
     let body = serde_json::to_vec(&batch(vec![deposit(
         uuid::Uuid::new_v4(),
@@ -330,9 +332,9 @@ async fn a_trickled_body_is_answered_408(backend: Backend) {
 
 async fn an_idle_kept_alive_connection_is_closed(backend: Backend) {
     let env = TestEnv::new(&backend).await;
-    *env.idle_timeout.lock().unwrap() = Duration::from_secs(1);
+    env.configure(|c| c.idle_timeout = Duration::from_secs(1));
     // Longer than the patience: only the idle timeout can close it.
-    *env.header_read_timeout.lock().unwrap() = Duration::from_secs(600);
+    env.configure(|c| c.header_read_timeout = Duration::from_secs(600));
     let app = TestApp::start(env).await;
     let mut s = connect(&app).await;
     // Two requests on the connection: it is kept alive between them.
@@ -357,7 +359,7 @@ async fn an_idle_kept_alive_connection_is_closed(backend: Backend) {
 
 async fn beyond_the_connection_limit_a_client_gets_503_until_a_slot_frees(backend: Backend) {
     let env = TestEnv::new(&backend).await;
-    *env.max_connections.lock().unwrap() = 2;
+    env.configure(|c| c.max_connections = 2);
     let app = TestApp::start(env).await;
     // Two connections, each answered once: both hold a slot.
     let mut held = Vec::new();
@@ -415,8 +417,8 @@ async fn beyond_the_connection_limit_a_client_gets_503_until_a_slot_frees(backen
 
 async fn a_subscription_outlives_the_header_and_idle_timeouts(backend: Backend) {
     let env = TestEnv::new(&backend).await;
-    *env.header_read_timeout.lock().unwrap() = Duration::from_secs(1);
-    *env.idle_timeout.lock().unwrap() = Duration::from_secs(1);
+    env.configure(|c| c.header_read_timeout = Duration::from_secs(1));
+    env.configure(|c| c.idle_timeout = Duration::from_secs(1));
     let app = TestApp::start(env).await;
     let token = app.token();
     let mut sub = Subscriber::open(&app, "/events/subscribe?after=0", &token, &[]).await;

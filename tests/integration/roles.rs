@@ -185,7 +185,7 @@ async fn the_serving_role_may_not_rewrite_history_yet_serves_everything(backend:
     // subscriptions, the relay and its checkpoint.
     let broker = Broker::new().await;
     env.set_nats(Some(broker.target.clone()));
-    *env.serving_role.lock().unwrap() = Some(role.name.clone());
+    env.serve_as(Some(&role.name));
     let app = TestApp::start(env.clone()).await;
     assert!(
         log_has_line_with(&["may not VACUUM deks"]),
@@ -265,7 +265,7 @@ async fn as_the_serving_role_serve_checks_the_migrations_instead_of_running_them
     let role = TestRole::create(&env).await;
     let owner: Arc<TestEnv> = env.clone();
     // Never migrated: the role may not create the schema, and says so.
-    *env.serving_role.lock().unwrap() = Some(role.name.clone());
+    env.serve_as(Some(&role.name));
     let err = eventvault::app::Application::build(&env.config())
         .await
         .err()
@@ -278,7 +278,7 @@ async fn as_the_serving_role_serve_checks_the_migrations_instead_of_running_them
     );
 
     // Migrated by the owner: serve as the role needs no migration to run.
-    *env.serving_role.lock().unwrap() = None;
+    env.serve_as(None);
     migrate(&owner, &role.name).await;
     // One migration is missing (the schema is from an older eventvault):
     // the role does not run it; it names it and what to do.
@@ -287,7 +287,7 @@ async fn as_the_serving_role_serve_checks_the_migrations_instead_of_running_them
         .await
         .unwrap();
     db.close().await;
-    *env.serving_role.lock().unwrap() = Some(role.name.clone());
+    env.serve_as(Some(&role.name));
     let err = eventvault::app::Application::build(&env.config())
         .await
         .err()

@@ -270,7 +270,7 @@ async fn no_data_is_served_while_the_forget_ledger_is_reapplied(backend: Backend
     let env = forgotten_but_restored(&backend).await;
     // The re-apply cannot finish while the lock is held, and waits for it
     // (up to the store timeout: longer than this test holds it).
-    *env.store_timeout.lock().unwrap() = std::time::Duration::from_secs(60);
+    env.configure(|c| c.store_timeout = std::time::Duration::from_secs(60));
     let lock = lock_keystore(&env).await;
     let app = TestApp::start_unready(env).await;
 

@@ -442,7 +442,7 @@ async fn a_subscription_is_audited_when_it_opens_discloses_and_closes(backend: B
 
 async fn a_client_that_stops_reading_is_cut_off_and_resumes(backend: Backend) {
     let env = TestEnv::new(&backend).await;
-    *env.write_timeout.lock().unwrap() = Duration::from_secs(1);
+    env.configure(|c| c.write_timeout = Duration::from_secs(1));
     let app = TestApp::start(env).await;
     // Far more than the socket buffers of both ends hold.
     let filler = "x".repeat(10_000);
@@ -574,7 +574,7 @@ async fn a_batch_whose_disclosure_cannot_be_audited_is_not_sent(backend: Backend
 
 async fn a_removed_principals_subscription_ends(backend: Backend) {
     let env = TestEnv::new(&backend).await;
-    *env.subscription_recheck.lock().unwrap() = Duration::from_millis(500);
+    env.configure(|c| c.subscription_recheck = Duration::from_millis(500));
     let app = TestApp::start(env).await;
     let service = app.env.add_principal("ledger", &["service"]).await;
     app.append_ok("accounts-1", &deposits("cust-1", 1)).await;
@@ -600,7 +600,7 @@ async fn a_removed_principals_subscription_ends(backend: Backend) {
 /// it can no longer confirm; its close record says `error`.
 async fn a_subscription_whose_caller_cannot_be_checked_again_ends(backend: Backend) {
     let env = TestEnv::new(&backend).await;
-    *env.subscription_recheck.lock().unwrap() = Duration::from_millis(500);
+    env.configure(|c| c.subscription_recheck = Duration::from_millis(500));
     let app = TestApp::start(env).await;
     let service = app.env.add_principal("ledger", &["service"]).await;
     app.append_ok("accounts-1", &deposits("cust-1", 1)).await;
@@ -637,7 +637,7 @@ async fn a_subscription_whose_caller_cannot_be_checked_again_ends(backend: Backe
 
 async fn subscriptions_beyond_the_limit_are_refused(backend: Backend) {
     let env = TestEnv::new(&backend).await;
-    *env.max_subscriptions.lock().unwrap() = 1;
+    env.configure(|c| c.max_subscriptions = 1);
     let app = TestApp::start(env).await;
     let first = Subscriber::open(&app, "/events/subscribe", &app.token(), &[]).await;
     let (status, text) = call(

@@ -70,11 +70,13 @@ async fn requests_without_a_valid_token_are_limited_per_address(backend: Backend
     let env = TestEnv::new(&backend).await;
     // Three refusals per address, then none for an hour; one window for
     // the whole test (its records are written at the stop).
-    *env.unauthenticated_rate_limit.lock().unwrap() = Some(RateLimit {
-        period: Duration::from_secs(3600),
-        burst: 3,
+    env.configure(|c| {
+        c.unauthenticated_rate_limit = Some(RateLimit {
+            period: Duration::from_secs(3600),
+            burst: 3,
+        })
     });
-    *env.unauthenticated_audit_interval.lock().unwrap() = Duration::from_secs(3600);
+    env.configure(|c| c.unauthenticated_audit_interval = Duration::from_secs(3600));
     let app = TestApp::start(env).await;
     app.append_ok(
         "accounts-1",
@@ -178,7 +180,7 @@ async fn refusals_are_recorded_once_per_address_and_window(backend: Backend) {
     const REQUESTS: u64 = 300;
     let interval = Duration::from_secs(1);
     let env = TestEnv::new(&backend).await;
-    *env.unauthenticated_audit_interval.lock().unwrap() = interval;
+    env.configure(|c| c.unauthenticated_audit_interval = interval);
     let app = TestApp::start(env).await;
     let mut aggregated = app.progress().unauthenticated_aggregated;
     let records_before = audit_records(&app, "").await.len();
