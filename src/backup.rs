@@ -74,21 +74,11 @@ async fn copy(url: &str, to: &Path, shown: &str) -> Result<(), BackupError> {
     if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         pg_dump(url, to).await
     } else {
-        let db = Db::open_existing(url).await?;
-        let Db::Sqlite(pool) = &db else {
-            return Err(StoreError::UnsupportedUrl(redact_url(url)).into());
-        };
         let target = to.to_str().ok_or_else(|| BackupError::Io {
             path: shown.to_owned(),
             source: std::io::Error::other("the path is not UTF-8"),
         })?;
-        let copied = sqlx::query("vacuum into $1")
-            .bind(target)
-            .execute(pool)
-            .await;
-        db.close().await;
-        copied.map_err(StoreError::from)?;
-        Ok(())
+        Ok(Db::copy_sqlite(url, target).await?)
     }
 }
 

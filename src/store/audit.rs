@@ -3,6 +3,7 @@
 
 use sqlx::{PgConnection, SqliteConnection};
 
+use super::tx::{Conn, on_conn};
 use super::{EventStore, StoreError, on_db_sql};
 use crate::audit::{AuditEntry, AuditRecord, Break, ChainVerifier, GENESIS, Outcome};
 
@@ -104,24 +105,12 @@ fn head_from(row: Option<(i64, Vec<u8>)>) -> Result<(u64, [u8; 32]), StoreError>
 }
 
 /// The stored hash of record `seq`, inside the writer's transaction.
-pub(super) async fn sqlite_hash_at(
-    tx: &mut SqliteConnection,
-    seq: u64,
-) -> Result<Option<Vec<u8>>, StoreError> {
-    Ok(sqlx::query_scalar(HASH_AT_SQL)
+/// The stored hash of record `seq`, inside the writer's transaction.
+pub(super) async fn hash_at(conn: Conn<'_>, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(on_conn!(conn, |c| sqlx::query_scalar(HASH_AT_SQL)
         .bind(seq as i64)
-        .fetch_optional(&mut *tx)
-        .await?)
-}
-
-pub(super) async fn pg_hash_at(
-    tx: &mut PgConnection,
-    seq: u64,
-) -> Result<Option<Vec<u8>>, StoreError> {
-    Ok(sqlx::query_scalar(HASH_AT_SQL)
-        .bind(seq as i64)
-        .fetch_optional(&mut *tx)
-        .await?)
+        .fetch_optional(c)
+        .await?))
 }
 
 const HASH_AT_SQL: &str = "select hash from audit_log where seq = $1";
@@ -152,16 +141,23 @@ pub(super) fn check_anchor(
 }
 
 /// The last record's number and hash, inside the writer's transaction.
-pub(super) async fn sqlite_head(tx: &mut SqliteConnection) -> Result<(u64, [u8; 32]), StoreError> {
-    head_from(sqlx::query_as(HEAD_SQL).fetch_optional(&mut *tx).await?)
+/// Number and hash of the last record, inside the writer's transaction.
+pub(super) async fn head(conn: Conn<'_>) -> Result<(u64, [u8; 32]), StoreError> {
+    head_from(on_conn!(conn, |c| sqlx::query_as(HEAD_SQL)
+        .fetch_optional(c)
+        .await?))
 }
 
-pub(super) async fn pg_head(tx: &mut PgConnection) -> Result<(u64, [u8; 32]), StoreError> {
-    head_from(sqlx::query_as(HEAD_SQL).fetch_optional(&mut *tx).await?)
+/// Inserts sealed records, inside the writer's transaction.
+pub(super) async fn insert(conn: Conn<'_>, records: &[AuditRecord]) -> Result<(), StoreError> {
+    match conn {
+        Conn::Sqlite(c) => sqlite_insert(c, records).await,
+        Conn::Postgres(c) => pg_insert(c, records).await,
+    }
 }
 
 /// Inserts sealed records in one statement (rows as one JSON array).
-pub(super) async fn sqlite_insert(
+async fn sqlite_insert(
     tx: &mut SqliteConnection,
     records: &[AuditRecord],
 ) -> Result<(), StoreError> {
@@ -204,10 +200,7 @@ pub(super) async fn sqlite_insert(
 }
 
 /// Inserts sealed records in one statement (arrays per column, unnested).
-pub(super) async fn pg_insert(
-    tx: &mut PgConnection,
-    records: &[AuditRecord],
-) -> Result<(), StoreError> {
+async fn pg_insert(tx: &mut PgConnection, records: &[AuditRecord]) -> Result<(), StoreError> {
     if records.is_empty() {
         return Ok(());
     }

@@ -9,8 +9,7 @@
 //! was not forgotten against the keystore, a page of keys at a time, instead
 //! of walking the events.
 
-use sqlx::{PgConnection, SqliteConnection};
-
+use super::tx::Conn;
 use super::{Db, EventStore, StoreError, now_us, on_db};
 
 /// A reference to a data key: its id and the subject it belongs to.
@@ -18,24 +17,6 @@ use super::{Db, EventStore, StoreError, now_us, on_db};
 pub struct KeyRef<'a> {
     pub key_id: &'a str,
     pub subject: &'a str,
-}
-
-/// A connection inside the transaction that stores what refers to the keys.
-pub enum Conn<'c> {
-    Sqlite(&'c mut SqliteConnection),
-    Postgres(&'c mut PgConnection),
-}
-
-impl<'c> From<&'c mut SqliteConnection> for Conn<'c> {
-    fn from(c: &'c mut SqliteConnection) -> Self {
-        Self::Sqlite(c)
-    }
-}
-
-impl<'c> From<&'c mut PgConnection> for Conn<'c> {
-    fn from(c: &'c mut PgConnection) -> Self {
-        Self::Postgres(c)
-    }
 }
 
 /// Registers the data keys `refs` refers to (each once; those registered

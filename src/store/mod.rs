@@ -465,6 +465,21 @@ impl Db {
         }
     }
 
+    /// Writes a transactionally consistent copy of the SQLite database at
+    /// `url`, holding only live rows (a deleted key's bytes are not carried
+    /// into it), into the empty file `to` (`VACUUM INTO`).
+    pub async fn copy_sqlite(url: &str, to: &str) -> Result<(), StoreError> {
+        let db = Self::open_existing(url).await?;
+        let Db::Sqlite(pool) = &db else {
+            db.close().await;
+            return Err(StoreError::UnsupportedUrl(redact_url(url)));
+        };
+        let copied = sqlx::query("vacuum into $1").bind(to).execute(pool).await;
+        db.close().await;
+        copied?;
+        Ok(())
+    }
+
     /// A trivial round trip, for readiness checks.
     pub async fn ping(&self) -> Result<(), StoreError> {
         on_db!(self, |pool| sqlx::query("select 1")

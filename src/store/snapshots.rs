@@ -1,8 +1,8 @@
 //! Snapshots: one per stream, the newest a client saved, and the data keys
 //! each is sealed under (`snapshot_keys`, one row per layer).
 
-use super::data_keys::{Conn, KeyRef, register_key_refs};
-use super::tx::Tx;
+use super::data_keys::{KeyRef, register_key_refs};
+use super::tx::{Conn, Tx};
 use super::{Db, EventStore, StoreError, now_us, on_db};
 
 /// One layer of a sealed snapshot's key: a subject of the stream and the

@@ -15,7 +15,9 @@
 //! database rolls back what it held.
 
 use sqlx::pool::PoolConnection;
-use sqlx::{Database, Executor, Pool};
+use sqlx::{Database, Executor, PgConnection, Pool, Postgres, Sqlite, SqliteConnection};
+
+use super::Db;
 
 /// An open transaction; see the module documentation.
 pub struct Tx<DB: Database> {
@@ -74,6 +76,75 @@ impl<DB: Database> Drop for Tx<DB> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.as_mut() {
             conn.close_on_drop();
+        }
+    }
+}
+
+/// A connection inside a transaction, on either backend: what the store's
+/// functions that write within a caller's transaction take.
+pub enum Conn<'c> {
+    Sqlite(&'c mut SqliteConnection),
+    Postgres(&'c mut PgConnection),
+}
+
+impl<'c> From<&'c mut SqliteConnection> for Conn<'c> {
+    fn from(c: &'c mut SqliteConnection) -> Self {
+        Self::Sqlite(c)
+    }
+}
+
+impl<'c> From<&'c mut PgConnection> for Conn<'c> {
+    fn from(c: &'c mut PgConnection) -> Self {
+        Self::Postgres(c)
+    }
+}
+
+/// Runs the same expression on whichever connection `conn` holds; for
+/// statements whose SQL and types are the same on both backends (as
+/// [`super::on_db`] does for pools).
+macro_rules! on_conn {
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn {
+            $crate::store::tx::Conn::Sqlite($c) => $body,
+            $crate::store::tx::Conn::Postgres($c) => $body,
+        }
+    };
+}
+pub(crate) use on_conn;
+
+/// A [`Tx`] on whichever database a [`Db`] is.
+pub enum DbTx {
+    Sqlite(Tx<Sqlite>),
+    Postgres(Tx<Postgres>),
+}
+
+impl DbTx {
+    /// Begins a transaction that is going to write: on SQLite with `begin
+    /// immediate`, which makes it the only writer of the file from its
+    /// first statement (rather than failing at its first write when
+    /// another connection wrote meanwhile).
+    pub async fn begin_writing(db: &Db) -> Result<Self, sqlx::Error> {
+        Ok(match db {
+            Db::Sqlite(pool) => Self::Sqlite(Tx::begin(pool, "begin immediate").await?),
+            Db::Postgres(pool) => Self::Postgres(Tx::begin(pool, "begin").await?),
+        })
+    }
+
+    /// The connection the transaction runs on.
+    pub fn conn(&mut self) -> Conn<'_> {
+        match self {
+            Self::Sqlite(tx) => Conn::Sqlite(tx.conn()),
+            Self::Postgres(tx) => Conn::Postgres(tx.conn()),
+        }
+    }
+
+    /// Commits; see [`Tx::commit`]. An error means the transaction did not
+    /// commit, except on PostgreSQL when the connection was lost while
+    /// committing: the commit may then have reached the server.
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        match self {
+            Self::Sqlite(tx) => tx.commit().await,
+            Self::Postgres(tx) => tx.commit().await,
         }
     }
 }
