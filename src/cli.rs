@@ -183,9 +183,14 @@ async fn rotate_kek(store: &StoreArgs, batch_size: u32) -> CliResult {
     }
     let cfg = store.config();
     let keystore = app::open_keystore(&cfg).await?;
-    let rotation = rotate_master_key(&keystore, &cfg.master_key_file, batch_size, |done, total| {
-        eprint!("\rre-wrapping data keys: {done}/{total}");
-    })
+    let rotation = rotate_master_key(
+        &keystore,
+        &cfg.master_key_file,
+        batch_size,
+        |done, total| {
+            eprint!("\rre-wrapping data keys: {done}/{total}");
+        },
+    )
     .await;
     eprintln!();
     let r = rotation?;

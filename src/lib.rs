@@ -21,7 +21,6 @@
 //! - [`config`]: the configuration and the flags it comes from.
 //! - [`cli`]: the commands other than `serve`.
 //! - [`app`]: start-up and graceful shutdown.
-//! - [`sse`]: a Server-Sent Events reader for clients of the subscriptions.
 
 #![forbid(unsafe_code)]
 
@@ -39,5 +38,4 @@ pub mod policy;
 pub mod principals;
 pub mod relay;
 pub mod service;
-pub mod sse;
 pub mod store;

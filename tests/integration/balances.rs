@@ -43,7 +43,7 @@ impl Rng {
 }
 
 fn projector(base: &str, token: &str, db: &str, stop_at: Option<u64>) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_eventvault-balances"));
+    let mut cmd = tokio::process::Command::new(crate::common::tool_binary("eventvault-balances"));
     cmd.args(["--url", base, "--database-url", db])
         .env("EVENTVAULT_TOKEN", token)
         .stdout(std::process::Stdio::null())

@@ -687,6 +687,24 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_eventvault")
 }
 
+/// A client binary of the workspace member `tools` (`cargo test` builds
+/// them beside this test's own binary, in the same target directory).
+pub fn tool_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/integration-… → target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the test binary lies in target/<profile>/deps")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run the tests with `cargo test` (which builds the workspace's tools), or `cargo build -p eventvault-tools` first",
+        path.display()
+    );
+    path
+}
+
 /// Command line pointing the binary at `env`'s databases and key.
 pub fn command(env: &TestEnv, args: &[&str]) -> tokio::process::Command {
     command_with_policies(env, &policies_dir(), args)

@@ -32,7 +32,7 @@ async fn help_never_shows_a_secret_from_the_environment() {
         ),
     ];
     // The example read model's database URL too.
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_eventvault-balances"));
+    let mut cmd = tokio::process::Command::new(crate::common::tool_binary("eventvault-balances"));
     let out = cmd
         .arg("--help")
         .env(

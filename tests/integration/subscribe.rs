@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::access::{audit_records, call};
 use crate::both_backends;
 use crate::common::{Backend, PERSONAL_VALUES, ServerProcess, TestApp, TestEnv, batch, deposit};
-use eventvault::sse::{SseEvent, SseParser};
+use eventvault_tools::sse::{SseEvent, SseParser};
 
 both_backends!(
     a_subscription_catches_up_then_follows_live_without_gap_or_duplicate,

@@ -207,7 +207,7 @@ fn cpu_seconds(pid: u32) -> Result<f64, Box<dyn std::error::Error>> {
 
 /// The subscription measurement (see the module documentation).
 async fn subscriptions(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    use eventvault::sse::SseParser;
+    use eventvault_tools::sse::SseParser;
     use futures::StreamExt;
     use std::collections::HashMap;
     use std::sync::Mutex;
@@ -473,7 +473,7 @@ async fn soak(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                     continue;
                 };
                 let mut body = r.bytes_stream();
-                let mut parser = eventvault::sse::SseParser::default();
+                let mut parser = eventvault_tools::sse::SseParser::default();
                 while let Some(Ok(chunk)) = body.next().await {
                     for e in parser.push(&chunk) {
                         delivered.fetch_add(1, Relaxed);

@@ -27,7 +27,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use eventvault::sse::SseParser;
+use eventvault_tools::sse::SseParser;
 use futures::StreamExt;
 use rust_decimal::Decimal;
 use serde_json::Value;
