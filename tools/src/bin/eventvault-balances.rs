@@ -35,7 +35,7 @@ use sqlx::{AnyConnection, Connection};
 
 /// Keeps account balances from an eventvault's global log.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Base URL of the eventvault service.
     #[arg(long, env = "EVENTVAULT_URL", default_value = "http://127.0.0.1:8080")]

@@ -39,7 +39,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Load generator for eventvault.
 #[derive(Parser, Clone)]
-#[command(about)]
 struct Args {
     /// Base URL of the server.
     #[arg(long, env = "EVENTVAULT_URL", default_value = "http://127.0.0.1:8080")]
