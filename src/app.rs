@@ -21,10 +21,12 @@ use crate::policy::{Policies, PolicyError};
 use crate::principals::{PrincipalError, Principals};
 use crate::relay::{RelayConfig, RelayConfigError};
 use crate::service::{Events, KeyCheck, LedgerState, ServiceError};
+use crate::shutdown::Shutdown;
 use crate::store::feed::{self, Feed};
 use crate::store::keystore::Keystore;
 use crate::store::writer::Writer;
 use crate::store::{Db, EventStore, Purpose, StoreError, redact_url};
+use tokio_util::sync::DropGuard;
 
 pub use crate::config::{Config, RateLimit};
 
@@ -209,8 +211,11 @@ pub struct Application {
     state: AppState,
     writer_task: tokio::task::JoinHandle<()>,
     admin_token: Option<Zeroizing<String>>,
-    /// Tells long-lived responses (subscriptions) that the service stops.
-    shutdown: tokio::sync::watch::Sender<bool>,
+    /// The stop signal and the tracker of the background tasks.
+    shutdown: Shutdown,
+    /// Stops every background task if the application is dropped without
+    /// `run_until` (or before it finished).
+    stop_on_drop: DropGuard,
     /// What every client connection is held to.
     limits: conn::Limits,
     /// Where the outbox relay publishes; `None`: no relay.
@@ -245,11 +250,19 @@ impl Application {
         let admin_token = principals.bootstrap_admin(&policies).await?;
         check_principal_roles(&principals, &policies, cfg).await?;
         let feed = Feed::new(store.head_position().await?);
-        feed::follow_other_processes(&store, &feed);
-        feed::Tail::spawn_reader(&feed, store.clone());
-        let (writer, writer_task) =
-            Writer::spawn(store.db.clone(), feed, metrics.clone(), cfg.store_wait());
-        keys.follow_evictions(store.clone());
+        // A start that fails from here on stops what it has started.
+        let shutdown = Shutdown::new();
+        let stop_on_drop = shutdown.guard();
+        feed::follow_other_processes(&store, &feed, &shutdown);
+        feed::Tail::spawn_reader(&feed, store.clone(), &shutdown);
+        let (writer, writer_task) = Writer::spawn(
+            store.db.clone(),
+            feed,
+            metrics.clone(),
+            cfg.store_wait(),
+            &shutdown,
+        );
+        keys.follow_evictions(store.clone(), &shutdown);
         let events = Events::new(
             store.clone(),
             writer,
@@ -266,7 +279,6 @@ impl Application {
                 "the keystore's database role may not VACUUM deks (it is not the table's owner; PostgreSQL 17 and later: grant it MAINTAIN): after a forget, PostgreSQL leaves the deleted keys' rows to autovacuum"
             );
         }
-        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         let state = AppState {
             events,
             store,
@@ -279,7 +291,7 @@ impl Application {
                 subscription_recheck: cfg.subscription_recheck,
                 store_timeout: cfg.store_timeout,
             }),
-            shutdown: shutdown_rx,
+            shutdown: shutdown.clone(),
             subscriptions: Arc::new(tokio::sync::Semaphore::new(cfg.max_subscriptions)),
             rate_limit: cfg.rate_limit.and_then(RateLimit::limiter).map(Arc::new),
             turns: crate::http::Turns::new(cfg.max_in_flight, cfg.max_in_flight_alone)
@@ -309,7 +321,8 @@ impl Application {
             state,
             writer_task,
             admin_token,
-            shutdown: shutdown_tx,
+            shutdown,
+            stop_on_drop,
             limits: conn::Limits {
                 max_connections: cfg.max_connections,
                 max_header_bytes: cfg.max_header_bytes,
@@ -365,7 +378,8 @@ impl Application {
             listener,
             state,
             writer_task,
-            shutdown: stopping,
+            shutdown: tasks,
+            stop_on_drop,
             limits,
             relay,
             ledger,
@@ -375,34 +389,30 @@ impl Application {
         } = self;
         let store = state.store.clone();
         let keystore = state.keys.keystore().clone();
-        let (stop_relay, relay_stopped) = watch::channel(false);
-        let relay_task = relay.map(|cfg| {
-            crate::relay::spawn(store.clone(), cfg, state.events.commits(), relay_stopped)
-        });
+        // Whatever the relay has not published when serving ends, it
+        // publishes after the next start, from its checkpoint.
+        if let Some(cfg) = relay {
+            crate::relay::spawn(store.clone(), cfg, state.events.commits(), &tasks);
+        }
         // The aggregate audit records of requests without a valid token, at
         // the end of every window and, after the last connection closed,
         // of the window still open.
-        let (stop_windows, windows_stop) = watch::channel(false);
-        let windows = {
+        {
             let (gate, events) = (state.unauthenticated.clone(), state.events.clone());
-            tokio::spawn(async move { gate.record_windows(events, windows_stop).await })
-        };
+            let stop = tasks.clone();
+            tasks.spawn(async move { gate.record_windows(events, stop).await });
+        }
         let mut ledger_failed = ledger.subscribe();
-        let reapply = tokio::spawn(start_up(
+        let reapply = tasks.spawn(start_up(
             state.events.clone(),
             ledger,
             data_keys,
             accept_missing_keys,
         ));
         // Forgets recorded while the keystore does not answer are finished
-        // in the background as soon as it does.
-        let (stop_completion, completion_stopped) = watch::channel(false);
-        let completion = tokio::spawn(
-            state
-                .events
-                .clone()
-                .complete_pending_forgets(completion_stopped),
-        );
+        // in the background as soon as it does; what one had not finished
+        // when serving ends, the next start finishes.
+        tasks.spawn(state.events.clone().complete_pending_forgets(tasks.clone()));
         let metrics = state.metrics.clone();
         let app = router(state);
         tracing::info!(addr = %listener.local_addr()?, "eventvault listening");
@@ -418,21 +428,17 @@ impl Application {
                 std::future::pending::<()>().await;
             }
         };
+        let stopping = tasks.clone();
         let shutdown = async move {
             tokio::select! {
                 () = shutdown => {}
                 () = failed => {}
             }
-            // Subscriptions end, so that their connections can close.
-            let _ = stopping.send(true);
+            // Subscriptions end, so that their connections can close, and
+            // the followers stop.
+            stopping.stop_serving();
         };
         let served = conn::serve(listener, app, limits, metrics, shutdown).await;
-        // Every connection is closed: no request is refused any more.
-        let _ = stop_windows.send(true);
-        if windows.await.is_err() {
-            tracing::error!("the task recording aggregate audit records panicked");
-        }
-        served?;
         // A stop during the re-apply cancels it: every step is repeated at
         // the next start, and the task holds a writer handle.
         if !reapply.is_finished() {
@@ -441,12 +447,11 @@ impl Application {
             );
             reapply.abort();
         }
-        // Its handle on the writer must go before the writer can stop;
-        // what it had not finished, the next start finishes.
-        let _ = stop_completion.send(true);
-        if completion.await.is_err() {
-            tracing::error!("the background completion of forgets panicked");
-        }
+        // Every connection is closed: no request is refused any more. The
+        // last records are written, every background task ends, then the
+        // writer commits what is queued and stops.
+        tasks.finish(writer_task).await;
+        served?;
         let failure = match reapply.await {
             Ok(result) => result.err().map(StartError::Forget),
             Err(e) if e.is_cancelled() => None,
@@ -455,21 +460,9 @@ impl Application {
                 Some(StartError::ForgetPanicked)
             }
         };
-        // The router (and with it every writer handle) is gone: the writer
-        // finishes what is queued and stops.
-        if writer_task.await.is_err() {
-            tracing::error!("the writer task panicked");
-        }
-        // Whatever the relay had not published yet, it publishes after the
-        // next start, from its checkpoint.
-        let _ = stop_relay.send(true);
-        if let Some(task) = relay_task
-            && task.await.is_err()
-        {
-            tracing::error!("the outbox relay task panicked");
-        }
         store.db.close().await;
         keystore.db.close().await;
+        drop(stop_on_drop);
         if let Some(e) = failure {
             return Err(std::io::Error::other(e));
         }

@@ -20,6 +20,7 @@ use zeroize::Zeroizing;
 
 use crate::crypto::{CryptoError, Dek, Kek};
 use crate::metrics::{KeyCache, Metrics};
+use crate::shutdown::Shutdown;
 use crate::store::keystore::{Keystore, WrappedDek};
 use crate::store::{EventStore, StoreError};
 
@@ -554,7 +555,7 @@ impl KeyManager {
 
     /// On a PostgreSQL keystore, follows the evictions of other processes
     /// (`LISTEN`), so that a forget anywhere takes effect here at once. The
-    /// task ends when the key manager is dropped.
+    /// task ends when serving does (`shutdown`).
     ///
     /// Notices sent while the `LISTEN` is down are lost. The caches are not
     /// dropped meanwhile: every use of a cached key is checked against the
@@ -569,24 +570,21 @@ impl KeyManager {
     /// was back cache nothing (they may have read a key that a missed
     /// forget then deleted). If the ledger cannot be read, the caches are
     /// dropped instead.
-    pub fn follow_evictions(self: &Arc<Self>, ledger: EventStore) {
+    pub fn follow_evictions(self: &Arc<Self>, ledger: EventStore, shutdown: &Shutdown) {
         if !self.keystore.can_announce() {
             return;
         }
         let keystore = self.keystore.clone();
-        let this = Arc::downgrade(self);
-        tokio::spawn(async move {
+        let km = self.clone();
+        shutdown.spawn_follower(async move {
             let mut deaf_since = Instant::now();
             loop {
                 let mut listener = match keystore.listen(EVICT_CHANNEL).await {
                     Ok(Some(l)) => l,
                     Ok(None) => return,
-                    // Stopping: the key manager or the pool is gone.
-                    Err(_) if this.strong_count() == 0 || keystore.db.is_closed() => return,
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot listen for key evictions; retrying in 1 s");
                         if deaf_since.elapsed() >= RECONCILE_WHILE_DEAF {
-                            let Some(km) = this.upgrade() else { return };
                             km.reconcile(&ledger).await;
                             deaf_since = Instant::now();
                         }
@@ -594,14 +592,9 @@ impl KeyManager {
                         continue;
                     }
                 };
-                match this.upgrade() {
-                    Some(km) => km.resync(&ledger).await,
-                    None => return,
-                }
+                km.resync(&ledger).await;
                 loop {
-                    let next = listener.try_recv().await;
-                    let Some(km) = this.upgrade() else { return };
-                    match next {
+                    match listener.try_recv().await {
                         Ok(Some(n)) => match serde_json::from_str::<Eviction>(n.payload()) {
                             Ok(ev) => {
                                 km.evict(&ev.subject);

@@ -38,4 +38,5 @@ pub mod policy;
 pub mod principals;
 pub mod relay;
 pub mod service;
+pub mod shutdown;
 pub mod store;

@@ -51,6 +51,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::domain::rfc3339;
+use crate::shutdown::Shutdown;
 use crate::store::relay::RelayLease;
 use crate::store::{EventStore, StoreError, StoredEvent};
 
@@ -318,24 +319,24 @@ enum RelayError {
     Encode { position: i64, reason: String },
 }
 
-/// Starts the relay. It publishes until `shutdown` turns `true` (or its
-/// sender is dropped), waking when `head` (the newest committed position)
-/// passes what it has published. The task ends only then; every failure on
-/// the way is logged and retried.
+/// Starts the relay on `shutdown`. It publishes until serving ends, waking
+/// when `head` (the newest committed position) passes what it has
+/// published. The task ends only then; every failure on the way is logged
+/// and retried. Stopping anywhere is safe: what was published but not yet
+/// checkpointed is published again next time, and dropped by JetStream as
+/// a duplicate.
 pub fn spawn(
     store: EventStore,
     cfg: RelayConfig,
     head: watch::Receiver<u64>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: &Shutdown,
 ) -> JoinHandle<()> {
-    tokio::spawn(async move {
+    let stop = shutdown.serving_ends();
+    shutdown.spawn(async move {
         let stream = cfg.stream.clone();
-        // Stopping anywhere is safe: what was published but not yet
-        // checkpointed is published again next time, and dropped by
-        // JetStream as a duplicate.
         tokio::select! {
-            _ = shutdown.wait_for(|stop| *stop) => {}
-            _ = Relay::new(store, cfg, head).run() => {}
+            () = stop => {}
+            () = Relay::new(store, cfg, head).run() => {}
         }
         tracing::info!(stream = %stream, "outbox relay stopped");
     })

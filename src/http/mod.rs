@@ -64,8 +64,10 @@ pub struct AppState {
     pub principals: Arc<Principals>,
     pub policies: Arc<Policies>,
     pub config: Arc<HttpConfig>,
-    /// Becomes `true` when the service begins to stop: subscriptions end.
-    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// The stop signal (subscriptions end when serving does) and the
+    /// tracker of the tasks a request leaves behind (records written late,
+    /// a subscription's closing record).
+    pub shutdown: crate::shutdown::Shutdown,
     /// One permit per open subscription.
     pub subscriptions: Arc<tokio::sync::Semaphore>,
     /// Requests per principal; `None`: unlimited.

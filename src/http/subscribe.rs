@@ -45,6 +45,7 @@ use crate::domain::{PersonalData, ReadEvent, StreamId};
 use crate::policy::{Grants, Permission, Policies};
 use crate::principals::Principals;
 use crate::service::{AsOf, Events, ServiceError};
+use crate::shutdown::Shutdown;
 use crate::store::Direction;
 
 /// Events read at a time: from the tail in memory (and at most
@@ -259,6 +260,7 @@ fn open(
         caught_up: false,
         trail: Trail {
             events: state.events.clone(),
+            shutdown: state.shutdown.clone(),
             template: caller.audit.entry(Outcome::Ok),
             action: action.to_owned(),
             delivered: 0,
@@ -290,7 +292,7 @@ struct Subscription {
     grants: Grants,
     cursor: Cursor,
     feed: watch::Receiver<u64>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
     /// Moves when a forget is recorded (here, or on PostgreSQL in another
     /// process): what is queued was decided before it.
     forgets: watch::Receiver<u64>,
@@ -320,7 +322,7 @@ impl Subscription {
                     .delivered(head.saturating_sub(e.position));
                 return Some(sse_event(&e, &self.cursor));
             }
-            if *self.shutdown.borrow() {
+            if self.shutdown.is_stopping() {
                 return None;
             }
             if !self.still_allowed().await {
@@ -383,7 +385,7 @@ impl Subscription {
         let due = self.recheck.saturating_sub(self.checked_at.elapsed());
         tokio::select! {
             moved = self.feed.changed() => moved.is_ok(),
-            _ = self.shutdown.changed() => false,
+            () = self.shutdown.serving_ends() => false,
             () = tokio::time::sleep(due) => true,
         }
     }
@@ -518,6 +520,9 @@ fn sse_event(e: &ReadEvent, cursor: &Cursor) -> Event {
 /// The audit records of a subscription after its opening one.
 struct Trail {
     events: Events,
+    /// Tracks the closing record's task, so that the service writes it
+    /// before it stops.
+    shutdown: Shutdown,
     /// The opening record, as the base of the later ones.
     template: AuditEntry,
     action: String,
@@ -571,8 +576,8 @@ impl Drop for Trail {
             ..self.template.clone()
         };
         let events = self.events.clone();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.shutdown.spawn(async move {
                 if let Err(e) = events.audit(entry).await {
                     tracing::error!(error = %e, "the close of a subscription could not be audited");
                 }

@@ -310,12 +310,24 @@ fn resource_of(route: &str, params: Option<&RawPathParams>) -> String {
 
 /// Writes `entry` once the store takes it: tried again and again, further
 /// apart (up to a minute), for about an hour, then logged as lost.
-async fn record_later(events: crate::service::Events, entry: AuditEntry) {
+async fn record_later(
+    events: crate::service::Events,
+    entry: AuditEntry,
+    shutdown: crate::shutdown::Shutdown,
+) {
     let mut wait = std::time::Duration::from_secs(1);
     for _ in 0..70 {
-        tokio::time::sleep(wait).await;
+        // A stopping service tries once more at once, and then no more.
+        let last = tokio::select! {
+            () = tokio::time::sleep(wait) => false,
+            () = shutdown.connections_closed() => true,
+        };
         match events.audit(entry.clone()).await {
             Ok(()) => return,
+            Err(e) if last => {
+                tracing::error!(error = %e, action = %entry.action, "an audit record could not be written before the service stopped and is lost");
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "an audit record still cannot be written; trying again")
             }
@@ -437,7 +449,11 @@ async fn audited(state: AppState, req: Request, next: Next, deadline: Deadline) 
             // its record is written as soon as the store takes it.
             Err(e) if slot.deadline.committed() && !entry.personal_data => {
                 tracing::warn!(error = %e, "the audit record of a request that took effect could not be written yet; writing it in the background");
-                tokio::spawn(record_later(state.events.clone(), entry));
+                state.shutdown.spawn(record_later(
+                    state.events.clone(),
+                    entry,
+                    state.shutdown.clone(),
+                ));
                 response
             }
             Err(e) => {

@@ -41,6 +41,7 @@ use tokio::time::Instant;
 use crate::audit::{AuditEntry, Outcome};
 use crate::metrics::{Limit, Metrics};
 use crate::service::Events;
+use crate::shutdown::Shutdown;
 
 /// The audit action of an aggregate record.
 pub const AGGREGATE_ACTION: &str = "unauthenticated.refused";
@@ -285,21 +286,15 @@ impl Unauthenticated {
         }
     }
 
-    /// Writes the aggregate records at the end of every window until
-    /// `stop` becomes `true`, then those of the window still open. Holds a
-    /// writer handle: awaited before the writer is.
-    pub async fn record_windows(
-        &self,
-        events: Events,
-        mut stop: tokio::sync::watch::Receiver<bool>,
-    ) {
+    /// Writes the aggregate records at the end of every window until the
+    /// last connection is closed, then those of the window still open.
+    /// Holds a writer handle: a tracked task of `shutdown`, which the
+    /// writer outlives.
+    pub async fn record_windows(&self, events: Events, shutdown: Shutdown) {
         if let Some(interval) = self.settings.interval {
             let mut ticks = tokio::time::interval_at(Instant::now() + interval, interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut stopped = std::pin::pin!(async move {
-                // The guard is dropped here, inside: it is not `Send`.
-                let _ = stop.wait_for(|s| *s).await.map(|_| ());
-            });
+            let mut stopped = std::pin::pin!(shutdown.connections_closed());
             loop {
                 tokio::select! {
                     _ = ticks.tick() => self.record_window(&events).await,

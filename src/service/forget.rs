@@ -11,6 +11,7 @@ use crate::audit::AuditEntry;
 use crate::domain::{ExpectedVersion, StreamId};
 use crate::keys::DestructionLedger;
 use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 use crate::store::writer::{AppendCommand, PendingEvent};
 use crate::store::{EventStore, StoreError};
 
@@ -536,11 +537,11 @@ impl Events {
     /// `subject.forget.resume`, like those the start completes. Cancelling
     /// it at any point is safe: every step is idempotent, and the next
     /// start completes what is left.
-    pub async fn complete_pending_forgets(self, mut stop: watch::Receiver<bool>) {
+    pub async fn complete_pending_forgets(self, shutdown: Shutdown) {
         let mut wait = FORGET_RETRY_FIRST;
         let mut cursor = String::new();
         loop {
-            if *stop.borrow_and_update() {
+            if shutdown.is_stopping() {
                 return;
             }
             let Some(subject) = self.forgets.next(&cursor) else {
@@ -550,7 +551,7 @@ impl Events {
                         self.sweep_unfinished_forgets().await;
                         continue;
                     }
-                    _ = stop.changed() => return,
+                    () = shutdown.serving_ends() => return,
                 }
             };
             cursor.clone_from(&subject);
@@ -561,7 +562,7 @@ impl Events {
             };
             let outcome = tokio::select! {
                 r = attempt => r,
-                _ = stop.changed() => return,
+                () = shutdown.serving_ends() => return,
             };
             match outcome {
                 Ok(_) => {
@@ -582,7 +583,7 @@ impl Events {
                     );
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
-                        _ = stop.changed() => return,
+                        () = shutdown.serving_ends() => return,
                     }
                     wait = (wait * 2).min(FORGET_RETRY_MAX);
                 }

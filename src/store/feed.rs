@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::{Db, EventStore, StoredEvent};
+use crate::shutdown::Shutdown;
 
 /// The PostgreSQL channel of commit notices; the payload is the position.
 pub const COMMIT_CHANNEL: &str = "eventvault_commits";
@@ -101,20 +102,17 @@ impl Feed {
 /// On a PostgreSQL event store, advances `feed` with the commits of every
 /// process sharing the database (`LISTEN`). While the connection is down
 /// notices are lost, so after every (re)connection the feed is set from the
-/// store's head and every follower is woken to look. The task ends with the
-/// last handle of the pool.
-pub fn follow_other_processes(store: &EventStore, feed: &Feed) {
+/// store's head and every follower is woken to look. The task ends when
+/// serving does.
+pub fn follow_other_processes(store: &EventStore, feed: &Feed, shutdown: &Shutdown) {
     let Db::Postgres(pool) = &store.db else {
         return;
     };
     let pool = pool.clone();
     let store = store.clone();
     let feed = feed.clone();
-    tokio::spawn(async move {
+    shutdown.spawn_follower(async move {
         loop {
-            if pool.is_closed() {
-                return;
-            }
             let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
                 Ok(mut l) => match l.listen(COMMIT_CHANNEL).await {
                     Ok(()) => l,
@@ -124,7 +122,6 @@ pub fn follow_other_processes(store: &EventStore, feed: &Feed) {
                         continue;
                     }
                 },
-                Err(_) if pool.is_closed() => return,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot listen for commits; retrying in 1 s");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -262,11 +259,12 @@ impl Tail {
     }
 
     /// Reads every commit into the tail, as `feed` announces them, until
-    /// the feed is dropped. A failed read is retried after a second.
-    pub fn spawn_reader(feed: &Feed, store: EventStore) {
+    /// serving ends (or the feed is dropped). A failed read is retried
+    /// after a second.
+    pub fn spawn_reader(feed: &Feed, store: EventStore, shutdown: &Shutdown) {
         let mut moved = feed.follow();
         let tail = feed.tail.clone();
-        tokio::spawn(async move {
+        shutdown.spawn_follower(async move {
             let mut cursor = *tail.ready.borrow();
             loop {
                 let head = *moved.borrow_and_update();
@@ -281,7 +279,6 @@ impl Tail {
                     let generation = tail.inner.lock().expect("tail lock").generation;
                     let rows = match store.read_all(cursor, 1000, None).await {
                         Ok(rows) => rows,
-                        Err(_) if store.db.is_closed() => return,
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot read new events; retrying in 1 s");
                             tokio::time::sleep(Duration::from_secs(1)).await;

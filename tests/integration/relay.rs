@@ -484,9 +484,9 @@ async fn the_relay_wakes_on_the_head_it_is_given_and_stops_when_told(backend: Ba
     deposits(&app, "accounts-1", "cust-1", 2).await;
     let store = EventStore::new(events_db(&app.env).await);
     let (head_tx, head_rx) = watch::channel(store.head_position().await.unwrap());
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let shutdown = eventvault::shutdown::Shutdown::new();
     let cfg = RelayConfig::parse(NATS_URL, broker.stream(), broker.prefix()).unwrap();
-    let relay = eventvault::relay::spawn(store.clone(), cfg, head_rx, stop_rx);
+    let relay = eventvault::relay::spawn(store.clone(), cfg, head_rx, &shutdown);
     broker.wait_until_stored(2).await;
 
     // Caught up, it waits for the head; its own re-check is far off
@@ -497,7 +497,7 @@ async fn the_relay_wakes_on_the_head_it_is_given_and_stops_when_told(backend: Ba
     broker.wait_until_stored(5).await;
     wait_for_checkpoint(&store.db, broker.stream(), 5).await;
 
-    stop_tx.send(true).unwrap();
+    shutdown.stop_serving();
     tokio::time::timeout(Duration::from_secs(5), relay)
         .await
         .expect("the relay stops when told")

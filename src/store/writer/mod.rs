@@ -38,6 +38,7 @@ use super::{Db, Fault, StoreError, audit, now_us};
 use crate::audit::AuditEntry;
 use crate::domain::{AppendResult, ExpectedVersion, StreamId};
 use crate::metrics::{Committed, Metrics};
+use crate::shutdown::Shutdown;
 
 /// Upper bound of events gathered into one transaction: keeps a commit's
 /// latency and memory bounded however deep the queue gets.
@@ -157,15 +158,17 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer task on `db`; it ends once every handle is dropped
-    /// and the queue is drained, so in-flight appends finish on shutdown.
-    /// Every commit that writes events advances `feed`.
+    /// Starts the writer task on `db`; at the writer's stage of `shutdown`
+    /// it stops taking writes, commits what is queued and ends, so in-flight
+    /// appends finish on shutdown (it ends too once every handle is
+    /// dropped). Every commit that writes events advances `feed`.
     /// A request waits at most `timeout` for its group.
     pub fn spawn(
         db: Db,
         feed: Feed,
         metrics: Metrics,
         timeout: std::time::Duration,
+        shutdown: &Shutdown,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let (head_tx, audit_head) = watch::channel(0);
@@ -176,7 +179,15 @@ impl Writer {
             audit_head: head_tx,
             health: health_tx,
         };
-        let task = tokio::spawn(run(db.clone(), rx, feed.clone(), metrics.clone(), watches));
+        let stop = shutdown.writer_stops();
+        let task = tokio::spawn(run(
+            db.clone(),
+            rx,
+            feed.clone(),
+            metrics.clone(),
+            watches,
+            stop,
+        ));
         let writer = Self {
             tx,
             timeout,
@@ -342,11 +353,28 @@ async fn run(
     feed: Feed,
     metrics: Metrics,
     watches: Watches,
+    stop: impl Future<Output = ()>,
 ) {
     // The last audit record this process committed (or found): the chain
     // must still hold it when the next group is written.
     let mut anchor: Option<(u64, [u8; 32])> = None;
-    while let Some(first) = rx.recv().await {
+    let mut stop = std::pin::pin!(stop);
+    let mut stopping = false;
+    loop {
+        let next = if stopping {
+            rx.recv().await
+        } else {
+            tokio::select! {
+                next = rx.recv() => next,
+                () = &mut stop => {
+                    // No write is taken any more; what is queued commits.
+                    rx.close();
+                    stopping = true;
+                    continue;
+                }
+            }
+        };
+        let Some(first) = next else { break };
         let mut size = first.0.size();
         let mut group = vec![first];
         while size < MAX_GROUP_EVENTS {
