@@ -4,16 +4,16 @@
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
-use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::Caller;
+use super::disclosure::{Audited, Clear};
 use super::problem::ApiError;
 use super::streams::{limit, time_param};
-use super::views::{AuditRecordView, json_response};
+use super::views::AuditRecordView;
 use super::{AppState, cursor_param, plain_text};
 use crate::audit::Outcome;
 use crate::policy::Permission;
@@ -64,6 +64,9 @@ struct AuditPage {
     next: u64,
 }
 
+/// Audit records name principals, resources and ids, never personal data.
+impl Clear for AuditPage {}
+
 /// Audit records in order, filtered. Needs `audit`.
 #[utoipa::path(
     get,
@@ -77,7 +80,7 @@ async fn list(
     State(state): State<AppState>,
     caller: Caller,
     params: Result<Query<AuditParams>, QueryRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<Audited, ApiError> {
     caller.require(Permission::Audit, None)?;
     let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let filter = AuditFilter {
@@ -102,7 +105,7 @@ async fn list(
         .await
         .map_err(ServiceError::from)?;
     let next = records.last().map_or(after, |r| r.seq);
-    Ok(json_response(
+    Ok(Audited::clear(
         StatusCode::OK,
         &AuditPage {
             records: records.into_iter().map(AuditRecordView::from).collect(),
@@ -141,6 +144,8 @@ enum Verification {
     },
 }
 
+impl Clear for Verification {}
+
 /// Checks the audit log's hash chain. Needs `audit`.
 #[utoipa::path(
     get,
@@ -154,7 +159,7 @@ async fn verify(
     State(state): State<AppState>,
     caller: Caller,
     params: Result<Query<VerifyParams>, QueryRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<Audited, ApiError> {
     caller.require(Permission::Audit, None)?;
     let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let expect = p
@@ -190,5 +195,5 @@ async fn verify(
             }
         }
     };
-    Ok(json_response(StatusCode::OK, &body))
+    Ok(Audited::clear(StatusCode::OK, &body))
 }

@@ -3,16 +3,16 @@
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
-use axum::response::Response;
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::Caller;
+use super::disclosure::{Audited, Discloses};
 use super::problem::ApiError;
-use super::streams::{as_of, limit, note_disclosure};
-use super::views::{Event, EventList, json_response};
+use super::streams::{as_of, limit};
+use super::views::{Event, EventList};
 use super::{AppState, cursor_param};
 use crate::policy::Permission;
 
@@ -45,6 +45,12 @@ struct LogPageView<'a> {
     next: u64,
 }
 
+impl Discloses for LogPageView<'_> {
+    fn disclosure(&self) -> (u64, bool) {
+        self.events.disclosure()
+    }
+}
+
 /// The global log in position order, filtered to the streams the caller may
 /// read.
 #[utoipa::path(
@@ -59,7 +65,7 @@ async fn read_all(
     State(state): State<AppState>,
     caller: Caller,
     params: Result<Query<LogParams>, QueryRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<Audited, ApiError> {
     // `read` on at least one stream; the events of the others are left out.
     caller.require(Permission::Read, None)?;
     caller.require_purpose(None)?;
@@ -79,8 +85,7 @@ async fn read_all(
     } else {
         format!("positions:>{after}")
     });
-    note_disclosure(&caller, &page.events);
-    Ok(json_response(
+    Ok(Audited::disclosing(
         StatusCode::OK,
         &LogPageView {
             events: EventList(&page.events),

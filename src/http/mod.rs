@@ -5,6 +5,7 @@ mod audit;
 mod auth;
 mod body;
 pub mod conn;
+mod disclosure;
 mod health;
 mod log;
 pub mod openapi;

@@ -3,7 +3,6 @@
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -12,9 +11,10 @@ use utoipa_axum::routes;
 
 use super::auth::Caller;
 use super::body::JsonBody;
+use super::disclosure::{Audited, Clear, Discloses};
 use super::openapi::{ReadStreamPath, StreamPath};
 use super::problem::{ApiError, Problem};
-use super::views::{json_response, rfc3339};
+use super::views::rfc3339;
 use super::{AppState, cursor_param, path_id};
 use crate::domain::{PersonalData, StreamId, Subject};
 use crate::policy::Permission;
@@ -53,6 +53,8 @@ struct SavedView<'a> {
     subject: Option<&'a str>,
 }
 
+impl Clear for SavedView<'_> {}
+
 /// Saves a stream's snapshot (replacing an older one). Needs `append`. The
 /// state is sealed for every subject whose events the stream holds up to
 /// `version`, so that the forget of any of them erases it.
@@ -79,7 +81,7 @@ async fn save(
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
     body: Result<JsonBody<SnapshotBody>, ApiError>,
-) -> Result<Response, ApiError> {
+) -> Result<Audited, ApiError> {
     let stream = path_id(path, StreamId::parse)?;
     caller.require(Permission::Append, Some(stream.as_str()))?;
     let JsonBody(body) = body?;
@@ -99,7 +101,7 @@ async fn save(
         .events
         .save_snapshot(&stream, body.version, subject.as_ref(), &body.state)
         .await?;
-    Ok(json_response(
+    Ok(Audited::clear(
         StatusCode::OK,
         &SavedView {
             stream_id: stream.as_str(),
@@ -127,6 +129,12 @@ pub(super) struct SnapshotView<'a> {
     personal_data: PersonalData,
     #[schema(format = DateTime)]
     recorded_at: String,
+}
+
+impl Discloses for SnapshotView<'_> {
+    fn disclosure(&self) -> (u64, bool) {
+        (1, self.personal_data == PersonalData::Decrypted)
+    }
 }
 
 /// The name the API document gives [`SnapshotView`].
@@ -162,7 +170,7 @@ async fn load(
     State(state): State<AppState>,
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<Audited, ApiError> {
     let stream = path_id(path, StreamId::parse_to_read)?;
     caller.require(Permission::Read, Some(stream.as_str()))?;
     caller.require_purpose(Some(stream.as_str()))?;
@@ -171,10 +179,7 @@ async fn load(
         .load_snapshot(&stream, &caller.grants)
         .await?
         .ok_or_else(|| ApiError::NotFound("the stream has no snapshot".into()))?;
-    caller
-        .audit
-        .disclosed(1, snap.personal_data == PersonalData::Decrypted);
-    Ok(json_response(
+    Ok(Audited::disclosing(
         StatusCode::OK,
         &SnapshotView::new(stream.as_str(), &snap),
     ))

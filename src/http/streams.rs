@@ -3,7 +3,6 @@
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
@@ -13,15 +12,13 @@ use uuid::Uuid;
 
 use super::auth::Caller;
 use super::body::JsonBody;
+use super::disclosure::{Audited, Discloses};
 use super::openapi::{ReadStreamPath, StreamPath};
 use super::problem::{ApiError, Problem};
 use super::views::{AppendView, Event, EventList, json_response, parse_rfc3339};
 use super::{AppState, cursor_param, path_id};
 use crate::audit::Outcome;
-use crate::domain::{
-    EventBatch, EventType, ExpectedVersion, PersonalData, ProposedEvent, ReadEvent, StreamId,
-    Subject,
-};
+use crate::domain::{EventBatch, EventType, ExpectedVersion, ProposedEvent, StreamId, Subject};
 use crate::policy::Permission;
 use crate::service::{AsOf, ServiceError};
 use crate::store::Direction;
@@ -168,7 +165,7 @@ async fn append(
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<JsonBody<AppendBody>, ApiError>,
-) -> Result<Response, ApiError> {
+) -> Result<Audited, ApiError> {
     let stream = path_id(path, StreamId::parse)?;
     caller.require(Permission::Append, Some(stream.as_str()))?;
     let JsonBody(body) = body?;
@@ -185,16 +182,22 @@ async fn append(
             caller.audit.entry(Outcome::Ok),
         )
         .await;
-    if matches!(appended, Ok(_) | Err(ServiceError::Rejected(_))) {
-        caller.audit.mark_recorded();
-    }
-    let (status, result) = match appended? {
-        Appended::Created(r) => (StatusCode::CREATED, r),
-        Appended::AlreadyAppended(r) => (StatusCode::OK, r),
+    let (status, result) = match appended {
+        Ok(Appended::Created(r)) => (StatusCode::CREATED, r),
+        Ok(Appended::AlreadyAppended(r)) => (StatusCode::OK, r),
+        // Refused by the writer, which committed its record (outcome
+        // `error`).
+        Err(e @ ServiceError::Rejected(_)) => {
+            return Ok(Audited::recorded(
+                ApiError::from(e),
+                caller.audit.recorded(),
+            ));
+        }
+        Err(e) => return Err(e.into()),
     };
-    Ok(json_response(
-        status,
-        &AppendView::new(stream.as_str(), result),
+    Ok(Audited::recorded(
+        json_response(status, &AppendView::new(stream.as_str(), result)),
+        caller.audit.recorded(),
     ))
 }
 
@@ -262,13 +265,10 @@ struct StreamPageView<'a> {
     next: Option<u64>,
 }
 
-/// Tells the audit record how many events a response carries and whether
-/// any of them in clear personal data.
-pub fn note_disclosure(caller: &Caller, events: &[ReadEvent]) {
-    let personal = events
-        .iter()
-        .any(|e| e.personal_data == PersonalData::Decrypted);
-    caller.audit.disclosed(events.len() as u64, personal);
+impl Discloses for StreamPageView<'_> {
+    fn disclosure(&self) -> (u64, bool) {
+        self.events.disclosure()
+    }
 }
 
 /// Reads a stream, a page at a time.
@@ -289,7 +289,7 @@ async fn read(
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
     params: Result<Query<ReadParams>, QueryRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<Audited, ApiError> {
     // System streams (`$subjects`) may be read, never appended to.
     let stream = path_id(path, StreamId::parse_to_read)?;
     caller.require(Permission::Read, Some(stream.as_str()))?;
@@ -313,8 +313,7 @@ async fn read(
             &caller.grants,
         )
         .await?;
-    note_disclosure(&caller, &page.events);
-    Ok(json_response(
+    Ok(Audited::disclosing(
         StatusCode::OK,
         &StreamPageView {
             stream_id: stream.as_str(),

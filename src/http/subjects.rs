@@ -13,6 +13,7 @@ use utoipa_axum::routes;
 
 use super::auth::Caller;
 use super::body::OptionalJsonBody;
+use super::disclosure::{Audited, Clear};
 use super::openapi::SubjectPath;
 use super::problem::ApiError;
 use super::snapshots::{Snapshot, SnapshotView};
@@ -114,7 +115,7 @@ async fn export(
     State(state): State<AppState>,
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<Audited, ApiError> {
     caller.require(Permission::Export, None)?;
     let subject = path_id(path, Subject::parse)?;
     // The export is of the store as it is now: events appended meanwhile
@@ -128,20 +129,17 @@ async fn export(
     // A forgotten subject's events and snapshots are erased on every read
     // path (the ledger is checked per page), so only one that is not
     // forgotten discloses (`forgetting` is forgotten for every reader too).
-    caller.audit.disclosed(
-        count,
-        !matches!(s, SubjectState::Forgotten | SubjectState::Forgetting)
-            && (count > 0 || snapshots > 0),
-    );
+    let personal = !matches!(s, SubjectState::Forgotten | SubjectState::Forgetting)
+        && (count > 0 || snapshots > 0);
     if state
         .events
-        .audit(caller.audit.entry(Outcome::Ok))
+        .audit(caller.audit.entry_disclosing(Outcome::Ok, count, personal))
         .await
         .is_err()
     {
         return Err(ApiError::not_audited());
     }
-    caller.audit.mark_recorded();
+    let recorded = caller.audit.recorded();
 
     let head = format!(
         "{{\"subject\":{},\"state\":{},\"events\":[",
@@ -229,11 +227,14 @@ async fn export(
             }
         }
     });
-    Ok(Response::builder()
-        .status(StatusCode::OK)
-        .header(axum::http::header::CONTENT_TYPE, "application/json")
-        .body(axum::body::Body::from_stream(body))
-        .expect("a valid response"))
+    Ok(Audited::recorded(
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(axum::http::header::CONTENT_TYPE, "application/json")
+            .body(axum::body::Body::from_stream(body))
+            .expect("a valid response"),
+        recorded,
+    ))
 }
 
 /// A subject's state and how many events name it.
@@ -245,6 +246,8 @@ struct StateView<'a> {
     state: StateName,
     events: u64,
 }
+
+impl Clear for StateView<'_> {}
 
 /// A subject's state. Needs `export` or `forget`.
 #[utoipa::path(
@@ -259,7 +262,7 @@ async fn state(
     State(state): State<AppState>,
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<Audited, ApiError> {
     if !caller.grants.allows(Permission::Export, None) {
         caller.require(Permission::Forget, None)?;
     }
@@ -268,7 +271,7 @@ async fn state(
         .events
         .subject_state(subject.as_str(), u64::MAX)
         .await?;
-    Ok(json_response(
+    Ok(Audited::clear(
         StatusCode::OK,
         &StateView {
             subject: subject.as_str(),
@@ -315,6 +318,8 @@ struct ForgetView<'a> {
     events_affected: u64,
 }
 
+impl Clear for ForgetView<'_> {}
+
 /// Forgets a subject: destroys its keys (crypto-shredding), so its personal
 /// data is erased everywhere. Idempotent. Needs `forget`. Once the forget is
 /// recorded the subject reads `erased` for everyone: if its keys cannot be
@@ -344,7 +349,7 @@ async fn forget(
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
     request: Request,
-) -> Result<Response, ApiError> {
+) -> Result<Audited, ApiError> {
     // Before a byte of the body is read: a caller without the permission
     // gets its 403 whatever it sends.
     caller.require(Permission::Forget, None)?;
@@ -373,22 +378,23 @@ async fn forget(
             reason.as_deref(),
             caller.audit.entry(Outcome::Ok),
             |early| {
-                let (status, body) = forget_answer(&subject, early);
+                let (status, view) = forget_answer(&subject, early);
+                let body = serde_json::to_value(&view).expect("a forget's answer serialises");
                 slot.set_fallback(status, body);
             },
         )
         .await?;
-    caller.audit.disclosed(report.events_affected, false);
-    if recorded {
-        caller.audit.mark_recorded();
-    }
-    let (status, body) = forget_answer(&subject, &report);
-    Ok(json_response(status, &body))
+    let (status, view) = forget_answer(&subject, &report);
+    Ok(if recorded {
+        Audited::recorded(json_response(status, &view), caller.audit.recorded())
+    } else {
+        Audited::affecting(status, &view, report.events_affected)
+    })
 }
 
 /// The answer to a forget: 200 once it has run to its end, 202 while its
 /// keys are still to be destroyed.
-fn forget_answer(subject: &Subject, report: &ForgetReport) -> (StatusCode, serde_json::Value) {
+fn forget_answer<'a>(subject: &'a Subject, report: &ForgetReport) -> (StatusCode, ForgetView<'a>) {
     let status = match report.state {
         SubjectState::Forgetting => StatusCode::ACCEPTED,
         _ => StatusCode::OK,
@@ -400,8 +406,5 @@ fn forget_answer(subject: &Subject, report: &ForgetReport) -> (StatusCode, serde
         keys_destroyed: report.keys_destroyed,
         events_affected: report.events_affected,
     };
-    (
-        status,
-        serde_json::to_value(&view).expect("a forget's answer serialises"),
-    )
+    (status, view)
 }

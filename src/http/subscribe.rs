@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
+use axum::response::IntoResponse;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use tokio::sync::watch;
 use utoipa::{IntoParams, ToSchema};
@@ -36,6 +36,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::Caller;
+use super::disclosure::Audited;
 use super::openapi::ReadStreamPath;
 use super::problem::{ApiError, Problem};
 use super::views::EventView;
@@ -165,7 +166,7 @@ async fn subscribe_log(
     caller: Caller,
     headers: HeaderMap,
     params: Result<Query<LogParams>, QueryRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<Audited, ApiError> {
     caller.require(Permission::Read, None)?;
     caller.require_purpose(None)?;
     let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -197,7 +198,7 @@ async fn subscribe_stream(
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     params: Result<Query<StreamParams>, QueryRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<Audited, ApiError> {
     let stream = path_id(path, StreamId::parse_to_read)?;
     caller.require(Permission::Read, Some(stream.as_str()))?;
     caller.require_purpose(Some(stream.as_str()))?;
@@ -237,7 +238,7 @@ fn open(
     caller: Caller,
     action: &str,
     cursor: Cursor,
-) -> Result<Response, ApiError> {
+) -> Result<Audited, ApiError> {
     // Each subscription holds a slot until it ends; none left is a 503.
     let slot = state
         .subscriptions
@@ -275,9 +276,11 @@ fn open(
         let event = sub.next().await?;
         Some((Ok::<_, Infallible>(event), sub))
     });
-    Ok(Sse::new(body)
-        .keep_alive(KeepAlive::new().interval(HEARTBEAT).text("heartbeat"))
-        .into_response())
+    Ok(Audited::subscription(
+        Sse::new(body)
+            .keep_alive(KeepAlive::new().interval(HEARTBEAT).text("heartbeat"))
+            .into_response(),
+    ))
 }
 
 struct Subscription {

@@ -3,14 +3,16 @@
 //! The [`record_requests`] middleware wraps every data route. Before the
 //! handler runs it reads the request's audit headers and puts an
 //! [`AuditSlot`] into the request; the `Caller` extractor writes the
-//! principal into it and the handler the resource details, the event count
-//! and whether personal data is disclosed. When the response is ready the
+//! principal into it and the handler the resource details. The handler's
+//! answer, an [`Audited`](super::disclosure::Audited), carries the event
+//! count and whether personal data is disclosed (see `disclosure`: a
+//! handler cannot answer without saying). When the response is ready the
 //! middleware writes the record through the group-commit writer and waits
 //! until it is durable: only then does the response leave. If the record
 //! cannot be written the caller gets a 503 instead, and no data.
 //!
 //! An append hands its record to the writer itself, to commit it in the same
-//! transaction as its events, and marks the slot as recorded.
+//! transaction as its events, and answers that it is recorded.
 //!
 //! A request that ends without an authenticated principal (401 and the
 //! like) has a record of its own only when it is its client address's first
@@ -25,6 +27,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
+use super::disclosure::{Recorded, Told};
 use super::problem::ApiError;
 use crate::audit::{AuditEntry, Outcome};
 use crate::domain::{StreamId, Subject};
@@ -106,10 +109,6 @@ impl RequestContext {
 struct Draft {
     principal: Option<String>,
     resource: String,
-    event_count: u64,
-    personal_data: bool,
-    /// The handler already committed the record (appends).
-    recorded: bool,
     /// The principal's turn (see `auth::Turns`), held until the record is
     /// written.
     turn: Option<super::auth::Turn>,
@@ -223,35 +222,42 @@ impl AuditSlot {
         self.draft().resource = resource;
     }
 
-    /// The response carries `events` events, some with personal data in clear
-    /// when `personal_data`.
-    pub fn disclosed(&self, events: u64, personal_data: bool) {
-        let mut d = self.draft();
-        d.event_count = events;
-        d.personal_data = personal_data;
-    }
-
     /// What the request is answered should its deadline pass from now on,
     /// instead of a 503 that would claim nothing.
     pub fn set_fallback(&self, status: axum::http::StatusCode, body: serde_json::Value) {
         self.deadline.lock().fallback = Some((status, body));
     }
 
-    /// The record was committed by the handler (with its append).
-    pub fn mark_recorded(&self) {
-        self.draft().recorded = true;
+    /// The record was committed by the handler's own write (the writer's
+    /// with its append, a forget's with its ledger entry, an export's
+    /// before its body): the answer says so with
+    /// [`Audited::recorded`](super::disclosure::Audited::recorded).
+    pub fn recorded(&self) -> Recorded {
+        Recorded(())
     }
 
-    /// The record as it stands, with `outcome`.
+    /// The record as it stands, with `outcome`, disclosing nothing (the
+    /// writer fills in an append's count).
     pub fn entry(&self, outcome: Outcome) -> AuditEntry {
+        self.entry_disclosing(outcome, 0, false)
+    }
+
+    /// The record as it stands, with `outcome`, for an answer of `events`
+    /// events, some with personal data in clear when `personal_data`.
+    pub fn entry_disclosing(
+        &self,
+        outcome: Outcome,
+        events: u64,
+        personal_data: bool,
+    ) -> AuditEntry {
         let d = self.draft();
         AuditEntry {
             principal: d.principal.clone(),
             action: self.action.to_owned(),
             resource: d.resource.clone(),
             outcome,
-            event_count: d.event_count,
-            personal_data: d.personal_data,
+            event_count: events,
+            personal_data,
             correlation_id: self.ctx.correlation_id.clone(),
             causation_id: self.ctx.causation_id.clone(),
             purpose: self.ctx.purpose.clone(),
@@ -405,9 +411,6 @@ async fn audited(state: AppState, req: Request, next: Next, deadline: Deadline) 
         draft: Arc::new(Mutex::new(Draft {
             principal: None,
             resource: resource_of(&route, params.as_ref()),
-            event_count: 0,
-            personal_data: false,
-            recorded: false,
             turn: None,
             unauthenticated: None,
         })),
@@ -421,10 +424,30 @@ async fn audited(state: AppState, req: Request, next: Next, deadline: Deadline) 
             tracing::error!("the handler panicked");
             ApiError::Internal.into_response()
         });
+    let told = response.extensions().get::<Told>().copied();
+    let response = match told {
+        None if response.status().is_success() => {
+            // A handler that did not say what it disclosed: nothing leaves.
+            tracing::error!(
+                action = slot.action,
+                "a data route answered without saying what it disclosed; answered 500 instead"
+            );
+            ApiError::Internal.into_response()
+        }
+        _ => response,
+    };
     let outcome = Outcome::from_status(response.status().as_u16());
-    let (recorded, principal, refused) = {
+    let recorded = told == Some(Told::Recorded);
+    let (events, personal_data) = match told {
+        Some(Told::Counted {
+            events,
+            personal_data,
+        }) => (events, personal_data),
+        _ => (0, false),
+    };
+    let (principal, refused) = {
         let d = slot.draft();
-        (d.recorded, d.principal.is_some(), d.unauthenticated)
+        (d.principal.is_some(), d.unauthenticated)
     };
     // A request that ends without a principal has a record of its own only
     // if it is its address's first of the window; the others are counted
@@ -441,7 +464,7 @@ async fn audited(state: AppState, req: Request, next: Next, deadline: Deadline) 
     let response = if recorded || counted {
         response
     } else {
-        let entry = slot.entry(outcome);
+        let entry = slot.entry_disclosing(outcome, events, personal_data);
         match state.events.audit(entry.clone()).await {
             Ok(()) => response,
             // A response that discloses nothing and states what was done
