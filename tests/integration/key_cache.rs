@@ -232,7 +232,9 @@ async fn a_keystore_outage_is_served_from_the_key_cache(backend: Backend) {
     let refused = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             head.borrow_and_update();
-            let r = crate::access::audit_records(&app, "action=stream.append&outcome=error").await;
+            let r = app
+                .audit_records("action=stream.append&outcome=error")
+                .await;
             if r.len() >= 2 {
                 return r;
             }

@@ -9,7 +9,6 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::access::audit_records;
 use crate::at_rest::{key_ids_of, keystore_db, refuse_key_deletions};
 use crate::both_backends;
 use crate::common::{
@@ -341,11 +340,13 @@ async fn no_data_is_served_while_the_forget_ledger_is_reapplied(backend: Backend
     );
 
     // The refusals were audited like any other.
-    let refused = audit_records(&app, "action=stream.read&outcome=error").await;
+    let refused = app.audit_records("action=stream.read&outcome=error").await;
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0]["resource"], "stream:accounts-1");
     assert_eq!(refused[0]["personal_data"], false);
-    let refused = audit_records(&app, "action=stream.append&outcome=error").await;
+    let refused = app
+        .audit_records("action=stream.append&outcome=error")
+        .await;
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0]["resource"], "stream:accounts-2");
 }
