@@ -49,6 +49,29 @@ macro_rules! both_backends {
     };
 }
 
+/// Runs a scenario on PostgreSQL only (one that needs several processes on
+/// one database, or PostgreSQL's roles or planner), as the PostgreSQL half of
+/// [`both_backends!`] does: skipped when PostgreSQL is unreachable, a
+/// failure then under `EVENTVAULT_REQUIRE_POSTGRES=1`, and the logs checked
+/// for secrets afterwards. The tests are named `postgres_only::<name>`.
+#[macro_export]
+macro_rules! postgres_only {
+    ($($name:ident),* $(,)?) => {
+        mod postgres_only {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    $crate::common::capture_logs();
+                    if let Some(backend) = $crate::common::Backend::postgres().await {
+                        super::$name(backend).await;
+                        $crate::common::assert_logs_hold_no_secret();
+                    }
+                }
+            )*
+        }
+    };
+}
+
 /// Personal values the tests put into events. None of them, and no token or
 /// master key, may ever appear in what the service logs.
 pub const PERSONAL_VALUES: &[&str] = &[

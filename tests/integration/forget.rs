@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::at_rest::{exec, key_ids_of, keystore_db, refuse_key_deletions};
-use crate::both_backends;
 use crate::common::{Backend, PERSONAL_VALUES, ServerProcess, TestApp, TestEnv, batch, deposit};
+use crate::{both_backends, postgres_only};
 use eventvault::store::Db;
 
 both_backends!(
@@ -24,19 +24,10 @@ both_backends!(
     an_export_holds_everything_about_the_subject,
 );
 
-mod postgres_only {
-    // Cache eviction across processes goes through PostgreSQL's
-    // LISTEN/NOTIFY; several processes on one SQLite file are not a
-    // supported deployment (see SECURITY.md).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_forget_reaches_every_process_within_a_second() {
-        crate::common::capture_logs();
-        if let Some(backend) = crate::common::Backend::postgres().await {
-            super::a_forget_reaches_every_process_within_a_second(backend).await;
-            crate::common::assert_logs_hold_no_secret();
-        }
-    }
-}
+// Cache eviction across processes goes through PostgreSQL's
+// LISTEN/NOTIFY; several processes on one SQLite file are not a
+// supported deployment (see SECURITY.md).
+postgres_only!(a_forget_reaches_every_process_within_a_second,);
 
 /// A forget of `subject` with a reason: its status and body.
 pub async fn forget(app: &TestApp, token: &str, subject: &str) -> (StatusCode, Value) {

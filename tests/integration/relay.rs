@@ -24,11 +24,11 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::at_rest::{events_db, key_ids_of, keystore_db};
-use crate::both_backends;
 use crate::common::{
     Backend, NatsTarget, TestApp, TestEnv, assert_no_personal_value, batch, deposit,
     wait_for_log_lines, wait_for_log_lines_where,
 };
+use crate::{both_backends, postgres_only};
 use eventvault::relay::{POSITION_HEADER, RelayConfig, checkpoint_name};
 use eventvault::store::{Db, EventStore};
 
@@ -42,17 +42,8 @@ both_backends!(
     no_user_stream_publishes_where_another_category_or_a_system_stream_does,
 );
 
-mod postgres_only {
-    // Several processes share one database only on PostgreSQL.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn one_process_publishes_at_a_time_and_another_takes_over() {
-        crate::common::capture_logs();
-        if let Some(backend) = crate::common::Backend::postgres().await {
-            super::one_process_publishes_at_a_time_and_another_takes_over(backend).await;
-            crate::common::assert_logs_hold_no_secret();
-        }
-    }
-}
+// Several processes share one database only on PostgreSQL.
+postgres_only!(one_process_publishes_at_a_time_and_another_takes_over,);
 
 const NATS_URL: &str = "nats://127.0.0.1:4222";
 

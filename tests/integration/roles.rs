@@ -15,37 +15,21 @@ use sqlx::Connection as _;
 use uuid::Uuid;
 
 use crate::at_rest::{events_db, exec, key_ids_of, keystore_db};
-use crate::both_backends;
 use crate::common::{
     Backend, TestApp, TestEnv, batch, deposit, log_has_line_with, pg_admin_url, run, run_ok,
     with_database, with_user,
 };
 use crate::relay::{Broker, wait_for_checkpoint};
 use crate::subscribe::Subscriber;
+use crate::{both_backends, postgres_only};
 
 both_backends!(migrate_prepares_both_databases_and_the_first_principal);
 
-mod postgres_only {
-    // Roles are PostgreSQL's.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_serving_role_may_not_rewrite_history_yet_serves_everything() {
-        crate::common::capture_logs();
-        if let Some(backend) = crate::common::Backend::postgres().await {
-            super::the_serving_role_may_not_rewrite_history_yet_serves_everything(backend).await;
-            crate::common::assert_logs_hold_no_secret();
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn as_the_serving_role_serve_checks_the_migrations_instead_of_running_them() {
-        crate::common::capture_logs();
-        if let Some(backend) = crate::common::Backend::postgres().await {
-            super::as_the_serving_role_serve_checks_the_migrations_instead_of_running_them(backend)
-                .await;
-            crate::common::assert_logs_hold_no_secret();
-        }
-    }
-}
+// Roles are PostgreSQL's.
+postgres_only!(
+    the_serving_role_may_not_rewrite_history_yet_serves_everything,
+    as_the_serving_role_serve_checks_the_migrations_instead_of_running_them,
+);
 
 /// A login role of this test's own (roles are cluster-wide: the name is
 /// unique, and the role is dropped afterwards, with its privileges in the

@@ -12,10 +12,10 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::both_backends;
 use crate::common::{
     Backend, ServerProcess, TestApp, TestEnv, assert_no_personal_value, batch, deposit,
 };
+use crate::{both_backends, postgres_only};
 use eventvault::sse::{SseEvent, SseParser};
 
 both_backends!(
@@ -32,26 +32,11 @@ both_backends!(
     events_read_before_a_forget_but_not_yet_sent_are_read_again,
 );
 
-mod postgres_only {
-    // Several processes share one database only on PostgreSQL.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_commit_by_another_process_reaches_a_subscriber() {
-        crate::common::capture_logs();
-        if let Some(backend) = crate::common::Backend::postgres().await {
-            super::a_commit_by_another_process_reaches_a_subscriber(backend).await;
-            crate::common::assert_logs_hold_no_secret();
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_forget_recorded_by_another_process_reaches_live_subscribers() {
-        crate::common::capture_logs();
-        if let Some(backend) = crate::common::Backend::postgres().await {
-            super::a_forget_recorded_by_another_process_reaches_live_subscribers(backend).await;
-            crate::common::assert_logs_hold_no_secret();
-        }
-    }
-}
+// Several processes share one database only on PostgreSQL.
+postgres_only!(
+    a_commit_by_another_process_reaches_a_subscriber,
+    a_forget_recorded_by_another_process_reaches_live_subscribers,
+);
 
 /// The longest a test waits for an event before it fails.
 const PATIENCE: Duration = Duration::from_secs(20);
