@@ -127,11 +127,7 @@ async fn a_principal_over_its_rate_is_told_when_to_retry(backend: Backend) {
     let app = TestApp::start(env).await;
     let service = app.env.add_principal("ledger", &["service"]).await;
     for _ in 0..3 {
-        let (status, text) = app
-            .request(Method::GET, "/events")
-            .token(&service)
-            .send()
-            .await;
+        let (status, text) = app.get("/events", &service).await;
         assert_eq!(status, StatusCode::OK, "{text}");
     }
     let r = app
@@ -151,11 +147,7 @@ async fn a_principal_over_its_rate_is_told_when_to_retry(backend: Backend) {
     let problem: Value = r.json().await.unwrap();
     assert_eq!(problem["type"], "urn:eventvault:problem:rate-limited");
     // Another principal is not affected.
-    let (status, _) = app
-        .request(Method::GET, "/events")
-        .token(&app.token())
-        .send()
-        .await;
+    let (status, _) = app.get("/events", &app.token()).await;
     assert_eq!(status, StatusCode::OK);
     // The refusal is audited, with the principal.
     let records = app.audit_records("principal=ledger&outcome=error").await;
@@ -196,11 +188,7 @@ async fn oversized_headers_are_answered_431_and_others_are_served(backend: Backe
     assert_eq!(p["type"], "urn:eventvault:problem:headers-too-large");
     assert_eq!(p["status"], 431);
     // Everyone else is served as before.
-    let (status, text) = app
-        .request(Method::GET, "/events")
-        .token(&app.token())
-        .send()
-        .await;
+    let (status, text) = app.get("/events", &app.token()).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     assert_eq!(
         metric(
@@ -274,11 +262,7 @@ async fn a_client_sending_its_headers_slowly_is_disconnected(backend: Backend) {
     let mut silent = connect(&app).await;
     assert_eq!(until_closed(&mut silent).await, "");
     // And the service serves the others.
-    let (status, _) = app
-        .request(Method::GET, "/events")
-        .token(&app.token())
-        .send()
-        .await;
+    let (status, _) = app.get("/events", &app.token()).await;
     assert_eq!(status, StatusCode::OK);
 }
 

@@ -219,11 +219,7 @@ async fn the_document_describes_every_operation(backend: Backend) {
     // Free text that PostgreSQL cannot store (NUL) is a 400 wherever it may
     // be sent, as the document's patterns say (schemathesis found a 500).
     let admin = app.token();
-    let (status, text) = app
-        .request(Method::GET, "/audit?action=a%00b")
-        .token(&admin)
-        .send()
-        .await;
+    let (status, text) = app.get("/audit?action=a%00b", &admin).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     let (status, text) = app
         .request(Method::POST, "/subjects/customer-1/forget")
@@ -374,11 +370,7 @@ async fn schemathesis_finds_no_failure(backend: Backend) {
         .send()
         .await;
     assert_eq!(status, StatusCode::OK, "{text}");
-    let (status, text) = app
-        .request(Method::GET, "/streams/accounts-ACC-1/events")
-        .token(&admin)
-        .send()
-        .await;
+    let (status, text) = app.get("/streams/accounts-ACC-1/events", &admin).await;
     assert_eq!(status, StatusCode::OK);
     assert!(
         text.contains(SECRETS[0]),

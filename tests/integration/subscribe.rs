@@ -224,11 +224,7 @@ async fn a_subscription_catches_up_then_follows_live_without_gap_or_duplicate(ba
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     assert!(text.contains("Last-Event-ID"), "{text}");
-    let (status, _) = app
-        .request(Method::GET, "/events/subscribe?after=-1")
-        .token(&app.token())
-        .send()
-        .await;
+    let (status, _) = app.get("/events/subscribe?after=-1", &app.token()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
@@ -273,11 +269,7 @@ async fn a_stream_subscription_follows_one_stream(backend: Backend) {
     let (id, e) = later.next().await;
     assert_eq!((id, e["stream_id"].as_str()), (1, Some("accounts-new")));
     // Invalid ids are refused.
-    let (status, _) = app
-        .request(Method::GET, "/streams/bad%20id/subscribe")
-        .token(&app.token())
-        .send()
-        .await;
+    let (status, _) = app.get("/streams/bad%20id/subscribe", &app.token()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
@@ -395,11 +387,7 @@ async fn a_subscription_is_audited_when_it_opens_discloses_and_closes(backend: B
             .is_empty()
     );
     // The chain holds with all of them.
-    let (status, text) = app
-        .request(Method::GET, "/audit/verify")
-        .token(&app.token())
-        .send()
-        .await;
+    let (status, text) = app.get("/audit/verify", &app.token()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["ok"], true);
 }
@@ -604,11 +592,7 @@ async fn subscriptions_beyond_the_limit_are_refused(backend: Backend) {
     env.configure(|c| c.max_subscriptions = 1);
     let app = TestApp::start(env).await;
     let first = Subscriber::open(&app, "/events/subscribe", &app.token(), &[]).await;
-    let (status, text) = app
-        .request(Method::GET, "/events/subscribe")
-        .token(&app.token())
-        .send()
-        .await;
+    let (status, text) = app.get("/events/subscribe", &app.token()).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
     assert!(text.contains("too many open subscriptions"), "{text}");
     let refused = app
