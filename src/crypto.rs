@@ -849,3 +849,370 @@ mod properties {
         }
     }
 }
+
+/// Known-answer tests: blobs sealed once by this module and kept in
+/// `tests/vectors/` must still open to their plaintext, and every altered
+/// copy (a byte flipped, the blob cut short, any associated-data field
+/// changed, a blob of another vector in its place) must be the one opaque
+/// error. A change to the associated data or to the blob layout fails here
+/// rather than leaving stored data unreadable.
+#[cfg(test)]
+mod vectors {
+    use super::*;
+    use serde_json::Value;
+
+    const WRAPPED_KEY: &str = include_str!("../tests/vectors/wrapped_key.json");
+    const EVENT: &str = include_str!("../tests/vectors/event.json");
+    const SNAPSHOT_SINGLE_KEY: &str = include_str!("../tests/vectors/snapshot_single_key.json");
+    const SNAPSHOT_LAYERED: &str = include_str!("../tests/vectors/snapshot_layered.json");
+
+    fn json(text: &str) -> Value {
+        serde_json::from_str(text).unwrap()
+    }
+
+    fn bytes(v: &Value) -> Vec<u8> {
+        hex::decode(v.as_str().unwrap()).unwrap()
+    }
+
+    fn text(v: &Value) -> &str {
+        v.as_str().unwrap()
+    }
+
+    fn kek() -> Kek {
+        let v = json(WRAPPED_KEY);
+        let kek = Kek::from_bytes(&bytes(&v["master_key"])).unwrap();
+        assert_eq!(kek.id(), text(&v["master_key_id"]), "the master key's id");
+        kek
+    }
+
+    /// The data key `i` of `wrapped_key.json`, unwrapped.
+    fn dek(i: usize) -> Dek {
+        let v = json(WRAPPED_KEY);
+        let k = &v["keys"][i];
+        kek()
+            .unwrap_dek(
+                &bytes(&k["wrapped"]),
+                text(&k["key_id"]),
+                text(&k["subject"]),
+            )
+            .unwrap()
+    }
+
+    /// Every copy of `blob` with one byte flipped, and every prefix of it.
+    fn damaged(blob: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for i in 0..blob.len() {
+            let mut b = blob.to_vec();
+            b[i] ^= 0x01;
+            out.push(b);
+        }
+        out.extend((0..blob.len()).map(|n| blob[..n].to_vec()));
+        out
+    }
+
+    /// A string other than `s` (one character changed, same length) and
+    /// others of other lengths.
+    fn others(s: &str) -> Vec<String> {
+        let mut changed: Vec<char> = s.chars().collect();
+        changed[0] = if changed[0] == 'x' { 'y' } else { 'x' };
+        vec![
+            changed.into_iter().collect(),
+            format!("{s}x"),
+            s[..s.len() - 1].to_owned(),
+            String::new(),
+        ]
+    }
+
+    /// `version byte 1 | 96-bit nonce | ciphertext | 128-bit tag`.
+    fn assert_layout(blob: &[u8], plaintext_len: usize) {
+        assert_eq!(blob[0], FORMAT_V1, "the format byte");
+        assert_eq!(blob.len(), 1 + NONCE_LEN + plaintext_len + TAG_LEN);
+    }
+
+    const INTEGRITY: Option<CryptoError> = Some(CryptoError::Integrity);
+
+    #[test]
+    fn the_wrapped_data_keys_open_and_altered_copies_fail() {
+        let v = json(WRAPPED_KEY);
+        let kek = kek();
+        let keys = v["keys"].as_array().unwrap();
+        for (i, k) in keys.iter().enumerate() {
+            let (wrapped, key_id, subject) = (
+                bytes(&k["wrapped"]),
+                text(&k["key_id"]),
+                text(&k["subject"]),
+            );
+            assert_layout(&wrapped, KEY_LEN);
+            assert!(kek.unwrap_dek(&wrapped, key_id, subject).is_ok());
+            for bad in damaged(&wrapped) {
+                assert_eq!(kek.unwrap_dek(&bad, key_id, subject).err(), INTEGRITY);
+            }
+            for other in others(key_id) {
+                assert_eq!(kek.unwrap_dek(&wrapped, &other, subject).err(), INTEGRITY);
+            }
+            for other in others(subject) {
+                assert_eq!(kek.unwrap_dek(&wrapped, key_id, &other).err(), INTEGRITY);
+            }
+            // Key id and subject swapped: the fields are not interchangeable.
+            assert_eq!(kek.unwrap_dek(&wrapped, subject, key_id).err(), INTEGRITY);
+            // The other key's blob in this key's place.
+            let other = bytes(&keys[1 - i]["wrapped"]);
+            assert_eq!(kek.unwrap_dek(&other, key_id, subject).err(), INTEGRITY);
+            // Under another master key.
+            let mut master = bytes(&v["master_key"]);
+            master[0] ^= 0x01;
+            let wrong = Kek::from_bytes(&master).unwrap();
+            assert_eq!(wrong.unwrap_dek(&wrapped, key_id, subject).err(), INTEGRITY);
+        }
+        // Blobs of the other vectors in a wrapped key's place.
+        let (k0, ev) = (&keys[0], json(EVENT));
+        let (key_id, subject) = (text(&k0["key_id"]), text(&k0["subject"]));
+        for blob in [
+            bytes(&ev["blob"]),
+            bytes(&json(SNAPSHOT_SINGLE_KEY)["blob"]),
+            bytes(&json(SNAPSHOT_LAYERED)["wrapped_key"]),
+        ] {
+            assert_eq!(kek.unwrap_dek(&blob, key_id, subject).err(), INTEGRITY);
+        }
+    }
+
+    #[test]
+    fn the_sealed_event_opens_and_altered_copies_fail() {
+        let v = json(EVENT);
+        let dek = dek(v["key"].as_u64().unwrap() as usize);
+        let blob = bytes(&v["blob"]);
+        let event_id: [u8; 16] = bytes(&v["event_id"]).try_into().unwrap();
+        let (stream_id, event_type, key_id) = (
+            text(&v["stream_id"]),
+            text(&v["event_type"]),
+            text(&v["key_id"]),
+        );
+        let at = EventAad {
+            event_id: &event_id,
+            stream_id,
+            event_type,
+            key_id,
+        };
+        let plaintext = text(&v["plaintext"]).as_bytes();
+        assert_layout(&blob, plaintext.len());
+        assert_eq!(&dek.open_event(&blob, &at).unwrap()[..], plaintext);
+
+        for bad in damaged(&blob) {
+            assert_eq!(dek.open_event(&bad, &at).err(), INTEGRITY);
+        }
+        for i in 0..16 {
+            let mut other = event_id;
+            other[i] ^= 0x01;
+            let moved = EventAad {
+                event_id: &other,
+                ..at
+            };
+            assert_eq!(dek.open_event(&blob, &moved).err(), INTEGRITY);
+        }
+        for other in others(stream_id) {
+            let moved = EventAad {
+                stream_id: &other,
+                ..at
+            };
+            assert_eq!(dek.open_event(&blob, &moved).err(), INTEGRITY);
+        }
+        for other in others(event_type) {
+            let moved = EventAad {
+                event_type: &other,
+                ..at
+            };
+            assert_eq!(dek.open_event(&blob, &moved).err(), INTEGRITY);
+        }
+        for other in others(key_id) {
+            let moved = EventAad {
+                key_id: &other,
+                ..at
+            };
+            assert_eq!(dek.open_event(&blob, &moved).err(), INTEGRITY);
+        }
+        // Stream id and event type swapped.
+        let swapped = EventAad {
+            stream_id: event_type,
+            event_type: stream_id,
+            ..at
+        };
+        assert_eq!(dek.open_event(&blob, &swapped).err(), INTEGRITY);
+        // Under the other subject's key.
+        assert_eq!(self::dek(1).open_event(&blob, &at).err(), INTEGRITY);
+        // Blobs of the other vectors in the event's place.
+        let layered = json(SNAPSHOT_LAYERED);
+        for other in [
+            bytes(&json(SNAPSHOT_SINGLE_KEY)["blob"]),
+            bytes(&layered["wrapped_key"]),
+            bytes(&layered["sealed"]),
+            bytes(&json(WRAPPED_KEY)["keys"][0]["wrapped"]),
+        ] {
+            assert_eq!(dek.open_event(&other, &at).err(), INTEGRITY);
+        }
+    }
+
+    #[test]
+    fn the_single_key_snapshot_opens_and_altered_copies_fail() {
+        let v = json(SNAPSHOT_SINGLE_KEY);
+        let dek = dek(v["key"].as_u64().unwrap() as usize);
+        let blob = bytes(&v["blob"]);
+        let (stream_id, version, key_id) = (
+            text(&v["stream_id"]),
+            v["version"].as_u64().unwrap(),
+            text(&v["key_id"]),
+        );
+        let at = SnapshotAad {
+            stream_id,
+            version,
+            key_id,
+        };
+        let plaintext = text(&v["plaintext"]).as_bytes();
+        assert_layout(&blob, plaintext.len());
+        assert_eq!(&dek.open_snapshot(&blob, &at).unwrap()[..], plaintext);
+
+        for bad in damaged(&blob) {
+            assert_eq!(dek.open_snapshot(&bad, &at).err(), INTEGRITY);
+        }
+        for other in others(stream_id) {
+            let moved = SnapshotAad {
+                stream_id: &other,
+                ..at
+            };
+            assert_eq!(dek.open_snapshot(&blob, &moved).err(), INTEGRITY);
+        }
+        for other in [0, version - 1, version + 1, version << 32, u64::MAX] {
+            let moved = SnapshotAad {
+                version: other,
+                ..at
+            };
+            assert_eq!(dek.open_snapshot(&blob, &moved).err(), INTEGRITY);
+        }
+        for other in others(key_id) {
+            let moved = SnapshotAad {
+                key_id: &other,
+                ..at
+            };
+            assert_eq!(dek.open_snapshot(&blob, &moved).err(), INTEGRITY);
+        }
+        assert_eq!(self::dek(1).open_snapshot(&blob, &at).err(), INTEGRITY);
+        // Blobs of the other vectors in the snapshot's place.
+        let layered = json(SNAPSHOT_LAYERED);
+        for other in [
+            bytes(&json(EVENT)["blob"]),
+            bytes(&layered["wrapped_key"]),
+            bytes(&layered["sealed"]),
+            bytes(&json(WRAPPED_KEY)["keys"][0]["wrapped"]),
+        ] {
+            assert_eq!(dek.open_snapshot(&other, &at).err(), INTEGRITY);
+        }
+    }
+
+    #[test]
+    fn the_layered_snapshot_opens_and_altered_copies_fail() {
+        let v = json(SNAPSHOT_LAYERED);
+        let indices: Vec<usize> = v["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_u64().unwrap() as usize)
+            .collect();
+        let owned: Vec<Dek> = indices.iter().map(|&i| dek(i)).collect();
+        let deks: Vec<&Dek> = owned.iter().collect();
+        let key_ids: Vec<&str> = v["key_ids"].as_array().unwrap().iter().map(text).collect();
+        let (stream_id, version) = (text(&v["stream_id"]), v["version"].as_u64().unwrap());
+        let (wrapped, sealed) = (bytes(&v["wrapped_key"]), bytes(&v["sealed"]));
+        let at = SnapshotLayers {
+            stream_id,
+            version,
+            key_ids: &key_ids,
+        };
+        let plaintext = text(&v["plaintext"]).as_bytes();
+        assert_eq!(deks.len(), 2, "the vector has two layers");
+        assert_layout(&sealed, plaintext.len());
+        // Each layer wraps the one inside: the innermost is the 32-byte key.
+        assert_eq!(wrapped[0], FORMAT_V1);
+        assert_eq!(wrapped.len(), KEY_LEN + 2 * (1 + NONCE_LEN + TAG_LEN));
+        assert_eq!(
+            &open_snapshot_for(&deks, &at, &wrapped, &sealed).unwrap()[..],
+            plaintext
+        );
+
+        let refused = |deks: &[&Dek], at: &SnapshotLayers<'_>, wrapped: &[u8], sealed: &[u8]| {
+            assert_eq!(
+                open_snapshot_for(deks, at, wrapped, sealed).err(),
+                INTEGRITY
+            );
+        };
+        for bad in damaged(&wrapped) {
+            refused(&deks, &at, &bad, &sealed);
+        }
+        for bad in damaged(&sealed) {
+            refused(&deks, &at, &wrapped, &bad);
+        }
+        for other in others(stream_id) {
+            let moved = SnapshotLayers {
+                stream_id: &other,
+                ..at
+            };
+            refused(&deks, &moved, &wrapped, &sealed);
+        }
+        for other in [0, version - 1, version + 1, version << 32, u64::MAX] {
+            let moved = SnapshotLayers {
+                version: other,
+                ..at
+            };
+            refused(&deks, &moved, &wrapped, &sealed);
+        }
+        // Each layer's key id changed.
+        for i in 0..key_ids.len() {
+            for other in others(key_ids[i]) {
+                let mut ids = key_ids.clone();
+                ids[i] = &other;
+                let moved = SnapshotLayers {
+                    key_ids: &ids,
+                    ..at
+                };
+                refused(&deks, &moved, &wrapped, &sealed);
+            }
+        }
+        // The layers' key ids in the other order, with or without their
+        // keys; the keys in the other order.
+        let ids: Vec<&str> = key_ids.iter().rev().copied().collect();
+        let reordered = SnapshotLayers {
+            key_ids: &ids,
+            ..at
+        };
+        let rev: Vec<&Dek> = deks.iter().rev().copied().collect();
+        refused(&deks, &reordered, &wrapped, &sealed);
+        refused(&rev, &reordered, &wrapped, &sealed);
+        refused(&rev, &at, &wrapped, &sealed);
+        // A layer removed, or one added.
+        for i in 0..2 {
+            let one = SnapshotLayers {
+                key_ids: &key_ids[i..=i],
+                ..at
+            };
+            refused(&deks[i..=i], &one, &wrapped, &sealed);
+        }
+        let three_ids = [key_ids[0], key_ids[1], key_ids[1]];
+        let three = SnapshotLayers {
+            key_ids: &three_ids,
+            ..at
+        };
+        refused(&[deks[0], deks[1], deks[1]], &three, &wrapped, &sealed);
+        // One key's place taken by the other.
+        refused(&[deks[0], deks[0]], &at, &wrapped, &sealed);
+        refused(&[deks[1], deks[1]], &at, &wrapped, &sealed);
+        // Blobs of the other vectors in either place.
+        for other in [
+            bytes(&json(EVENT)["blob"]),
+            bytes(&json(SNAPSHOT_SINGLE_KEY)["blob"]),
+            bytes(&json(WRAPPED_KEY)["keys"][0]["wrapped"]),
+        ] {
+            refused(&deks, &at, &other, &sealed);
+            refused(&deks, &at, &wrapped, &other);
+        }
+        // The wrapped key and the state swapped.
+        refused(&deks, &at, &sealed, &wrapped);
+    }
+}

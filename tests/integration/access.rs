@@ -7,7 +7,9 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::both_backends;
-use crate::common::{Backend, PERSONAL_VALUES, TestApp, TestEnv, batch, deposit, policies_dir};
+use crate::common::{
+    Backend, TestApp, TestEnv, assert_no_personal_value, batch, deposit, policies_dir,
+};
 
 both_backends!(
     every_endpoint_refuses_and_audits_unauthenticated_and_unauthorised_callers,
@@ -19,64 +21,6 @@ both_backends!(
     a_principal_with_an_undefined_role_stops_the_start,
     malformed_audit_headers_are_refused_and_recorded,
 );
-
-/// Sends a request with an optional bearer token and extra headers.
-pub async fn call(
-    app: &TestApp,
-    method: Method,
-    path: &str,
-    token: Option<&str>,
-    headers: &[(&str, &str)],
-    body: Option<&Value>,
-) -> (StatusCode, String) {
-    let mut req = app.client.request(method, format!("{}{path}", app.base));
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    if let Some(b) = body {
-        req = req.json(b);
-    }
-    let r = req.send().await.expect("request");
-    (r.status(), r.text().await.unwrap())
-}
-
-/// A GET with a bearer token and no other header.
-pub async fn get(app: &TestApp, path: &str, token: &str) -> (StatusCode, String) {
-    call(app, Method::GET, path, Some(token), &[], None).await
-}
-
-/// Every audit record, read with the admin token (which holds `audit`). A
-/// short page ends the listing: each listing is itself audited, so the log
-/// grows while it is read.
-pub async fn audit_records(app: &TestApp, query: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut after = 0;
-    loop {
-        let (status, text) = get(
-            app,
-            &format!("/audit?after={after}&limit=1000&{query}"),
-            &app.token(),
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK, "{text}");
-        let page: Value = serde_json::from_str(&text).unwrap();
-        let records = page["records"].as_array().unwrap();
-        out.extend(records.iter().cloned());
-        if records.len() < 1000 {
-            return out;
-        }
-        after = page["next"].as_u64().unwrap();
-    }
-}
-
-fn assert_no_personal_value(text: &str) {
-    for v in PERSONAL_VALUES {
-        assert!(!text.contains(v), "{v:?} disclosed in {text}");
-    }
-}
 
 async fn every_endpoint_refuses_and_audits_unauthenticated_and_unauthorised_callers(
     backend: Backend,
@@ -152,26 +96,31 @@ async fn every_endpoint_refuses_and_audits_unauthenticated_and_unauthorised_call
             _ => None,
         };
         for token in [None, Some("evt_not-a-token"), Some("")] {
-            let (status, text) = call(&app, method.clone(), path, token, &[], body).await;
+            let (status, text) = app
+                .request(method.clone(), path)
+                .token_opt(token)
+                .json_opt(body)
+                .send()
+                .await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}: {text}");
             assert!(
                 text.contains("urn:eventvault:problem:unauthorized"),
                 "{text}"
             );
         }
-        let (status, text) = call(
-            &app,
-            method.clone(),
-            path,
-            Some(wrong_role),
-            &[("X-Correlation-Id", "corr-403")],
-            body,
-        )
-        .await;
+        let (status, text) = app
+            .request(method.clone(), path)
+            .token(wrong_role)
+            .header("X-Correlation-Id", "corr-403")
+            .json_opt(body)
+            .send()
+            .await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}: {text}");
         assert!(text.contains("urn:eventvault:problem:forbidden"), "{text}");
 
-        let records = audit_records(&app, &format!("action={action}&outcome=denied")).await;
+        let records = app
+            .audit_records(&format!("action={action}&outcome=denied"))
+            .await;
         let denied: Vec<&Value> = records
             .iter()
             .filter(|r| r["outcome"] == "denied")
@@ -194,7 +143,7 @@ async fn every_endpoint_refuses_and_audits_unauthenticated_and_unauthorised_call
     // The refused append wrote nothing, nor the refused snapshot.
     let page: Value = app.read("accounts-1", "").await.json().await.unwrap();
     assert_eq!(page["current_version"], 1);
-    let (status, _) = get(&app, "/streams/accounts-1/snapshot", &app.token()).await;
+    let (status, _) = app.get("/streams/accounts-1/snapshot", &app.token()).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
@@ -217,7 +166,7 @@ async fn a_service_reader_sees_personal_data_redacted(backend: Backend) {
         "/events",
         "/events?as_of=2100-01-01T00:00:00Z",
     ] {
-        let (status, text) = get(&app, path, &service).await;
+        let (status, text) = app.get(path, &service).await;
         assert_eq!(status, StatusCode::OK, "{path}: {text}");
         assert_no_personal_value(&text);
         let page: Value = serde_json::from_str(&text).unwrap();
@@ -231,17 +180,16 @@ async fn a_service_reader_sees_personal_data_redacted(backend: Backend) {
         }
     }
     // Appending with the service role works on its streams.
-    let (status, text) = call(
-        &app,
-        Method::POST,
-        "/streams/accounts-7/events",
-        Some(&service),
-        &[],
-        Some(&batch(vec![deposit(Uuid::new_v4(), "cust-7", "9")])),
-    )
-    .await;
+    let (status, text) = app
+        .request(Method::POST, "/streams/accounts-7/events")
+        .token(&service)
+        .json(&batch(vec![deposit(Uuid::new_v4(), "cust-7", "9")]))
+        .send()
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{text}");
-    let records = audit_records(&app, "principal=ledger&action=stream.read").await;
+    let records = app
+        .audit_records("principal=ledger&action=stream.read")
+        .await;
     assert_eq!(records.len(), 3);
     assert!(
         records
@@ -259,20 +207,17 @@ async fn a_support_reader_needs_a_purpose_and_then_sees_personal_data(backend: B
     .await;
     let support = app.env.add_principal("officer", &["support"]).await;
     for path in ["/streams/loans-3/events", "/events"] {
-        let (status, text) = get(&app, path, &support).await;
+        let (status, text) = app.get(path, &support).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {text}");
         assert!(text.contains("X-Purpose"), "{text}");
         assert_no_personal_value(&text);
 
-        let (status, text) = call(
-            &app,
-            Method::GET,
-            path,
-            Some(&support),
-            &[("X-Purpose", "complaint 4711")],
-            None,
-        )
-        .await;
+        let (status, text) = app
+            .request(Method::GET, path)
+            .token(&support)
+            .header("X-Purpose", "complaint 4711")
+            .send()
+            .await;
         assert_eq!(status, StatusCode::OK, "{path}: {text}");
         let page: Value = serde_json::from_str(&text).unwrap();
         let e = &page["events"][0];
@@ -281,18 +226,15 @@ async fn a_support_reader_needs_a_purpose_and_then_sees_personal_data(backend: B
         assert_eq!(e["data"]["payer_iban"], "DE89370400440532013000");
     }
     // Support may read but not append.
-    let (status, _) = call(
-        &app,
-        Method::POST,
-        "/streams/loans-3/events",
-        Some(&support),
-        &[],
-        Some(&batch(vec![deposit(Uuid::new_v4(), "cust-3", "1")])),
-    )
-    .await;
+    let (status, _) = app
+        .request(Method::POST, "/streams/loans-3/events")
+        .token(&support)
+        .json(&batch(vec![deposit(Uuid::new_v4(), "cust-3", "1")]))
+        .send()
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 
-    let records = audit_records(&app, "principal=officer").await;
+    let records = app.audit_records("principal=officer").await;
     let outcomes: Vec<(&str, &str, bool, &Value)> = records
         .iter()
         .map(|r| {
@@ -347,7 +289,9 @@ async fn the_global_log_hides_streams_outside_the_grant(backend: Backend) {
     let mut after = 0;
     let mut pages = 0;
     loop {
-        let (status, text) = get(&app, &format!("/events?after={after}&limit=4"), &service).await;
+        let (status, text) = app
+            .get(&format!("/events?after={after}&limit=4"), &service)
+            .await;
         assert_eq!(status, StatusCode::OK, "{text}");
         assert!(!text.contains("loans-"), "a hidden stream leaked: {text}");
         let page: Value = serde_json::from_str(&text).unwrap();
@@ -380,22 +324,21 @@ async fn a_refusal_says_nothing_about_whether_the_stream_exists(backend: Backend
     app.append_ok("loans-1", &batch(vec![deposit(Uuid::new_v4(), "l", "1")]))
         .await;
     let service = app.env.add_principal("ledger", &["service"]).await;
-    let (s1, existing) = get(&app, "/streams/loans-1/events", &service).await;
-    let (s2, missing) = get(&app, "/streams/loans-404/events", &service).await;
+    let (s1, existing) = app.get("/streams/loans-1/events", &service).await;
+    let (s2, missing) = app.get("/streams/loans-404/events", &service).await;
     assert_eq!((s1, s2), (StatusCode::FORBIDDEN, StatusCode::FORBIDDEN));
     assert_eq!(existing, missing, "the same answer either way");
     // Also when the request is malformed: permission comes first.
-    let (status, _) = call(
-        &app,
-        Method::POST,
-        "/streams/loans-1/events",
-        Some(&service),
-        &[],
-        Some(&json!({"not": "events"})),
-    )
-    .await;
+    let (status, _) = app
+        .request(Method::POST, "/streams/loans-1/events")
+        .token(&service)
+        .json(&json!({"not": "events"}))
+        .send()
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, _) = get(&app, "/streams/loans-1/events?limit=oops", &service).await;
+    let (status, _) = app
+        .get("/streams/loans-1/events?limit=oops", &service)
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
 
@@ -436,7 +379,7 @@ async fn what_a_reader_sees_follows_todays_policy(backend: Backend) {
     let read = |app: TestApp| {
         let reader = reader.clone();
         async move {
-            let (status, text) = get(&app, "/streams/s-1/events", &reader).await;
+            let (status, text) = app.get("/streams/s-1/events", &reader).await;
             assert_eq!(status, StatusCode::OK, "{text}");
             (app, text)
         }
@@ -485,18 +428,15 @@ async fn a_principal_with_an_undefined_role_stops_the_start(backend: Backend) {
 async fn malformed_audit_headers_are_refused_and_recorded(backend: Backend) {
     let app = TestApp::spawn(&backend).await;
     let long = "x".repeat(201);
-    let (status, text) = call(
-        &app,
-        Method::GET,
-        "/events",
-        Some(&app.token()),
-        &[("X-Correlation-Id", &long)],
-        None,
-    )
-    .await;
+    let (status, text) = app
+        .request(Method::GET, "/events")
+        .token(&app.token())
+        .header("X-Correlation-Id", &long)
+        .send()
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     assert!(text.contains("X-Correlation-Id"), "{text}");
-    let records = audit_records(&app, "action=log.read").await;
+    let records = app.audit_records("action=log.read").await;
     assert_eq!(records.len(), 1);
     assert_eq!(records[0]["outcome"], "error");
     assert_eq!(records[0]["correlation_id"], Value::Null);

@@ -5,7 +5,6 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::access::{audit_records, get};
 use crate::both_backends;
 use crate::common::{Backend, TestApp, batch, deposit};
 
@@ -492,7 +491,7 @@ async fn a_classified_type_without_a_subject_carries_only_clear_values(backend: 
         app.whole_log().await.is_empty(),
         "no refused batch wrote anything"
     );
-    let records = audit_records(&app, "action=stream.append").await;
+    let records = app.audit_records("action=stream.append").await;
     assert_eq!(records.len(), refused.len());
     assert!(
         records.iter().all(|r| r["outcome"] == "error"),
@@ -568,7 +567,7 @@ async fn nested_values_are_clear_only_by_listed_paths(backend: Backend) {
 
     // Redacted: the clear pieces alone.
     let service = app.env.add_principal("ledger", &["service"]).await;
-    let (_, text) = get(&app, "/streams/payments-7/events", &service).await;
+    let (_, text) = app.get("/streams/payments-7/events", &service).await;
     let page: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(page["events"][0]["personal_data"], "redacted");
     assert_eq!(page["events"][0]["data"], clear, "{text}");

@@ -9,7 +9,6 @@ use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::access::{audit_records, call, get};
 use crate::at_rest::{events_db, exec};
 use crate::both_backends;
 use crate::common::{
@@ -31,7 +30,7 @@ both_backends!(
 );
 
 async fn verify(app: &TestApp) -> Value {
-    let (status, text) = get(app, "/audit/verify", &app.token()).await;
+    let (status, text) = app.get("/audit/verify", &app.token()).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     serde_json::from_str(&text).unwrap()
 }
@@ -91,7 +90,7 @@ async fn make_records(app: &TestApp) {
         .await;
         assert_eq!(app.read("accounts-1", "").await.status(), StatusCode::OK);
     }
-    let (s, _) = call(app, Method::GET, "/events", None, &[], None).await;
+    let (s, _) = app.request(Method::GET, "/events").send().await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert_eq!(app.log("").await.status(), StatusCode::OK);
 }
@@ -127,7 +126,7 @@ async fn records_carry_the_request_metadata(backend: Backend) {
     assert_eq!(r.status(), StatusCode::OK);
     let request_id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
 
-    let records = audit_records(&app, "resource=stream:accounts-9").await;
+    let records = app.audit_records("resource=stream:accounts-9").await;
     assert_eq!(records.len(), 2, "{records:?}");
     let (append, read) = (&records[0], &records[1]);
     assert_eq!(append["seq"], 1);
@@ -187,7 +186,7 @@ async fn an_append_and_its_record_commit_together(backend: Backend) {
             .status(),
         StatusCode::BAD_REQUEST
     );
-    let records = audit_records(&app, "action=stream.append").await;
+    let records = app.audit_records("action=stream.append").await;
     let summary: Vec<(&str, u64)> = records
         .iter()
         .map(|r| {
@@ -375,7 +374,7 @@ async fn cut_off_newest_records_are_found(backend: Backend) {
     // write over the cut (and so to serve data).
     let r = app.read("accounts-1", "").await;
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let (s, _) = get(&app, "/audit/verify", &app.token()).await;
+    let (s, _) = app.get("/audit/verify", &app.token()).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     let n: i64 = match &db {
         Db::Sqlite(p) => sqlx::query_scalar("select count(*) from audit_log")
@@ -392,12 +391,9 @@ async fn cut_off_newest_records_are_found(backend: Backend) {
     // The same check over HTTP, on a service started afresh.
     let env = app.stop().await;
     let app = TestApp::start(env).await;
-    let (_, text) = get(
-        &app,
-        &format!("/audit/verify?expect={expect}"),
-        &app.token(),
-    )
-    .await;
+    let (_, text) = app
+        .get(&format!("/audit/verify?expect={expect}"), &app.token())
+        .await;
     let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["ok"], false, "{v}");
     assert_eq!(v["first_bad_seq"], 8, "{v}");
@@ -521,7 +517,7 @@ async fn several_processes_write_one_chain(backend: Backend) {
     let v = verify(&one).await;
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(v["records"], 80);
-    let records = audit_records(&two, "").await;
+    let records = two.audit_records("").await;
     let seqs: Vec<u64> = records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
     assert!(first.terminate().await.success());
@@ -535,13 +531,13 @@ async fn the_listing_filters_and_pages(backend: Backend) {
     make_records(&app).await;
     let officer = app.env.add_principal("officer", &["auditor"]).await;
     // An auditor reads the log.
-    let (status, text) = get(&app, "/audit?limit=3", &officer).await;
+    let (status, text) = app.get("/audit?limit=3", &officer).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     let page: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(page["records"].as_array().unwrap().len(), 3);
     assert_eq!(page["next"], 3);
     let page: Value =
-        serde_json::from_str(&get(&app, "/audit?after=3&limit=2", &officer).await.1).unwrap();
+        serde_json::from_str(&app.get("/audit?after=3&limit=2", &officer).await.1).unwrap();
     let seqs: Vec<u64> = page["records"]
         .as_array()
         .unwrap()
@@ -550,34 +546,25 @@ async fn the_listing_filters_and_pages(backend: Backend) {
         .collect();
     assert_eq!(seqs, vec![4, 5]);
 
-    assert_eq!(audit_records(&app, "action=stream.append").await.len(), 4);
+    assert_eq!(app.audit_records("action=stream.append").await.len(), 4);
     assert_eq!(
-        audit_records(&app, "resource=stream:accounts-1")
-            .await
-            .len(),
+        app.audit_records("resource=stream:accounts-1").await.len(),
         8
     );
-    assert_eq!(audit_records(&app, "outcome=denied").await.len(), 1);
-    let by_admin = audit_records(&app, "principal=admin").await;
+    assert_eq!(app.audit_records("outcome=denied").await.len(), 1);
+    let by_admin = app.audit_records("principal=admin").await;
     assert!(by_admin.len() >= 9, "{by_admin:?}");
     assert!(by_admin.iter().all(|r| r["principal"] == "admin"));
     assert_eq!(
-        audit_records(&app, "until=2000-01-01T00:00:00Z")
-            .await
-            .len(),
+        app.audit_records("until=2000-01-01T00:00:00Z").await.len(),
         0
     );
-    assert!(
-        audit_records(&app, "since=2000-01-01T00:00:00Z")
-            .await
-            .len()
-            >= 10
-    );
-    let (status, text) = get(&app, "/audit?since=yesterday", &officer).await;
+    assert!(app.audit_records("since=2000-01-01T00:00:00Z").await.len() >= 10);
+    let (status, text) = app.get("/audit?since=yesterday", &officer).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(text.contains("since"), "{text}");
     // The auditor sees no event data.
-    let (status, _) = get(&app, "/events", &officer).await;
+    let (status, _) = app.get("/events", &officer).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
 
@@ -690,22 +677,18 @@ async fn every_outcome_is_recorded_once(backend: Backend) {
         assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     }
     let long = "p".repeat(201);
-    let (status, _) = call(
-        &app,
-        Method::GET,
-        "/events",
-        None,
-        &[("X-Purpose", &long)],
-        None,
-    )
-    .await;
+    let (status, _) = app
+        .request(Method::GET, "/events")
+        .header("X-Purpose", &long)
+        .send()
+        .await;
     assert_eq!(
         status,
         StatusCode::UNAUTHORIZED,
         "authentication comes first"
     );
 
-    let records = audit_records(&app, "").await;
+    let records = app.audit_records("").await;
     let summary: Vec<(&str, &str, &str)> = records
         .iter()
         .filter(|r| r["action"] != "audit.read")

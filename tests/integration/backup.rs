@@ -71,7 +71,7 @@ async fn a_restored_backup_reads_what_was_backed_up(backend: Backend) {
             ("cust-3", "decrypted")
         ]
     );
-    let (status, text) = crate::access::get(&app, "/audit/verify", &app.token()).await;
+    let (status, text) = app.get("/audit/verify", &app.token()).await;
     assert_eq!(status, reqwest::StatusCode::OK);
     assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["ok"], true);
 }

@@ -13,7 +13,6 @@ use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::access::get;
 use crate::both_backends;
 use crate::common::{Backend, TestApp, TestEnv, batch};
 use eventvault::store::Db;
@@ -237,12 +236,12 @@ async fn balances_equal_an_independent_sum_before_and_after_a_forget(backend: Ba
     project(&app.base, &service, &rebuilt, head).await;
     assert_eq!(stored_balances(&rebuilt).await, expected, "seed {seed}");
     for (i, state) in [(0, "erased"), (ACCOUNTS - 1, "decrypted")] {
-        let (_, text) = get(
-            &app,
-            &format!("/streams/accounts-{i}/events?limit=1"),
-            &app.token(),
-        )
-        .await;
+        let (_, text) = app
+            .get(
+                &format!("/streams/accounts-{i}/events?limit=1"),
+                &app.token(),
+            )
+            .await;
         let page: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(page["events"][0]["personal_data"], state, "{text}");
         assert_eq!(

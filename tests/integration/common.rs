@@ -9,7 +9,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use eventvault::app::{Application, Config, Progress};
-use reqwest::{Response, StatusCode};
+use reqwest::{Method, Response, StatusCode};
 use serde_json::{Value, json};
 use sqlx::Connection as _;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -35,6 +35,29 @@ macro_rules! both_backends {
             )*
         }
         mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    $crate::common::capture_logs();
+                    if let Some(backend) = $crate::common::Backend::postgres().await {
+                        super::$name(backend).await;
+                        $crate::common::assert_logs_hold_no_secret();
+                    }
+                }
+            )*
+        }
+    };
+}
+
+/// Runs a scenario on PostgreSQL only (one that needs several processes on
+/// one database, or PostgreSQL's roles or planner), as the PostgreSQL half of
+/// [`both_backends!`] does: skipped when PostgreSQL is unreachable, a
+/// failure then under `EVENTVAULT_REQUIRE_POSTGRES=1`, and the logs checked
+/// for secrets afterwards. The tests are named `postgres_only::<name>`.
+#[macro_export]
+macro_rules! postgres_only {
+    ($($name:ident),* $(,)?) => {
+        mod postgres_only {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
@@ -185,6 +208,16 @@ pub fn log_has_line_with(parts: &[&str]) -> bool {
 /// Remembers a secret that must never be logged.
 pub fn remember_secret(secret: &str) {
     SECRETS.lock().unwrap().push(secret.to_owned());
+}
+
+/// Fails if `text` (a response, an event, what a broker received) holds
+/// one of the [`PERSONAL_VALUES`].
+#[track_caller]
+pub fn assert_no_personal_value(text: impl AsRef<str>) {
+    let text = text.as_ref();
+    for v in PERSONAL_VALUES {
+        assert!(!text.contains(v), "{v:?} disclosed in {text}");
+    }
 }
 
 /// Fails if anything logged so far in the suite holds a personal value, a
@@ -590,6 +623,41 @@ impl TestApp {
         self.env.token()
     }
 
+    /// A request to `path` (with its query), without a token until
+    /// [`Call::token`] adds one.
+    pub fn request(&self, method: Method, path: &str) -> Call {
+        Call(self.client.request(method, format!("{}{path}", self.base)))
+    }
+
+    /// A GET with a bearer token and no other header.
+    pub async fn get(&self, path: &str, token: &str) -> (StatusCode, String) {
+        self.request(Method::GET, path).token(token).send().await
+    }
+
+    /// Every audit record, read with the admin token (which holds `audit`).
+    /// A short page ends the listing: each listing is itself audited, so the
+    /// log grows while it is read.
+    pub async fn audit_records(&self, query: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let (status, text) = self
+                .get(
+                    &format!("/audit?after={after}&limit=1000&{query}"),
+                    &self.token(),
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{text}");
+            let page: Value = serde_json::from_str(&text).unwrap();
+            let records = page["records"].as_array().unwrap();
+            out.extend(records.iter().cloned());
+            if records.len() < 1000 {
+                return out;
+            }
+            after = page["next"].as_u64().unwrap();
+        }
+    }
+
     pub async fn append(&self, stream: &str, expected: Option<&str>, body: &Value) -> Response {
         let mut req = self
             .client
@@ -655,6 +723,47 @@ impl TestApp {
             out.extend(events.iter().cloned());
             after = page["next"].as_u64().unwrap();
         }
+    }
+}
+
+/// A request being built by [`TestApp::request`]; [`Call::send`] sends it
+/// and answers its status and body.
+pub struct Call(reqwest::RequestBuilder);
+
+impl Call {
+    /// A bearer token.
+    pub fn token(self, token: &str) -> Call {
+        Call(self.0.bearer_auth(token))
+    }
+
+    /// A bearer token if there is one.
+    pub fn token_opt(self, token: Option<&str>) -> Call {
+        match token {
+            Some(t) => self.token(t),
+            None => self,
+        }
+    }
+
+    pub fn header(self, name: &str, value: &str) -> Call {
+        Call(self.0.header(name, value))
+    }
+
+    /// A JSON body.
+    pub fn json(self, body: &Value) -> Call {
+        Call(self.0.json(body))
+    }
+
+    /// A JSON body if there is one.
+    pub fn json_opt(self, body: Option<&Value>) -> Call {
+        match body {
+            Some(b) => self.json(b),
+            None => self,
+        }
+    }
+
+    pub async fn send(self) -> (StatusCode, String) {
+        let r = self.0.send().await.expect("request");
+        (r.status(), r.text().await.unwrap())
     }
 }
 

@@ -12,7 +12,6 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::access::get;
 use crate::both_backends;
 use crate::common::{Backend, ServerProcess, TestApp, TestEnv, batch, command, deposit, run_ok};
 
@@ -224,7 +223,7 @@ async fn nothing_acknowledged_is_lost_across_twenty_kills(backend: Backend) {
         }
     }
     assert_eq!(lost, 0, "acknowledged events lost");
-    let (status, text) = get(&app, "/audit/verify", &env.token()).await;
+    let (status, text) = app.get("/audit/verify", &env.token()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         serde_json::from_str::<Value>(&text).unwrap()["ok"],
@@ -300,7 +299,7 @@ async fn a_forget_or_a_rotation_killed_midway_is_completed(backend: Backend) {
     let app = TestApp::client_for(env.clone(), server.base.clone());
     let mut recorded = HashSet::new();
     for s in &forgotten {
-        let (_, text) = get(&app, &format!("/subjects/{s}"), &dpo).await;
+        let (_, text) = app.get(&format!("/subjects/{s}"), &dpo).await;
         let state: Value = serde_json::from_str(&text).unwrap();
         if state["state"] == "forgotten" {
             recorded.insert(s.as_str());
@@ -322,7 +321,9 @@ async fn a_forget_or_a_rotation_killed_midway_is_completed(backend: Backend) {
         assert_eq!(e["personal_data"], expected, "{subject}");
     }
     // Each completed forget left its `$subjects` event.
-    let (_, text) = get(&app, "/streams/$subjects/events?limit=1000", &env.token()).await;
+    let (_, text) = app
+        .get("/streams/$subjects/events?limit=1000", &env.token())
+        .await;
     let ledger: Value = serde_json::from_str(&text).unwrap();
     let announced: HashSet<&str> = ledger["events"]
         .as_array()

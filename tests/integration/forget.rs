@@ -9,10 +9,9 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::access::{audit_records, call, get};
 use crate::at_rest::{exec, key_ids_of, keystore_db, refuse_key_deletions};
-use crate::both_backends;
 use crate::common::{Backend, PERSONAL_VALUES, ServerProcess, TestApp, TestEnv, batch, deposit};
+use crate::{both_backends, postgres_only};
 use eventvault::store::Db;
 
 both_backends!(
@@ -25,31 +24,19 @@ both_backends!(
     an_export_holds_everything_about_the_subject,
 );
 
-mod postgres_only {
-    // Cache eviction across processes goes through PostgreSQL's
-    // LISTEN/NOTIFY; several processes on one SQLite file are not a
-    // supported deployment (see SECURITY.md).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_forget_reaches_every_process_within_a_second() {
-        crate::common::capture_logs();
-        if let Some(backend) = crate::common::Backend::postgres().await {
-            super::a_forget_reaches_every_process_within_a_second(backend).await;
-            crate::common::assert_logs_hold_no_secret();
-        }
-    }
-}
+// Cache eviction across processes goes through PostgreSQL's
+// LISTEN/NOTIFY; several processes on one SQLite file are not a
+// supported deployment (see SECURITY.md).
+postgres_only!(a_forget_reaches_every_process_within_a_second,);
 
 /// A forget of `subject` with a reason: its status and body.
 pub async fn forget(app: &TestApp, token: &str, subject: &str) -> (StatusCode, Value) {
-    let (status, text) = call(
-        app,
-        Method::POST,
-        &format!("/subjects/{subject}/forget"),
-        Some(token),
-        &[],
-        Some(&json!({"reason": "ticket 81"})),
-    )
-    .await;
+    let (status, text) = app
+        .request(Method::POST, &format!("/subjects/{subject}/forget"))
+        .token(token)
+        .json(&json!({"reason": "ticket 81"}))
+        .send()
+        .await;
     (status, serde_json::from_str(&text).unwrap())
 }
 
@@ -125,15 +112,16 @@ async fn a_forget_erases_personal_data_for_everyone_and_keeps_the_clear_fields(b
         (app.token(), format!("as_of={before_time}")),
         (service.clone(), String::new()),
     ] {
-        let (status, text) =
-            get(&app, &format!("/streams/payments-1/events?{query}"), &token).await;
+        let (status, text) = app
+            .get(&format!("/streams/payments-1/events?{query}"), &token)
+            .await;
         assert_eq!(status, StatusCode::OK, "{text}");
         let page: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(page["events"][0]["personal_data"], "erased", "{query}");
         assert!(!text.contains("Payer of cust-1"), "{text}");
     }
     // The ledger stream says what happened, without personal data.
-    let (status, text) = get(&app, "/streams/$subjects/events", &app.token()).await;
+    let (status, text) = app.get("/streams/$subjects/events", &app.token()).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     let page: Value = serde_json::from_str(&text).unwrap();
     let e = &page["events"][0];
@@ -146,17 +134,14 @@ async fn a_forget_erases_personal_data_for_everyone_and_keeps_the_clear_fields(b
     );
     // Who was forgotten is itself personal: `*` does not reach `$subjects`.
     let support = app.env.add_principal("officer", &["support"]).await;
-    let (status, _) = call(
-        &app,
-        Method::GET,
-        "/streams/$subjects/events",
-        Some(&support),
-        &[("X-Purpose", "curiosity")],
-        None,
-    )
-    .await;
+    let (status, _) = app
+        .request(Method::GET, "/streams/$subjects/events")
+        .token(&support)
+        .header("X-Purpose", "curiosity")
+        .send()
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, _) = get(&app, "/streams/$subjects/events", &dpo).await;
+    let (status, _) = app.get("/streams/$subjects/events", &dpo).await;
     assert_eq!(status, StatusCode::OK);
     // The subject's state.
     for (subject, state, events) in [
@@ -164,7 +149,7 @@ async fn a_forget_erases_personal_data_for_everyone_and_keeps_the_clear_fields(b
         ("cust-2", "active", 1),
         ("cust-9", "unknown", 0),
     ] {
-        let (status, text) = get(&app, &format!("/subjects/{subject}"), &dpo).await;
+        let (status, text) = app.get(&format!("/subjects/{subject}"), &dpo).await;
         assert_eq!(status, StatusCode::OK, "{text}");
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(
@@ -228,7 +213,7 @@ async fn a_forget_is_idempotent_and_refuses_later_appends(backend: Backend) {
     let ks = keystore_db(&app.env).await;
     assert!(key_ids_of(&ks, "cust-never").await.is_empty());
 
-    let records = audit_records(&app, "action=subject.forget").await;
+    let records = app.audit_records("action=subject.forget").await;
     assert_eq!(records.len(), 4, "{records:?}");
     assert!(
         records
@@ -248,38 +233,33 @@ async fn only_the_dpo_may_forget_and_refusals_are_audited(backend: Backend) {
         (Method::POST, "/subjects/cust-1/forget"),
         (Method::GET, "/subjects/cust-1"),
     ] {
-        let (status, _) = call(&app, method.clone(), path, None, &[], None).await;
+        let (status, _) = app.request(method.clone(), path).send().await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         for token in [&service, &auditor] {
-            let (status, text) = call(&app, method.clone(), path, Some(token), &[], None).await;
+            let (status, text) = app.request(method.clone(), path).token(token).send().await;
             assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {text}");
         }
     }
-    let denied = audit_records(&app, "outcome=denied&resource=subject:cust-1").await;
+    let denied = app
+        .audit_records("outcome=denied&resource=subject:cust-1")
+        .await;
     assert_eq!(denied.len(), 6, "{denied:?}");
     // Nothing was forgotten.
     let page: Value = app.read("payments-1", "").await.json().await.unwrap();
     assert_eq!(page["events"][0]["personal_data"], "decrypted");
     // Bad input: an invalid subject id, an unknown body field.
-    let (status, _) = call(
-        &app,
-        Method::POST,
-        "/subjects/no%20spaces/forget",
-        Some(&app.token()),
-        &[],
-        None,
-    )
-    .await;
+    let (status, _) = app
+        .request(Method::POST, "/subjects/no%20spaces/forget")
+        .token(&app.token())
+        .send()
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    let (status, text) = call(
-        &app,
-        Method::POST,
-        "/subjects/cust-1/forget",
-        Some(&app.token()),
-        &[],
-        Some(&json!({"why": "x"})),
-    )
-    .await;
+    let (status, text) = app
+        .request(Method::POST, "/subjects/cust-1/forget")
+        .token(&app.token())
+        .json(&json!({"why": "x"}))
+        .send()
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     let page: Value = app.read("payments-1", "").await.json().await.unwrap();
     assert_eq!(page["events"][0]["personal_data"], "decrypted");
@@ -429,7 +409,7 @@ async fn an_interrupted_forget_is_completed_at_start(backend: Backend) {
         "no internals: {body}"
     );
     // The subject is being forgotten, appends are refused.
-    let (_, text) = get(&app, "/subjects/cust-1", &app.token()).await;
+    let (_, text) = app.get("/subjects/cust-1", &app.token()).await;
     assert!(text.contains("\"forgetting\""), "{text}");
     // ... and reads show it erased although its key could not be deleted yet.
     let r = app
@@ -461,7 +441,7 @@ async fn an_interrupted_forget_is_completed_at_start(backend: Backend) {
     assert_eq!(page["events"][0]["personal_data"], "erased");
     let ledger: Value = app.read("$subjects", "").await.json().await.unwrap();
     assert_eq!(ledger["events"][0]["data"]["subject"], "cust-1");
-    let resumed = audit_records(&app, "action=subject.forget.resume").await;
+    let resumed = app.audit_records("action=subject.forget.resume").await;
     assert_eq!(resumed.len(), 1);
     // A forget now answers with the first call's time and destroys nothing.
     let (status, body) = forget(&app, &app.token(), "cust-1").await;
@@ -502,7 +482,7 @@ async fn a_forget_reaches_every_process_within_a_second(backend: Backend) {
 }
 
 async fn export(app: &TestApp, token: &str, subject: &str) -> (StatusCode, String) {
-    get(app, &format!("/subjects/{subject}/export"), token).await
+    app.get(&format!("/subjects/{subject}/export"), token).await
 }
 
 async fn an_export_holds_everything_about_the_subject(backend: Backend) {
@@ -537,7 +517,7 @@ async fn an_export_holds_everything_about_the_subject(backend: Backend) {
         && e["personal_data"] == "decrypted"
         && e["data"]["payer_name"] == "Payer of cust-7"));
     assert_eq!(events[1000]["stream_id"], "payments-7");
-    let records = audit_records(&app, "action=subject.export").await;
+    let records = app.audit_records("action=subject.export").await;
     assert_eq!(records.len(), 1);
     assert_eq!(records[0]["personal_data"], true);
     assert_eq!(records[0]["event_count"], 2101);
@@ -568,6 +548,6 @@ async fn an_export_holds_everything_about_the_subject(backend: Backend) {
             .iter()
             .all(|e| e["personal_data"] == "erased" && e["data"]["currency"] == "EUR")
     );
-    let records = audit_records(&app, "action=subject.export&outcome=ok").await;
+    let records = app.audit_records("action=subject.export&outcome=ok").await;
     assert_eq!(records.last().unwrap()["personal_data"], false);
 }

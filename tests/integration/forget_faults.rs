@@ -13,7 +13,6 @@ use sqlx::Connection as _;
 use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
-use crate::access::{audit_records, call, get};
 use crate::at_rest::{events_db, key_ids_of, keystore_db};
 use crate::both_backends;
 use crate::common::{Backend, TestApp, TestEnv, batch, deposit, log_has_line_with};
@@ -150,7 +149,7 @@ async fn no_forget_pending(app: &TestApp) {
 }
 
 async fn subject_state(app: &TestApp, token: &str, subject: &str) -> String {
-    let (status, text) = get(app, &format!("/subjects/{subject}"), token).await;
+    let (status, text) = app.get(&format!("/subjects/{subject}"), token).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     let v: Value = serde_json::from_str(&text).unwrap();
     v["state"].as_str().unwrap().to_owned()
@@ -203,7 +202,9 @@ async fn a_forget_while_the_keystore_is_down_is_accepted_and_finished_when_it_an
     }
     // Forgotten for every reader at once, although no key is destroyed:
     // the ledger is read with the rows, and no key is looked up.
-    let (status, text) = get(&app, "/streams/accounts-1/events?limit=100", &app.token()).await;
+    let (status, text) = app
+        .get("/streams/accounts-1/events?limit=100", &app.token())
+        .await;
     assert_eq!(status, StatusCode::OK, "{text}");
     let page: Value = serde_json::from_str(&text).unwrap();
     let events = page["events"].as_array().unwrap();
@@ -236,7 +237,7 @@ async fn a_forget_while_the_keystore_is_down_is_accepted_and_finished_when_it_an
     assert!(metric(&app, "eventvault_forget_retries_total").await >= 1);
     // Each finished forget is audited as the start-up path audits it, and
     // left its `$subjects` event.
-    let resumed = audit_records(&app, "action=subject.forget.resume").await;
+    let resumed = app.audit_records("action=subject.forget.resume").await;
     assert_eq!(resumed.len(), 20, "{resumed:?}");
     assert!(
         resumed
@@ -245,7 +246,7 @@ async fn a_forget_while_the_keystore_is_down_is_accepted_and_finished_when_it_an
     );
     // One record per request (retries included), each of a forget that
     // took effect.
-    let requested = audit_records(&app, "action=subject.forget").await;
+    let requested = app.audit_records("action=subject.forget").await;
     assert_eq!(requested.len(), requests);
     assert!(
         requested
@@ -419,21 +420,20 @@ async fn the_forget_body_is_read_like_every_other_body_and_only_after_the_permis
         problem(&response)["type"],
         "urn:eventvault:problem:forbidden"
     );
-    let denied = audit_records(&app, "action=subject.forget&outcome=denied").await;
+    let denied = app
+        .audit_records("action=subject.forget&outcome=denied")
+        .await;
     assert_eq!(denied.len(), 1, "{denied:?}");
     assert_eq!(denied[0]["principal"], "ledger");
 
     // Over the body limit (4 MiB in the tests): the same 413 problem as
     // every other body.
-    let (status, text) = call(
-        &app,
-        Method::POST,
-        "/subjects/cust-1/forget",
-        Some(&dpo),
-        &[],
-        Some(&json!({"reason": "x".repeat(5 * 1024 * 1024)})),
-    )
-    .await;
+    let (status, text) = app
+        .request(Method::POST, "/subjects/cust-1/forget")
+        .token(&dpo)
+        .json(&json!({"reason": "x".repeat(5 * 1024 * 1024)}))
+        .send()
+        .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{text}");
     let p: Value = serde_json::from_str(&text).expect("problem+json");
     assert_eq!(p["type"], "urn:eventvault:problem:payload-too-large");

@@ -10,9 +10,9 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::both_backends;
 use crate::common::{Backend, TestApp, TestEnv, batch, deposit, pg_admin_url};
 use crate::forget::forget_ok;
+use crate::{both_backends, postgres_only};
 use eventvault::keys::{FetchHold, FollowerEvents};
 
 both_backends!(
@@ -20,32 +20,14 @@ both_backends!(
     a_key_fetched_before_a_forget_is_not_cached_after_it,
 );
 
-mod postgres_only {
-    // Other processes hear of a forget through the PostgreSQL keystore's
-    // LISTEN/NOTIFY; a SQLite keystore belongs to one process, which evicts
-    // its own keys as it forgets (several processes on one SQLite file are
-    // not a supported deployment, see SECURITY.md).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_forget_in_another_process_keeps_a_fetch_in_flight_from_caching_the_key() {
-        crate::common::capture_logs();
-        if let Some(backend) = crate::common::Backend::postgres().await {
-            super::a_forget_in_another_process_keeps_a_fetch_in_flight_from_caching_the_key(
-                backend,
-            )
-            .await;
-            crate::common::assert_logs_hold_no_secret();
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_forget_missed_while_not_listening_is_made_up_from_the_ledger() {
-        crate::common::capture_logs();
-        if let Some(backend) = crate::common::Backend::postgres().await {
-            super::a_forget_missed_while_not_listening_is_made_up_from_the_ledger(backend).await;
-            crate::common::assert_logs_hold_no_secret();
-        }
-    }
-}
+// Other processes hear of a forget through the PostgreSQL keystore's
+// LISTEN/NOTIFY; a SQLite keystore belongs to one process, which evicts
+// its own keys as it forgets (several processes on one SQLite file are
+// not a supported deployment, see SECURITY.md).
+postgres_only!(
+    a_forget_in_another_process_keeps_a_fetch_in_flight_from_caching_the_key,
+    a_forget_missed_while_not_listening_is_made_up_from_the_ledger,
+);
 
 /// How long requests wait for a store that does not answer, in these tests.
 const STORE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -232,7 +214,9 @@ async fn a_keystore_outage_is_served_from_the_key_cache(backend: Backend) {
     let refused = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             head.borrow_and_update();
-            let r = crate::access::audit_records(&app, "action=stream.append&outcome=error").await;
+            let r = app
+                .audit_records("action=stream.append&outcome=error")
+                .await;
             if r.len() >= 2 {
                 return r;
             }

@@ -9,7 +9,6 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::access::{audit_records, get};
 use crate::at_rest::{exec, key_ids_of, keystore_db};
 use crate::both_backends;
 use crate::common::{Backend, TestApp, batch, deposit, log_has_line_with};
@@ -34,7 +33,9 @@ async fn readyz(app: &TestApp) -> (StatusCode, Value) {
 
 /// `(subject, personal_data)` of each event of `stream`.
 async fn states(app: &TestApp, stream: &str) -> Vec<(String, String)> {
-    let (status, text) = get(app, &format!("/streams/{stream}/events"), &app.token()).await;
+    let (status, text) = app
+        .get(&format!("/streams/{stream}/events"), &app.token())
+        .await;
     assert_eq!(status, StatusCode::OK, "{text}");
     let page: Value = serde_json::from_str(&text).unwrap();
     page["events"]
@@ -126,10 +127,10 @@ async fn a_keystore_older_than_the_event_store_keeps_the_service_unready_until_t
             ("cust-new".to_owned(), "lost".to_owned())
         ]
     );
-    let (_, text) = get(&app, "/streams/accounts-1/events", &app.token()).await;
+    let (_, text) = app.get("/streams/accounts-1/events", &app.token()).await;
     assert!(!text.contains("Payer of cust-new"), "{text}");
     assert!(text.contains("20.00"), "clear fields stay: {text}");
-    let accepted = audit_records(&app, "action=keys.accept_missing").await;
+    let accepted = app.audit_records("action=keys.accept_missing").await;
     assert_eq!(accepted.len(), 1, "{accepted:?}");
     assert_eq!(accepted[0]["event_count"], 1);
     assert!(log_has_line_with(&["their loss is accepted", "keys=1"]));
@@ -159,15 +160,12 @@ async fn a_key_deleted_behind_the_services_back_is_an_integrity_failure_not_eras
         ]),
     )
     .await;
-    let (status, text) = crate::access::call(
-        &app,
-        reqwest::Method::PUT,
-        "/streams/accounts-1/snapshot",
-        Some(&app.token()),
-        &[],
-        Some(&json!({"version": 2, "subject": "cust-1", "state": {"holder": "Jane Roe"}})),
-    )
-    .await;
+    let (status, text) = app
+        .request(reqwest::Method::PUT, "/streams/accounts-1/snapshot")
+        .token(&app.token())
+        .json(&json!({"version": 2, "subject": "cust-1", "state": {"holder": "Jane Roe"}}))
+        .send()
+        .await;
     assert_eq!(status, StatusCode::OK, "{text}");
     // A new start: nothing cached; the check finds every key.
     let env = app.stop().await;
@@ -190,7 +188,7 @@ async fn a_key_deleted_behind_the_services_back_is_an_integrity_failure_not_eras
         !text.contains("erased") && !text.contains("Payer of"),
         "{text}"
     );
-    let (status, text) = get(&app, "/streams/accounts-1/snapshot", &app.token()).await;
+    let (status, text) = app.get("/streams/accounts-1/snapshot", &app.token()).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{text}");
     assert!(
         text.contains("urn:eventvault:problem:key-missing"),
@@ -204,10 +202,10 @@ async fn a_key_deleted_behind_the_services_back_is_an_integrity_failure_not_eras
     assert_eq!(metric(&app, "eventvault_data_key_missing_total").await, 2);
     // The subject is still active, and a reader without personal data
     // (who needs no key) is served.
-    let (_, text) = get(&app, "/subjects/cust-1", &app.token()).await;
+    let (_, text) = app.get("/subjects/cust-1", &app.token()).await;
     assert!(text.contains("\"active\""), "{text}");
     let service = app.env.add_principal("ledger", &["service"]).await;
-    let (status, text) = get(&app, "/streams/accounts-1/events", &service).await;
+    let (status, text) = app.get("/streams/accounts-1/events", &service).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     assert!(text.contains("\"redacted\""));
     // A forget makes it what a forget makes it.

@@ -14,7 +14,6 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::access::{audit_records, call};
 use crate::both_backends;
 use crate::common::{Backend, TestApp, TestEnv, batch, deposit};
 use crate::subscribe::Subscriber;
@@ -128,7 +127,7 @@ async fn a_principal_over_its_rate_is_told_when_to_retry(backend: Backend) {
     let app = TestApp::start(env).await;
     let service = app.env.add_principal("ledger", &["service"]).await;
     for _ in 0..3 {
-        let (status, text) = call(&app, Method::GET, "/events", Some(&service), &[], None).await;
+        let (status, text) = app.get("/events", &service).await;
         assert_eq!(status, StatusCode::OK, "{text}");
     }
     let r = app
@@ -148,10 +147,10 @@ async fn a_principal_over_its_rate_is_told_when_to_retry(backend: Backend) {
     let problem: Value = r.json().await.unwrap();
     assert_eq!(problem["type"], "urn:eventvault:problem:rate-limited");
     // Another principal is not affected.
-    let (status, _) = call(&app, Method::GET, "/events", Some(&app.token()), &[], None).await;
+    let (status, _) = app.get("/events", &app.token()).await;
     assert_eq!(status, StatusCode::OK);
     // The refusal is audited, with the principal.
-    let records = audit_records(&app, "principal=ledger&outcome=error").await;
+    let records = app.audit_records("principal=ledger&outcome=error").await;
     assert_eq!(records.len(), 1, "{records:?}");
     assert_eq!(records[0]["action"], "log.read");
 }
@@ -162,15 +161,12 @@ async fn oversized_headers_are_answered_431_and_others_are_served(backend: Backe
     let app = TestApp::start(env).await;
     // Headers just under the limit are served (with the token in them, so
     // that the log check below also covers a request that was refused).
-    let (status, text) = call(
-        &app,
-        Method::GET,
-        "/events",
-        Some(&app.token()),
-        &[("X-Padding", &"p".repeat(3000))],
-        None,
-    )
-    .await;
+    let (status, text) = app
+        .request(Method::GET, "/events")
+        .token(&app.token())
+        .header("X-Padding", &"p".repeat(3000))
+        .send()
+        .await;
     assert_eq!(status, StatusCode::OK, "{text}");
     // 64 KiB of headers: a clear answer, then the connection closes.
     let mut s = connect(&app).await;
@@ -192,7 +188,7 @@ async fn oversized_headers_are_answered_431_and_others_are_served(backend: Backe
     assert_eq!(p["type"], "urn:eventvault:problem:headers-too-large");
     assert_eq!(p["status"], 431);
     // Everyone else is served as before.
-    let (status, text) = call(&app, Method::GET, "/events", Some(&app.token()), &[], None).await;
+    let (status, text) = app.get("/events", &app.token()).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     assert_eq!(
         metric(
@@ -266,7 +262,7 @@ async fn a_client_sending_its_headers_slowly_is_disconnected(backend: Backend) {
     let mut silent = connect(&app).await;
     assert_eq!(until_closed(&mut silent).await, "");
     // And the service serves the others.
-    let (status, _) = call(&app, Method::GET, "/events", Some(&app.token()), &[], None).await;
+    let (status, _) = app.get("/events", &app.token()).await;
     assert_eq!(status, StatusCode::OK);
 }
 

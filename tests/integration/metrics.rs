@@ -8,7 +8,6 @@ use reqwest::{Method, StatusCode};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::access::{audit_records, call, get};
 use crate::both_backends;
 use crate::common::{Backend, PERSONAL_VALUES, TestApp, batch, deposit};
 use crate::subscribe::Subscriber;
@@ -80,19 +79,18 @@ async fn metrics_count_what_the_service_did_and_name_no_one(backend: Backend) {
     // A read that decrypts 3 events, a refusal (403), no token (401) and a
     // path that no route matches.
     assert_eq!(app.read(STREAM_A, "").await.status(), StatusCode::OK);
-    let (status, _) = get(&app, &format!("/streams/{STREAM_A}/events"), &auditor).await;
+    let (status, _) = app
+        .get(&format!("/streams/{STREAM_A}/events"), &auditor)
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, _) = call(
-        &app,
-        Method::GET,
-        &format!("/streams/{STREAM_B}/events"),
-        None,
-        &[],
-        None,
-    )
-    .await;
+    let (status, _) = app
+        .request(Method::GET, &format!("/streams/{STREAM_B}/events"))
+        .send()
+        .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let (status, _) = get(&app, &format!("/no-such/{SUBJECT_B}"), &app.token()).await;
+    let (status, _) = app
+        .get(&format!("/no-such/{SUBJECT_B}"), &app.token())
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     // A subscription delivers the 5 events (decrypted) and is counted open.
@@ -105,15 +103,12 @@ async fn metrics_count_what_the_service_did_and_name_no_one(backend: Backend) {
     drop(sub);
 
     // The forget appends a `$subjects` event.
-    let (status, text) = call(
-        &app,
-        Method::POST,
-        &format!("/subjects/{SUBJECT_A}/forget"),
-        Some(&dpo),
-        &[],
-        Some(&json!({"reason": "ticket 12"})),
-    )
-    .await;
+    let (status, text) = app
+        .request(Method::POST, &format!("/subjects/{SUBJECT_A}/forget"))
+        .token(&dpo)
+        .json(&json!({"reason": "ticket 12"}))
+        .send()
+        .await;
     assert_eq!(status, StatusCode::OK, "{text}");
 
     // The subscription's end reaches the gauge once the server notices the
@@ -211,7 +206,7 @@ async fn metrics_count_what_the_service_did_and_name_no_one(backend: Backend) {
     }
     // The metrics themselves are no data request: never audited.
     assert!(
-        audit_records(&app, "")
+        app.audit_records("")
             .await
             .iter()
             .all(|r| !r["action"].as_str().unwrap_or("").contains("metric")),

@@ -15,7 +15,6 @@ use std::path::PathBuf;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::access::{audit_records, call};
 use crate::both_backends;
 use crate::common::{Backend, TestApp, batch};
 
@@ -131,15 +130,13 @@ async fn the_document_describes_every_operation(backend: Backend) {
             let concrete = path
                 .replace("{stream}", "accounts-1")
                 .replace("{subject}", "customer-1");
-            let (status, _) = call(
-                &app,
-                Method::from_bytes(method.to_uppercase().as_bytes()).unwrap(),
-                &concrete,
-                None,
-                &[],
-                None,
-            )
-            .await;
+            let (status, _) = app
+                .request(
+                    Method::from_bytes(method.to_uppercase().as_bytes()).unwrap(),
+                    &concrete,
+                )
+                .send()
+                .await;
             let want = if OPEN.contains(&path.as_str()) {
                 StatusCode::OK
             } else {
@@ -222,39 +219,25 @@ async fn the_document_describes_every_operation(backend: Backend) {
     // Free text that PostgreSQL cannot store (NUL) is a 400 wherever it may
     // be sent, as the document's patterns say (schemathesis found a 500).
     let admin = app.token();
-    let (status, text) = call(
-        &app,
-        Method::GET,
-        "/audit?action=a%00b",
-        Some(&admin),
-        &[],
-        None,
-    )
-    .await;
+    let (status, text) = app.get("/audit?action=a%00b", &admin).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
-    let (status, text) = call(
-        &app,
-        Method::POST,
-        "/subjects/customer-1/forget",
-        Some(&admin),
-        &[],
-        Some(&json!({"reason": "ticket\u{0}1"})),
-    )
-    .await;
+    let (status, text) = app
+        .request(Method::POST, "/subjects/customer-1/forget")
+        .token(&admin)
+        .json(&json!({"reason": "ticket\u{0}1"}))
+        .send()
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     // The forget's body is absent or a `ForgetRequest`: `null` is neither.
-    let (status, text) = call(
-        &app,
-        Method::POST,
-        "/subjects/customer-1/forget",
-        Some(&admin),
-        &[],
-        Some(&Value::Null),
-    )
-    .await;
+    let (status, text) = app
+        .request(Method::POST, "/subjects/customer-1/forget")
+        .token(&admin)
+        .json(&Value::Null)
+        .send()
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     // Refused requests are audited; the document itself is not a data route.
-    let records = audit_records(&app, "action=stream.read&outcome=denied").await;
+    let records = app.audit_records("action=stream.read&outcome=denied").await;
     assert!(!records.is_empty());
 }
 
@@ -379,26 +362,15 @@ async fn schemathesis_finds_no_failure(backend: Backend) {
                  "payer_name": SECRETS[0], "payer_iban": SECRETS[1]},
     });
     app.append_ok("accounts-ACC-1", &batch(vec![event])).await;
-    let (status, text) = call(
-        &app,
-        Method::PUT,
-        "/streams/accounts-ACC-1/snapshot",
-        Some(&admin),
-        &[],
-        Some(&json!({"version": 1, "subject": "customer-42",
-                     "state": {"holder": SECRETS[0]}})),
-    )
-    .await;
+    let (status, text) = app
+        .request(Method::PUT, "/streams/accounts-ACC-1/snapshot")
+        .token(&admin)
+        .json(&json!({"version": 1, "subject": "customer-42",
+                     "state": {"holder": SECRETS[0]}}))
+        .send()
+        .await;
     assert_eq!(status, StatusCode::OK, "{text}");
-    let (status, text) = call(
-        &app,
-        Method::GET,
-        "/streams/accounts-ACC-1/events",
-        Some(&admin),
-        &[],
-        None,
-    )
-    .await;
+    let (status, text) = app.get("/streams/accounts-ACC-1/events", &admin).await;
     assert_eq!(status, StatusCode::OK);
     assert!(
         text.contains(SECRETS[0]),
@@ -429,11 +401,11 @@ async fn schemathesis_finds_no_failure(backend: Backend) {
     let (ok, out) = fuzz_all(&st, &app, &service, SECRETS).await;
     assert!(ok, "schemathesis as service:\n{out}");
     // It did read the stream that holds the personal data.
-    let reads = audit_records(
-        &app,
-        "principal=fuzz-service&action=stream.read&resource=stream:accounts-ACC-1&outcome=ok",
-    )
-    .await;
+    let reads = app
+        .audit_records(
+            "principal=fuzz-service&action=stream.read&resource=stream:accounts-ACC-1&outcome=ok",
+        )
+        .await;
     assert!(!reads.is_empty(), "{out}");
 
     // The admin, with every permission (personal data included), through
@@ -498,7 +470,7 @@ async fn a_wrong_method_is_a_problem_with_allow(backend: Backend) {
         assert!(body["detail"].as_str().unwrap().contains("Allow"), "{body}");
     }
     // An unknown path stays a 404, whatever the method.
-    let (status, text) = call(&app, Method::DELETE, "/nowhere", None, &[], None).await;
+    let (status, text) = app.request(Method::DELETE, "/nowhere").send().await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{text}");
     app.stop().await;
 }
@@ -671,7 +643,7 @@ async fn a_generated_client_works(backend: Backend) {
         "the generated client:\n{text}"
     );
     // It did what it said, as the audit log shows.
-    let forgets = audit_records(&app, "action=subject.forget&outcome=ok").await;
+    let forgets = app.audit_records("action=subject.forget&outcome=ok").await;
     assert_eq!(forgets.len(), 2, "{text}");
     app.stop().await;
 }

@@ -14,39 +14,22 @@ use serde_json::{Value, json};
 use sqlx::Connection as _;
 use uuid::Uuid;
 
-use crate::access::{audit_records, call, get};
 use crate::at_rest::{events_db, exec, key_ids_of, keystore_db};
-use crate::both_backends;
 use crate::common::{
     Backend, TestApp, TestEnv, batch, deposit, log_has_line_with, pg_admin_url, run, run_ok,
     with_database, with_user,
 };
 use crate::relay::{Broker, wait_for_checkpoint};
 use crate::subscribe::Subscriber;
+use crate::{both_backends, postgres_only};
 
 both_backends!(migrate_prepares_both_databases_and_the_first_principal);
 
-mod postgres_only {
-    // Roles are PostgreSQL's.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_serving_role_may_not_rewrite_history_yet_serves_everything() {
-        crate::common::capture_logs();
-        if let Some(backend) = crate::common::Backend::postgres().await {
-            super::the_serving_role_may_not_rewrite_history_yet_serves_everything(backend).await;
-            crate::common::assert_logs_hold_no_secret();
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn as_the_serving_role_serve_checks_the_migrations_instead_of_running_them() {
-        crate::common::capture_logs();
-        if let Some(backend) = crate::common::Backend::postgres().await {
-            super::as_the_serving_role_serve_checks_the_migrations_instead_of_running_them(backend)
-                .await;
-            crate::common::assert_logs_hold_no_secret();
-        }
-    }
-}
+// Roles are PostgreSQL's.
+postgres_only!(
+    the_serving_role_may_not_rewrite_history_yet_serves_everything,
+    as_the_serving_role_serve_checks_the_migrations_instead_of_running_them,
+);
 
 /// A login role of this test's own (roles are cluster-wide: the name is
 /// unique, and the role is dropped afterwards, with its privileges in the
@@ -223,17 +206,14 @@ async fn the_serving_role_may_not_rewrite_history_yet_serves_everything(backend:
         &batch(vec![deposit(Uuid::new_v4(), "cust-1", "10.00")]),
     )
     .await;
-    let (status, text) = call(
-        &app,
-        Method::PUT,
-        "/streams/accounts-2/snapshot",
-        Some(&app.token()),
-        &[],
-        Some(&json!({"version": 1, "subject": "cust-1", "state": {"balance": "10.00"}})),
-    )
-    .await;
+    let (status, text) = app
+        .request(Method::PUT, "/streams/accounts-2/snapshot")
+        .token(&app.token())
+        .json(&json!({"version": 1, "subject": "cust-1", "state": {"balance": "10.00"}}))
+        .send()
+        .await;
     assert_eq!(status, StatusCode::OK, "{text}");
-    let (status, text) = get(&app, "/streams/accounts-2/snapshot", &app.token()).await;
+    let (status, text) = app.get("/streams/accounts-2/snapshot", &app.token()).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     assert!(text.contains("\"decrypted\""), "{text}");
     let body = crate::forget::forget_ok(&app, &app.token(), "cust-1").await;
@@ -250,9 +230,9 @@ async fn the_serving_role_may_not_rewrite_history_yet_serves_everything(backend:
     let db = events_db(&env).await;
     wait_for_checkpoint(&db, &broker.target.stream, 6).await;
     db.close().await;
-    let records = audit_records(&app, "action=subject.forget").await;
+    let records = app.audit_records("action=subject.forget").await;
     assert_eq!(records.len(), 2);
-    let (status, text) = get(&app, "/audit/verify", &app.token()).await;
+    let (status, text) = app.get("/audit/verify", &app.token()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["ok"], true);
     drop(sub);

@@ -5,7 +5,6 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::access::{audit_records, call, get};
 use crate::at_rest::events_db;
 use crate::both_backends;
 use crate::common::{Backend, TestApp, batch, deposit};
@@ -22,20 +21,17 @@ both_backends!(
 );
 
 async fn put(app: &TestApp, stream: &str, token: &str, body: &Value) -> (StatusCode, Value) {
-    let (status, text) = call(
-        app,
-        Method::PUT,
-        &format!("/streams/{stream}/snapshot"),
-        Some(token),
-        &[],
-        Some(body),
-    )
-    .await;
+    let (status, text) = app
+        .request(Method::PUT, &format!("/streams/{stream}/snapshot"))
+        .token(token)
+        .json(body)
+        .send()
+        .await;
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 async fn load(app: &TestApp, stream: &str, token: &str) -> (StatusCode, Value) {
-    let (status, text) = get(app, &format!("/streams/{stream}/snapshot"), token).await;
+    let (status, text) = app.get(&format!("/streams/{stream}/snapshot"), token).await;
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
@@ -78,7 +74,7 @@ async fn a_snapshot_is_saved_and_loaded(backend: Backend) {
     let (status, saved) = put(&app, "accounts-1", &token, &body).await;
     assert_eq!(status, StatusCode::OK, "{saved}");
     assert_eq!(saved["version"], 3);
-    let (status, text) = get(&app, "/streams/accounts-1/snapshot", &token).await;
+    let (status, text) = app.get("/streams/accounts-1/snapshot", &token).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     assert!(
         text.contains("12345678901234567890.000000000000000001"),
@@ -115,10 +111,10 @@ async fn a_snapshot_is_saved_and_loaded(backend: Backend) {
         (Some(4), &json!(4))
     );
     // Both calls were audited.
-    let saves = audit_records(&app, "action=snapshot.save").await;
+    let saves = app.audit_records("action=snapshot.save").await;
     assert_eq!(saves.len(), 3);
     assert_eq!(saves[1]["outcome"], "error");
-    let reads = audit_records(&app, "action=snapshot.read").await;
+    let reads = app.audit_records("action=snapshot.read").await;
     assert_eq!(reads.len(), 4);
     assert!(reads.iter().all(|r| r["resource"] == "stream:accounts-1"));
 }
@@ -222,7 +218,7 @@ async fn a_subjects_snapshot_is_sealed_redacted_and_erased_by_a_forget(backend: 
     assert_eq!(snap["state"]["holder"], "Zebulon Quackenbush");
     assert_eq!(snap["subject"], "cust-5");
     let service = app.env.add_principal("ledger", &["service"]).await;
-    let (status, text) = get(&app, "/streams/accounts-5/snapshot", &service).await;
+    let (status, text) = app.get("/streams/accounts-5/snapshot", &service).await;
     assert_eq!(status, StatusCode::OK);
     assert!(!text.contains("Zebulon"), "{text}");
     let snap: Value = serde_json::from_str(&text).unwrap();
@@ -230,7 +226,7 @@ async fn a_subjects_snapshot_is_sealed_redacted_and_erased_by_a_forget(backend: 
         (snap["personal_data"].as_str(), &snap["state"]),
         (Some("redacted"), &Value::Null)
     );
-    let records = audit_records(&app, "action=snapshot.read").await;
+    let records = app.audit_records("action=snapshot.read").await;
     let flags: Vec<bool> = records
         .iter()
         .map(|r| r["personal_data"].as_bool().unwrap())
@@ -239,7 +235,7 @@ async fn a_subjects_snapshot_is_sealed_redacted_and_erased_by_a_forget(backend: 
     // A forget erases it for everyone, and refuses new ones.
     let dpo = app.env.add_principal("privacy", &["dpo"]).await;
     crate::forget::forget_ok(&app, &dpo, "cust-5").await;
-    let (status, text) = get(&app, "/streams/accounts-5/snapshot", &token).await;
+    let (status, text) = app.get("/streams/accounts-5/snapshot", &token).await;
     assert_eq!(status, StatusCode::OK);
     assert!(!text.contains("Zebulon"), "{text}");
     let snap: Value = serde_json::from_str(&text).unwrap();
@@ -276,7 +272,7 @@ async fn a_subjects_snapshot_is_sealed_redacted_and_erased_by_a_forget(backend: 
     )
     .await
     .unwrap();
-    let (status, text) = get(&app, "/streams/accounts-7/snapshot", &token).await;
+    let (status, text) = app.get("/streams/accounts-7/snapshot", &token).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{text}");
     assert!(text.contains("integrity-failure"), "{text}");
     assert!(!text.contains("Alice"), "{text}");
@@ -321,7 +317,7 @@ async fn a_snapshot_of_several_subjects_is_erased_by_the_forget_of_any(backend: 
         assert_eq!(snap["subject"], "cust-A");
     }
     let service = app.env.add_principal("ledger", &["service"]).await;
-    let (_, text) = get(&app, "/streams/accounts-J/snapshot", &service).await;
+    let (_, text) = app.get("/streams/accounts-J/snapshot", &service).await;
     assert!(!text.contains("Zebulon"), "{text}");
     let snap: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(snap["personal_data"], "redacted");
@@ -329,7 +325,7 @@ async fn a_snapshot_of_several_subjects_is_erased_by_the_forget_of_any(backend: 
     // The forget of cust-B, whom the snapshot does not name.
     let dpo = app.env.add_principal("privacy", &["dpo"]).await;
     crate::forget::forget_ok(&app, &dpo, "cust-B").await;
-    let (status, text) = get(&app, "/streams/accounts-J/snapshot", &token).await;
+    let (status, text) = app.get("/streams/accounts-J/snapshot", &token).await;
     assert_eq!(status, StatusCode::OK);
     assert!(
         !text.contains("Zebulon") && !text.contains("Alice"),
@@ -406,7 +402,7 @@ async fn a_snapshot_of_several_subjects_is_erased_by_the_forget_of_any(backend: 
     )
     .await
     .unwrap();
-    let (status, text) = get(&app, "/streams/accounts-J/snapshot", &token).await;
+    let (status, text) = app.get("/streams/accounts-J/snapshot", &token).await;
     assert!(
         !text.contains("Zebulon") && !text.contains("Alice"),
         "{text}"
@@ -446,7 +442,7 @@ async fn a_snapshot_of_several_subjects_is_erased_by_the_forget_of_any(backend: 
 }
 
 async fn export(app: &TestApp, token: &str, subject: &str) -> Value {
-    let (status, text) = get(app, &format!("/subjects/{subject}/export"), token).await;
+    let (status, text) = app.get(&format!("/subjects/{subject}/export"), token).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     serde_json::from_str(&text).unwrap()
 }
@@ -492,7 +488,7 @@ async fn a_subjects_export_holds_the_snapshots_sealed_for_them(backend: Backend)
     let none = export(&app, &dpo, "cust-Z").await;
     assert_eq!(none["snapshots"], json!([]));
     assert_eq!(none["events"], json!([]));
-    let records = audit_records(&app, "action=subject.export").await;
+    let records = app.audit_records("action=subject.export").await;
     let flags: Vec<bool> = records
         .iter()
         .map(|r| r["personal_data"].as_bool().unwrap())
@@ -515,7 +511,7 @@ async fn a_subjects_export_holds_the_snapshots_sealed_for_them(backend: Backend)
     assert!(!serde_json::to_string(&b).unwrap().contains("Zebulon"));
     // The export is for `export` alone.
     let service = app.env.add_principal("ledger", &["service"]).await;
-    let (status, _) = get(&app, "/subjects/cust-A/export", &service).await;
+    let (status, _) = app.get("/subjects/cust-A/export", &service).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
 
@@ -765,7 +761,9 @@ async fn a_stream_reads_as_it_was_at_a_version(backend: Backend) {
         let app = &app;
         let token = &token;
         async move {
-            let (status, text) = get(app, &format!("/streams/accounts-1/events?{q}"), token).await;
+            let (status, text) = app
+                .get(&format!("/streams/accounts-1/events?{q}"), token)
+                .await;
             (status, serde_json::from_str::<Value>(&text).unwrap())
         }
     };

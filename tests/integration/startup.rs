@@ -9,13 +9,12 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::access::audit_records;
 use crate::at_rest::{key_ids_of, keystore_db, refuse_key_deletions};
-use crate::both_backends;
 use crate::common::{
     Backend, ServerProcess, TestApp, TestEnv, batch, command, command_with_policies, deposit,
 };
 use crate::forget::{forget_ok, keystore_copy};
+use crate::{both_backends, postgres_only};
 use eventvault::service::LedgerState;
 use eventvault::store::Db;
 
@@ -341,11 +340,13 @@ async fn no_data_is_served_while_the_forget_ledger_is_reapplied(backend: Backend
     );
 
     // The refusals were audited like any other.
-    let refused = audit_records(&app, "action=stream.read&outcome=error").await;
+    let refused = app.audit_records("action=stream.read&outcome=error").await;
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0]["resource"], "stream:accounts-1");
     assert_eq!(refused[0]["personal_data"], false);
-    let refused = audit_records(&app, "action=stream.append&outcome=error").await;
+    let refused = app
+        .audit_records("action=stream.append&outcome=error")
+        .await;
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0]["resource"], "stream:accounts-2");
 }
@@ -389,15 +390,8 @@ async fn a_failed_reapply_stops_the_service_before_it_serves(backend: Backend) {
     );
 }
 
-mod postgres_only {
-    // Plan caching is PostgreSQL's.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn statements_are_planned_with_their_parameters() {
-        if let Some(backend) = crate::common::Backend::postgres().await {
-            super::statements_are_planned_with_their_parameters(backend).await;
-        }
-    }
-}
+// Plan caching is PostgreSQL's.
+postgres_only!(statements_are_planned_with_their_parameters,);
 
 /// Every connection of the service plans a statement with its parameters
 /// each time: a generic plan made while the tables were empty (a
@@ -410,6 +404,9 @@ async fn statements_are_planned_with_their_parameters(backend: Backend) {
         (&env.database_url, eventvault::store::Purpose::Events),
         (&env.keystore_url, eventvault::store::Purpose::Keystore),
     ] {
+        // Nothing here is logged by the service: a line of the test's own,
+        // so that the log check after it has something to read.
+        tracing::debug!(?purpose, "checking the plan cache mode");
         let db = Db::connect(url, purpose, 1).await.unwrap();
         let Db::Postgres(pool) = &db else {
             panic!("a PostgreSQL URL gives a PostgreSQL pool")

@@ -12,9 +12,10 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::access::{audit_records, call};
-use crate::both_backends;
-use crate::common::{Backend, PERSONAL_VALUES, ServerProcess, TestApp, TestEnv, batch, deposit};
+use crate::common::{
+    Backend, ServerProcess, TestApp, TestEnv, assert_no_personal_value, batch, deposit,
+};
+use crate::{both_backends, postgres_only};
 use eventvault_tools::sse::{SseEvent, SseParser};
 
 both_backends!(
@@ -31,26 +32,11 @@ both_backends!(
     events_read_before_a_forget_but_not_yet_sent_are_read_again,
 );
 
-mod postgres_only {
-    // Several processes share one database only on PostgreSQL.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_commit_by_another_process_reaches_a_subscriber() {
-        crate::common::capture_logs();
-        if let Some(backend) = crate::common::Backend::postgres().await {
-            super::a_commit_by_another_process_reaches_a_subscriber(backend).await;
-            crate::common::assert_logs_hold_no_secret();
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_forget_recorded_by_another_process_reaches_live_subscribers() {
-        crate::common::capture_logs();
-        if let Some(backend) = crate::common::Backend::postgres().await {
-            super::a_forget_recorded_by_another_process_reaches_live_subscribers(backend).await;
-            crate::common::assert_logs_hold_no_secret();
-        }
-    }
-}
+// Several processes share one database only on PostgreSQL.
+postgres_only!(
+    a_commit_by_another_process_reaches_a_subscriber,
+    a_forget_recorded_by_another_process_reaches_live_subscribers,
+);
 
 /// The longest a test waits for an event before it fails.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -160,7 +146,7 @@ pub async fn eventually_recorded(
             // Every record up to `seen` is committed, so the listing below
             // sees it.
             let seen = *head.borrow_and_update();
-            let records = audit_records(app, query).await;
+            let records = app.audit_records(query).await;
             // Each page of the listing (1000 records; a short one ends it)
             // is recorded too, before its response leaves.
             let own = records.len() as u64 / 1000 + 1;
@@ -230,26 +216,15 @@ async fn a_subscription_catches_up_then_follows_live_without_gap_or_duplicate(ba
     let ids: Vec<u64> = resumed.take(41).await.iter().map(|(id, _)| *id).collect();
     assert_eq!(ids, (41..=81).collect::<Vec<_>>());
 
-    let (status, text) = call(
-        &app,
-        Method::GET,
-        "/events/subscribe",
-        Some(&app.token()),
-        &[("Last-Event-ID", "seven")],
-        None,
-    )
-    .await;
+    let (status, text) = app
+        .request(Method::GET, "/events/subscribe")
+        .token(&app.token())
+        .header("Last-Event-ID", "seven")
+        .send()
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     assert!(text.contains("Last-Event-ID"), "{text}");
-    let (status, _) = call(
-        &app,
-        Method::GET,
-        "/events/subscribe?after=-1",
-        Some(&app.token()),
-        &[],
-        None,
-    )
-    .await;
+    let (status, _) = app.get("/events/subscribe?after=-1", &app.token()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
@@ -294,23 +269,8 @@ async fn a_stream_subscription_follows_one_stream(backend: Backend) {
     let (id, e) = later.next().await;
     assert_eq!((id, e["stream_id"].as_str()), (1, Some("accounts-new")));
     // Invalid ids are refused.
-    let (status, _) = call(
-        &app,
-        Method::GET,
-        "/streams/bad%20id/subscribe",
-        Some(&app.token()),
-        &[],
-        None,
-    )
-    .await;
+    let (status, _) = app.get("/streams/bad%20id/subscribe", &app.token()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-}
-
-fn assert_no_personal_value(e: &Value) {
-    let text = e.to_string();
-    for v in PERSONAL_VALUES {
-        assert!(!text.contains(v), "{v:?} disclosed in {text}");
-    }
 }
 
 async fn a_subscriber_sees_what_its_role_may_read(backend: Backend) {
@@ -326,7 +286,7 @@ async fn a_subscriber_sees_what_its_role_may_read(backend: Backend) {
     for (_, e) in sub.take(3).await {
         assert_eq!(e["personal_data"], "redacted");
         assert!(e["data"]["amount"].is_string());
-        assert_no_personal_value(&e);
+        assert_no_personal_value(e.to_string());
     }
     app.append_ok("accounts-7", &deposits("cust-8", 1)).await; // 5
     let (id, e) = sub.next().await;
@@ -361,7 +321,7 @@ async fn a_subscriber_sees_what_its_role_may_read(backend: Backend) {
         assert_eq!(e["personal_data"], expected, "event {id}");
         assert!(e["data"]["amount"].is_string());
         if id != 5 {
-            assert_no_personal_value(&e);
+            assert_no_personal_value(e.to_string());
         }
     }
     // The live support subscription goes on, past the `$subjects` event
@@ -386,13 +346,13 @@ async fn a_subscription_is_audited_when_it_opens_discloses_and_closes(backend: B
     .await;
     assert_eq!(sub.take(5).await.len(), 5);
     drop(sub);
-    let opened = audit_records(&app, "action=log.subscribe").await;
+    let opened = app.audit_records("action=log.subscribe").await;
     assert_eq!(opened.len(), 1, "{opened:?}");
     assert_eq!(opened[0]["outcome"], "ok");
     assert_eq!(opened[0]["principal"], "admin");
     assert_eq!(opened[0]["correlation_id"], "corr-sub");
     assert_eq!(opened[0]["resource"], "positions:>0");
-    let delivered = audit_records(&app, "action=log.subscribe.deliver").await;
+    let delivered = app.audit_records("action=log.subscribe.deliver").await;
     assert_eq!(delivered.len(), 1, "one record per batch: {delivered:?}");
     let d = &delivered[0];
     assert_eq!(
@@ -422,20 +382,12 @@ async fn a_subscription_is_audited_when_it_opens_discloses_and_closes(backend: B
     assert_eq!(closed["event_count"], 5);
     assert_eq!(closed["personal_data"], false);
     assert!(
-        audit_records(&app, "action=stream.subscribe.deliver")
+        app.audit_records("action=stream.subscribe.deliver")
             .await
             .is_empty()
     );
     // The chain holds with all of them.
-    let (status, text) = call(
-        &app,
-        Method::GET,
-        "/audit/verify",
-        Some(&app.token()),
-        &[],
-        None,
-    )
-    .await;
+    let (status, text) = app.get("/audit/verify", &app.token()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["ok"], true);
 }
@@ -497,7 +449,7 @@ async fn subscriptions_end_when_the_service_stops(backend: Backend) {
     assert!(sub.next_or_end().await.is_none());
     // The close was recorded before the store closed.
     let app = TestApp::start(app.env.clone()).await;
-    let closed = audit_records(&app, "action=log.subscribe.close").await;
+    let closed = app.audit_records("action=log.subscribe.close").await;
     assert_eq!(closed.len(), 1, "{closed:?}");
     assert_eq!(closed[0]["event_count"], 1);
 }
@@ -640,18 +592,12 @@ async fn subscriptions_beyond_the_limit_are_refused(backend: Backend) {
     env.configure(|c| c.max_subscriptions = 1);
     let app = TestApp::start(env).await;
     let first = Subscriber::open(&app, "/events/subscribe", &app.token(), &[]).await;
-    let (status, text) = call(
-        &app,
-        Method::GET,
-        "/events/subscribe",
-        Some(&app.token()),
-        &[],
-        None,
-    )
-    .await;
+    let (status, text) = app.get("/events/subscribe", &app.token()).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
     assert!(text.contains("too many open subscriptions"), "{text}");
-    let refused = audit_records(&app, "action=log.subscribe&outcome=error").await;
+    let refused = app
+        .audit_records("action=log.subscribe&outcome=error")
+        .await;
     assert_eq!(refused.len(), 1);
     // The slot comes back when the first one ends.
     drop(first);
@@ -688,7 +634,7 @@ async fn a_forget_recorded_by_another_process_reaches_live_subscribers(backend: 
     .await;
     let (_, e) = again.next().await;
     assert_eq!(e["personal_data"], "erased", "{e}");
-    assert_no_personal_value(&e);
+    assert_no_personal_value(e.to_string());
 }
 
 /// A subscriber that reads slowly has events read, decrypted and audited

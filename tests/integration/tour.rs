@@ -221,8 +221,9 @@ async fn the_tour_runs_as_written(backend: Backend) {
     let snapshot: Value = r.json().await.unwrap();
     assert_eq!(snapshot["version"], 3);
     assert_eq!(snapshot["personal_data"], "erased");
-    let reads =
-        crate::access::audit_records(&app, "principal=support&action=stream.read&outcome=ok").await;
+    let reads = app
+        .audit_records("principal=support&action=stream.read&outcome=ok")
+        .await;
     assert_eq!(reads.len(), 1);
     assert_eq!(reads[0]["purpose"], "complaint 4711");
     assert!(server.terminate().await.success());

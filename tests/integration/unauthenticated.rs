@@ -12,7 +12,6 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::access::audit_records;
 use crate::both_backends;
 use crate::common::{Backend, TestApp, TestEnv, batch, deposit};
 use eventvault::app::RateLimit;
@@ -116,7 +115,7 @@ async fn requests_without_a_valid_token_are_limited_per_address(backend: Backend
 
     // The first refusal of each address has a record of its own; the
     // others are counted, not written.
-    let records = audit_records(&app, "").await;
+    let records = app.audit_records("").await;
     assert_eq!(
         anonymous(&records),
         vec![
@@ -125,8 +124,7 @@ async fn requests_without_a_valid_token_are_limited_per_address(backend: Backend
         ],
         "{records:?}"
     );
-    let (status, metrics) =
-        crate::access::call(&app, reqwest::Method::GET, "/metrics", None, &[], None).await;
+    let (status, metrics) = app.request(reqwest::Method::GET, "/metrics").send().await;
     assert_eq!(status, StatusCode::OK);
     assert!(
         metrics
@@ -143,21 +141,21 @@ async fn requests_without_a_valid_token_are_limited_per_address(backend: Backend
     // to the one recorded on its own.
     let env = app.stop().await;
     let app = TestApp::start(env).await;
-    let aggregates: HashMap<String, (u64, String, String)> =
-        audit_records(&app, "action=unauthenticated.refused")
-            .await
-            .iter()
-            .map(|r| {
+    let aggregates: HashMap<String, (u64, String, String)> = app
+        .audit_records("action=unauthenticated.refused")
+        .await
+        .iter()
+        .map(|r| {
+            (
+                r["resource"].as_str().unwrap().to_owned(),
                 (
-                    r["resource"].as_str().unwrap().to_owned(),
-                    (
-                        r["event_count"].as_u64().unwrap(),
-                        r["outcome"].as_str().unwrap().to_owned(),
-                        r["correlation_id"].as_str().unwrap().to_owned(),
-                    ),
-                )
-            })
-            .collect();
+                    r["event_count"].as_u64().unwrap(),
+                    r["outcome"].as_str().unwrap().to_owned(),
+                    r["correlation_id"].as_str().unwrap().to_owned(),
+                ),
+            )
+        })
+        .collect();
     assert_eq!(
         aggregates,
         HashMap::from([
@@ -171,7 +169,7 @@ async fn requests_without_a_valid_token_are_limited_per_address(backend: Backend
             ),
         ])
     );
-    let (status, text) = crate::access::get(&app, "/audit/verify", &app.token()).await;
+    let (status, text) = app.get("/audit/verify", &app.token()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["ok"], true);
 }
@@ -183,7 +181,7 @@ async fn refusals_are_recorded_once_per_address_and_window(backend: Backend) {
     env.configure(|c| c.unauthenticated_audit_interval = interval);
     let app = TestApp::start(env).await;
     let mut aggregated = app.progress().unauthenticated_aggregated;
-    let records_before = audit_records(&app, "").await.len();
+    let records_before = app.audit_records("").await.len();
     // A flood without tokens from one address, four connections at once.
     let client = client_from("127.0.0.3");
     let started = Instant::now();
@@ -214,7 +212,7 @@ async fn refusals_are_recorded_once_per_address_and_window(backend: Backend) {
     .await
     .expect("the windows' records were written")
     .unwrap();
-    let records = audit_records(&app, "").await;
+    let records = app.audit_records("").await;
     let new = &records[records_before..];
     let own: Vec<&Value> = new
         .iter()
@@ -248,7 +246,7 @@ async fn refusals_are_recorded_once_per_address_and_window(backend: Backend) {
         assert!(ids.iter().any(|id| id == first));
         assert!(own.iter().any(|r| r["request_id"] == first), "{a}");
     }
-    let (status, text) = crate::access::get(&app, "/audit/verify", &app.token()).await;
+    let (status, text) = app.get("/audit/verify", &app.token()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["ok"], true);
 }
