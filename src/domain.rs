@@ -69,6 +69,107 @@ fn allowed_punctuation(extra: &[char]) -> String {
         .join(" ")
 }
 
+/// An event's id, chosen by the client or made by eventvault (UUIDv7).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct EventId(Uuid);
+
+impl EventId {
+    pub fn new(id: Uuid) -> Self {
+        Self(id)
+    }
+
+    pub fn as_uuid(&self) -> &Uuid {
+        &self.0
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        self.0.as_bytes()
+    }
+}
+
+impl From<Uuid> for EventId {
+    fn from(id: Uuid) -> Self {
+        Self(id)
+    }
+}
+
+impl From<EventId> for Uuid {
+    fn from(id: EventId) -> Self {
+        id.0
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// Defines a count along a log: a `u64` newtype, `Copy`, ordered, shown and
+/// serialised as its number.
+macro_rules! counter {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(
+            Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord,
+            serde::Serialize, serde::Deserialize,
+        )]
+        #[serde(transparent)]
+        pub struct $name(u64);
+
+        impl $name {
+            /// The one before the first: nothing yet.
+            pub const ZERO: Self = Self(0);
+
+            pub const fn new(n: u64) -> Self {
+                Self(n)
+            }
+
+            pub const fn get(self) -> u64 {
+                self.0
+            }
+
+            /// `n` further along, saturating at `u64::MAX`.
+            pub const fn plus(self, n: u64) -> Self {
+                Self(self.0.saturating_add(n))
+            }
+        }
+
+        impl From<u64> for $name {
+            fn from(n: u64) -> Self {
+                Self(n)
+            }
+        }
+
+        impl From<$name> for u64 {
+            fn from(n: $name) -> Self {
+                n.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0, f)
+            }
+        }
+    };
+}
+
+counter!(
+    /// An event's place in the global log, 1-based; `Position::ZERO` means
+    /// "before the first" (an empty log, a cursor at its start).
+    Position
+);
+
+counter!(
+    /// A stream's version: the number of its events; `Version::ZERO` means
+    /// the stream does not exist.
+    Version
+);
+
 /// Name of a stream: 1–200 characters of `[A-Za-z0-9._:@-]`. Names beginning
 /// with `$` are reserved for the system (e.g. `$subjects`) and cannot be
 /// produced by [`StreamId::parse`], which refuses `$`.
@@ -112,6 +213,10 @@ impl StreamId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
 }
 
 impl fmt::Display for StreamId {
@@ -122,7 +227,7 @@ impl fmt::Display for StreamId {
 
 /// A data subject's pseudonymous id (never a name or an e-mail address): the
 /// same alphabet as stream ids.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Subject(String);
 
 impl Subject {
@@ -131,8 +236,18 @@ impl Subject {
         Ok(Self(s.to_owned()))
     }
 
+    /// Trusted conversion for subjects read back from the store, which only
+    /// ever holds subjects that passed [`Subject::parse`].
+    pub fn from_store(s: String) -> Self {
+        Self(s)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
     }
 }
 

@@ -16,6 +16,7 @@ pub mod relay;
 pub mod snapshots;
 pub mod subjects;
 pub mod tx;
+pub mod types;
 pub mod writer;
 
 use std::str::FromStr;
