@@ -173,7 +173,8 @@ counter!(
 /// Name of a stream: 1–200 characters of `[A-Za-z0-9._:@-]`. Names beginning
 /// with `$` are reserved for the system (e.g. `$subjects`) and cannot be
 /// produced by [`StreamId::parse`], which refuses `$`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(transparent)]
 pub struct StreamId(String);
 
 impl StreamId {
@@ -227,7 +228,8 @@ impl fmt::Display for StreamId {
 
 /// A data subject's pseudonymous id (never a name or an e-mail address): the
 /// same alphabet as stream ids.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(transparent)]
 pub struct Subject(String);
 
 impl Subject {
@@ -307,11 +309,11 @@ impl ExpectedVersion {
 
     /// Whether a stream currently at `current` (0 = no stream) satisfies this
     /// expectation.
-    pub fn admits(self, current: u64) -> bool {
+    pub fn admits(self, current: Version) -> bool {
         match self {
             Self::Any => true,
-            Self::Exists => current > 0,
-            Self::Exact(v) => v == current,
+            Self::Exists => current > Version::ZERO,
+            Self::Exact(v) => v == current.get(),
         }
     }
 }
@@ -361,10 +363,10 @@ impl EventBatch {
 /// The result of a successful append: where its events landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppendResult {
-    pub first_version: u64,
-    pub last_version: u64,
-    pub first_position: u64,
-    pub last_position: u64,
+    pub first_version: Version,
+    pub last_version: Version,
+    pub first_position: Position,
+    pub last_position: Position,
 }
 
 /// How much of an event's personal data a reader is shown.
@@ -402,12 +404,12 @@ impl PersonalData {
 /// An event as a reader receives it, after the access decision.
 #[derive(Debug, Clone)]
 pub struct ReadEvent {
-    pub id: Uuid,
+    pub id: EventId,
     pub stream_id: StreamId,
-    pub version: u64,
-    pub position: u64,
+    pub version: Version,
+    pub position: Position,
     pub event_type: String,
-    pub subject: Option<String>,
+    pub subject: Option<Subject>,
     pub data: Map<String, Value>,
     pub metadata: Map<String, Value>,
     pub recorded_at_us: i64,
@@ -453,10 +455,10 @@ mod tests {
         assert_eq!(ExpectedVersion::parse("17"), Ok(ExpectedVersion::Exact(17)));
         assert!(ExpectedVersion::parse("-1").is_err());
         assert!(ExpectedVersion::parse("sometimes").is_err());
-        assert!(ExpectedVersion::Exists.admits(1));
-        assert!(!ExpectedVersion::Exists.admits(0));
-        assert!(ExpectedVersion::Exact(0).admits(0));
-        assert!(!ExpectedVersion::Exact(2).admits(3));
+        assert!(ExpectedVersion::Exists.admits(Version::new(1)));
+        assert!(!ExpectedVersion::Exists.admits(Version::ZERO));
+        assert!(ExpectedVersion::Exact(0).admits(Version::ZERO));
+        assert!(!ExpectedVersion::Exact(2).admits(Version::new(3)));
     }
 
     fn event(id: u128) -> ProposedEvent {

@@ -28,7 +28,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use crate::domain::StreamId;
+use crate::domain::{EventId, Position, StreamId, Subject, Version};
 
 static EVENTS_SQLITE: Migrator = sqlx::migrate!("migrations/sqlite/events");
 static EVENTS_POSTGRES: Migrator = sqlx::migrate!("migrations/postgres/events");
@@ -781,6 +781,12 @@ pub fn redact_url(url: &str) -> String {
     out
 }
 
+/// A count read back from SQL (`count(*)`, a counter column), which is
+/// never negative.
+pub(crate) fn count(n: i64) -> Result<u64, StoreError> {
+    u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("a count of {n}")))
+}
+
 /// Microseconds since the Unix epoch, UTC: the time unit of every stored time.
 pub fn now_us() -> i64 {
     let now = time::OffsetDateTime::now_utc();
@@ -790,12 +796,12 @@ pub fn now_us() -> i64 {
 /// An event row as stored: clear fields as JSON text, personal fields sealed.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StoredEvent {
-    pub position: i64,
-    pub stream_id: String,
-    pub version: i64,
-    pub event_id: String,
+    pub position: Position,
+    pub stream_id: StreamId,
+    pub version: Version,
+    pub event_id: EventId,
     pub event_type: String,
-    pub subject: Option<String>,
+    pub subject: Option<Subject>,
     pub key_id: Option<String>,
     pub data: String,
     pub sealed: Option<Vec<u8>>,
@@ -849,8 +855,8 @@ impl EventStore {
         &self,
         stream: &StreamId,
         as_of_us: Option<i64>,
-    ) -> Result<Option<u64>, StoreError> {
-        let v: Option<i64> = match as_of_us {
+    ) -> Result<Option<Version>, StoreError> {
+        let v: Option<Version> = match as_of_us {
             None => on_db!(&self.db, |pool| {
                 sqlx::query_scalar("select version from streams where stream_id = $1")
                     .bind(stream.as_str())
@@ -867,7 +873,7 @@ impl EventStore {
                 })?
             }
         };
-        Ok(v.map(|v| v as u64))
+        Ok(v)
     }
 
     /// Up to `limit` events of a stream starting at version `from` (inclusive)
@@ -907,7 +913,7 @@ impl EventStore {
     /// to position `until`, in position order.
     pub async fn read_subject(
         &self,
-        subject: &str,
+        subject: &Subject,
         after: u64,
         until: u64,
         limit: u32,
@@ -931,12 +937,12 @@ impl EventStore {
 
     /// The position of the last event (0 for an empty store).
     pub async fn head_position(&self) -> Result<u64, StoreError> {
-        let p: Option<i64> = on_db!(&self.db, |pool| {
+        let p: Option<Position> = on_db!(&self.db, |pool| {
             sqlx::query_scalar("select max(position) from events")
                 .fetch_one(pool)
                 .await
         })?;
-        Ok(p.unwrap_or(0) as u64)
+        Ok(p.map_or(0, Position::get))
     }
 
     /// Up to `limit` events of the global log after position `after`,

@@ -29,14 +29,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, oneshot, watch};
-use uuid::Uuid;
 
 use self::plan::{Outcomes, Plan, plan};
 use super::feed::Feed;
 use super::tx::{Conn, DbTx, on_conn};
 use super::{Db, Fault, StoreError, audit, now_us};
 use crate::audit::AuditEntry;
-use crate::domain::{AppendResult, ExpectedVersion, StreamId};
+use crate::domain::{AppendResult, EventId, ExpectedVersion, StreamId, Subject};
 use crate::metrics::{Committed, Metrics};
 
 /// Upper bound of events gathered into one transaction: keeps a commit's
@@ -50,9 +49,9 @@ const QUEUE_DEPTH: usize = 4096;
 /// One event ready to be stored: classified and, where personal, sealed.
 #[derive(Debug, Clone)]
 pub struct PendingEvent {
-    pub id: Uuid,
+    pub id: EventId,
     pub event_type: String,
-    pub subject: Option<String>,
+    pub subject: Option<Subject>,
     /// Id of the data key that sealed `sealed`; `None` when nothing is sealed.
     pub key_id: Option<String>,
     /// The clear fields of `data`, as JSON text.
@@ -88,8 +87,8 @@ pub enum AppendRejection {
     #[error("{0}")]
     IdsInUse(String),
     /// An event is about a subject that has been forgotten.
-    #[error("subject {0:?} has been forgotten; no event about it is accepted")]
-    Forgotten(String),
+    #[error("subject {:?} has been forgotten; no event about it is accepted", .0.as_str())]
+    Forgotten(Subject),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -514,7 +513,7 @@ async fn commit_group(
     if let Some(last) = plan.audit.last() {
         *anchor = Some((last.seq, last.hash));
     }
-    let head = plan.rows.position.last().map(|p| *p as u64);
+    let head = plan.rows.position.last().map(|p| p.get());
     let mut counts = Committed {
         events: plan.rows.position.len() as u64,
         audit_records: plan.audit.len() as u64,
