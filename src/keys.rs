@@ -857,7 +857,7 @@ pub async fn rotate_master_key(
     let total = counts
         .iter()
         .find(|(id, _)| id == old.id())
-        .map_or(0, |(_, n)| *n as u64);
+        .map_or(0, |(_, n)| *n);
     let mut done = 0;
     progress(done, total);
     loop {

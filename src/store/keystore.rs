@@ -1,7 +1,7 @@
 //! The keystore's SQL: master-key check values and wrapped data keys. It
 //! stores and returns only wrapped bytes; unwrapping is the key manager's.
 
-use super::{Db, StoreError, now_us, on_db};
+use super::{Db, StoreError, count, now_us, on_db};
 use crate::domain::Subject;
 
 /// A wrapped data key as stored.
@@ -272,15 +272,18 @@ impl Keystore {
 
     /// How many data keys each master key wraps: `(kek_id, count)`, every
     /// known master key listed (0 when it wraps none).
-    pub async fn dek_counts_by_kek(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        Ok(on_db!(&self.db, |pool| {
+    pub async fn dek_counts_by_kek(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows: Vec<(String, i64)> = on_db!(&self.db, |pool| {
             sqlx::query_as(
                 "select k.kek_id, (select count(*) from deks d where d.kek_id = k.kek_id)
                  from keks k order by k.created_at",
             )
             .fetch_all(pool)
             .await
-        })?)
+        })?;
+        rows.into_iter()
+            .map(|(kek_id, n)| Ok((kek_id, count(n)?)))
+            .collect()
     }
 
     /// Up to `limit` data keys wrapped by master key `kek_id`.

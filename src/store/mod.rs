@@ -787,10 +787,16 @@ pub(crate) fn count(n: i64) -> Result<u64, StoreError> {
     u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("a count of {n}")))
 }
 
+/// A number for a `BIGINT` column: refused, not wrapped, past `i64::MAX`.
+pub(crate) fn to_i64(n: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(n)
+        .map_err(|_| StoreError::Corrupt(format!("{what} {n} does not fit in a BIGINT")))
+}
+
 /// Microseconds since the Unix epoch, UTC: the time unit of every stored time.
 pub fn now_us() -> i64 {
     let now = time::OffsetDateTime::now_utc();
-    (now.unix_timestamp_nanos() / 1_000) as i64
+    i64::try_from(now.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
 }
 
 /// An event row as stored: clear fields as JSON text, personal fields sealed.

@@ -26,7 +26,7 @@ mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -308,12 +308,12 @@ impl Writer {
 /// connection, a server that stopped answering) makes the writer
 /// unavailable before it has failed.
 #[derive(Debug, Clone, Default)]
-struct Busy(Arc<AtomicU64>);
+struct Busy(Arc<AtomicI64>);
 
 impl Busy {
     /// Microseconds since the epoch; 0: idle.
     fn begin(&self) {
-        self.0.store(now_us().max(1) as u64, Ordering::Release);
+        self.0.store(now_us().max(1), Ordering::Release);
     }
 
     fn end(&self) {
@@ -322,7 +322,8 @@ impl Busy {
 
     fn for_longer_than(&self, limit: std::time::Duration) -> bool {
         let since = self.0.load(Ordering::Acquire);
-        since != 0 && (now_us() as u64).saturating_sub(since) > limit.as_micros() as u64
+        let limit = i64::try_from(limit.as_micros()).unwrap_or(i64::MAX);
+        since != 0 && now_us().saturating_sub(since) > limit
     }
 }
 
