@@ -69,10 +69,112 @@ fn allowed_punctuation(extra: &[char]) -> String {
         .join(" ")
 }
 
+/// An event's id, chosen by the client or made by eventvault (UUIDv7).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct EventId(Uuid);
+
+impl EventId {
+    pub fn new(id: Uuid) -> Self {
+        Self(id)
+    }
+
+    pub fn as_uuid(&self) -> &Uuid {
+        &self.0
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        self.0.as_bytes()
+    }
+}
+
+impl From<Uuid> for EventId {
+    fn from(id: Uuid) -> Self {
+        Self(id)
+    }
+}
+
+impl From<EventId> for Uuid {
+    fn from(id: EventId) -> Self {
+        id.0
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// Defines a count along a log: a `u64` newtype, `Copy`, ordered, shown and
+/// serialised as its number.
+macro_rules! counter {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(
+            Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord,
+            serde::Serialize, serde::Deserialize,
+        )]
+        #[serde(transparent)]
+        pub struct $name(u64);
+
+        impl $name {
+            /// The one before the first: nothing yet.
+            pub const ZERO: Self = Self(0);
+
+            pub const fn new(n: u64) -> Self {
+                Self(n)
+            }
+
+            pub const fn get(self) -> u64 {
+                self.0
+            }
+
+            /// `n` further along, saturating at `u64::MAX`.
+            pub const fn plus(self, n: u64) -> Self {
+                Self(self.0.saturating_add(n))
+            }
+        }
+
+        impl From<u64> for $name {
+            fn from(n: u64) -> Self {
+                Self(n)
+            }
+        }
+
+        impl From<$name> for u64 {
+            fn from(n: $name) -> Self {
+                n.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0, f)
+            }
+        }
+    };
+}
+
+counter!(
+    /// An event's place in the global log, 1-based; `Position::ZERO` means
+    /// "before the first" (an empty log, a cursor at its start).
+    Position
+);
+
+counter!(
+    /// A stream's version: the number of its events; `Version::ZERO` means
+    /// the stream does not exist.
+    Version
+);
+
 /// Name of a stream: 1–200 characters of `[A-Za-z0-9._:@-]`. Names beginning
 /// with `$` are reserved for the system (e.g. `$subjects`) and cannot be
 /// produced by [`StreamId::parse`], which refuses `$`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(transparent)]
 pub struct StreamId(String);
 
 impl StreamId {
@@ -112,6 +214,10 @@ impl StreamId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
 }
 
 impl fmt::Display for StreamId {
@@ -122,7 +228,8 @@ impl fmt::Display for StreamId {
 
 /// A data subject's pseudonymous id (never a name or an e-mail address): the
 /// same alphabet as stream ids.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(transparent)]
 pub struct Subject(String);
 
 impl Subject {
@@ -131,8 +238,18 @@ impl Subject {
         Ok(Self(s.to_owned()))
     }
 
+    /// Trusted conversion for subjects read back from the store, which only
+    /// ever holds subjects that passed [`Subject::parse`].
+    pub fn from_store(s: String) -> Self {
+        Self(s)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
     }
 }
 
@@ -192,11 +309,11 @@ impl ExpectedVersion {
 
     /// Whether a stream currently at `current` (0 = no stream) satisfies this
     /// expectation.
-    pub fn admits(self, current: u64) -> bool {
+    pub fn admits(self, current: Version) -> bool {
         match self {
             Self::Any => true,
-            Self::Exists => current > 0,
-            Self::Exact(v) => v == current,
+            Self::Exists => current > Version::ZERO,
+            Self::Exact(v) => v == current.get(),
         }
     }
 }
@@ -246,10 +363,10 @@ impl EventBatch {
 /// The result of a successful append: where its events landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppendResult {
-    pub first_version: u64,
-    pub last_version: u64,
-    pub first_position: u64,
-    pub last_position: u64,
+    pub first_version: Version,
+    pub last_version: Version,
+    pub first_position: Position,
+    pub last_position: Position,
 }
 
 /// How much of an event's personal data a reader is shown.
@@ -287,12 +404,12 @@ impl PersonalData {
 /// An event as a reader receives it, after the access decision.
 #[derive(Debug, Clone)]
 pub struct ReadEvent {
-    pub id: Uuid,
+    pub id: EventId,
     pub stream_id: StreamId,
-    pub version: u64,
-    pub position: u64,
+    pub version: Version,
+    pub position: Position,
     pub event_type: String,
-    pub subject: Option<String>,
+    pub subject: Option<Subject>,
     pub data: Map<String, Value>,
     pub metadata: Map<String, Value>,
     pub recorded_at_us: i64,
@@ -338,10 +455,10 @@ mod tests {
         assert_eq!(ExpectedVersion::parse("17"), Ok(ExpectedVersion::Exact(17)));
         assert!(ExpectedVersion::parse("-1").is_err());
         assert!(ExpectedVersion::parse("sometimes").is_err());
-        assert!(ExpectedVersion::Exists.admits(1));
-        assert!(!ExpectedVersion::Exists.admits(0));
-        assert!(ExpectedVersion::Exact(0).admits(0));
-        assert!(!ExpectedVersion::Exact(2).admits(3));
+        assert!(ExpectedVersion::Exists.admits(Version::new(1)));
+        assert!(!ExpectedVersion::Exists.admits(Version::ZERO));
+        assert!(ExpectedVersion::Exact(0).admits(Version::ZERO));
+        assert!(!ExpectedVersion::Exact(2).admits(Version::new(3)));
     }
 
     fn event(id: u128) -> ProposedEvent {

@@ -19,6 +19,7 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::crypto::{CryptoError, Dek, Kek};
+use crate::domain::Subject;
 use crate::metrics::{KeyCache, Metrics};
 use crate::shutdown::Shutdown;
 use crate::store::keystore::{Keystore, WrappedDek};
@@ -110,7 +111,7 @@ pub fn load_master_key(env_value: Option<&str>, path: &Path) -> Result<(Kek, boo
 pub trait DestructionLedger {
     fn record_destroyed(
         &self,
-        subject: &str,
+        subject: &Subject,
         key_ids: &[String],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
@@ -326,11 +327,11 @@ impl KeyManager {
     /// key per subject and the loser reads it back.
     /// Whether the subject's active key is cached here (an append about
     /// it then needs no keystore, and creates no key).
-    pub fn has_active_key_cached(&self, subject: &str) -> bool {
+    pub fn has_active_key_cached(&self, subject: &Subject) -> bool {
         self.by_subject
             .lock()
             .expect("cache lock")
-            .contains(subject)
+            .contains(subject.as_str())
     }
 
     pub async fn key_for_subject(&self, subject: &str, n: u64) -> Result<ActiveKey, KeyError> {
@@ -502,7 +503,7 @@ impl KeyManager {
     /// this call deleted.
     pub async fn destroy_subject(
         &self,
-        subject: &str,
+        subject: &Subject,
         ledger: &impl DestructionLedger,
         scrub: bool,
     ) -> Result<u64, KeyError> {
@@ -538,7 +539,8 @@ impl KeyManager {
 
     /// Drops every cached key of `subject`, and keeps a fetch in flight
     /// from caching one again.
-    fn evict(&self, subject: &str) {
+    fn evict(&self, subject: &Subject) {
+        let subject = subject.as_str();
         let mut evictions = self.evictions.lock().expect("evictions lock");
         evictions.evict(subject);
         self.by_subject.lock().expect("cache lock").pop(subject);
@@ -597,7 +599,7 @@ impl KeyManager {
                     match listener.try_recv().await {
                         Ok(Some(n)) => match serde_json::from_str::<Eviction>(n.payload()) {
                             Ok(ev) => {
-                                km.evict(&ev.subject);
+                                km.evict(&Subject::from_store(ev.subject));
                                 km.follower.send_modify(|f| f.notices += 1);
                             }
                             Err(_) => km.clear_caches(),
@@ -634,7 +636,7 @@ impl KeyManager {
     async fn reconcile(&self, ledger: &EventStore) {
         /// Subjects asked about in one statement.
         const PAGE: usize = 1000;
-        let cached: Vec<String> = {
+        let cached: Vec<Subject> = {
             let mut subjects: HashSet<String> = self
                 .by_subject
                 .lock()
@@ -649,7 +651,7 @@ impl KeyManager {
                     .iter()
                     .map(|(_, k)| k.subject.clone()),
             );
-            subjects.into_iter().collect()
+            subjects.into_iter().map(Subject::from_store).collect()
         };
         let mut evicted = 0;
         for page in cached.chunks(PAGE) {
@@ -848,7 +850,7 @@ pub async fn rotate_master_key(
     let total = counts
         .iter()
         .find(|(id, _)| id == old.id())
-        .map_or(0, |(_, n)| *n as u64);
+        .map_or(0, |(_, n)| *n);
     let mut done = 0;
     progress(done, total);
     loop {

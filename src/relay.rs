@@ -50,7 +50,7 @@ use serde_json::value::RawValue;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::domain::rfc3339;
+use crate::domain::{EventId, Position, Subject, Version, rfc3339};
 use crate::shutdown::Shutdown;
 use crate::store::relay::RelayLease;
 use crate::store::{EventStore, StoreError, StoredEvent};
@@ -247,10 +247,10 @@ pub fn subject_for(prefix: &str, stream_id: &str, event_type: &str) -> String {
 /// The message body: the event as stored, personal fields still sealed.
 #[derive(Serialize)]
 struct Payload<'a> {
-    id: &'a str,
+    id: EventId,
     stream_id: &'a str,
-    version: i64,
-    position: i64,
+    version: Version,
+    position: Position,
     #[serde(rename = "type")]
     event_type: &'a str,
     subject: Option<&'a str>,
@@ -281,12 +281,12 @@ fn encode(prefix: &str, e: &StoredEvent) -> Result<Outgoing, RelayError> {
     let metadata: &RawValue = serde_json::from_str(&e.metadata)
         .map_err(|_| corrupt("stored metadata is not JSON".into()))?;
     let payload = serde_json::to_vec(&Payload {
-        id: &e.event_id,
-        stream_id: &e.stream_id,
+        id: e.event_id,
+        stream_id: e.stream_id.as_str(),
         version: e.version,
         position: e.position,
         event_type: &e.event_type,
-        subject: e.subject.as_deref(),
+        subject: e.subject.as_ref().map(Subject::as_str),
         key_id: e.key_id.as_deref(),
         data,
         sealed: e
@@ -298,9 +298,9 @@ fn encode(prefix: &str, e: &StoredEvent) -> Result<Outgoing, RelayError> {
     })
     .map_err(|_| corrupt("encoding failed".into()))?;
     Ok(Outgoing {
-        position: u64::try_from(e.position).map_err(|_| corrupt("negative position".into()))?,
-        event_id: e.event_id.clone(),
-        subject: subject_for(prefix, &e.stream_id, &e.event_type),
+        position: e.position.get(),
+        event_id: e.event_id.to_string(),
+        subject: subject_for(prefix, e.stream_id.as_str(), &e.event_type),
         payload,
     })
 }
@@ -316,7 +316,7 @@ enum RelayError {
     #[error("publishing position {position} failed: {reason}")]
     Publish { position: u64, reason: String },
     #[error("the event at position {position} cannot be published: {reason}")]
-    Encode { position: i64, reason: String },
+    Encode { position: Position, reason: String },
 }
 
 /// Starts the relay on `shutdown`. It publishes until serving ends, waking
@@ -667,12 +667,14 @@ mod tests {
     #[test]
     fn the_payload_keeps_digits_and_carries_the_sealed_blob() {
         let e = StoredEvent {
-            position: 7,
-            stream_id: "accounts-1".into(),
-            version: 3,
-            event_id: "0190c0de-0000-7000-8000-000000000001".into(),
+            position: Position::new(7),
+            stream_id: crate::domain::StreamId::parse("accounts-1").unwrap(),
+            version: Version::new(3),
+            event_id: EventId::new(
+                uuid::Uuid::parse_str("0190c0de-0000-7000-8000-000000000001").unwrap(),
+            ),
             event_type: "MoneyDeposited".into(),
-            subject: Some("cust-1".into()),
+            subject: Some(Subject::parse("cust-1").unwrap()),
             key_id: Some("k1".into()),
             data: r#"{"amount":12345678901234567890.000000000000000001,"currency":"EUR"}"#.into(),
             sealed: Some(vec![1, 2, 3, 250]),

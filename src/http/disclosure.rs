@@ -136,16 +136,16 @@ impl Discloses for EventList<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{ReadEvent, StreamId};
+    use crate::domain::{EventId, Position, ReadEvent, StreamId, Subject, Version};
 
     fn event(personal_data: PersonalData) -> ReadEvent {
         ReadEvent {
-            id: uuid::Uuid::new_v4(),
+            id: EventId::new(uuid::Uuid::new_v4()),
             stream_id: StreamId::parse("accounts-1").unwrap(),
-            version: 1,
-            position: 1,
+            version: Version::new(1),
+            position: Position::new(1),
             event_type: "MoneyDeposited".into(),
-            subject: Some("cust-1".into()),
+            subject: Some(Subject::parse("cust-1").unwrap()),
             data: serde_json::Map::new(),
             metadata: serde_json::Map::new(),
             recorded_at_us: 0,

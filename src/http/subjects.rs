@@ -121,11 +121,8 @@ async fn export(
     // The export is of the store as it is now: events appended meanwhile
     // wait for the next one, so the audited count is exact and the export ends.
     let until = state.events.head_position().await?;
-    let (s, count) = state.events.subject_state(subject.as_str(), until).await?;
-    let snapshots = state
-        .events
-        .subject_snapshot_count(subject.as_str())
-        .await?;
+    let (s, count) = state.events.subject_state(&subject, until).await?;
+    let snapshots = state.events.subject_snapshot_count(&subject).await?;
     // A forgotten subject's events and snapshots are erased on every read
     // path (the ledger is checked per page), so only one that is not
     // forgotten discloses (`forgetting` is forgotten for every reader too).
@@ -148,7 +145,6 @@ async fn export(
     );
     let events = state.events.clone();
     let grants = caller.grants.clone();
-    let subject = subject.as_str().to_owned();
     let cut = |e: crate::service::ServiceError| {
         tracing::error!(error = %e, "export failed mid-way; the response is cut");
         std::io::Error::other("export failed")
@@ -267,10 +263,7 @@ async fn state(
         caller.require(Permission::Forget, None)?;
     }
     let subject = path_id(path, Subject::parse)?;
-    let (s, events) = state
-        .events
-        .subject_state(subject.as_str(), u64::MAX)
-        .await?;
+    let (s, events) = state.events.subject_state(&subject, u64::MAX).await?;
     Ok(Audited::clear(
         StatusCode::OK,
         &StateView {
@@ -374,7 +367,7 @@ async fn forget(
     let (report, recorded) = state
         .events
         .forget(
-            subject.as_str(),
+            &subject,
             reason.as_deref(),
             caller.audit.entry(Outcome::Ok),
             |early| {

@@ -322,7 +322,7 @@ impl Subscription {
                 let head = self.events.commit_head();
                 self.events
                     .metrics()
-                    .delivered(head.saturating_sub(e.position));
+                    .delivered(head.saturating_sub(e.position.get()));
                 return Some(sse_event(&e, &self.cursor));
             }
             if self.shutdown.is_stopping() {
@@ -372,10 +372,10 @@ impl Subscription {
             return;
         };
         match &mut self.cursor {
-            Cursor::Log { after } => *after = first.position - 1,
+            Cursor::Log { after } => *after = first.position.get() - 1,
             Cursor::Stream { from, checked, .. } => {
-                *from = first.version;
-                *checked = first.position - 1;
+                *from = first.version.get();
+                *checked = first.position.get() - 1;
             }
         }
         self.queue.clear();
@@ -482,7 +482,7 @@ impl Subscription {
                     *checked = seen;
                     return Ok(Fetched::CaughtUp);
                 };
-                *from = last.version + 1;
+                *from = last.version.get() + 1;
                 // A short page ends at the stream's head, and the read saw
                 // every commit up to `seen`.
                 let caught_up = events.len() < STORE_PAGE as usize;
@@ -513,8 +513,8 @@ enum Fetched {
 
 fn sse_event(e: &ReadEvent, cursor: &Cursor) -> Event {
     let id = match cursor {
-        Cursor::Log { .. } => e.position,
-        Cursor::Stream { .. } => e.version,
+        Cursor::Log { .. } => e.position.get(),
+        Cursor::Stream { .. } => e.version.get(),
     };
     let data = serde_json::to_string(&EventView::from(e)).expect("events serialise");
     Event::default().id(id.to_string()).data(data)

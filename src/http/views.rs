@@ -6,7 +6,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::audit::AuditRecord;
-use crate::domain::{AppendResult, PersonalData, ReadEvent};
+use crate::domain::{AppendResult, PersonalData, ReadEvent, Subject};
 
 // The time format is shared with the outbox relay's messages.
 pub use crate::domain::{parse_rfc3339, rfc3339};
@@ -45,12 +45,12 @@ pub struct EventView<'a> {
 impl<'a> From<&'a ReadEvent> for EventView<'a> {
     fn from(e: &'a ReadEvent) -> Self {
         Self {
-            id: e.id,
+            id: e.id.into(),
             stream_id: e.stream_id.as_str(),
-            version: e.version,
-            position: e.position,
+            version: e.version.get(),
+            position: e.position.get(),
             event_type: &e.event_type,
-            subject: e.subject.as_deref(),
+            subject: e.subject.as_ref().map(Subject::as_str),
             data: &e.data,
             metadata: &e.metadata,
             recorded_at: rfc3339(e.recorded_at_us),
@@ -87,10 +87,10 @@ impl<'a> AppendView<'a> {
     pub fn new(stream_id: &'a str, r: AppendResult) -> Self {
         Self {
             stream_id,
-            first_version: r.first_version,
-            last_version: r.last_version,
-            first_position: r.first_position,
-            last_position: r.last_position,
+            first_version: r.first_version.get(),
+            last_version: r.last_version.get(),
+            first_position: r.first_position.get(),
+            last_position: r.last_position.get(),
         }
     }
 }

@@ -6,7 +6,7 @@ use zeroize::Zeroizing;
 use super::{Events, INLINE_CRYPTO_EVENTS, ServiceError};
 use crate::audit::AuditEntry;
 use crate::crypto::EventAad;
-use crate::domain::{EventBatch, ExpectedVersion, ProposedEvent, StreamId};
+use crate::domain::{EventBatch, EventId, ExpectedVersion, ProposedEvent, StreamId, Subject};
 use crate::keys::{ActiveKey, KeyError};
 use crate::metrics::Sealed;
 use crate::policy::Policies;
@@ -15,8 +15,8 @@ use crate::store::writer::{AppendCommand, AppendRejection, Appended, PendingEven
 /// Splits `data` into clear and personal fields and seals the personal ones.
 fn seal_event(
     policies: &Policies,
-    stream: &str,
-    keys: &HashMap<String, ActiveKey>,
+    stream: &StreamId,
+    keys: &HashMap<Subject, ActiveKey>,
     e: ProposedEvent,
 ) -> Result<PendingEvent, ServiceError> {
     let to_json = |m: &Map<String, Value>| serde_json::to_string(m).expect("JSON values serialise");
@@ -24,7 +24,7 @@ fn seal_event(
     let event_type = e.event_type.as_str().to_owned();
     // Without a subject nothing is personal: everything is stored as given
     // (for a classified type, `append` has checked that all of it is clear).
-    let key = e.subject.as_ref().map(|s| &keys[s.as_str()]);
+    let key = e.subject.as_ref().map(|s| &keys[s]);
     let (clear, personal) = match key {
         None => (e.data, Map::new()),
         Some(_) => policies.classification.split(&event_type, e.data),
@@ -36,7 +36,7 @@ fn seal_event(
                 Zeroizing::new(serde_json::to_vec(&personal).expect("JSON values serialise"));
             let at = EventAad {
                 event_id: e.id.as_bytes(),
-                stream_id: stream,
+                stream_id: stream.as_str(),
                 event_type: &event_type,
                 key_id: &key.key_id,
             };
@@ -48,9 +48,9 @@ fn seal_event(
         }
     };
     Ok(PendingEvent {
-        id: e.id,
+        id: EventId::new(e.id),
         event_type,
-        subject: e.subject.map(|s| s.as_str().to_owned()),
+        subject: e.subject,
         key_id,
         data: to_json(&clear),
         sealed,
@@ -86,28 +86,28 @@ impl Events {
         }
         let inline = events.len() <= INLINE_CRYPTO_EVENTS;
         // Each subject's key, with as many encryptions as it has events here.
-        let mut per_subject: HashMap<&str, u64> = HashMap::new();
+        let mut per_subject: HashMap<&Subject, u64> = HashMap::new();
         for s in events.iter().filter_map(|e| e.subject.as_ref()) {
-            *per_subject.entry(s.as_str()).or_default() += 1;
+            *per_subject.entry(s).or_default() += 1;
         }
         // A subject without a cached key may need one made: not for a
         // forgotten subject, whose key would otherwise exist again until the
         // writer refuses the append (one look-up, only on a cache miss; the
         // writer checks again in its transaction, for a forget that races).
-        let uncached: Vec<String> = per_subject
+        let uncached: Vec<Subject> = per_subject
             .keys()
             .filter(|s| !self.keys.has_active_key_cached(s))
-            .map(|s| (*s).to_owned())
+            .map(|s| (*s).clone())
             .collect();
         if let Some(s) = self.store.first_forgotten(&uncached).await? {
             return Err(ServiceError::Rejected(AppendRejection::Forgotten(s)));
         }
-        let mut keys: HashMap<String, ActiveKey> = HashMap::new();
+        let mut keys: HashMap<Subject, ActiveKey> = HashMap::new();
         for (s, n) in per_subject {
-            keys.insert(s.to_owned(), self.keys.key_for_subject(s, n).await?);
+            keys.insert(s.clone(), self.keys.key_for_subject(s.as_str(), n).await?);
         }
         let policies = self.policies.clone();
-        let stream_name = stream.as_str().to_owned();
+        let stream_name = stream.clone();
         let seal_all = move || -> Result<Vec<PendingEvent>, ServiceError> {
             events
                 .into_iter()

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::{Events, ServiceError};
 use crate::audit::AuditEntry;
-use crate::domain::{ExpectedVersion, StreamId};
+use crate::domain::{EventId, ExpectedVersion, StreamId, Subject};
 use crate::keys::DestructionLedger;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -161,35 +161,35 @@ impl PendingForgets {
         self.count.send_replace(n);
     }
 
-    async fn turn(&self, subject: &str) -> ForgetTurn<'_> {
+    async fn turn(&self, subject: &Subject) -> ForgetTurn<'_> {
         let lock = self
             .turns
             .lock()
             .expect("turns lock")
-            .entry(subject.to_owned())
+            .entry(subject.as_str().to_owned())
             .or_default()
             .clone();
         ForgetTurn {
             pending: self,
-            subject: subject.to_owned(),
+            subject: subject.as_str().to_owned(),
             _held: lock.lock_owned().await,
         }
     }
 
-    fn push(&self, subject: &str) {
+    fn push(&self, subject: &Subject) {
         let n = {
             let mut s = self.subjects.lock().expect("pending lock");
-            s.insert(subject.to_owned());
+            s.insert(subject.as_str().to_owned());
             s.len()
         };
         self.counted(n);
         self.wake.notify_one();
     }
 
-    fn done(&self, subject: &str) {
+    fn done(&self, subject: &Subject) {
         let n = {
             let mut s = self.subjects.lock().expect("pending lock");
-            s.remove(subject);
+            s.remove(subject.as_str());
             s.len()
         };
         self.counted(n);
@@ -197,13 +197,14 @@ impl PendingForgets {
 
     /// The pending subject after `after` in name order, wrapping round to
     /// the first.
-    fn next(&self, after: &str) -> Option<String> {
+    fn next(&self, after: &str) -> Option<Subject> {
         use std::ops::Bound::{Excluded, Unbounded};
         let s = self.subjects.lock().expect("pending lock");
         s.range::<str, _>((Excluded(after), Unbounded))
             .next()
             .or_else(|| s.iter().next())
             .cloned()
+            .map(Subject::from_store)
     }
 }
 
@@ -224,7 +225,7 @@ const FORGET_RETRY_MAX: Duration = Duration::from_secs(5);
 impl DestructionLedger for EventStore {
     fn record_destroyed(
         &self,
-        subject: &str,
+        subject: &Subject,
         key_ids: &[String],
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.record_destroyed_keys(subject, key_ids)
@@ -236,7 +237,7 @@ impl DestructionLedger for EventStore {
 struct Uncounted;
 
 impl DestructionLedger for Uncounted {
-    async fn record_destroyed(&self, _: &str, _: &[String]) -> Result<(), StoreError> {
+    async fn record_destroyed(&self, _: &Subject, _: &[String]) -> Result<(), StoreError> {
         Ok(())
     }
 }
@@ -254,10 +255,14 @@ struct Noting<'a> {
 }
 
 impl DestructionLedger for Noting<'_> {
-    async fn record_destroyed(&self, subject: &str, key_ids: &[String]) -> Result<(), StoreError> {
+    async fn record_destroyed(
+        &self,
+        subject: &Subject,
+        key_ids: &[String],
+    ) -> Result<(), StoreError> {
         self.store.record_destroyed_keys(subject, key_ids).await?;
         if let Some(entry) = self.store.forgotten(subject).await? {
-            (self.then)(entry.keys_destroyed as u64);
+            (self.then)(entry.keys_destroyed());
         }
         Ok(())
     }
@@ -285,12 +290,12 @@ impl Events {
     /// however long they take.
     pub async fn forget(
         &self,
-        subject: &str,
+        subject: &Subject,
         reason: Option<&str>,
         audit: AuditEntry,
         recorded: impl Fn(&ForgetReport) + Send + Sync,
     ) -> Result<(ForgetReport, bool), ServiceError> {
-        let recorded_now = self.store.record_forget(subject, reason).await;
+        let recorded_now = self.store.record_forget(subject.as_str(), reason).await;
         // Rows held in memory for subscribers may predate the ledger entry:
         // dropped whatever the answer (an error may follow a commit).
         self.writer.feed().forget_recorded();
@@ -314,7 +319,7 @@ impl Events {
                 SubjectState::Forgetting
             },
             forgotten_at_us: entry.forgotten_at,
-            keys_destroyed: entry.keys_destroyed as u64,
+            keys_destroyed: entry.keys_destroyed(),
             events_affected,
         };
         recorded(&early);
@@ -356,7 +361,7 @@ impl Events {
     /// written.
     async fn carry_out(
         &self,
-        subject: &str,
+        subject: &Subject,
         audit: AuditEntry,
         so_far: DestroyedSoFar<'_>,
     ) -> Result<bool, ServiceError> {
@@ -379,7 +384,7 @@ impl Events {
             event_count: events_affected,
             ..audit
         };
-        self.finish_forget(subject, entry.keys_destroyed as u64, events_affected, audit)
+        self.finish_forget(subject, entry.keys_destroyed(), events_affected, audit)
             .await?;
         Ok(true)
     }
@@ -389,7 +394,7 @@ impl Events {
     /// marked complete.
     async fn finish_forget(
         &self,
-        subject: &str,
+        subject: &Subject,
         keys_destroyed: u64,
         events_affected: u64,
         audit: AuditEntry,
@@ -403,7 +408,10 @@ impl Events {
             // One id per subject: a forget finished twice (by two
             // processes, or again after its completion mark failed) is an
             // idempotent retry of the same append, not a second event.
-            id: Uuid::new_v5(&SUBJECTS_LEDGER_IDS, subject.as_bytes()),
+            id: EventId::new(Uuid::new_v5(
+                &SUBJECTS_LEDGER_IDS,
+                subject.as_str().as_bytes(),
+            )),
             event_type: "SubjectForgotten".into(),
             subject: None,
             key_id: None,
@@ -430,7 +438,7 @@ impl Events {
     /// then deleted, evicted and scrubbed.
     async fn destroy_keys(
         &self,
-        subject: &str,
+        subject: &Subject,
         so_far: DestroyedSoFar<'_>,
     ) -> Result<u64, ServiceError> {
         let ledger = Noting {
@@ -447,7 +455,7 @@ impl Events {
     /// scrub, which a flood of such requests could otherwise turn into a
     /// flood of checkpoints. Best effort: what is left is removed at the
     /// next start.
-    pub(super) async fn discard_keys(&self, subject: &str) {
+    pub(super) async fn discard_keys(&self, subject: &Subject) {
         // Not counted as destroyed by the forget: they sealed nothing.
         if let Err(e) = self.keys.destroy_subject(subject, &Uncounted, false).await {
             tracing::warn!(error = %e, "could not discard a key made for a forgotten subject");
@@ -456,7 +464,7 @@ impl Events {
 
     /// The audit record of a forget finished without a request (at start,
     /// or in the background).
-    fn resume_record(subject: &str) -> AuditEntry {
+    fn resume_record(subject: &Subject) -> AuditEntry {
         AuditEntry {
             principal: None,
             action: "subject.forget.resume".into(),
@@ -483,8 +491,8 @@ impl Events {
             let Some(last) = page.last() else {
                 return Ok(done);
             };
-            after = last.subject.clone();
-            let names: Vec<String> = page.iter().map(|e| e.subject.clone()).collect();
+            after = last.subject.as_str().to_owned();
+            let names: Vec<Subject> = page.iter().map(|e| e.subject.clone()).collect();
             let with_keys = self.keys.keystore().subjects_with_keys(&names).await?;
             for e in &page {
                 let _turn = self.forgets.turn(&e.subject).await;
@@ -554,7 +562,7 @@ impl Events {
                     () = shutdown.serving_ends() => return,
                 }
             };
-            cursor.clone_from(&subject);
+            cursor = subject.as_str().to_owned();
             let attempt = async {
                 let _turn = self.forgets.turn(&subject).await;
                 self.carry_out(&subject, Self::resume_record(&subject), &|_| {})
@@ -604,7 +612,9 @@ impl Events {
                         self.forgets.push(s);
                     }
                     match page.last() {
-                        Some(last) if page.len() == PAGE as usize => after.clone_from(last),
+                        Some(last) if page.len() == PAGE as usize => {
+                            last.as_str().clone_into(&mut after);
+                        }
                         _ => return,
                     }
                 }
@@ -678,7 +688,7 @@ impl Events {
     /// `until` (`u64::MAX`: all of them).
     pub async fn subject_state(
         &self,
-        subject: &str,
+        subject: &Subject,
         until: u64,
     ) -> Result<(SubjectState, u64), ServiceError> {
         let events = self.store.subject_event_count(subject, until).await?;
@@ -692,7 +702,7 @@ impl Events {
     }
 
     /// How many snapshots are sealed for `subject`.
-    pub async fn subject_snapshot_count(&self, subject: &str) -> Result<u64, ServiceError> {
+    pub async fn subject_snapshot_count(&self, subject: &Subject) -> Result<u64, ServiceError> {
         Ok(self.store.subject_snapshot_count(subject).await?)
     }
 }

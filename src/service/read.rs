@@ -2,11 +2,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
-use uuid::Uuid;
 
 use super::{Events, INLINE_CRYPTO_EVENTS, MAX_LOG_SCAN, ServiceError};
 use crate::crypto::{Dek, EventAad};
-use crate::domain::{PersonalData, ReadEvent, StreamId};
+use crate::domain::{PersonalData, Position, ReadEvent, StreamId, Subject, Version};
 use crate::metrics::Sealed;
 use crate::policy::{Grants, ReadKind, View};
 use crate::store::{Direction, StoreError, StoredEvent};
@@ -37,7 +36,7 @@ pub struct LogPage {
     pub next: u64,
 }
 
-fn corrupt(what: &str, position: i64) -> ServiceError {
+fn corrupt(what: &str, position: Position) -> ServiceError {
     ServiceError::Store(StoreError::Corrupt(format!(
         "{what} of the event at position {position}"
     )))
@@ -109,7 +108,6 @@ fn open_event(
         serde_json::from_str(&r.data).map_err(|_| corrupt("data", r.position))?;
     let metadata: Map<String, Value> =
         serde_json::from_str(&r.metadata).map_err(|_| corrupt("metadata", r.position))?;
-    let id = Uuid::parse_str(&r.event_id).map_err(|_| corrupt("id", r.position))?;
     let personal_data = match (&r.sealed, &r.key_id) {
         (Some(blob), Some(key_id)) => {
             let fate = if Decision::needs_keys(r.forgotten, reveal) {
@@ -125,11 +123,11 @@ fn open_event(
                 Decision::Withheld(why) => why,
                 Decision::Open(deks) => {
                     let broken = || ServiceError::Integrity {
-                        position: r.position as u64,
+                        position: r.position.get(),
                     };
                     let at = EventAad {
-                        event_id: id.as_bytes(),
-                        stream_id: &r.stream_id,
+                        event_id: r.event_id.as_bytes(),
+                        stream_id: r.stream_id.as_str(),
                         event_type: &r.event_type,
                         key_id,
                     };
@@ -146,10 +144,10 @@ fn open_event(
         _ => PersonalData::None,
     };
     Ok(ReadEvent {
-        id,
-        stream_id: StreamId::from_store(r.stream_id),
-        version: r.version as u64,
-        position: r.position as u64,
+        id: r.event_id,
+        stream_id: r.stream_id,
+        version: r.version,
+        position: r.position,
         event_type: r.event_type,
         subject: r.subject,
         data,
@@ -178,11 +176,14 @@ impl Events {
             .await?
             .ok_or(ServiceError::StreamNotFound)?;
         if let Some(v) = at.to_version {
-            if v == 0 || v > current {
-                return Err(ServiceError::NoSuchVersion { current });
+            if v == 0 || v > current.get() {
+                return Err(ServiceError::NoSuchVersion {
+                    current: current.get(),
+                });
             }
-            current = v;
+            current = Version::new(v);
         }
+        let current = current.get();
         let from = from.unwrap_or(match direction {
             Direction::Forward => 1,
             Direction::Backward => current,
@@ -193,7 +194,7 @@ impl Events {
             .await?;
         let full = rows.len() == limit as usize;
         let next = rows.last().and_then(|last| {
-            let v = last.version as u64;
+            let v = last.version.get();
             match direction {
                 Direction::Forward if full && v < current => Some(v + 1),
                 Direction::Backward if full && v > 1 => Some(v - 1),
@@ -227,11 +228,11 @@ impl Events {
             let fetched = rows.len();
             scanned += fetched;
             if let Some(last) = rows.last() {
-                cursor = last.position as u64;
+                cursor = last.position.get();
             }
             visible.extend(
                 rows.into_iter()
-                    .filter(|r| grants.read_view(&r.stream_id).is_some()),
+                    .filter(|r| grants.read_view(r.stream_id.as_str()).is_some()),
             );
             if visible.len() >= limit_rows || fetched < limit_rows || scanned >= MAX_LOG_SCAN {
                 break;
@@ -239,7 +240,7 @@ impl Events {
         }
         if visible.len() > limit_rows {
             visible.truncate(limit_rows);
-            cursor = visible.last().map_or(cursor, |r| r.position as u64);
+            cursor = visible.last().map_or(cursor, |r| r.position.get());
         }
         let events = self.open_all(visible, grants, ReadKind::Read).await?;
         Ok(LogPage {
@@ -255,7 +256,7 @@ impl Events {
     /// last one (the cursor goes by rows, not by what the caller may see).
     pub async fn export_page(
         &self,
-        subject: &str,
+        subject: &Subject,
         after: u64,
         until: u64,
         limit: u32,
@@ -265,7 +266,7 @@ impl Events {
             .store
             .read_subject(subject, after, until, limit)
             .await?;
-        let (read, last) = (rows.len(), rows.last().map_or(after, |r| r.position as u64));
+        let (read, last) = (rows.len(), rows.last().map_or(after, |r| r.position.get()));
         Ok((
             self.open_all(rows, grants, ReadKind::Export).await?,
             read,
@@ -288,10 +289,10 @@ impl Events {
         let Some(rows) = tail.after(after, rows as usize, bytes) else {
             return self.read_all(after, store_rows, None, grants).await;
         };
-        let next = rows.last().map_or(after, |r| r.position as u64);
+        let next = rows.last().map_or(after, |r| r.position.get());
         let visible = rows
             .iter()
-            .filter(|r| grants.read_view(&r.stream_id).is_some())
+            .filter(|r| grants.read_view(r.stream_id.as_str()).is_some())
             .map(|r| StoredEvent::clone(r))
             .collect();
         Ok(LogPage {
@@ -306,7 +307,7 @@ impl Events {
         self.writer
             .feed()
             .tail()
-            .mentions(stream.as_str(), after)
+            .mentions(stream, after)
             .unwrap_or(true)
     }
 
@@ -324,7 +325,7 @@ impl Events {
     pub(super) async fn key_fate(
         &self,
         key_id: &str,
-        subject: &str,
+        subject: &Subject,
         position: u64,
     ) -> Result<KeyFate, ServiceError> {
         if let Some(dek) = self.keys.key_by_id(key_id).await? {
@@ -359,7 +360,7 @@ impl Events {
         let rows: Vec<(StoredEvent, bool)> = rows
             .into_iter()
             .filter_map(|r| {
-                let view = grants.view(how, &r.stream_id)?;
+                let view = grants.view(how, r.stream_id.as_str())?;
                 Some((r, view == View::Revealed))
             })
             .collect();
@@ -371,7 +372,7 @@ impl Events {
             if let (Some(k), Some(subject)) = (&r.key_id, &r.subject)
                 && !deks.contains_key(k)
             {
-                let fate = self.key_fate(k, subject, r.position as u64).await?;
+                let fate = self.key_fate(k, subject, r.position.get()).await?;
                 deks.insert(k.clone(), fate);
             }
         }

@@ -5,7 +5,7 @@ use zeroize::Zeroizing;
 
 use super::{Events, ServiceError};
 use crate::crypto::{self, Dek, SnapshotAad, SnapshotLayers};
-use crate::domain::{PersonalData, StreamId, Subject};
+use crate::domain::{PersonalData, StreamId, Subject, Version};
 use crate::keys::KeyError;
 use crate::metrics::Sealed;
 use crate::policy::{Grants, ReadKind, View};
@@ -27,8 +27,12 @@ pub struct SnapshotRead {
 /// The answer to a snapshot the store did not save.
 fn snapshot_refusal(r: SnapshotRefusal) -> ServiceError {
     match r {
-        SnapshotRefusal::NoSuchVersion { current } => ServiceError::NoSuchVersion { current },
-        SnapshotRefusal::Older { stored } => ServiceError::OlderSnapshot { stored },
+        SnapshotRefusal::NoSuchVersion { current } => ServiceError::NoSuchVersion {
+            current: current.get(),
+        },
+        SnapshotRefusal::Older { stored } => ServiceError::OlderSnapshot {
+            stored: stored.get(),
+        },
         SnapshotRefusal::Forgotten(s) => ServiceError::Rejected(AppendRejection::Forgotten(s)),
     }
 }
@@ -49,19 +53,16 @@ impl Events {
         state: &Value,
     ) -> Result<(), ServiceError> {
         let text = Zeroizing::new(serde_json::to_string(state).expect("JSON values serialise"));
-        let forgotten = |s: String| ServiceError::Rejected(AppendRejection::Forgotten(s));
-        let mut subjects = match self
-            .store
-            .snapshot_subjects(stream.as_str(), version)
-            .await?
-        {
+        let version = Version::new(version);
+        let forgotten = |s: Subject| ServiceError::Rejected(AppendRejection::Forgotten(s));
+        let mut subjects = match self.store.snapshot_subjects(stream, version).await? {
             Ok(subjects) => subjects,
             Err(refusal) => return Err(snapshot_refusal(refusal)),
         };
         if let Some(s) = subject {
             if subjects.is_empty() {
-                subjects.push(s.as_str().to_owned());
-            } else if !subjects.iter().any(|x| x == s.as_str()) {
+                subjects.push(s.clone());
+            } else if !subjects.contains(s) {
                 return Err(ServiceError::SnapshotSubject);
             }
         }
@@ -76,7 +77,7 @@ impl Events {
             }
             let mut keys = Vec::with_capacity(subjects.len());
             for s in subjects {
-                let key = self.keys.key_for_subject(&s, 1).await?;
+                let key = self.keys.key_for_subject(s.as_str(), 1).await?;
                 layers.push(SnapshotLayer {
                     subject: s,
                     key_id: key.key_id.to_string(),
@@ -87,7 +88,7 @@ impl Events {
             let deks: Vec<&Dek> = keys.iter().map(|k| &*k.dek).collect();
             let at = SnapshotLayers {
                 stream_id: stream.as_str(),
-                version,
+                version: version.get(),
                 key_ids: &key_ids,
             };
             let sealed =
@@ -98,9 +99,9 @@ impl Events {
         let refusal = self
             .store
             .save_snapshot(NewSnapshot {
-                stream_id: stream.as_str(),
+                stream_id: stream,
                 version,
-                subject: subject.map(Subject::as_str),
+                subject,
                 state: clear,
                 wrapped_key: sealed.as_ref().map(|s| s.wrapped_key.clone()),
                 sealed: sealed.map(|s| s.sealed),
@@ -128,7 +129,7 @@ impl Events {
         stream: &StreamId,
         grants: &Grants,
     ) -> Result<Option<SnapshotRead>, ServiceError> {
-        let Some(row) = self.store.load_snapshot(stream.as_str()).await? else {
+        let Some(row) = self.store.load_snapshot(stream).await? else {
             return Ok(None);
         };
         let reveal = grants.read_view(stream.as_str()) == Some(View::Revealed);
@@ -142,29 +143,29 @@ impl Events {
     /// as `after` next (`None`: there are no more).
     pub async fn export_snapshots(
         &self,
-        subject: &str,
+        subject: &Subject,
         after: &str,
         limit: u32,
         grants: &Grants,
     ) -> Result<(Vec<(String, SnapshotRead)>, Option<String>), ServiceError> {
         let streams = self.store.snapshots_of(subject, after, limit).await?;
         let next = (streams.len() == limit as usize)
-            .then(|| streams.last().cloned())
+            .then(|| streams.last().map(|s| s.as_str().to_owned()))
             .flatten();
         let mut out = Vec::with_capacity(streams.len());
         for stream in streams {
-            let Some(view) = grants.view(ReadKind::Export, &stream) else {
+            let Some(view) = grants.view(ReadKind::Export, stream.as_str()) else {
                 continue;
             };
             let Some(row) = self.store.load_snapshot(&stream).await? else {
                 continue;
             };
             // Replaced since it was listed, by one not sealed for them.
-            if !row.layers.iter().any(|l| l.subject == subject) {
+            if !row.layers.iter().any(|l| l.subject == *subject) {
                 continue;
             }
             let read = self.open_snapshot(row, view == View::Revealed).await?;
-            out.push((stream, read));
+            out.push((stream.into_string(), read));
         }
         Ok((out, next))
     }
@@ -208,8 +209,8 @@ impl Events {
             (None, None) => return Err(corrupt()),
         };
         Ok(SnapshotRead {
-            version: row.version as u64,
-            subject: row.subject,
+            version: row.version.get(),
+            subject: row.subject.map(Subject::into_string),
             state,
             personal_data,
             recorded_at_us: row.recorded_at,
@@ -223,13 +224,13 @@ impl Events {
         blob: &[u8],
         deks: &[&Dek],
     ) -> Result<Value, ServiceError> {
-        let broken = || ServiceError::SnapshotIntegrity(row.stream_id.clone());
-        let version = row.version as u64;
+        let broken = || ServiceError::SnapshotIntegrity(row.stream_id.as_str().to_owned());
+        let version = row.version.get();
         let plain = match &row.wrapped_key {
             Some(wrapped) => {
                 let key_ids: Vec<&str> = row.layers.iter().map(|l| l.key_id.as_str()).collect();
                 let at = SnapshotLayers {
-                    stream_id: &row.stream_id,
+                    stream_id: row.stream_id.as_str(),
                     version,
                     key_ids: &key_ids,
                 };
@@ -240,7 +241,7 @@ impl Events {
             None if deks.len() == 1 => deks[0].open_snapshot(
                 blob,
                 &SnapshotAad {
-                    stream_id: &row.stream_id,
+                    stream_id: row.stream_id.as_str(),
                     version,
                     key_id: &row.layers[0].key_id,
                 },
@@ -257,6 +258,6 @@ impl Events {
 }
 
 /// A stored snapshot row that does not hold together.
-fn corrupt_snapshot(stream_id: &str) -> ServiceError {
+fn corrupt_snapshot(stream_id: &StreamId) -> ServiceError {
     ServiceError::Store(StoreError::Corrupt(format!("the snapshot of {stream_id}")))
 }

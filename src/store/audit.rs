@@ -4,7 +4,7 @@
 use sqlx::{PgConnection, SqliteConnection};
 
 use super::tx::{Conn, on_conn};
-use super::{EventStore, StoreError, on_db_sql};
+use super::{EventStore, StoreError, count, on_db_sql, to_i64};
 use crate::audit::{AuditEntry, AuditRecord, Break, ChainVerifier, GENESIS, Outcome};
 
 /// An audit row as stored.
@@ -96,7 +96,7 @@ fn head_from(row: Option<(i64, Vec<u8>)>) -> Result<(u64, [u8; 32]), StoreError>
     match row {
         None => Ok((0, GENESIS)),
         Some((seq, hash)) => Ok((
-            seq as u64,
+            count(seq)?,
             hash.as_slice().try_into().map_err(|_| {
                 StoreError::Corrupt(format!("audit record {seq}: hash is not 32 bytes"))
             })?,
@@ -108,7 +108,7 @@ fn head_from(row: Option<(i64, Vec<u8>)>) -> Result<(u64, [u8; 32]), StoreError>
 /// The stored hash of record `seq`, inside the writer's transaction.
 pub(super) async fn hash_at(conn: Conn<'_>, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
     Ok(on_conn!(conn, |c| sqlx::query_scalar(HASH_AT_SQL)
-        .bind(seq as i64)
+        .bind(to_i64(seq, "audit record")?)
         .fetch_optional(c)
         .await?))
 }
@@ -205,12 +205,18 @@ async fn pg_insert(tx: &mut PgConnection, records: &[AuditRecord]) -> Result<(),
         return Ok(());
     }
     let col = |f: fn(&AuditRecord) -> Option<String>| records.iter().map(f).collect::<Vec<_>>();
-    let seq: Vec<i64> = records.iter().map(|r| r.seq as i64).collect();
+    let seq = records
+        .iter()
+        .map(|r| to_i64(r.seq, "audit record"))
+        .collect::<Result<Vec<_>, _>>()?;
     let recorded_at: Vec<i64> = records.iter().map(|r| r.recorded_at_us).collect();
     let action: Vec<&str> = records.iter().map(|r| r.entry.action.as_str()).collect();
     let resource: Vec<&str> = records.iter().map(|r| r.entry.resource.as_str()).collect();
     let outcome: Vec<&str> = records.iter().map(|r| r.entry.outcome.as_str()).collect();
-    let count: Vec<i64> = records.iter().map(|r| r.entry.event_count as i64).collect();
+    let count = records
+        .iter()
+        .map(|r| to_i64(r.entry.event_count, "event count"))
+        .collect::<Result<Vec<_>, _>>()?;
     let personal: Vec<bool> = records.iter().map(|r| r.entry.personal_data).collect();
     let prev: Vec<Vec<u8>> = records.iter().map(|r| r.prev_hash.to_vec()).collect();
     let hash: Vec<Vec<u8>> = records.iter().map(|r| r.hash.to_vec()).collect();
@@ -353,7 +359,7 @@ impl EventStore {
                     first_bad_seq: verifier.records() + 1,
                     reason: reason.to_owned(),
                 };
-                if row.seq as u64 != verifier.records() + 1 {
+                if u64::try_from(row.seq).ok() != Some(verifier.records() + 1) {
                     return Ok(bad(Break::Missing.as_str()));
                 }
                 let record = match AuditRecord::try_from(row) {

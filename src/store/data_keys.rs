@@ -11,12 +11,13 @@
 
 use super::tx::Conn;
 use super::{Db, EventStore, StoreError, now_us, on_db};
+use crate::domain::Subject;
 
 /// A reference to a data key: its id and the subject it belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct KeyRef<'a> {
     pub key_id: &'a str,
-    pub subject: &'a str,
+    pub subject: &'a Subject,
 }
 
 /// Registers the data keys `refs` refers to (each once; those registered
@@ -34,7 +35,10 @@ pub async fn register_key_refs(conn: Conn<'_>, refs: &[KeyRef<'_>]) -> Result<()
     match conn {
         Conn::Sqlite(c) => {
             // No array parameters: the pairs travel as one JSON array.
-            let pairs: Vec<(&str, &str)> = refs.iter().map(|r| (r.key_id, r.subject)).collect();
+            let pairs: Vec<(&str, &str)> = refs
+                .iter()
+                .map(|r| (r.key_id, r.subject.as_str()))
+                .collect();
             sqlx::query(
                 "insert into data_keys (key_id, subject, registered_at)
                  select value ->> 0, value ->> 1, $2 from json_each($1) where true
@@ -47,7 +51,7 @@ pub async fn register_key_refs(conn: Conn<'_>, refs: &[KeyRef<'_>]) -> Result<()
         }
         Conn::Postgres(c) => {
             let (ids, subjects): (Vec<&str>, Vec<&str>) =
-                refs.iter().map(|r| (r.key_id, r.subject)).unzip();
+                refs.iter().map(|r| (r.key_id, r.subject.as_str())).unzip();
             sqlx::query(
                 "insert into data_keys (key_id, subject, registered_at)
                  select k, s, $3 from unnest($1::text[], $2::text[]) as t(k, s)

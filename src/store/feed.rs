@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::{Db, EventStore, StoredEvent};
+use crate::domain::StreamId;
 use crate::shutdown::Shutdown;
 
 /// The PostgreSQL channel of commit notices; the payload is the position.
@@ -189,7 +190,7 @@ struct TailRows {
 fn row_bytes(r: &StoredEvent) -> usize {
     200 + r.data.len()
         + r.metadata.len()
-        + r.stream_id.len()
+        + r.stream_id.as_str().len()
         + r.event_type.len()
         + r.sealed.as_ref().map_or(0, Vec::len)
 }
@@ -210,8 +211,8 @@ impl Tail {
         max_bytes: usize,
     ) -> Option<Vec<Arc<StoredEvent>>> {
         let inner = self.inner.lock().expect("tail lock");
-        let first = inner.rows.front()?.position as u64;
-        let last = inner.rows.back()?.position as u64;
+        let first = inner.rows.front()?.position.get();
+        let last = inner.rows.back()?.position.get();
         if after.saturating_add(1) < first || after > last {
             return None;
         }
@@ -235,9 +236,9 @@ impl Tail {
 
     /// Whether a row of `stream` lies after position `after`; `None` when
     /// the tail does not hold every row after it.
-    pub fn mentions(&self, stream: &str, after: u64) -> Option<bool> {
+    pub fn mentions(&self, stream: &StreamId, after: u64) -> Option<bool> {
         let inner = self.inner.lock().expect("tail lock");
-        let first = inner.rows.front().map_or(u64::MAX, |r| r.position as u64);
+        let first = inner.rows.front().map_or(u64::MAX, |r| r.position.get());
         if after.saturating_add(1) < first && after < *self.ready.borrow() {
             return None;
         }
@@ -246,8 +247,8 @@ impl Tail {
                 .rows
                 .iter()
                 .rev()
-                .take_while(|r| r.position as u64 > after)
-                .any(|r| r.stream_id == stream),
+                .take_while(|r| r.position.get() > after)
+                .any(|r| r.stream_id == *stream),
         )
     }
 
@@ -285,7 +286,7 @@ impl Tail {
                             continue;
                         }
                     };
-                    let Some(last) = rows.last().map(|r| r.position as u64) else {
+                    let Some(last) = rows.last().map(|r| r.position.get()) else {
                         break;
                     };
                     {
@@ -293,10 +294,8 @@ impl Tail {
                         // Rows read before a clear may say "not forgotten"
                         // of a subject that now is: they are not kept.
                         if inner.generation == generation {
-                            let contiguous = inner
-                                .rows
-                                .back()
-                                .is_none_or(|b| b.position as u64 == cursor);
+                            let contiguous =
+                                inner.rows.back().is_none_or(|b| b.position.get() == cursor);
                             if !contiguous {
                                 inner.rows.clear();
                                 inner.bytes = 0;
@@ -327,13 +326,14 @@ impl Tail {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::{EventId, Position, Version};
 
-    fn row(position: i64, stream: &str) -> StoredEvent {
+    fn row(position: u64, stream: &str) -> StoredEvent {
         StoredEvent {
-            position,
-            stream_id: stream.into(),
-            version: position,
-            event_id: uuid::Uuid::new_v4().to_string(),
+            position: Position::new(position),
+            stream_id: id(stream),
+            version: Version::new(position),
+            event_id: EventId::new(uuid::Uuid::new_v4()),
             event_type: "Note".into(),
             subject: None,
             key_id: None,
@@ -345,7 +345,11 @@ mod tests {
         }
     }
 
-    fn tail_with(head: u64, rows: &[(i64, &str)]) -> Tail {
+    fn id(stream: &str) -> StreamId {
+        StreamId::parse(stream).unwrap()
+    }
+
+    fn tail_with(head: u64, rows: &[(u64, &str)]) -> Tail {
         let tail = Tail {
             inner: Mutex::new(TailRows::default()),
             ready: watch::Sender::new(head),
@@ -359,8 +363,8 @@ mod tests {
         tail
     }
 
-    fn positions(rows: Option<Vec<Arc<StoredEvent>>>) -> Option<Vec<i64>> {
-        rows.map(|r| r.iter().map(|e| e.position).collect())
+    fn positions(rows: Option<Vec<Arc<StoredEvent>>>) -> Option<Vec<u64>> {
+        rows.map(|r| r.iter().map(|e| e.position.get()).collect())
     }
 
     #[test]
@@ -384,17 +388,17 @@ mod tests {
         assert_eq!(positions(tail.after(14, 10, all)), None);
         assert_eq!(positions(tail.after(u64::MAX, 10, all)), None);
 
-        assert_eq!(tail.mentions("a", 11), Some(true));
-        assert_eq!(tail.mentions("b", 11), Some(false));
-        assert_eq!(tail.mentions("b", 9), Some(true));
-        assert_eq!(tail.mentions("c", 13), Some(false));
-        assert_eq!(tail.mentions("a", 5), None, "rows 6..=9 are not held");
+        assert_eq!(tail.mentions(&id("a"), 11), Some(true));
+        assert_eq!(tail.mentions(&id("b"), 11), Some(false));
+        assert_eq!(tail.mentions(&id("b"), 9), Some(true));
+        assert_eq!(tail.mentions(&id("c"), 13), Some(false));
+        assert_eq!(tail.mentions(&id("a"), 5), None, "rows 6..=9 are not held");
 
         tail.clear();
         assert_eq!(positions(tail.after(12, 10, usize::MAX)), None);
-        assert_eq!(tail.mentions("a", 12), None);
+        assert_eq!(tail.mentions(&id("a"), 12), None);
         assert_eq!(
-            tail.mentions("a", 13),
+            tail.mentions(&id("a"), 13),
             Some(false),
             "nothing after the head"
         );

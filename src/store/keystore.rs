@@ -1,7 +1,8 @@
 //! The keystore's SQL: master-key check values and wrapped data keys. It
 //! stores and returns only wrapped bytes; unwrapping is the key manager's.
 
-use super::{Db, StoreError, now_us, on_db};
+use super::{Db, StoreError, count, now_us, on_db};
+use crate::domain::Subject;
 
 /// A wrapped data key as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -94,7 +95,7 @@ impl Keystore {
     }
 
     /// The ids of every data key of `subject`, retired ones included.
-    pub async fn subject_key_ids(&self, subject: &str) -> Result<Vec<String>, StoreError> {
+    pub async fn subject_key_ids(&self, subject: &Subject) -> Result<Vec<String>, StoreError> {
         Ok(on_db!(&self.db, |pool| {
             sqlx::query_scalar("select key_id from deks where subject = $1 order by key_id")
                 .bind(subject)
@@ -105,7 +106,11 @@ impl Keystore {
 
     /// Deletes the data keys `key_ids` of `subject` (step 2 of a forget);
     /// returns how many this call deleted.
-    pub async fn delete_keys(&self, subject: &str, key_ids: &[String]) -> Result<u64, StoreError> {
+    pub async fn delete_keys(
+        &self,
+        subject: &Subject,
+        key_ids: &[String],
+    ) -> Result<u64, StoreError> {
         if key_ids.is_empty() {
             return Ok(0);
         }
@@ -210,7 +215,10 @@ impl Keystore {
     }
 
     /// Which of `subjects` still have a data key.
-    pub async fn subjects_with_keys(&self, subjects: &[String]) -> Result<Vec<String>, StoreError> {
+    pub async fn subjects_with_keys(
+        &self,
+        subjects: &[Subject],
+    ) -> Result<Vec<Subject>, StoreError> {
         if subjects.is_empty() {
             return Ok(vec![]);
         }
@@ -264,15 +272,18 @@ impl Keystore {
 
     /// How many data keys each master key wraps: `(kek_id, count)`, every
     /// known master key listed (0 when it wraps none).
-    pub async fn dek_counts_by_kek(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        Ok(on_db!(&self.db, |pool| {
+    pub async fn dek_counts_by_kek(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows: Vec<(String, i64)> = on_db!(&self.db, |pool| {
             sqlx::query_as(
                 "select k.kek_id, (select count(*) from deks d where d.kek_id = k.kek_id)
                  from keks k order by k.created_at",
             )
             .fetch_all(pool)
             .await
-        })?)
+        })?;
+        rows.into_iter()
+            .map(|(kek_id, n)| Ok((kek_id, count(n)?)))
+            .collect()
     }
 
     /// Up to `limit` data keys wrapped by master key `kek_id`.

@@ -16,6 +16,7 @@ pub mod relay;
 pub mod snapshots;
 pub mod subjects;
 pub mod tx;
+pub mod types;
 pub mod writer;
 
 use std::str::FromStr;
@@ -27,7 +28,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use crate::domain::StreamId;
+use crate::domain::{EventId, Position, StreamId, Subject, Version};
 
 static EVENTS_SQLITE: Migrator = sqlx::migrate!("migrations/sqlite/events");
 static EVENTS_POSTGRES: Migrator = sqlx::migrate!("migrations/postgres/events");
@@ -780,21 +781,33 @@ pub fn redact_url(url: &str) -> String {
     out
 }
 
+/// A count read back from SQL (`count(*)`, a counter column), which is
+/// never negative.
+pub(crate) fn count(n: i64) -> Result<u64, StoreError> {
+    u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("a count of {n}")))
+}
+
+/// A number for a `BIGINT` column: refused, not wrapped, past `i64::MAX`.
+pub(crate) fn to_i64(n: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(n)
+        .map_err(|_| StoreError::Corrupt(format!("{what} {n} does not fit in a BIGINT")))
+}
+
 /// Microseconds since the Unix epoch, UTC: the time unit of every stored time.
 pub fn now_us() -> i64 {
     let now = time::OffsetDateTime::now_utc();
-    (now.unix_timestamp_nanos() / 1_000) as i64
+    i64::try_from(now.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
 }
 
 /// An event row as stored: clear fields as JSON text, personal fields sealed.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StoredEvent {
-    pub position: i64,
-    pub stream_id: String,
-    pub version: i64,
-    pub event_id: String,
+    pub position: Position,
+    pub stream_id: StreamId,
+    pub version: Version,
+    pub event_id: EventId,
     pub event_type: String,
-    pub subject: Option<String>,
+    pub subject: Option<Subject>,
     pub key_id: Option<String>,
     pub data: String,
     pub sealed: Option<Vec<u8>>,
@@ -848,8 +861,8 @@ impl EventStore {
         &self,
         stream: &StreamId,
         as_of_us: Option<i64>,
-    ) -> Result<Option<u64>, StoreError> {
-        let v: Option<i64> = match as_of_us {
+    ) -> Result<Option<Version>, StoreError> {
+        let v: Option<Version> = match as_of_us {
             None => on_db!(&self.db, |pool| {
                 sqlx::query_scalar("select version from streams where stream_id = $1")
                     .bind(stream.as_str())
@@ -866,7 +879,7 @@ impl EventStore {
                 })?
             }
         };
-        Ok(v.map(|v| v as u64))
+        Ok(v)
     }
 
     /// Up to `limit` events of a stream starting at version `from` (inclusive)
@@ -906,7 +919,7 @@ impl EventStore {
     /// to position `until`, in position order.
     pub async fn read_subject(
         &self,
-        subject: &str,
+        subject: &Subject,
         after: u64,
         until: u64,
         limit: u32,
@@ -930,12 +943,12 @@ impl EventStore {
 
     /// The position of the last event (0 for an empty store).
     pub async fn head_position(&self) -> Result<u64, StoreError> {
-        let p: Option<i64> = on_db!(&self.db, |pool| {
+        let p: Option<Position> = on_db!(&self.db, |pool| {
             sqlx::query_scalar("select max(position) from events")
                 .fetch_one(pool)
                 .await
         })?;
-        Ok(p.unwrap_or(0) as u64)
+        Ok(p.map_or(0, Position::get))
     }
 
     /// Up to `limit` events of the global log after position `after`,

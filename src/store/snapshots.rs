@@ -3,13 +3,14 @@
 
 use super::data_keys::{KeyRef, register_key_refs};
 use super::tx::{Conn, Tx};
-use super::{Db, EventStore, StoreError, now_us, on_db};
+use super::{Db, EventStore, StoreError, count, now_us, on_db};
+use crate::domain::{StreamId, Subject, Version};
 
 /// One layer of a sealed snapshot's key: a subject of the stream and the
 /// id of the data key of theirs that wraps it. Layer 0 is the innermost.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotLayer {
-    pub subject: String,
+    pub subject: Subject,
     pub key_id: String,
 }
 
@@ -24,10 +25,10 @@ pub struct SnapshotLayer {
 /// absent, `key_id` the layer's).
 #[derive(Debug, Clone)]
 pub struct StoredSnapshot {
-    pub stream_id: String,
-    pub version: i64,
+    pub stream_id: StreamId,
+    pub version: Version,
     /// The subject the client named, if any.
-    pub subject: Option<String>,
+    pub subject: Option<Subject>,
     pub state: Option<String>,
     pub sealed: Option<Vec<u8>>,
     pub wrapped_key: Option<Vec<u8>>,
@@ -42,15 +43,15 @@ pub struct StoredSnapshot {
 /// first row only) and one layer.
 #[derive(sqlx::FromRow)]
 struct LoadRow {
-    stream_id: String,
-    version: i64,
-    subject: Option<String>,
+    stream_id: StreamId,
+    version: Version,
+    subject: Option<Subject>,
     key_id: Option<String>,
     state: Option<String>,
     sealed: Option<Vec<u8>>,
     wrapped_key: Option<Vec<u8>>,
     recorded_at: i64,
-    layer_subject: Option<String>,
+    layer_subject: Option<Subject>,
     layer_key_id: Option<String>,
     layer_forgotten: bool,
 }
@@ -58,10 +59,10 @@ struct LoadRow {
 /// A snapshot to save.
 #[derive(Debug)]
 pub struct NewSnapshot<'a> {
-    pub stream_id: &'a str,
-    pub version: u64,
+    pub stream_id: &'a StreamId,
+    pub version: Version,
     /// The subject the client named, if any (kept and shown as given).
-    pub subject: Option<&'a str>,
+    pub subject: Option<&'a Subject>,
     /// The state in clear, for a stream without subjects.
     pub state: Option<String>,
     pub sealed: Option<Vec<u8>>,
@@ -93,11 +94,11 @@ impl NewSnapshot<'_> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SnapshotRefusal {
     /// The stream has not reached the version (0: no such stream).
-    NoSuchVersion { current: u64 },
+    NoSuchVersion { current: Version },
     /// A subject the snapshot is sealed for is forgotten (it is named).
-    Forgotten(String),
+    Forgotten(Subject),
     /// A snapshot of a later version is stored; it is kept.
-    Older { stored: u64 },
+    Older { stored: Version },
 }
 
 impl EventStore {
@@ -111,33 +112,30 @@ impl EventStore {
     /// or a later snapshot is stored.
     pub async fn snapshot_subjects(
         &self,
-        stream: &str,
-        version: u64,
-    ) -> Result<Result<Vec<String>, SnapshotRefusal>, StoreError> {
-        let current: Option<i64> = on_db!(&self.db, |pool| {
+        stream: &StreamId,
+        version: Version,
+    ) -> Result<Result<Vec<Subject>, SnapshotRefusal>, StoreError> {
+        let current: Option<Version> = on_db!(&self.db, |pool| {
             sqlx::query_scalar("select version from streams where stream_id = $1")
                 .bind(stream)
                 .fetch_optional(pool)
                 .await
         })?;
-        let current = current.unwrap_or(0) as u64;
+        let current = current.unwrap_or(Version::ZERO);
         if current < version {
             return Ok(Err(SnapshotRefusal::NoSuchVersion { current }));
         }
         let (mut subjects, from) = match self.load_snapshot(stream).await? {
-            Some(s) if s.version as u64 > version => {
-                return Ok(Err(SnapshotRefusal::Older {
-                    stored: s.version as u64,
-                }));
+            Some(s) if s.version > version => {
+                return Ok(Err(SnapshotRefusal::Older { stored: s.version }));
             }
             Some(s) => (
                 s.layers.into_iter().map(|l| l.subject).collect::<Vec<_>>(),
                 s.version,
             ),
-            None => (Vec::new(), 0),
+            None => (Vec::new(), Version::ZERO),
         };
-        let version = i64::try_from(version).unwrap_or(i64::MAX);
-        let more: Vec<String> = on_db!(&self.db, |pool| {
+        let more: Vec<Subject> = on_db!(&self.db, |pool| {
             sqlx::query_scalar(
                 "select distinct subject from events
                  where stream_id = $1 and version > $2 and version <= $3 and subject is not null",
@@ -185,7 +183,10 @@ impl EventStore {
 
     /// The stream's snapshot, if one was saved, with its layers and whether
     /// a subject of theirs is forgotten.
-    pub async fn load_snapshot(&self, stream: &str) -> Result<Option<StoredSnapshot>, StoreError> {
+    pub async fn load_snapshot(
+        &self,
+        stream: &StreamId,
+    ) -> Result<Option<StoredSnapshot>, StoreError> {
         // One statement (one consistent view); the blobs come with the
         // first row only. A snapshot without layers has one row of nulls.
         let rows: Vec<LoadRow> = on_db!(&self.db, |pool| {
@@ -248,10 +249,10 @@ impl EventStore {
     /// sealed for `subject`: the snapshots that hold their data.
     pub async fn snapshots_of(
         &self,
-        subject: &str,
+        subject: &Subject,
         after: &str,
         limit: u32,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<StreamId>, StoreError> {
         Ok(on_db!(&self.db, |pool| {
             sqlx::query_scalar(
                 "select stream_id from snapshot_keys where subject = $1 and stream_id > $2
@@ -266,14 +267,14 @@ impl EventStore {
     }
 
     /// How many snapshots are sealed for `subject`.
-    pub async fn subject_snapshot_count(&self, subject: &str) -> Result<u64, StoreError> {
+    pub async fn subject_snapshot_count(&self, subject: &Subject) -> Result<u64, StoreError> {
         let n: i64 = on_db!(&self.db, |pool| {
             sqlx::query_scalar("select count(*) from snapshot_keys where subject = $1")
                 .bind(subject)
                 .fetch_one(pool)
                 .await
         })?;
-        Ok(n as u64)
+        count(n)
     }
 
     /// Up to `limit` distinct data key ids after `after` (in id order) that
@@ -300,7 +301,7 @@ impl EventStore {
 enum Saved {
     Yes,
     /// Rolled back: this subject of a layer is forgotten.
-    Forgotten(String),
+    Forgotten(Subject),
     /// Nothing written (no such version, or a later snapshot).
     Not,
 }
@@ -324,7 +325,7 @@ async fn save_sqlite(pool: &sqlx::SqlitePool, s: &NewSnapshot<'_>) -> Result<Sav
     let mut tx = Tx::begin(pool, "begin immediate").await?;
     let written = sqlx::query(UPSERT)
         .bind(s.stream_id)
-        .bind(i64::try_from(s.version).unwrap_or(i64::MAX))
+        .bind(s.version)
         .bind(s.subject)
         .bind(s.state.as_deref())
         .bind(s.sealed.as_deref())
@@ -358,7 +359,7 @@ async fn save_sqlite(pool: &sqlx::SqlitePool, s: &NewSnapshot<'_>) -> Result<Sav
     .bind(&layers)
     .execute(tx.conn())
     .await?;
-    let forgotten: Option<String> = sqlx::query_scalar(
+    let forgotten: Option<Subject> = sqlx::query_scalar(
         "select subject from forgotten_subjects
          where subject in (select json_extract(value, '$[0]') from json_each($1))
          order by subject limit 1",
@@ -380,7 +381,7 @@ async fn save_postgres(pool: &sqlx::PgPool, s: &NewSnapshot<'_>) -> Result<Saved
     let mut tx = Tx::begin(pool, "begin").await?;
     let written = sqlx::query(UPSERT)
         .bind(s.stream_id)
-        .bind(i64::try_from(s.version).unwrap_or(i64::MAX))
+        .bind(s.version)
         .bind(s.subject)
         .bind(s.state.as_deref())
         .bind(s.sealed.as_deref())
@@ -397,7 +398,7 @@ async fn save_postgres(pool: &sqlx::PgPool, s: &NewSnapshot<'_>) -> Result<Saved
         .bind(s.stream_id)
         .execute(tx.conn())
         .await?;
-    let subjects: Vec<&str> = s.layers.iter().map(|l| l.subject.as_str()).collect();
+    let subjects: Vec<&Subject> = s.layers.iter().map(|l| &l.subject).collect();
     let key_ids: Vec<&str> = s.key_ids().collect();
     sqlx::query(
         "insert into snapshot_keys (stream_id, layer, subject, key_id)
@@ -409,7 +410,7 @@ async fn save_postgres(pool: &sqlx::PgPool, s: &NewSnapshot<'_>) -> Result<Saved
     .bind(&key_ids)
     .execute(tx.conn())
     .await?;
-    let forgotten: Option<String> = sqlx::query_scalar(
+    let forgotten: Option<Subject> = sqlx::query_scalar(
         "select subject from forgotten_subjects where subject = any($1)
          order by subject limit 1",
     )

@@ -5,18 +5,26 @@
 //! forget lives in tables of its own, into which rows are only inserted, so
 //! that the serving database role needs no UPDATE on the ledger.
 
-use super::{Db, EventStore, StoreError, now_us, on_db};
+use super::{Db, EventStore, StoreError, count, now_us, on_db};
+use crate::domain::Subject;
 
 /// A subject's entry in the forget ledger, with its progress.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ForgottenRow {
-    pub subject: String,
+    pub subject: Subject,
     pub forgotten_at: i64,
     /// Keys recorded as destroyed by this subject's forget, over all its
     /// attempts (each recorded before the keystore deletes it).
     pub keys_destroyed: i64,
     /// When the forget ran to its end; `None` while it is under way.
     pub completed_at: Option<i64>,
+}
+
+impl ForgottenRow {
+    /// [`ForgottenRow::keys_destroyed`], a count (never negative).
+    pub fn keys_destroyed(&self) -> u64 {
+        u64::try_from(self.keys_destroyed).unwrap_or(0)
+    }
 }
 
 /// The ledger's columns with the forget's progress. Forgets made before
@@ -90,7 +98,7 @@ impl EventStore {
                         e
                     });
                 }
-                (row, events as u64)
+                (row, count(events)?)
             }};
         }
         Ok(match &self.db {
@@ -105,7 +113,7 @@ impl EventStore {
         &self,
         after: &str,
         limit: u32,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<Subject>, StoreError> {
         Ok(on_db!(&self.db, |pool| {
             sqlx::query_scalar(
                 "select f.subject from forgotten_subjects f
@@ -120,7 +128,7 @@ impl EventStore {
         })?)
     }
 
-    pub async fn forgotten(&self, subject: &str) -> Result<Option<ForgottenRow>, StoreError> {
+    pub async fn forgotten(&self, subject: &Subject) -> Result<Option<ForgottenRow>, StoreError> {
         Ok(on_db!(&self.db, |pool| {
             sqlx::query_as(select_forgotten!("where f.subject = $1"))
                 .bind(subject)
@@ -131,7 +139,7 @@ impl EventStore {
 
     /// Which of `subjects` the forget ledger lists (a key manager
     /// reconciling its caches after it may have missed evictions).
-    pub async fn forgotten_among(&self, subjects: &[String]) -> Result<Vec<String>, StoreError> {
+    pub async fn forgotten_among(&self, subjects: &[Subject]) -> Result<Vec<Subject>, StoreError> {
         if subjects.is_empty() {
             return Ok(vec![]);
         }
@@ -155,7 +163,10 @@ impl EventStore {
 
     /// The first of `subjects` (in name order) that is in the forget
     /// ledger, if any.
-    pub async fn first_forgotten(&self, subjects: &[String]) -> Result<Option<String>, StoreError> {
+    pub async fn first_forgotten(
+        &self,
+        subjects: &[Subject],
+    ) -> Result<Option<Subject>, StoreError> {
         Ok(self.forgotten_among(subjects).await?.into_iter().min())
     }
 
@@ -164,7 +175,7 @@ impl EventStore {
     /// as they are): the count survives a failure of any later step.
     pub async fn record_destroyed_keys(
         &self,
-        subject: &str,
+        subject: &Subject,
         key_ids: &[String],
     ) -> Result<(), StoreError> {
         if key_ids.is_empty() {
@@ -201,7 +212,7 @@ impl EventStore {
 
     /// Marks a forget as carried out to the end (once: a second mark keeps
     /// the first time).
-    pub async fn complete_forget(&self, subject: &str) -> Result<(), StoreError> {
+    pub async fn complete_forget(&self, subject: &Subject) -> Result<(), StoreError> {
         on_db!(&self.db, |pool| {
             sqlx::query(
                 "insert into forgets_completed (subject, completed_at) values ($1, $2)
@@ -236,7 +247,11 @@ impl EventStore {
 
     /// How many events name `subject`, up to position `until` (`u64::MAX`:
     /// all of them).
-    pub async fn subject_event_count(&self, subject: &str, until: u64) -> Result<u64, StoreError> {
+    pub async fn subject_event_count(
+        &self,
+        subject: &Subject,
+        until: u64,
+    ) -> Result<u64, StoreError> {
         let n: i64 = on_db!(&self.db, |pool| {
             sqlx::query_scalar("select count(*) from events where subject = $1 and position <= $2")
                 .bind(subject)
@@ -244,6 +259,6 @@ impl EventStore {
                 .fetch_one(pool)
                 .await
         })?;
-        Ok(n as u64)
+        count(n)
     }
 }

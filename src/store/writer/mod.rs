@@ -26,17 +26,16 @@ mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use tokio::sync::{mpsc, oneshot, watch};
-use uuid::Uuid;
 
 use self::plan::{Outcomes, Plan, plan};
 use super::feed::Feed;
 use super::tx::{Conn, DbTx, on_conn};
 use super::{Db, Fault, StoreError, audit, now_us};
 use crate::audit::AuditEntry;
-use crate::domain::{AppendResult, ExpectedVersion, StreamId};
+use crate::domain::{AppendResult, EventId, ExpectedVersion, StreamId, Subject};
 use crate::metrics::{Committed, Metrics};
 use crate::shutdown::Shutdown;
 
@@ -51,9 +50,9 @@ const QUEUE_DEPTH: usize = 4096;
 /// One event ready to be stored: classified and, where personal, sealed.
 #[derive(Debug, Clone)]
 pub struct PendingEvent {
-    pub id: Uuid,
+    pub id: EventId,
     pub event_type: String,
-    pub subject: Option<String>,
+    pub subject: Option<Subject>,
     /// Id of the data key that sealed `sealed`; `None` when nothing is sealed.
     pub key_id: Option<String>,
     /// The clear fields of `data`, as JSON text.
@@ -89,8 +88,8 @@ pub enum AppendRejection {
     #[error("{0}")]
     IdsInUse(String),
     /// An event is about a subject that has been forgotten.
-    #[error("subject {0:?} has been forgotten; no event about it is accepted")]
-    Forgotten(String),
+    #[error("subject {:?} has been forgotten; no event about it is accepted", .0.as_str())]
+    Forgotten(Subject),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -320,12 +319,12 @@ impl Writer {
 /// connection, a server that stopped answering) makes the writer
 /// unavailable before it has failed.
 #[derive(Debug, Clone, Default)]
-struct Busy(Arc<AtomicU64>);
+struct Busy(Arc<AtomicI64>);
 
 impl Busy {
     /// Microseconds since the epoch; 0: idle.
     fn begin(&self) {
-        self.0.store(now_us().max(1) as u64, Ordering::Release);
+        self.0.store(now_us().max(1), Ordering::Release);
     }
 
     fn end(&self) {
@@ -334,7 +333,8 @@ impl Busy {
 
     fn for_longer_than(&self, limit: std::time::Duration) -> bool {
         let since = self.0.load(Ordering::Acquire);
-        since != 0 && (now_us() as u64).saturating_sub(since) > limit.as_micros() as u64
+        let limit = i64::try_from(limit.as_micros()).unwrap_or(i64::MAX);
+        since != 0 && now_us().saturating_sub(since) > limit
     }
 }
 
@@ -542,7 +542,7 @@ async fn commit_group(
     if let Some(last) = plan.audit.last() {
         *anchor = Some((last.seq, last.hash));
     }
-    let head = plan.rows.position.last().map(|p| *p as u64);
+    let head = plan.rows.position.last().map(|p| p.get());
     let mut counts = Committed {
         events: plan.rows.position.len() as u64,
         audit_records: plan.audit.len() as u64,

@@ -2,33 +2,31 @@
 //! read ([`Snapshot`]), decide every job of the group in order and lay out
 //! the rows, stream versions and audit records to write ([`Plan`]).
 
-use std::collections::HashMap;
-
-use uuid::Uuid;
+use std::collections::{HashMap, HashSet};
 
 use super::{AppendCommand, AppendRejection, Appended, Job};
 use crate::audit::{AuditRecord, Outcome, seal_records};
-use crate::domain::AppendResult;
+use crate::domain::{AppendResult, EventId, Position, StreamId, Subject, Version};
 use crate::store::{StoreError, data_keys, now_us};
 
 /// What the group's transaction found before deciding.
 pub(super) struct Snapshot {
     /// Number and hash of the last audit record.
     pub(super) audit_head: (u64, [u8; 32]),
-    pub(super) head_position: u64,
+    pub(super) head_position: Position,
     pub(super) last_recorded_at: i64,
-    pub(super) versions: HashMap<String, u64>,
-    pub(super) existing: HashMap<Uuid, Existing>,
+    pub(super) versions: HashMap<StreamId, Version>,
+    pub(super) existing: HashMap<EventId, Existing>,
     /// Subjects of the group's events that are in the forget ledger.
-    pub(super) forgotten: std::collections::HashSet<String>,
+    pub(super) forgotten: HashSet<Subject>,
 }
 
 /// Where an already stored (or already planned) event sits.
 #[derive(Debug, Clone)]
 pub(super) struct Existing {
-    pub(super) stream_id: String,
-    pub(super) version: u64,
-    pub(super) position: u64,
+    pub(super) stream_id: StreamId,
+    pub(super) version: Version,
+    pub(super) position: Position,
     /// Index within its original append, and that append's size.
     pub(super) append_index: u32,
     pub(super) append_size: u32,
@@ -37,12 +35,12 @@ pub(super) struct Existing {
 /// The rows one group will insert, column by column.
 #[derive(Default)]
 pub(super) struct Rows {
-    pub(super) position: Vec<i64>,
-    pub(super) stream_id: Vec<String>,
-    pub(super) version: Vec<i64>,
-    pub(super) event_id: Vec<Uuid>,
+    pub(super) position: Vec<Position>,
+    pub(super) stream_id: Vec<StreamId>,
+    pub(super) version: Vec<Version>,
+    pub(super) event_id: Vec<EventId>,
     pub(super) event_type: Vec<String>,
-    pub(super) subject: Vec<Option<String>>,
+    pub(super) subject: Vec<Option<Subject>>,
     pub(super) key_id: Vec<Option<String>>,
     pub(super) data: Vec<String>,
     pub(super) sealed: Vec<Option<Vec<u8>>>,
@@ -61,7 +59,7 @@ impl Rows {
             .filter_map(|(k, s)| {
                 Some(data_keys::KeyRef {
                     key_id: k.as_deref()?,
-                    subject: s.as_deref()?,
+                    subject: s.as_ref()?,
                 })
             })
             .collect()
@@ -76,7 +74,7 @@ pub(super) type Outcomes = Vec<Result<Option<Appended>, AppendRejection>>;
 pub(super) struct Plan {
     pub(super) outcomes: Outcomes,
     pub(super) rows: Rows,
-    pub(super) streams: Vec<(String, i64)>,
+    pub(super) streams: Vec<(StreamId, Version)>,
     pub(super) recorded_at: i64,
     pub(super) audit: Vec<AuditRecord>,
 }
@@ -85,7 +83,7 @@ pub(super) struct Plan {
 /// transaction: later appends see the versions and ids of earlier ones.
 pub(super) fn plan(jobs: Vec<Job>, mut snap: Snapshot) -> Plan {
     let mut rows = Rows::default();
-    let mut touched: Vec<String> = Vec::new();
+    let mut touched: Vec<StreamId> = Vec::new();
     let mut outcomes = Vec::with_capacity(jobs.len());
     let mut entries = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -110,23 +108,23 @@ pub(super) fn plan(jobs: Vec<Job>, mut snap: Snapshot) -> Plan {
         }
         entries.push(audit);
         if let Ok(Appended::Created(r)) = &outcome {
-            let stream = cmd.stream.as_str();
-            for (i, e) in cmd.events.iter().enumerate() {
-                let (version, position) = (r.first_version + i as u64, r.first_position + i as u64);
+            let stream = &cmd.stream;
+            for ((i, e), n) in cmd.events.iter().enumerate().zip(0u64..) {
+                let (version, position) = (r.first_version.plus(n), r.first_position.plus(n));
                 let (append_index, append_size) = (i as u32, cmd.events.len() as u32);
                 snap.existing.insert(
                     e.id,
                     Existing {
-                        stream_id: stream.to_owned(),
+                        stream_id: stream.clone(),
                         version,
                         position,
                         append_index,
                         append_size,
                     },
                 );
-                rows.position.push(position as i64);
-                rows.stream_id.push(stream.to_owned());
-                rows.version.push(version as i64);
+                rows.position.push(position);
+                rows.stream_id.push(stream.clone());
+                rows.version.push(version);
                 rows.event_id.push(e.id);
                 rows.event_type.push(e.event_type.clone());
                 rows.subject.push(e.subject.clone());
@@ -137,9 +135,9 @@ pub(super) fn plan(jobs: Vec<Job>, mut snap: Snapshot) -> Plan {
                 rows.append_index.push(append_index as i32);
                 rows.append_size.push(append_size as i32);
             }
-            snap.versions.insert(stream.to_owned(), r.last_version);
-            if !touched.iter().any(|s| s == stream) {
-                touched.push(stream.to_owned());
+            snap.versions.insert(stream.clone(), r.last_version);
+            if !touched.contains(stream) {
+                touched.push(stream.clone());
             }
             snap.head_position = r.last_position;
         }
@@ -148,7 +146,7 @@ pub(super) fn plan(jobs: Vec<Job>, mut snap: Snapshot) -> Plan {
     let streams = touched
         .into_iter()
         .map(|s| {
-            let v = snap.versions[&s] as i64;
+            let v = snap.versions[&s];
             (s, v)
         })
         .collect();
@@ -183,26 +181,30 @@ fn decide(cmd: &AppendCommand, snap: &Snapshot) -> Result<Appended, AppendReject
     {
         return Err(AppendRejection::Forgotten(s.clone()));
     }
-    let current = snap.versions.get(cmd.stream.as_str()).copied().unwrap_or(0);
+    let current = snap
+        .versions
+        .get(&cmd.stream)
+        .copied()
+        .unwrap_or(Version::ZERO);
     if !cmd.expected.admits(current) {
-        return Err(AppendRejection::WrongVersion { current });
+        return Err(AppendRejection::WrongVersion {
+            current: current.get(),
+        });
     }
     let n = cmd.events.len() as u64;
-    let first_position = snap.head_position + 1;
     Ok(Appended::Created(AppendResult {
-        first_version: current + 1,
-        last_version: current + n,
-        first_position,
-        last_position: first_position + n - 1,
+        first_version: current.plus(1),
+        last_version: current.plus(n),
+        first_position: snap.head_position.plus(1),
+        last_position: snap.head_position.plus(n),
     }))
 }
 
 /// Some of the command's ids exist already: it is an idempotent retry only if
 /// all of them do, in this stream, in this order, one after the other.
 fn replay(cmd: &AppendCommand, known: &[&Existing]) -> Result<Appended, AppendRejection> {
-    let stream = cmd.stream.as_str();
     // The other stream is not named: the caller may have no right to know it.
-    if known.iter().any(|e| e.stream_id != stream) {
+    if known.iter().any(|e| e.stream_id != cmd.stream) {
         return Err(AppendRejection::IdsInUse(
             "event ids of this append are already used in another stream".into(),
         ));
@@ -215,11 +217,11 @@ fn replay(cmd: &AppendCommand, known: &[&Existing]) -> Result<Appended, AppendRe
         )));
     }
     let first = known[0];
-    let in_order = known.iter().enumerate().all(|(i, e)| {
+    let in_order = known.iter().enumerate().zip(0u64..).all(|((i, e), n)| {
         e.append_index as usize == i
             && e.append_size as usize == known.len()
-            && e.version == first.version + i as u64
-            && e.position == first.position + i as u64
+            && e.version == first.version.plus(n)
+            && e.position == first.position.plus(n)
     });
     if !in_order {
         return Err(AppendRejection::IdsInUse(
@@ -235,15 +237,15 @@ fn replay(cmd: &AppendCommand, known: &[&Existing]) -> Result<Appended, AppendRe
     }))
 }
 
-pub(super) fn distinct_streams(cmds: &[&AppendCommand]) -> Vec<String> {
-    let mut s: Vec<String> = cmds.iter().map(|c| c.stream.as_str().to_owned()).collect();
+pub(super) fn distinct_streams(cmds: &[&AppendCommand]) -> Vec<StreamId> {
+    let mut s: Vec<StreamId> = cmds.iter().map(|c| c.stream.clone()).collect();
     s.sort();
     s.dedup();
     s
 }
 
-pub(super) fn all_subjects(cmds: &[&AppendCommand]) -> Vec<String> {
-    let mut s: Vec<String> = cmds
+pub(super) fn all_subjects(cmds: &[&AppendCommand]) -> Vec<Subject> {
+    let mut s: Vec<Subject> = cmds
         .iter()
         .flat_map(|c| c.events.iter().filter_map(|e| e.subject.clone()))
         .collect();
@@ -252,32 +254,29 @@ pub(super) fn all_subjects(cmds: &[&AppendCommand]) -> Vec<String> {
     s
 }
 
-pub(super) fn all_ids(cmds: &[&AppendCommand]) -> Vec<Uuid> {
+pub(super) fn all_ids(cmds: &[&AppendCommand]) -> Vec<EventId> {
     cmds.iter()
         .flat_map(|c| c.events.iter().map(|e| e.id))
         .collect()
 }
 
 /// An already stored event as the snapshot queries return it.
-pub(super) type ExistingRow = (String, String, i64, i64, i32, i32);
+pub(super) type ExistingRow = (EventId, StreamId, Version, Position, i32, i32);
 
 pub(super) fn snapshot_from(
     audit_head: (u64, [u8; 32]),
-    head: Option<(i64, i64)>,
-    versions: Vec<(String, i64)>,
+    head: Option<(Position, i64)>,
+    versions: Vec<(StreamId, Version)>,
     existing: Vec<ExistingRow>,
-    forgotten: Vec<String>,
+    forgotten: Vec<Subject>,
 ) -> Result<Snapshot, StoreError> {
-    let (head_position, last_recorded_at) = head.unwrap_or((0, 0));
+    let (head_position, last_recorded_at) = head.unwrap_or((Position::ZERO, 0));
     let existing = existing
         .into_iter()
         .map(
             |(id, stream_id, version, position, append_index, append_size)| {
-                let id = Uuid::parse_str(&id)
-                    .map_err(|_| StoreError::Corrupt(format!("event id {id:?} is not a uuid")))?;
-                let (version, position) = (version as u64, position as u64);
                 let (append_index, append_size) = (append_index as u32, append_size as u32);
-                Ok((
+                (
                     id,
                     Existing {
                         stream_id,
@@ -286,15 +285,15 @@ pub(super) fn snapshot_from(
                         append_index,
                         append_size,
                     },
-                ))
+                )
             },
         )
-        .collect::<Result<_, StoreError>>()?;
+        .collect();
     Ok(Snapshot {
         audit_head,
-        head_position: head_position as u64,
+        head_position,
         last_recorded_at,
-        versions: versions.into_iter().map(|(s, v)| (s, v as u64)).collect(),
+        versions: versions.into_iter().collect(),
         existing,
         forgotten: forgotten.into_iter().collect(),
     })
@@ -304,8 +303,32 @@ pub(super) fn snapshot_from(
 mod tests {
     use super::*;
     use crate::audit::AuditEntry;
-    use crate::domain::{ExpectedVersion, StreamId};
+    use uuid::Uuid;
+
+    use crate::domain::ExpectedVersion;
     use crate::store::writer::PendingEvent;
+
+    fn stream(s: &str) -> StreamId {
+        StreamId::parse(s).unwrap()
+    }
+
+    fn subject(s: &str) -> Subject {
+        Subject::parse(s).unwrap()
+    }
+
+    fn positions(rows: &Rows) -> Vec<u64> {
+        rows.position.iter().map(|p| p.get()).collect()
+    }
+
+    /// Versions `v` and positions `p`, first and last.
+    fn result(v: (u64, u64), p: (u64, u64)) -> AppendResult {
+        AppendResult {
+            first_version: Version::new(v.0),
+            last_version: Version::new(v.1),
+            first_position: Position::new(p.0),
+            last_position: Position::new(p.1),
+        }
+    }
 
     fn cmd(stream: &str, expected: ExpectedVersion, ids: &[u128]) -> AppendCommand {
         AppendCommand {
@@ -314,7 +337,7 @@ mod tests {
             events: ids
                 .iter()
                 .map(|i| PendingEvent {
-                    id: Uuid::from_u128(*i),
+                    id: EventId::new(Uuid::from_u128(*i)),
                     event_type: "T".into(),
                     subject: None,
                     key_id: None,
@@ -350,7 +373,7 @@ mod tests {
     fn empty() -> Snapshot {
         Snapshot {
             audit_head: (0, crate::audit::GENESIS),
-            head_position: 0,
+            head_position: Position::ZERO,
             last_recorded_at: 0,
             versions: HashMap::new(),
             existing: HashMap::new(),
@@ -371,12 +394,7 @@ mod tests {
         let p = plan(jobs(cmds), empty());
         assert_eq!(
             p.outcomes[0],
-            Ok(Some(Appended::Created(AppendResult {
-                first_version: 1,
-                last_version: 2,
-                first_position: 1,
-                last_position: 2
-            })))
+            Ok(Some(Appended::Created(result((1, 2), (1, 2)))))
         );
         assert_eq!(
             p.outcomes[1],
@@ -384,12 +402,7 @@ mod tests {
         );
         assert_eq!(
             p.outcomes[2],
-            Ok(Some(Appended::Created(AppendResult {
-                first_version: 3,
-                last_version: 3,
-                first_position: 3,
-                last_position: 3
-            })))
+            Ok(Some(Appended::Created(result((3, 3), (3, 3)))))
         );
         assert_eq!(
             p.outcomes[3],
@@ -397,33 +410,28 @@ mod tests {
         );
         assert_eq!(
             p.outcomes[4],
-            Ok(Some(Appended::AlreadyAppended(AppendResult {
-                first_version: 1,
-                last_version: 2,
-                first_position: 1,
-                last_position: 2
-            })))
+            Ok(Some(Appended::AlreadyAppended(result((1, 2), (1, 2)))))
         );
         assert!(matches!(p.outcomes[5], Err(AppendRejection::IdsInUse(_))));
-        assert_eq!(p.rows.position, vec![1, 2, 3]);
-        assert_eq!(p.streams, vec![("a".to_owned(), 3)]);
+        assert_eq!(positions(&p.rows), vec![1, 2, 3]);
+        assert_eq!(p.streams, vec![(stream("a"), Version::new(3))]);
     }
 
     #[test]
     fn events_about_forgotten_subjects_are_refused_in_the_transaction() {
         let mut forgotten = cmd("a", ExpectedVersion::Any, &[1]);
-        forgotten.events[0].subject = Some("gone".into());
+        forgotten.events[0].subject = Some(subject("gone"));
         let mut other = cmd("a", ExpectedVersion::Any, &[2]);
-        other.events[0].subject = Some("here".into());
+        other.events[0].subject = Some(subject("here"));
         let mut snap = empty();
-        snap.forgotten.insert("gone".into());
+        snap.forgotten.insert(subject("gone"));
         let p = plan(jobs(vec![forgotten, other]), snap);
         assert_eq!(
             p.outcomes[0],
-            Err(AppendRejection::Forgotten("gone".into()))
+            Err(AppendRejection::Forgotten(subject("gone")))
         );
         assert!(matches!(p.outcomes[1], Ok(Some(Appended::Created(_)))));
-        assert_eq!(p.rows.position, vec![1]);
+        assert_eq!(positions(&p.rows), vec![1]);
     }
 
     #[test]
@@ -434,18 +442,17 @@ mod tests {
         );
         assert!(first.outcomes[0].is_ok());
         let mut snap = empty();
-        snap.head_position = 3;
-        snap.versions.insert("a".into(), 3);
-        for (i, id) in [1u128, 2, 3].iter().enumerate() {
-            let (version, position) = (i as u64 + 1, i as u64 + 1);
+        snap.head_position = Position::new(3);
+        snap.versions.insert(stream("a"), Version::new(3));
+        for ((i, n), id) in (0u32..).zip(1u64..).zip([1u128, 2, 3]) {
             let e = Existing {
-                stream_id: "a".into(),
-                version,
-                position,
-                append_index: i as u32,
+                stream_id: stream("a"),
+                version: Version::new(n),
+                position: Position::new(n),
+                append_index: i,
                 append_size: 3,
             };
-            snap.existing.insert(Uuid::from_u128(*id), e);
+            snap.existing.insert(EventId::new(Uuid::from_u128(id)), e);
         }
         let p = plan(
             jobs(vec![

@@ -6,6 +6,7 @@ use sqlx::PgConnection;
 
 use super::plan::{Plan, Snapshot, all_ids, all_subjects, distinct_streams, snapshot_from};
 use super::{AppendCommand, HEAD_SQL};
+use crate::domain::{Position, StreamId, Version};
 use crate::store::feed::COMMIT_CHANNEL;
 use crate::store::tx::Conn;
 use crate::store::{StoreError, audit, data_keys};
@@ -26,7 +27,7 @@ pub(super) async fn lock_writers(tx: &mut PgConnection) -> Result<(), StoreError
 
 /// Tells the other processes that the log reaches `head` now; delivered
 /// only if the transaction commits.
-pub(super) async fn announce(tx: &mut PgConnection, head: i64) -> Result<(), StoreError> {
+pub(super) async fn announce(tx: &mut PgConnection, head: Position) -> Result<(), StoreError> {
     sqlx::query("select pg_notify($1, $2)")
         .bind(COMMIT_CHANNEL)
         .bind(head.to_string())
@@ -73,8 +74,8 @@ pub(super) async fn write(tx: &mut PgConnection, plan: &Plan) -> Result<(), Stor
     if plan.streams.is_empty() {
         return Ok(());
     }
-    let (names, versions): (Vec<&str>, Vec<i64>) =
-        plan.streams.iter().map(|(s, v)| (s.as_str(), *v)).unzip();
+    let (names, versions): (Vec<&StreamId>, Vec<Version>) =
+        plan.streams.iter().map(|(s, v)| (s, *v)).unzip();
     sqlx::query(
         "insert into streams (stream_id, version, created_at, updated_at)
          select s, v, $3, $3 from unnest($1::text[], $2::bigint[]) as t(s, v)

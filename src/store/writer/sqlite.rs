@@ -3,7 +3,6 @@
 //! travel as one JSON array, unpacked by `json_each`).
 
 use sqlx::SqliteConnection;
-use uuid::Uuid;
 
 use super::plan::{Plan, Snapshot, all_ids, all_subjects, distinct_streams, snapshot_from};
 use super::{AppendCommand, HEAD_SQL};
@@ -26,7 +25,7 @@ pub(super) async fn snapshot(
         .bind(streams)
         .fetch_all(&mut *tx)
         .await?;
-    let ids: Vec<String> = all_ids(cmds).iter().map(Uuid::to_string).collect();
+    let ids: Vec<String> = all_ids(cmds).iter().map(ToString::to_string).collect();
     let existing = sqlx::query_as(
         "select event_id, stream_id, version, position, append_index, append_size
          from events where event_id in (select value from json_each($1))",
