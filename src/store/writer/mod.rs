@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use self::plan::{Outcomes, Plan, plan};
+use self::plan::{Found, Outcomes, Plan, plan, snapshot_from};
 use super::feed::Feed;
 use super::tx::{Conn, DbTx, on_conn};
 use super::{Db, Fault, StoreError, audit, now_us};
@@ -494,12 +494,22 @@ async fn group(
 ) -> Result<Plan, GroupFailure> {
     let mut tx = DbTx::begin_writing(db).await?;
     let cmds: Vec<&AppendCommand> = jobs.iter().filter_map(|j| j.append.as_ref()).collect();
-    let snap = match tx.conn() {
-        Conn::Sqlite(c) => sqlite::snapshot(c, &cmds).await?,
-        Conn::Postgres(c) => {
-            postgres::lock_writers(c).await?;
-            postgres::snapshot(c, &cmds).await?
-        }
+    if let Conn::Postgres(c) = tx.conn() {
+        postgres::lock_writers(c).await?;
+    }
+    let audit_head = audit::head(tx.conn()).await?;
+    let snap = if cmds.is_empty() {
+        // Only audit records: no event position or time is needed.
+        snapshot_from(audit_head, None, Found::default())?
+    } else {
+        let head = on_conn!(tx.conn(), |c| sqlx::query_as(HEAD_SQL)
+            .fetch_optional(c)
+            .await?);
+        let found = match tx.conn() {
+            Conn::Sqlite(c) => sqlite::find(c, &cmds).await?,
+            Conn::Postgres(c) => postgres::find(c, &cmds).await?,
+        };
+        snapshot_from(audit_head, head, found)?
     };
     let kept = match anchor {
         Some((seq, _)) if seq < snap.audit_head.0 => audit::hash_at(tx.conn(), seq).await?,

@@ -263,12 +263,23 @@ pub(super) fn all_ids(cmds: &[&AppendCommand]) -> Vec<EventId> {
 /// An already stored event as the snapshot queries return it.
 pub(super) type ExistingRow = (EventId, StreamId, Version, Position, i32, i32);
 
+/// What the store holds of a group's streams, event ids and subjects, as
+/// each backend's queries find it.
+#[derive(Default)]
+pub(super) struct Found {
+    pub versions: Vec<(StreamId, Version)>,
+    pub existing: Vec<ExistingRow>,
+    pub forgotten: Vec<Subject>,
+}
+
 pub(super) fn snapshot_from(
     audit_head: (u64, [u8; 32]),
     head: Option<(Position, i64)>,
-    versions: Vec<(StreamId, Version)>,
-    existing: Vec<ExistingRow>,
-    forgotten: Vec<Subject>,
+    Found {
+        versions,
+        existing,
+        forgotten,
+    }: Found,
 ) -> Result<Snapshot, StoreError> {
     let (head_position, last_recorded_at) = head.unwrap_or((Position::ZERO, 0));
     let existing = existing

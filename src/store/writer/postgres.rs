@@ -4,12 +4,12 @@
 
 use sqlx::PgConnection;
 
-use super::plan::{Plan, Snapshot, all_ids, all_subjects, distinct_streams, snapshot_from};
-use super::{AppendCommand, HEAD_SQL};
+use super::AppendCommand;
+use super::plan::{Found, Plan, all_ids, all_subjects, distinct_streams};
 use crate::domain::{Position, StreamId, Version};
 use crate::store::feed::COMMIT_CHANNEL;
 use crate::store::tx::Conn;
-use crate::store::{StoreError, audit, data_keys};
+use crate::store::{StoreError, data_keys};
 
 /// Key of the PostgreSQL advisory lock taken by every writer transaction.
 /// Any constant works as long as every eventvault process uses the same one.
@@ -36,16 +36,11 @@ pub(super) async fn announce(tx: &mut PgConnection, head: Position) -> Result<()
     Ok(())
 }
 
-pub(super) async fn snapshot(
+/// What the store holds of the group's streams, event ids and subjects.
+pub(super) async fn find(
     tx: &mut PgConnection,
     cmds: &[&AppendCommand],
-) -> Result<Snapshot, StoreError> {
-    let audit_head = audit::head(Conn::Postgres(&mut *tx)).await?;
-    if cmds.is_empty() {
-        // Only audit records: no event position or time is needed.
-        return snapshot_from(audit_head, None, vec![], vec![], vec![]);
-    }
-    let head = sqlx::query_as(HEAD_SQL).fetch_optional(&mut *tx).await?;
+) -> Result<Found, StoreError> {
     let versions =
         sqlx::query_as("select stream_id, version from streams where stream_id = any($1)")
             .bind(distinct_streams(cmds))
@@ -67,7 +62,11 @@ pub(super) async fn snapshot(
             .fetch_all(&mut *tx)
             .await?
     };
-    snapshot_from(audit_head, head, versions, existing, forgotten)
+    Ok(Found {
+        versions,
+        existing,
+        forgotten,
+    })
 }
 
 pub(super) async fn write(tx: &mut PgConnection, plan: &Plan) -> Result<(), StoreError> {

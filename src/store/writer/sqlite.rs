@@ -4,21 +4,16 @@
 
 use sqlx::SqliteConnection;
 
-use super::plan::{Plan, Snapshot, all_ids, all_subjects, distinct_streams, snapshot_from};
-use super::{AppendCommand, HEAD_SQL};
+use super::AppendCommand;
+use super::plan::{Found, Plan, all_ids, all_subjects, distinct_streams};
 use crate::store::tx::Conn;
-use crate::store::{StoreError, audit, data_keys};
+use crate::store::{StoreError, data_keys};
 
-pub(super) async fn snapshot(
+/// What the store holds of the group's streams, event ids and subjects.
+pub(super) async fn find(
     tx: &mut SqliteConnection,
     cmds: &[&AppendCommand],
-) -> Result<Snapshot, StoreError> {
-    let audit_head = audit::head(Conn::Sqlite(&mut *tx)).await?;
-    if cmds.is_empty() {
-        // Only audit records: no event position or time is needed.
-        return snapshot_from(audit_head, None, vec![], vec![], vec![]);
-    }
-    let head = sqlx::query_as(HEAD_SQL).fetch_optional(&mut *tx).await?;
+) -> Result<Found, StoreError> {
     // SQLite has no array parameters: the id lists travel as one JSON array.
     let streams = serde_json::to_string(&distinct_streams(cmds)).expect("strings serialise");
     let versions = sqlx::query_as("select stream_id, version from streams where stream_id in (select value from json_each($1))")
@@ -44,7 +39,11 @@ pub(super) async fn snapshot(
         .fetch_all(&mut *tx)
         .await?
     };
-    snapshot_from(audit_head, head, versions, existing, forgotten)
+    Ok(Found {
+        versions,
+        existing,
+        forgotten,
+    })
 }
 
 /// Two statements for the whole group, like the PostgreSQL path: the rows
