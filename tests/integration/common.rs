@@ -34,18 +34,7 @@ macro_rules! both_backends {
                 }
             )*
         }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    $crate::common::capture_logs();
-                    if let Some(backend) = $crate::common::Backend::postgres().await {
-                        super::$name(backend).await;
-                        $crate::common::assert_logs_hold_no_secret();
-                    }
-                }
-            )*
-        }
+        $crate::postgres_tests!(postgres; $($name),*);
     };
 }
 
@@ -57,7 +46,17 @@ macro_rules! both_backends {
 #[macro_export]
 macro_rules! postgres_only {
     ($($name:ident),* $(,)?) => {
-        mod postgres_only {
+        $crate::postgres_tests!(postgres_only; $($name),*);
+    };
+}
+
+/// The PostgreSQL tests of [`both_backends!`] and [`postgres_only!`], in a
+/// module of their own.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! postgres_tests {
+    ($module:ident; $($name:ident),*) => {
+        mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
