@@ -389,8 +389,8 @@ impl Application {
         } = self;
         let store = state.store.clone();
         let keystore = state.keys.keystore().clone();
-        // Whatever the relay has not published when serving ends, it
-        // publishes after the next start, from its checkpoint.
+        // Whatever the relay has not published when the last connection
+        // closes, it publishes after the next start, from its checkpoint.
         if let Some(cfg) = relay {
             crate::relay::spawn(store.clone(), cfg, state.events.commits(), &tasks);
         }
@@ -411,7 +411,7 @@ impl Application {
         ));
         // Forgets recorded while the keystore does not answer are finished
         // in the background as soon as it does; what one had not finished
-        // when serving ends, the next start finishes.
+        // when the last connection closes, the next start finishes.
         tasks.spawn(state.events.clone().complete_pending_forgets(tasks.clone()));
         let metrics = state.metrics.clone();
         let app = router(state);
@@ -434,8 +434,7 @@ impl Application {
                 () = shutdown => {}
                 () = failed => {}
             }
-            // Subscriptions end, so that their connections can close, and
-            // the followers stop.
+            // Subscriptions end, so that their connections can close.
             stopping.stop_serving();
         };
         let served = conn::serve(listener, app, limits, metrics, shutdown).await;

@@ -557,7 +557,7 @@ impl KeyManager {
 
     /// On a PostgreSQL keystore, follows the evictions of other processes
     /// (`LISTEN`), so that a forget anywhere takes effect here at once. The
-    /// task ends when serving does (`shutdown`).
+    /// task ends with the last connection (`shutdown`).
     ///
     /// Notices sent while the `LISTEN` is down are lost. The caches are not
     /// dropped meanwhile: every use of a cached key is checked against the

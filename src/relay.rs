@@ -319,7 +319,9 @@ enum RelayError {
     Encode { position: Position, reason: String },
 }
 
-/// Starts the relay on `shutdown`. It publishes until serving ends, waking
+/// Starts the relay on `shutdown`. It publishes until the last connection
+/// is closed (then what it has not published yet, it publishes after the
+/// next start, from its checkpoint), waking
 /// when `head` (the newest committed position) passes what it has
 /// published. The task ends only then; every failure on the way is logged
 /// and retried. Stopping anywhere is safe: what was published but not yet
@@ -331,7 +333,7 @@ pub fn spawn(
     head: watch::Receiver<u64>,
     shutdown: &Shutdown,
 ) -> JoinHandle<()> {
-    let stop = shutdown.serving_ends();
+    let stop = shutdown.connections_closed();
     shutdown.spawn(async move {
         let stream = cfg.stream.clone();
         tokio::select! {

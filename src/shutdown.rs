@@ -5,15 +5,16 @@
 //! A stop goes through three stages, in this order, each a cancellation
 //! token (tokio-util's) that the tasks of that stage watch:
 //!
-//! 1. [`Shutdown::serving_ends`]: no new work. Subscriptions end (so their
-//!    connections can close), and the followers stop: the relay, the
-//!    completion of forgets, the commit feed's and the key evictions'
-//!    `LISTEN`, the log's tail reader. Requests already received are still
+//! 1. [`Shutdown::serving_ends`]: no new connection. Subscriptions end (so
+//!    their connections can close); requests already received are still
 //!    answered.
 //! 2. [`Shutdown::connections_closed`]: the last connection is closed. The
-//!    tasks that write what the requests left to write finish it: the
-//!    aggregate audit records of requests without a valid token, the
-//!    closing records of subscriptions, records written late.
+//!    followers stop (the relay, the completion of forgets, the commit
+//!    feed's and the key evictions' `LISTEN`, the log's tail reader), and
+//!    the tasks that write what requests left to write finish it: the
+//!    requests' own tasks (one answered 503 goes on), the aggregate audit
+//!    records of requests without a valid token, the closing records of
+//!    subscriptions, records written late.
 //! 3. The writer, once every tracked task has ended (nobody can queue a
 //!    write any more), commits what is queued and stops.
 //!
@@ -69,13 +70,14 @@ impl Shutdown {
         self.tasks.spawn(task)
     }
 
-    /// Spawns a tracked task that is dropped where it waits once serving
-    /// ends (stage 1): for followers, which any await point may stop.
+    /// Spawns a tracked task that is dropped where it waits once the last
+    /// connection is closed (stage 2): for followers, which any await point
+    /// may stop.
     pub fn spawn_follower<F>(&self, task: F) -> JoinHandle<()>
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let stop = self.serving_ends();
+        let stop = self.connections_closed();
         self.tasks.spawn(async move {
             tokio::select! {
                 () = stop => {}
@@ -99,6 +101,11 @@ impl Shutdown {
         self.closed.clone().cancelled_owned()
     }
 
+    /// Whether the last connection is closed.
+    pub fn connections_are_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
     /// Stage 3: completes when the writer is to commit what is queued and
     /// stop.
     pub(crate) fn writer_stops(&self) -> WaitForCancellationFutureOwned {
@@ -108,6 +115,11 @@ impl Shutdown {
     /// Ends serving (stage 1).
     pub fn stop_serving(&self) {
         self.serving.cancel();
+    }
+
+    /// Every stage at once, as dropping the application does.
+    pub fn stop_all(&self) {
+        self.all.cancel();
     }
 
     /// After the last connection closed: stage 2, then waits for every

@@ -157,19 +157,22 @@ pub async fn serve(
         let conn = http.serve_connection(TokioIo::new(io), service);
         let (mut stop, closed) = (stop_rx.clone(), closed_rx.clone());
         tokio::spawn(async move {
-            let mut conn = pin!(conn);
+            // Boxed, so that it (and the response body it may hold, with a
+            // subscription's closing record) is dropped before `closed`.
+            let mut conn = Box::pin(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
                 () = async { drop(stop.wait_for(|s| *s).await) } => {
                     // Finish the request in progress (a subscription ends
                     // through the service's own shutdown signal), then close.
                     conn.as_mut().graceful_shutdown();
-                    conn.await
+                    conn.as_mut().await
                 }
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(conn);
             drop(closed);
         });
     }

@@ -316,24 +316,12 @@ fn resource_of(route: &str, params: Option<&RawPathParams>) -> String {
 
 /// Writes `entry` once the store takes it: tried again and again, further
 /// apart (up to a minute), for about an hour, then logged as lost.
-async fn record_later(
-    events: crate::service::Events,
-    entry: AuditEntry,
-    shutdown: crate::shutdown::Shutdown,
-) {
+async fn record_later(events: crate::service::Events, entry: AuditEntry) {
     let mut wait = std::time::Duration::from_secs(1);
     for _ in 0..70 {
-        // A stopping service tries once more at once, and then no more.
-        let last = tokio::select! {
-            () = tokio::time::sleep(wait) => false,
-            () = shutdown.connections_closed() => true,
-        };
+        tokio::time::sleep(wait).await;
         match events.audit(entry.clone()).await {
             Ok(()) => return,
-            Err(e) if last => {
-                tracing::error!(error = %e, action = %entry.action, "an audit record could not be written before the service stopped and is lost");
-                return;
-            }
             Err(e) => {
                 tracing::warn!(error = %e, "an audit record still cannot be written; trying again")
             }
@@ -356,9 +344,12 @@ pub async fn record_requests(State(state): State<AppState>, req: Request, next: 
     use tracing::Instrument;
     let budget = state.config.store_timeout;
     let deadline = Deadline::after(budget);
-    let task = tokio::spawn(
-        audited(state, req, next, deadline.clone()).instrument(tracing::Span::current()),
-    );
+    // Tracked: the writer outlives it, so that what a request answered
+    // late still does is written with its record when the service stops.
+    let task = state
+        .shutdown
+        .clone()
+        .spawn(audited(state, req, next, deadline.clone()).instrument(tracing::Span::current()));
     tokio::pin!(task);
     loop {
         let at = deadline.at();
@@ -472,11 +463,9 @@ async fn audited(state: AppState, req: Request, next: Next, deadline: Deadline) 
             // its record is written as soon as the store takes it.
             Err(e) if slot.deadline.committed() && !entry.personal_data => {
                 tracing::warn!(error = %e, "the audit record of a request that took effect could not be written yet; writing it in the background");
-                state.shutdown.spawn(record_later(
-                    state.events.clone(),
-                    entry,
-                    state.shutdown.clone(),
-                ));
+                state
+                    .shutdown
+                    .spawn(record_later(state.events.clone(), entry));
                 response
             }
             Err(e) => {

@@ -549,7 +549,7 @@ impl Events {
         let mut wait = FORGET_RETRY_FIRST;
         let mut cursor = String::new();
         loop {
-            if shutdown.is_stopping() {
+            if shutdown.connections_are_closed() {
                 return;
             }
             let Some(subject) = self.forgets.next(&cursor) else {
@@ -559,7 +559,7 @@ impl Events {
                         self.sweep_unfinished_forgets().await;
                         continue;
                     }
-                    () = shutdown.serving_ends() => return,
+                    () = shutdown.connections_closed() => return,
                 }
             };
             cursor = subject.as_str().to_owned();
@@ -570,7 +570,7 @@ impl Events {
             };
             let outcome = tokio::select! {
                 r = attempt => r,
-                () = shutdown.serving_ends() => return,
+                () = shutdown.connections_closed() => return,
             };
             match outcome {
                 Ok(_) => {
@@ -591,7 +591,7 @@ impl Events {
                     );
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
-                        () = shutdown.serving_ends() => return,
+                        () = shutdown.connections_closed() => return,
                     }
                     wait = (wait * 2).min(FORGET_RETRY_MAX);
                 }

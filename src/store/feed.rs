@@ -103,8 +103,8 @@ impl Feed {
 /// On a PostgreSQL event store, advances `feed` with the commits of every
 /// process sharing the database (`LISTEN`). While the connection is down
 /// notices are lost, so after every (re)connection the feed is set from the
-/// store's head and every follower is woken to look. The task ends when
-/// serving does.
+/// store's head and every follower is woken to look. The task ends with
+/// the last connection.
 pub fn follow_other_processes(store: &EventStore, feed: &Feed, shutdown: &Shutdown) {
     let Db::Postgres(pool) = &store.db else {
         return;
@@ -260,8 +260,8 @@ impl Tail {
     }
 
     /// Reads every commit into the tail, as `feed` announces them, until
-    /// serving ends (or the feed is dropped). A failed read is retried
-    /// after a second.
+    /// the last connection is closed (or the feed is dropped). A failed
+    /// read is retried after a second.
     pub fn spawn_reader(feed: &Feed, store: EventStore, shutdown: &Shutdown) {
         let mut moved = feed.follow();
         let tail = feed.tail.clone();

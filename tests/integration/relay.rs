@@ -486,7 +486,7 @@ async fn the_relay_wakes_on_the_head_it_is_given_and_stops_when_told(backend: Ba
     broker.wait_until_stored(5).await;
     wait_for_checkpoint(&store.db, broker.stream(), 5).await;
 
-    shutdown.stop_serving();
+    shutdown.stop_all();
     tokio::time::timeout(Duration::from_secs(5), relay)
         .await
         .expect("the relay stops when told")
