@@ -90,6 +90,30 @@ pub struct AuditEntry {
     pub request_id: Option<String>,
 }
 
+impl AuditEntry {
+    /// A record of work the service did by itself, for no request: no
+    /// principal, no request ids, nothing disclosed.
+    pub fn by_the_service(
+        action: &str,
+        resource: String,
+        outcome: Outcome,
+        event_count: u64,
+    ) -> Self {
+        Self {
+            principal: None,
+            action: action.to_owned(),
+            resource,
+            outcome,
+            event_count,
+            personal_data: false,
+            correlation_id: None,
+            causation_id: None,
+            purpose: None,
+            request_id: None,
+        }
+    }
+}
+
 /// A stored audit record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditRecord {

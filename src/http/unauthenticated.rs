@@ -258,16 +258,13 @@ impl Unauthenticated {
         }
         let writes = ended.into_iter().map(|(client, window)| async move {
             let entry = AuditEntry {
-                principal: None,
-                action: AGGREGATE_ACTION.into(),
-                resource: client.resource(),
-                outcome: Outcome::Denied,
-                event_count: window.requests,
-                personal_data: false,
                 correlation_id: window.first_request_id.clone(),
-                causation_id: None,
-                purpose: None,
-                request_id: None,
+                ..AuditEntry::by_the_service(
+                    AGGREGATE_ACTION,
+                    client.resource(),
+                    Outcome::Denied,
+                    window.requests,
+                )
             };
             match events.audit(entry).await {
                 Ok(()) => Ok(window.requests),

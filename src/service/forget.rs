@@ -465,18 +465,12 @@ impl Events {
     /// The audit record of a forget finished without a request (at start,
     /// or in the background).
     fn resume_record(subject: &Subject) -> AuditEntry {
-        AuditEntry {
-            principal: None,
-            action: "subject.forget.resume".into(),
-            resource: format!("subject:{subject}"),
-            outcome: crate::audit::Outcome::Ok,
-            event_count: 0,
-            personal_data: false,
-            correlation_id: None,
-            causation_id: None,
-            purpose: None,
-            request_id: None,
-        }
+        AuditEntry::by_the_service(
+            "subject.forget.resume",
+            format!("subject:{subject}"),
+            crate::audit::Outcome::Ok,
+            0,
+        )
     }
 
     /// At start: every forgotten subject whose keys exist again (a keystore
@@ -662,18 +656,12 @@ impl Events {
             // The record first: an acceptance is never without its record
             // (a failure after it makes the next start accept, and record,
             // what is left).
-            let record = AuditEntry {
-                principal: None,
-                action: "keys.accept_missing".into(),
-                resource: "keystore".into(),
-                outcome: crate::audit::Outcome::Ok,
-                event_count: lost.len() as u64,
-                personal_data: false,
-                correlation_id: None,
-                causation_id: None,
-                purpose: None,
-                request_id: None,
-            };
+            let record = AuditEntry::by_the_service(
+                "keys.accept_missing",
+                "keystore".into(),
+                crate::audit::Outcome::Ok,
+                lost.len() as u64,
+            );
             self.audit(record).await?;
             for chunk in lost.chunks(PAGE as usize) {
                 found.accepted += self.store.accept_lost_keys(chunk).await?;

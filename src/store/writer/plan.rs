@@ -364,18 +364,7 @@ mod tests {
         cmds.into_iter()
             .map(|c| Job {
                 append: Some(c),
-                audit: AuditEntry {
-                    principal: None,
-                    action: "events.append".into(),
-                    resource: "stream".into(),
-                    outcome: Outcome::Ok,
-                    event_count: 0,
-                    personal_data: false,
-                    correlation_id: None,
-                    causation_id: None,
-                    purpose: None,
-                    request_id: None,
-                },
+                audit: AuditEntry::by_the_service("events.append", "stream".into(), Outcome::Ok, 0),
                 describe_append: true,
             })
             .collect()
