@@ -26,6 +26,7 @@ use crate::store::feed::{self, Feed};
 use crate::store::keystore::Keystore;
 use crate::store::writer::Writer;
 use crate::store::{Db, EventStore, Purpose, StoreError, redact_url};
+use crate::tls::{Certificates, TlsFiles};
 use tokio_util::sync::DropGuard;
 
 pub use crate::config::{Config, RateLimit};
@@ -61,6 +62,10 @@ pub enum StartError {
     SharedDatabase(String),
     #[error(transparent)]
     Relay(#[from] RelayConfigError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Cors(#[from] crate::http::cors::BadOrigin),
 }
 
 /// Opens the event store and loads the policies: what every command needs.
@@ -228,10 +233,23 @@ pub struct Application {
     data_keys: watch::Sender<KeyCheck>,
     /// Accept the loss of missing data keys (`--accept-missing-keys`).
     accept_missing_keys: bool,
+    /// The TLS configuration new connections get; `None`: plain HTTP.
+    tls: Option<Arc<Certificates>>,
 }
 
 impl Application {
     pub async fn build(cfg: &Config) -> Result<Self, StartError> {
+        // What the flags name is checked before anything is opened.
+        let tls = TlsFiles::from_flags(
+            cfg.tls_cert.as_deref(),
+            cfg.tls_key.as_deref(),
+            cfg.tls_client_ca.as_deref(),
+            cfg.require_client_cert,
+        )?
+        .map(Certificates::load)
+        .transpose()?
+        .map(Arc::new);
+        let cors = crate::http::cors::Cors::new(&cfg.cors_origins)?;
         let relay = cfg
             .nats_url
             .as_deref()
@@ -309,6 +327,7 @@ impl Application {
             metrics,
             ledger: ledger_rx,
             data_keys: data_keys_rx,
+            cors,
         };
         let listener = TcpListener::bind(cfg.listen)
             .await
@@ -334,7 +353,14 @@ impl Application {
             ledger,
             data_keys,
             accept_missing_keys: cfg.accept_missing_keys,
+            tls,
         })
+    }
+
+    /// The TLS configuration, to reload it (on SIGHUP, `main`); `None`
+    /// when the service speaks plain HTTP.
+    pub fn certificates(&self) -> Option<Arc<Certificates>> {
+        self.tls.clone()
     }
 
     /// Watches on the application's progress (readiness, audit records,
@@ -385,6 +411,7 @@ impl Application {
             ledger,
             data_keys,
             accept_missing_keys,
+            tls,
             ..
         } = self;
         let store = state.store.clone();
@@ -415,7 +442,12 @@ impl Application {
         tasks.spawn(state.events.clone().complete_pending_forgets(tasks.clone()));
         let metrics = state.metrics.clone();
         let app = router(state);
-        tracing::info!(addr = %listener.local_addr()?, "eventvault listening");
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            tls = tls.is_some(),
+            client_certificates = tls.as_ref().is_some_and(|t| t.asks_for_client_certificates()),
+            "eventvault listening"
+        );
         // Nothing is served without the ledger: a re-apply that fails (or
         // ends without a verdict: it panicked) stops the service at once.
         // Once it is applied, only `shutdown` stops the service.
@@ -437,7 +469,7 @@ impl Application {
             // Subscriptions end, so that their connections can close.
             stopping.stop_serving();
         };
-        let served = conn::serve(listener, app, limits, metrics, shutdown).await;
+        let served = conn::serve(listener, app, limits, metrics, tls, shutdown).await;
         // A stop during the re-apply cancels it: every step is repeated at
         // the next start, and the task holds a writer handle.
         if !reapply.is_finished() {

@@ -116,15 +116,23 @@ pub enum AuditCommand {
 
 #[derive(Subcommand)]
 pub enum PrincipalCommand {
-    /// Add a principal and print its token once, as the last line.
+    /// Add a principal and print its token once, as the last line; with
+    /// --client-cert, bind it to that certificate instead (no token).
     Add {
         /// Unique name of the principal.
         name: String,
         /// A role from policies/roles.toml; repeat for several.
         #[arg(long = "role", required = true)]
         roles: Vec<String>,
+        /// The principal's client certificate (PEM): a request over TLS
+        /// with this certificate, verified against --tls-client-ca, is
+        /// this principal without a token. Its SHA-256 fingerprint is
+        /// stored, nothing secret.
+        #[arg(long)]
+        client_cert: Option<PathBuf>,
     },
-    /// List principals and their roles (never tokens).
+    /// List principals, their roles and, for a certificate-bound one, the
+    /// certificate's fingerprint (never tokens).
     List,
     /// Remove a principal; its token stops working.
     Remove {
@@ -156,7 +164,25 @@ async fn principal(store: &StoreArgs, cmd: PrincipalCommand) -> CliResult {
     let (store, policies) = app::open_event_store(&cfg).await?;
     let principals = Principals::new(store);
     match cmd {
-        PrincipalCommand::Add { name, roles } => {
+        PrincipalCommand::Add {
+            name,
+            roles,
+            client_cert: Some(cert),
+        } => {
+            let fingerprint = crate::tls::fingerprint_of_file(&cert)?;
+            principals
+                .add_with_certificate(&policies, &name, &roles, &fingerprint)
+                .await?;
+            println!(
+                "Added principal {name:?} with roles {}, bound to the client certificate with SHA-256 fingerprint {fingerprint}.",
+                roles.join(", ")
+            );
+        }
+        PrincipalCommand::Add {
+            name,
+            roles,
+            client_cert: None,
+        } => {
             let token = principals.add(&policies, &name, &roles).await?;
             println!(
                 "Added principal {name:?} with roles {}. Its token, shown only this once:",
@@ -166,7 +192,12 @@ async fn principal(store: &StoreArgs, cmd: PrincipalCommand) -> CliResult {
         }
         PrincipalCommand::List => {
             for p in principals.list().await? {
-                println!("{}\t{}", p.name, p.roles.join(","));
+                match &p.client_cert_sha256 {
+                    Some(f) => {
+                        println!("{}\t{}\tclient-cert sha256:{f}", p.name, p.roles.join(","))
+                    }
+                    None => println!("{}\t{}", p.name, p.roles.join(",")),
+                }
             }
         }
         PrincipalCommand::Remove { name } => {

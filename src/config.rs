@@ -123,6 +123,19 @@ pub struct Config {
     /// the keystore (their events then read `lost`; recorded and audited)
     /// instead of refusing to become ready.
     pub accept_missing_keys: bool,
+    /// The server's certificate chain (PEM): with `tls_key`, the service
+    /// speaks HTTPS only.
+    pub tls_cert: Option<PathBuf>,
+    /// The server certificate's private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// The CA (PEM) client certificates are verified against; a verified
+    /// certificate bound to a principal authenticates as it.
+    pub tls_client_ca: Option<PathBuf>,
+    /// Refuse a TLS handshake without a client certificate.
+    pub require_client_cert: bool,
+    /// Browser origins (`scheme://host[:port]`) allowed to call the API
+    /// (CORS); none: no CORS header is ever sent.
+    pub cors_origins: Vec<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -175,6 +188,11 @@ impl std::fmt::Debug for Config {
             .field("nats_stream", &self.nats_stream)
             .field("nats_subject_prefix", &self.nats_subject_prefix)
             .field("accept_missing_keys", &self.accept_missing_keys)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("tls_client_ca", &self.tls_client_ca)
+            .field("require_client_cert", &self.require_client_cert)
+            .field("cors_origins", &self.cors_origins)
             .finish()
     }
 }
@@ -401,6 +419,33 @@ pub struct ServeArgs {
     /// once, for a loss you have looked at, then remove it.
     #[arg(long, env = "EVENTVAULT_ACCEPT_MISSING_KEYS")]
     pub accept_missing_keys: bool,
+    /// Server certificate chain (PEM, leaf first). With --tls-key the
+    /// service speaks HTTPS only (TLS 1.2 and 1.3); SIGHUP re-reads it.
+    #[arg(long, env = "EVENTVAULT_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of the server certificate (PEM: PKCS#8, PKCS#1 or
+    /// SEC1); SIGHUP re-reads it.
+    #[arg(long, env = "EVENTVAULT_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM) client certificates are verified against.
+    /// A verified certificate bound to a principal (`principal add
+    /// --client-cert`) authenticates as that principal; without
+    /// --require-client-cert a client may also connect without one.
+    #[arg(long, env = "EVENTVAULT_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Refuse a TLS handshake without a client certificate signed by
+    /// --tls-client-ca.
+    #[arg(long, env = "EVENTVAULT_REQUIRE_CLIENT_CERT")]
+    pub require_client_cert: bool,
+    /// A browser origin (scheme://host[:port]) allowed to call the API
+    /// (CORS); repeat for several (environment: comma-separated). Other
+    /// origins get no CORS header.
+    #[arg(
+        long = "cors-origin",
+        env = "EVENTVAULT_CORS_ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
 }
 
 /// A number of seconds from the command line as a duration of at least one
@@ -450,6 +495,11 @@ impl Default for Config {
             nats_stream: defaults::NATS_STREAM.into(),
             nats_subject_prefix: defaults::NATS_SUBJECT_PREFIX.into(),
             accept_missing_keys: false,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            require_client_cert: false,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -505,6 +555,11 @@ impl ServeArgs {
             nats_stream: self.nats_stream.clone(),
             nats_subject_prefix: self.nats_subject_prefix.clone(),
             accept_missing_keys: self.accept_missing_keys,
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_client_ca: self.tls_client_ca.clone(),
+            require_client_cert: self.require_client_cert,
+            cors_origins: self.cors_origins.clone(),
             ..store.config()
         }
     }

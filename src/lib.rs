@@ -40,3 +40,4 @@ pub mod relay;
 pub mod service;
 pub mod shutdown;
 pub mod store;
+pub mod tls;

@@ -45,8 +45,16 @@ async fn serve(cfg: &Config) -> Result<(), Box<dyn std::error::Error>> {
     // Signal handlers first: a SIGTERM right after the address is printed
     // must shut down gracefully, not kill the process.
     let shutdown = app::shutdown_signal()?;
+    // SIGHUP re-reads the certificates (new handshakes use them).
+    let scheme = match application.certificates() {
+        Some(certificates) => {
+            certificates.reload_on_sighup()?;
+            "https"
+        }
+        None => "http",
+    };
     println!(
-        "eventvault listening on http://{}",
+        "eventvault listening on {scheme}://{}",
         application.local_addr()
     );
     // Data is served once the forget ledger is re-applied and the data keys

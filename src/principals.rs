@@ -7,6 +7,12 @@
 //! the token). Recent answers (also "unknown") are cached briefly so that a
 //! busy caller does not cost a database round trip per request, and a removed
 //! principal loses access within [`CACHE_TTL`].
+//!
+//! A principal may instead be bound to a client certificate: the SHA-256
+//! of its DER is stored (`principal add --client-cert`), and a request over
+//! a TLS connection whose verified client certificate has that fingerprint
+//! is that principal ([`Principals::authenticate_certificate`], cached the
+//! same way). Such a principal has no token.
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
@@ -17,6 +23,7 @@ use zeroize::Zeroizing;
 
 use crate::crypto;
 use crate::policy::Policies;
+use crate::store::principals::NewCredential;
 use crate::store::{EventStore, StoreError};
 
 /// How long an authentication answer is reused.
@@ -48,6 +55,8 @@ pub enum PrincipalError {
     Random,
     #[error("stored principal {0:?} is unreadable")]
     Corrupt(String),
+    #[error("this certificate is bound to principal {0:?} already")]
+    CertificateTaken(String),
 }
 
 /// A listed principal (never with a token).
@@ -56,6 +65,8 @@ pub struct PrincipalInfo {
     pub name: String,
     pub roles: Vec<String>,
     pub created_at_us: i64,
+    /// The fingerprint of the client certificate it is bound to, if any.
+    pub client_cert_sha256: Option<String>,
 }
 
 /// A cached authentication answer (`None`: unknown token) and when it was made.
@@ -76,6 +87,33 @@ impl std::fmt::Debug for Principals {
 
 fn parse_roles(name: &str, json: &str) -> Result<Vec<String>, PrincipalError> {
     serde_json::from_str(json).map_err(|_| PrincipalError::Corrupt(name.to_owned()))
+}
+
+/// A new principal's name and roles: a name of the allowed characters, at
+/// least one role, each defined in the policies.
+fn check_new(policies: &Policies, name: &str, roles: &[String]) -> Result<(), PrincipalError> {
+    if name.is_empty()
+        || name.len() > 100
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
+    {
+        return Err(PrincipalError::BadName);
+    }
+    if roles.is_empty() {
+        return Err(PrincipalError::NoRole);
+    }
+    for role in roles {
+        if policies.role(role).is_none() {
+            let mut known: Vec<&str> = policies.roles.keys().map(String::as_str).collect();
+            known.sort();
+            return Err(PrincipalError::UnknownRole {
+                role: role.clone(),
+                known: known.join(", "),
+            });
+        }
+    }
+    Ok(())
 }
 
 impl Principals {
@@ -101,7 +139,7 @@ impl Principals {
         let found = match self.store.principal_by_token_hash(&hash).await? {
             Some(row)
                 if bool::from(subtle::ConstantTimeEq::ct_eq(
-                    row.token_hash.as_bytes(),
+                    row.token_hash.as_deref().unwrap_or_default().as_bytes(),
                     hash.as_bytes(),
                 )) =>
             {
@@ -119,6 +157,35 @@ impl Principals {
         Ok(found)
     }
 
+    /// The principal bound to the client certificate of `fingerprint`
+    /// (`crate::tls::fingerprint`), or `None`. The fingerprint is of a
+    /// certificate the TLS verifier accepted, and no secret: a plain
+    /// look-up.
+    pub async fn authenticate_certificate(
+        &self,
+        fingerprint: &str,
+    ) -> Result<Option<Arc<Principal>>, PrincipalError> {
+        // Apart from the token hashes, whose keys are bare hex.
+        let key = format!("cert:{fingerprint}");
+        if let Some((p, at)) = self.cache.lock().expect("cache lock").get(&key)
+            && at.elapsed() < CACHE_TTL
+        {
+            return Ok(p.clone());
+        }
+        let found = match self.store.principal_by_certificate(fingerprint).await? {
+            Some(row) => Some(Arc::new(Principal {
+                roles: parse_roles(&row.name, &row.roles)?,
+                name: row.name,
+            })),
+            None => None,
+        };
+        self.cache
+            .lock()
+            .expect("cache lock")
+            .put(key, (found.clone(), Instant::now()));
+        Ok(found)
+    }
+
     /// Creates a principal with `roles` (each must exist in the policies) and
     /// returns its new token, which is not stored anywhere.
     pub async fn add(
@@ -127,32 +194,16 @@ impl Principals {
         name: &str,
         roles: &[String],
     ) -> Result<Zeroizing<String>, PrincipalError> {
-        if name.is_empty()
-            || name.len() > 100
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
-        {
-            return Err(PrincipalError::BadName);
-        }
-        if roles.is_empty() {
-            return Err(PrincipalError::NoRole);
-        }
-        for role in roles {
-            if policies.role(role).is_none() {
-                let mut known: Vec<&str> = policies.roles.keys().map(String::as_str).collect();
-                known.sort();
-                return Err(PrincipalError::UnknownRole {
-                    role: role.clone(),
-                    known: known.join(", "),
-                });
-            }
-        }
+        check_new(policies, name, roles)?;
         let token = crypto::new_token().map_err(|_| PrincipalError::Random)?;
         let roles_json = serde_json::to_string(roles).expect("strings serialise");
         if !self
             .store
-            .insert_principal(name, &roles_json, &crypto::token_hash(&token))
+            .insert_principal(
+                name,
+                &roles_json,
+                NewCredential::TokenHash(&crypto::token_hash(&token)),
+            )
             .await?
         {
             return Err(PrincipalError::Exists(name.to_owned()));
@@ -160,6 +211,29 @@ impl Principals {
         Ok(token)
     }
 
+    /// Creates a principal with `roles` bound to the client certificate of
+    /// `fingerprint`, without a token.
+    pub async fn add_with_certificate(
+        &self,
+        policies: &Policies,
+        name: &str,
+        roles: &[String],
+        fingerprint: &str,
+    ) -> Result<(), PrincipalError> {
+        check_new(policies, name, roles)?;
+        if let Some(other) = self.store.principal_by_certificate(fingerprint).await? {
+            return Err(PrincipalError::CertificateTaken(other.name));
+        }
+        let roles_json = serde_json::to_string(roles).expect("strings serialise");
+        if !self
+            .store
+            .insert_principal(name, &roles_json, NewCredential::Certificate(fingerprint))
+            .await?
+        {
+            return Err(PrincipalError::Exists(name.to_owned()));
+        }
+        Ok(())
+    }
     pub async fn list(&self) -> Result<Vec<PrincipalInfo>, PrincipalError> {
         self.store
             .list_principals()
@@ -170,6 +244,7 @@ impl Principals {
                     roles: parse_roles(&r.name, &r.roles)?,
                     name: r.name,
                     created_at_us: r.created_at,
+                    client_cert_sha256: r.client_cert_sha256,
                 })
             })
             .collect()

@@ -2,6 +2,15 @@
 //! token into a principal and its grants under today's policies, or refuses
 //! the request with 401. No route that touches data is reachable without it,
 //! and every handler asks [`Caller::require`] before it touches data.
+//!
+//! Over TLS with a verified client certificate (`crate::tls::PeerCertificate`,
+//! set per connection by `http::conn`), a request without a token is the
+//! principal bound to that certificate; a certificate bound to nobody is a
+//! 401 like a missing token. A request with both must name one principal:
+//! a token of another principal than the certificate's is refused (401), so
+//! that a stolen token cannot be used from a machine whose certificate is
+//! someone else's, nor a certificate lend its standing to a token. A
+//! certificate bound to nobody does not stand in the way of a valid token.
 
 use std::sync::Arc;
 
@@ -23,8 +32,18 @@ use crate::principals::Principals;
 pub struct Caller {
     pub grants: Grants,
     pub audit: AuditSlot,
-    /// The bearer token, for long-lived requests that authenticate again.
-    token: Token,
+    /// What authenticated it, for long-lived requests that authenticate
+    /// again.
+    credential: Credential,
+}
+
+/// What a caller authenticated with.
+#[derive(Debug, Clone)]
+enum Credential {
+    /// A bearer token (with or without an agreeing certificate).
+    Token(Token),
+    /// The fingerprint of the connection's verified client certificate.
+    Certificate(String),
 }
 
 /// A bearer token held in memory: zeroized on drop, never shown by `Debug`.
@@ -58,8 +77,9 @@ impl Caller {
     }
 
     /// The caller's grants as they are now, for a request that outlives the
-    /// authentication cache (a subscription): `Ok(None)` once the token no
-    /// longer authenticates (the principal was removed), and an error when
+    /// authentication cache (a subscription): `Ok(None)` once the token (or
+    /// the client certificate) no longer authenticates (the principal was
+    /// removed), and an error when
     /// that cannot be told now (the principals cannot be read). The caller
     /// fails closed on an error: grants that cannot be confirmed are not
     /// kept, since the principal may have been removed meanwhile.
@@ -68,10 +88,13 @@ impl Caller {
         principals: &Principals,
         policies: &Policies,
     ) -> Result<Option<Grants>, crate::principals::PrincipalError> {
-        Ok(principals
-            .authenticate(&self.token.0)
-            .await?
-            .map(|p| Grants::of(policies, &p.roles)))
+        let principal = match &self.credential {
+            Credential::Token(token) => principals.authenticate(&token.0).await?,
+            Credential::Certificate(fingerprint) => {
+                principals.authenticate_certificate(fingerprint).await?
+            }
+        };
+        Ok(principal.map(|p| Grants::of(policies, &p.roles)))
     }
 
     /// 400 if a read that may disclose personal data of `stream` (`None`: of
@@ -207,10 +230,34 @@ impl FromRequestParts<AppState> for Caller {
                 None => ApiError::Unauthorized(why),
             }
         };
-        let header = parts
-            .headers
-            .get(AUTHORIZATION)
-            .ok_or_else(|| refuse("an Authorization: Bearer token is required"))?;
+        let certificate = parts
+            .extensions
+            .get::<crate::tls::PeerCertificate>()
+            .map(|c| c.fingerprint.clone());
+        let Some(header) = parts.headers.get(AUTHORIZATION) else {
+            let Some(fingerprint) = certificate else {
+                return Err(refuse("an Authorization: Bearer token is required"));
+            };
+            return match state
+                .principals
+                .authenticate_certificate(&fingerprint)
+                .await
+            {
+                Ok(Some(principal)) => {
+                    admit(
+                        state,
+                        audit,
+                        &principal,
+                        Credential::Certificate(fingerprint),
+                    )
+                    .await
+                }
+                Ok(None) => Err(refuse(
+                    "the client certificate is bound to no principal; send an Authorization: Bearer token",
+                )),
+                Err(e) => Err(not_authenticated(e)),
+            };
+        };
         let token = header
             .to_str()
             .ok()
@@ -221,38 +268,72 @@ impl FromRequestParts<AppState> for Caller {
             .ok_or_else(|| refuse("the Authorization header must be 'Bearer <token>'"))?;
         match state.principals.authenticate(token).await {
             Ok(Some(principal)) => {
-                tracing::Span::current().record("principal", principal.name.as_str());
-                audit.set_principal(&principal.name);
-                if let Some(turns) = &state.turns {
-                    audit.hold_turn(turns.take(&principal.name).await);
+                if let Some(fingerprint) = certificate {
+                    match state
+                        .principals
+                        .authenticate_certificate(&fingerprint)
+                        .await
+                    {
+                        Ok(Some(bound)) if bound.name != principal.name => {
+                            return Err(refuse(
+                                "the bearer token and the client certificate belong to different principals",
+                            ));
+                        }
+                        Ok(_) => {}
+                        Err(e) => return Err(not_authenticated(e)),
+                    }
                 }
-                if let Some(problem) = audit.bad_header() {
-                    return Err(ApiError::BadRequest(problem.to_owned()));
-                }
-                if let Some(limiter) = &state.rate_limit
-                    && let Err(until) = limiter.check_key(&principal.name)
-                {
-                    use governor::clock::Clock;
-                    let wait = until.wait_time_from(governor::clock::DefaultClock::default().now());
-                    return Err(ApiError::TooManyRequests(
-                        wait.as_secs_f64().ceil().max(1.0) as u64,
-                    ));
-                }
-                let grants = Grants::of(&state.policies, &principal.roles);
-                Ok(Caller {
-                    grants,
-                    audit,
-                    token: Token(Zeroizing::new(token.to_owned())),
-                })
+                let credential = Credential::Token(Token(Zeroizing::new(token.to_owned())));
+                admit(state, audit, &principal, credential).await
             }
             Ok(None) => Err(refuse("the token is not valid")),
-            Err(crate::principals::PrincipalError::Store(e)) if e.fault().is_some() => {
-                Err(ApiError::from_fault(&e))
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "authentication failed");
-                Err(ApiError::Internal)
-            }
+            Err(e) => Err(not_authenticated(e)),
+        }
+    }
+}
+
+/// The caller `principal`, once its turn, its headers and its rate allow.
+async fn admit(
+    state: &AppState,
+    audit: AuditSlot,
+    principal: &crate::principals::Principal,
+    credential: Credential,
+) -> Result<Caller, ApiError> {
+    tracing::Span::current().record("principal", principal.name.as_str());
+    audit.set_principal(&principal.name);
+    if let Some(turns) = &state.turns {
+        audit.hold_turn(turns.take(&principal.name).await);
+    }
+    if let Some(problem) = audit.bad_header() {
+        return Err(ApiError::BadRequest(problem.to_owned()));
+    }
+    if let Some(limiter) = &state.rate_limit
+        && let Err(until) = limiter.check_key(&principal.name)
+    {
+        use governor::clock::Clock;
+        let wait = until.wait_time_from(governor::clock::DefaultClock::default().now());
+        return Err(ApiError::TooManyRequests(
+            wait.as_secs_f64().ceil().max(1.0) as u64,
+        ));
+    }
+    let grants = Grants::of(&state.policies, &principal.roles);
+    Ok(Caller {
+        grants,
+        audit,
+        credential,
+    })
+}
+
+/// The answer when the principals could not be read: 503 for a store that
+/// may come back, 500 otherwise.
+fn not_authenticated(e: crate::principals::PrincipalError) -> ApiError {
+    match e {
+        crate::principals::PrincipalError::Store(e) if e.fault().is_some() => {
+            ApiError::from_fault(&e)
+        }
+        e => {
+            tracing::error!(error = %e, "authentication failed");
+            ApiError::Internal
         }
     }
 }

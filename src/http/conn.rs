@@ -36,6 +36,17 @@
 //! `axum::extract::ConnectInfo<SocketAddr>`: requests without a valid token
 //! are limited, and their audit records aggregated, by client address
 //! (`http::unauthenticated`).
+//!
+//! With TLS (`crate::tls`) every connection is a TLS handshake first, under
+//! the current certificates (a reload changes what new handshakes see), and
+//! then HTTP/1.1 over the encrypted stream with the same limits. The
+//! handshake holds the connection's slot and must end within the header
+//! deadline, so a peer that never finishes it holds a slot no longer than
+//! a slowloris would. A verified client certificate goes to every request
+//! of the connection as a [`crate::tls::PeerCertificate`] extension. A
+//! connection beyond the limit is closed without an answer (a plain-HTTP
+//! 503 means nothing to a TLS client, and a handshake to deliver it would
+//! cost what the limit is there to spare).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -98,6 +109,7 @@ pub async fn serve(
     app: Router,
     limits: Limits,
     metrics: Metrics,
+    tls: Option<Arc<crate::tls::Certificates>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -144,36 +156,64 @@ pub async fn serve(
                     "connection limit reached; new connections are answered 503 until some close"
                 );
             }
-            refuse(stream, &refusals, &limits, &metrics);
+            if tls.is_none() {
+                refuse(stream, &refusals, &limits, &metrics);
+            }
             continue;
         };
         at_limit = false;
-        let io = Guarded::new(stream, Some(slot), limits, metrics.clone());
-        let service = Tracked {
-            app: app.clone(),
-            shared: io.shared.clone(),
-            peer,
+        let (stop, closed) = (stop_rx.clone(), closed_rx.clone());
+        let Some(tls) = &tls else {
+            let io = Guarded::new(stream, Some(slot), limits, metrics.clone());
+            let conn = Connection {
+                http: http.clone(),
+                app: app.clone(),
+                peer,
+                certificate: None,
+            };
+            tokio::spawn(conn.serve(io, stop, closed));
+            continue;
         };
-        let conn = http.serve_connection(TokioIo::new(io), service);
-        let (mut stop, closed) = (stop_rx.clone(), closed_rx.clone());
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+        let (http, app) = (http.clone(), app.clone());
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            // Boxed, so that it (and the response body it may hold, with a
-            // subscription's closing record) is dropped before `closed`.
-            let mut conn = Box::pin(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                () = async { drop(stop.wait_for(|s| *s).await) } => {
-                    // Finish the request in progress (a subscription ends
-                    // through the service's own shutdown signal), then close.
-                    conn.as_mut().graceful_shutdown();
-                    conn.as_mut().await
+            // The slot is held through the handshake, which has the header
+            // deadline: a peer that never finishes it is dropped then.
+            let handshake =
+                tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await;
+            let stream = match handshake {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    metrics.limit_applied(Limit::HeaderReadTimeout);
+                    tracing::debug!(
+                        "a TLS handshake did not finish within the header read timeout; closing"
+                    );
+                    return;
                 }
             };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-            drop(conn);
-            drop(closed);
+            // Only a certificate the verifier accepted is ever here: with
+            // no client CA none is asked for.
+            let certificate = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| crate::tls::PeerCertificate {
+                    fingerprint: crate::tls::fingerprint(c),
+                });
+            let io = Guarded::new(stream, Some(slot), limits, metrics);
+            let conn = Connection {
+                http,
+                app,
+                peer,
+                certificate,
+            };
+            conn.serve(io, stop, closed).await;
         });
     }
     drop(listener);
@@ -181,6 +221,52 @@ pub async fn serve(
     drop(closed_rx);
     closed_tx.closed().await;
     Ok(())
+}
+
+/// What one accepted connection is served with.
+struct Connection {
+    http: hyper::server::conn::http1::Builder,
+    app: Router,
+    peer: std::net::SocketAddr,
+    certificate: Option<crate::tls::PeerCertificate>,
+}
+
+impl Connection {
+    /// Serves HTTP/1.1 on `io` until the client closes, a limit closes the
+    /// connection, or the service stops (`stop`); `closed` is dropped last.
+    async fn serve<S>(
+        self,
+        io: Guarded<S>,
+        mut stop: watch::Receiver<bool>,
+        closed: watch::Receiver<()>,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = Tracked {
+            app: self.app,
+            shared: io.shared.clone(),
+            peer: self.peer,
+            certificate: self.certificate,
+        };
+        let conn = self.http.serve_connection(TokioIo::new(io), service);
+        // Boxed, so that it (and the response body it may hold, with a
+        // subscription's closing record) is dropped before `closed`.
+        let mut conn = Box::pin(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            () = async { drop(stop.wait_for(|s| *s).await) } => {
+                // Finish the request in progress (a subscription ends
+                // through the service's own shutdown signal), then close.
+                conn.as_mut().graceful_shutdown();
+                conn.as_mut().await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+        drop(conn);
+        drop(closed);
+    }
 }
 
 /// Answers a connection beyond the limit with a 503 and closes it; with too
@@ -225,6 +311,9 @@ struct Tracked {
     /// The client's address, handed to the router with every request
     /// (`ConnectInfo`): requests without a valid token are limited by it.
     peer: std::net::SocketAddr,
+    /// The connection's verified client certificate, handed to the router
+    /// with every request: the `Caller` extractor may find its principal.
+    certificate: Option<crate::tls::PeerCertificate>,
 }
 
 /// Marks the request answered when dropped.
@@ -248,6 +337,9 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Tracked {
         self.shared.busy.store(true, Ordering::Release);
         req.extensions_mut()
             .insert(axum::extract::ConnectInfo(self.peer));
+        if let Some(c) = &self.certificate {
+            req.extensions_mut().insert(c.clone());
+        }
         let answering = Answering(self.shared.clone());
         let response = tower::ServiceExt::oneshot(self.app.clone(), req);
         Box::pin(async move {

@@ -5,6 +5,7 @@ mod audit;
 mod auth;
 mod body;
 pub mod conn;
+pub mod cors;
 mod disclosure;
 mod health;
 mod log;
@@ -86,6 +87,8 @@ pub struct AppState {
     /// Where the start-up check of the data keys stands: no data route
     /// serves before it is `Complete`.
     pub data_keys: tokio::sync::watch::Receiver<KeyCheck>,
+    /// The browser origins allowed to call the API; `None`: no CORS.
+    pub cors: Option<cors::Cors>,
 }
 
 /// The id in a request path (a stream or a subject), checked by `parse`:
@@ -206,7 +209,8 @@ pub fn router(state: AppState) -> Router {
     api.merge(operations_api);
     let document = health::Document::new(openapi::finish(api));
     let metrics = state.metrics.clone();
-    Router::new()
+    let cross_origin = state.cors.clone();
+    let router = Router::new()
         .merge(data)
         .merge(operations)
         // A path served with other methods: problem+json, and the router
@@ -248,5 +252,11 @@ pub fn router(state: AppState) -> Router {
             }),
         )
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid));
+    // Outermost: a preflight is answered before anything else, and every
+    // answer to an allowed origin, refusals included, carries the headers.
+    match cross_origin {
+        Some(c) => router.layer(axum::middleware::from_fn_with_state(c, cors::cross_origin)),
+        None => router,
+    }
 }

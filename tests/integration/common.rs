@@ -864,7 +864,14 @@ impl ServerProcess {
     /// is ready (`eventvault ready`, once the forget ledger is re-applied),
     /// or returns what it printed if it exits first.
     pub async fn start(env: &TestEnv) -> Result<ServerProcess, String> {
-        let mut child = command(env, &["serve", "--listen", "127.0.0.1:0"])
+        ServerProcess::start_with(env, &[]).await
+    }
+
+    /// [`ServerProcess::start`] with further `serve` flags.
+    pub async fn start_with(env: &TestEnv, flags: &[&str]) -> Result<ServerProcess, String> {
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(flags);
+        let mut child = command(env, &args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
