@@ -125,10 +125,17 @@ pub async fn cross_origin(State(cors): State<Cors>, req: Request, next: Next) ->
     if !cors.allows(&req) {
         return next.run(req).await;
     }
-    match cors.layer.layer(next).oneshot(req).await {
+    let mut response = match cors.layer.layer(next).oneshot(req).await {
         Ok(response) => response.into_response(),
         Err(never) => match never {},
-    }
+    };
+    // A preflight is answered here, outside the layer that marks every
+    // other answer: it too must not be kept by a cache.
+    response
+        .headers_mut()
+        .entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    response
 }
 
 #[cfg(test)]

@@ -82,6 +82,7 @@ async fn an_allowed_origins_preflight_is_answered(backend: Backend) {
     assert!(r.status().is_success(), "{}", r.status());
     let h = r.headers();
     assert_eq!(header(h, "access-control-allow-origin"), ALLOWED);
+    assert_eq!(header(h, "cache-control"), "no-store");
     let methods = list(h, "access-control-allow-methods");
     for m in ["get", "post", "put"] {
         assert!(methods.iter().any(|x| x == m), "{methods:?}");

@@ -32,6 +32,7 @@ both_backends!(
     a_required_client_certificate_refuses_a_handshake_without_one,
     a_removed_certificate_principals_subscription_ends,
     sighup_reloads_the_certificates_and_keeps_open_connections,
+    a_peer_that_never_finishes_the_handshake_loses_its_slot,
 );
 
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -506,6 +507,31 @@ async fn a_removed_certificate_principals_subscription_ends(backend: Backend) {
         crate::subscribe::eventually_recorded(&app, "action=log.subscribe.close", |_| true).await;
     assert_eq!(closed["outcome"], "denied");
     assert_eq!(closed["principal"], "teller");
+    app.stop().await;
+}
+
+async fn a_peer_that_never_finishes_the_handshake_loses_its_slot(backend: Backend) {
+    let env = TestEnv::new(&backend).await;
+    let pki = Pki::new("test CA");
+    configure_tls(&env, &pki, false, false);
+    env.configure(|c| {
+        c.max_connections = 1;
+        c.header_read_timeout = Duration::from_millis(500);
+    });
+    let app = start_tls(env, &pki, None).await;
+    // Connects and sends nothing: it holds the only slot, for a while.
+    let mut silent = TcpStream::connect(app.base.trim_start_matches("https://"))
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(PATIENCE, silent.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the server closed the silent connection");
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    // Its slot is free again.
+    let mut tls = connect(&app.base, &pki, &[&rustls::version::TLS13])
+        .await
+        .unwrap();
+    assert_eq!(get_on(&mut tls, "/healthz").await.unwrap(), 200);
     app.stop().await;
 }
 
