@@ -60,6 +60,14 @@ pub struct Config {
     pub master_key_file: PathBuf,
     /// Master key in base64, from `EVENTVAULT_MASTER_KEY`.
     pub master_key: Option<Zeroizing<String>>,
+    /// Where the master key lives (`file:PATH` or `pkcs11:token=…;object=…`);
+    /// `None`: the file `master_key_file`.
+    pub master_key_uri: Option<String>,
+    /// The PKCS#11 module (a shared library) of the token a `pkcs11:`
+    /// master key is on.
+    pub pkcs11_module: Option<PathBuf>,
+    /// The token's user PIN, from `EVENTVAULT_PKCS11_PIN` only.
+    pub pkcs11_pin: Option<Zeroizing<String>>,
     /// Directory holding `classification.toml` and `roles.toml`.
     pub policies_dir: PathBuf,
     /// Largest accepted request body in bytes.
@@ -125,6 +133,34 @@ pub struct Config {
     pub accept_missing_keys: bool,
 }
 
+impl Config {
+    /// Where the master key lives: `--master-key-uri`, else the file of
+    /// `--master-key-file`.
+    pub fn master_key_uri(&self) -> Result<crate::keys::uri::MasterKeyUri, crate::keys::KeyError> {
+        match &self.master_key_uri {
+            Some(text) => crate::keys::uri::MasterKeyUri::parse(text)
+                .map_err(|e| crate::keys::KeyError::MasterKey(format!("--master-key-uri: {e}"))),
+            None => Ok(crate::keys::uri::MasterKeyUri::File(
+                self.master_key_file.clone(),
+            )),
+        }
+    }
+
+    /// Where the master key at `uri` comes from, with this configuration's
+    /// secrets and module.
+    pub fn master_key_source<'a>(
+        &'a self,
+        uri: &'a crate::keys::uri::MasterKeyUri,
+    ) -> crate::keys::MasterKeySource<'a> {
+        crate::keys::MasterKeySource {
+            uri,
+            env_value: self.master_key.as_deref().map(String::as_str),
+            pkcs11_module: self.pkcs11_module.as_deref(),
+            pkcs11_pin: self.pkcs11_pin.as_ref(),
+        }
+    }
+}
+
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
@@ -135,6 +171,12 @@ impl std::fmt::Debug for Config {
             .field(
                 "master_key",
                 &self.master_key.as_ref().map(|_| "<from environment>"),
+            )
+            .field("master_key_uri", &self.master_key_uri)
+            .field("pkcs11_module", &self.pkcs11_module)
+            .field(
+                "pkcs11_pin",
+                &self.pkcs11_pin.as_ref().map(|_| "<from environment>"),
             )
             .field("policies_dir", &self.policies_dir)
             .field("max_body_bytes", &self.max_body_bytes)
@@ -250,6 +292,16 @@ pub struct StoreArgs {
         default_value = defaults::MASTER_KEY_FILE
     )]
     pub master_key_file: PathBuf,
+    /// Where the master key lives: `file:PATH` (the default is the file of
+    /// --master-key-file) or a PKCS#11 URI, `pkcs11:token=LABEL;object=LABEL`,
+    /// for a key on a hardware token (created there on first start), whose
+    /// user PIN is read from EVENTVAULT_PKCS11_PIN alone.
+    #[arg(long, global = true, env = "EVENTVAULT_MASTER_KEY_URI")]
+    pub master_key_uri: Option<String>,
+    /// The PKCS#11 module (shared library) of the token named by a
+    /// `pkcs11:` --master-key-uri, e.g. /usr/lib/softhsm/libsofthsm2.so.
+    #[arg(long, global = true, env = "EVENTVAULT_PKCS11_MODULE")]
+    pub pkcs11_module: Option<PathBuf>,
     /// Directory with classification.toml and roles.toml.
     #[arg(
         long,
@@ -421,6 +473,9 @@ impl Default for Config {
             keystore_url: defaults::KEYSTORE_URL.into(),
             master_key_file: defaults::MASTER_KEY_FILE.into(),
             master_key: None,
+            master_key_uri: None,
+            pkcs11_module: None,
+            pkcs11_pin: None,
             policies_dir: defaults::POLICIES_DIR.into(),
             max_body_bytes: defaults::MAX_BODY_BYTES,
             key_cache_capacity: defaults::KEY_CACHE,
@@ -464,6 +519,11 @@ impl StoreArgs {
             keystore_url: self.keystore_url.clone(),
             master_key_file: self.master_key_file.clone(),
             master_key: std::env::var("EVENTVAULT_MASTER_KEY")
+                .ok()
+                .map(Zeroizing::new),
+            master_key_uri: self.master_key_uri.clone(),
+            pkcs11_module: self.pkcs11_module.clone(),
+            pkcs11_pin: std::env::var("EVENTVAULT_PKCS11_PIN")
                 .ok()
                 .map(Zeroizing::new),
             policies_dir: self.policies_dir.clone(),
@@ -529,11 +589,11 @@ mod tests {
         let flags = Flags::try_parse_from(["eventvault"]).expect("no flag is required");
         let from_flags = format!("{:#?}", flags.serve.config(&flags.store));
         let default = format!("{:#?}", Config::default());
-        // The master key may come from the environment of whoever runs the
-        // tests; everything else must agree.
+        // The master key and the PIN may come from the environment of
+        // whoever runs the tests; everything else must agree.
         let strip = |s: &str| {
             s.lines()
-                .filter(|l| !l.contains("master_key:"))
+                .filter(|l| !l.contains("master_key:") && !l.contains("pkcs11_pin:"))
                 .collect::<Vec<_>>()
                 .join("\n")
         };

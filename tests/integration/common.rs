@@ -864,7 +864,16 @@ impl ServerProcess {
     /// is ready (`eventvault ready`, once the forget ledger is re-applied),
     /// or returns what it printed if it exits first.
     pub async fn start(env: &TestEnv) -> Result<ServerProcess, String> {
-        let mut child = command(env, &["serve", "--listen", "127.0.0.1:0"])
+        Self::start_command(env, command(env, &["serve", "--listen", "127.0.0.1:0"])).await
+    }
+
+    /// [`ServerProcess::start`] with a command of the caller's (more flags,
+    /// another environment).
+    pub async fn start_command(
+        env: &TestEnv,
+        mut cmd: tokio::process::Command,
+    ) -> Result<ServerProcess, String> {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

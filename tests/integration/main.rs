@@ -15,6 +15,7 @@ mod faults;
 mod forget;
 mod forget_faults;
 mod host;
+mod hsm;
 mod key_cache;
 mod keyloss;
 mod keys;
