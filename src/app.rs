@@ -62,6 +62,8 @@ pub enum StartError {
     SharedDatabase(String),
     #[error(transparent)]
     Relay(#[from] RelayConfigError),
+    #[error(transparent)]
+    Jwt(#[from] crate::jwt::JwtError),
 }
 
 /// Opens the event store and loads the policies: what every command needs.
@@ -240,6 +242,11 @@ impl Application {
             .as_deref()
             .map(|url| RelayConfig::parse(url, &cfg.nats_stream, &cfg.nats_subject_prefix))
             .transpose()?;
+        // JWT callers as configured, their key set loaded: or no start.
+        let jwt = match &cfg.jwt {
+            Some(c) => Some(Arc::new(crate::jwt::Verifier::start(c).await?)),
+            None => None,
+        };
         let (store, policies) = open_event_store(cfg).await?;
         // This application's own registry: several applications in one
         // process (the tests) each count only what they did.
@@ -290,6 +297,7 @@ impl Application {
             store,
             keys,
             principals,
+            jwt,
             policies,
             config: Arc::new(HttpConfig {
                 max_body_bytes: cfg.max_body_bytes,

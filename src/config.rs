@@ -131,6 +131,9 @@ pub struct Config {
     /// the keystore (their events then read `lost`; recorded and audited)
     /// instead of refusing to become ready.
     pub accept_missing_keys: bool,
+    /// Callers from the identity provider (bearer JWTs); `None`: only
+    /// eventvault's own tokens.
+    pub jwt: Option<crate::jwt::JwtConfig>,
 }
 
 impl Config {
@@ -217,6 +220,7 @@ impl std::fmt::Debug for Config {
             .field("nats_stream", &self.nats_stream)
             .field("nats_subject_prefix", &self.nats_subject_prefix)
             .field("accept_missing_keys", &self.accept_missing_keys)
+            .field("jwt", &self.jwt)
             .finish()
     }
 }
@@ -453,6 +457,27 @@ pub struct ServeArgs {
     /// once, for a loss you have looked at, then remove it.
     #[arg(long, env = "EVENTVAULT_ACCEPT_MISSING_KEYS")]
     pub accept_missing_keys: bool,
+    /// Accept bearer JWTs from the identity provider with this issuer
+    /// (`iss`), beside eventvault's own tokens. Needs --jwt-audience and
+    /// one of --jwt-jwks-url or --jwt-jwks-file.
+    #[arg(long, env = "EVENTVAULT_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// The audience (`aud`) such a token must name.
+    #[arg(long, env = "EVENTVAULT_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// http(s) URL of the identity provider's JWK set: fetched at start
+    /// (the start fails if it cannot be) and again for an unknown key id,
+    /// at most every 30 seconds.
+    #[arg(long, env = "EVENTVAULT_JWT_JWKS_URL", hide_env_values = true)]
+    pub jwt_jwks_url: Option<String>,
+    /// File holding the identity provider's JWK set, in place of
+    /// --jwt-jwks-url: read at start and again for an unknown key id.
+    #[arg(long, env = "EVENTVAULT_JWT_JWKS_FILE")]
+    pub jwt_jwks_file: Option<PathBuf>,
+    /// The claim of a JWT that holds the caller's role names (an array of
+    /// strings, or one string) from roles.toml.
+    #[arg(long, env = "EVENTVAULT_JWT_ROLES_CLAIM", default_value = crate::jwt::DEFAULT_ROLES_CLAIM)]
+    pub jwt_roles_claim: String,
 }
 
 /// A number of seconds from the command line as a duration of at least one
@@ -505,6 +530,7 @@ impl Default for Config {
             nats_stream: defaults::NATS_STREAM.into(),
             nats_subject_prefix: defaults::NATS_SUBJECT_PREFIX.into(),
             accept_missing_keys: false,
+            jwt: None,
         }
     }
 }
@@ -565,6 +591,13 @@ impl ServeArgs {
             nats_stream: self.nats_stream.clone(),
             nats_subject_prefix: self.nats_subject_prefix.clone(),
             accept_missing_keys: self.accept_missing_keys,
+            jwt: crate::jwt::JwtConfig::from_flags(
+                self.jwt_issuer.as_deref(),
+                self.jwt_audience.as_deref(),
+                self.jwt_jwks_url.as_deref(),
+                self.jwt_jwks_file.as_deref(),
+                &self.jwt_roles_claim,
+            ),
             ..store.config()
         }
     }

@@ -25,6 +25,9 @@ pub struct Caller {
     pub audit: AuditSlot,
     /// The bearer token, for long-lived requests that authenticate again.
     token: Token,
+    /// The verifier of a JWT caller (`None`: one of eventvault's own
+    /// tokens), which such a request asks again.
+    jwt: Option<Arc<crate::jwt::Verifier>>,
 }
 
 /// A bearer token held in memory: zeroized on drop, never shown by `Debug`.
@@ -59,15 +62,22 @@ impl Caller {
 
     /// The caller's grants as they are now, for a request that outlives the
     /// authentication cache (a subscription): `Ok(None)` once the token no
-    /// longer authenticates (the principal was removed), and an error when
-    /// that cannot be told now (the principals cannot be read). The caller
-    /// fails closed on an error: grants that cannot be confirmed are not
-    /// kept, since the principal may have been removed meanwhile.
+    /// longer authenticates (the principal was removed; a JWT expired, or
+    /// its key is no longer in the identity provider's set), and an error
+    /// when that cannot be told now (the principals cannot be read). The
+    /// caller fails closed on an error: grants that cannot be confirmed are
+    /// not kept, since the principal may have been removed meanwhile.
     pub async fn grants_now(
         &self,
         principals: &Principals,
         policies: &Policies,
     ) -> Result<Option<Grants>, crate::principals::PrincipalError> {
+        if let Some(jwt) = &self.jwt {
+            return Ok(jwt
+                .authenticate(&self.token.0)
+                .await
+                .map(|p| Grants::of(policies, &p.roles)));
+        }
         Ok(principals
             .authenticate(&self.token.0)
             .await?
@@ -219,7 +229,15 @@ impl FromRequestParts<AppState> for Caller {
             .map(|(_, t)| t.trim())
             .filter(|t| !t.is_empty())
             .ok_or_else(|| refuse("the Authorization header must be 'Bearer <token>'"))?;
-        match state.principals.authenticate(token).await {
+        // With JWT callers configured, a token that is not one of ours and
+        // has a JWT's shape is verified as one; every refusal of it is the
+        // same 401 as an unknown token of ours.
+        let jwt = state.jwt.clone().filter(|_| crate::jwt::is_jwt(token));
+        let found = match &jwt {
+            Some(verifier) => Ok(verifier.authenticate(token).await.map(Arc::new)),
+            None => state.principals.authenticate(token).await,
+        };
+        match found {
             Ok(Some(principal)) => {
                 tracing::Span::current().record("principal", principal.name.as_str());
                 audit.set_principal(&principal.name);
@@ -243,6 +261,7 @@ impl FromRequestParts<AppState> for Caller {
                     grants,
                     audit,
                     token: Token(Zeroizing::new(token.to_owned())),
+                    jwt,
                 })
             }
             Ok(None) => Err(refuse("the token is not valid")),
