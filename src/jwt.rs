@@ -59,8 +59,11 @@ pub const LEEWAY: Duration = Duration::from_secs(60);
 /// The shortest time between two loads of the key set for unknown kids.
 pub const REFETCH_INTERVAL: Duration = Duration::from_secs(30);
 /// The longest one load of the key set may take (connect, answer, body),
-/// and so the longest a request with an unknown kid waits for it.
-pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// and so about the longest a request with an unknown kid waits for it:
+/// below the default request budget (`--store-timeout-secs`, 5 s), so that
+/// such a request is still answered 401 (and audited as one) rather than
+/// 503 at its deadline.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 /// The default of `--jwt-roles-claim`.
 pub const DEFAULT_ROLES_CLAIM: &str = "roles";
 /// The longest `sub` accepted, in characters.
@@ -410,8 +413,8 @@ impl Verifier {
             return Some(key);
         }
         // The holder of the lock loads within FETCH_TIMEOUT; a request
-        // never waits much longer than that for it.
-        let mut last = tokio::time::timeout(FETCH_TIMEOUT * 2, self.reload.lock())
+        // never waits longer than that for it.
+        let mut last = tokio::time::timeout(FETCH_TIMEOUT, self.reload.lock())
             .await
             .ok()?;
         // A load that ended while this request waited may have brought it.

@@ -16,6 +16,7 @@ mod forget;
 mod forget_faults;
 mod host;
 mod hsm;
+mod jwt;
 mod key_cache;
 mod keyloss;
 mod keys;
