@@ -77,7 +77,7 @@ pub const PRINCIPAL_PREFIX: &str = "jwt:";
 /// How JWT callers are configured (`--jwt-*`). As given: [`Verifier::start`]
 /// checks the combination, so that a flag given alone is a start-up error
 /// rather than ignored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct JwtConfig {
     /// The `iss` every token must carry.
     pub issuer: Option<String>,
@@ -89,6 +89,22 @@ pub struct JwtConfig {
     pub jwks_file: Option<PathBuf>,
     /// The claim holding the caller's role names.
     pub roles_claim: String,
+}
+
+impl std::fmt::Debug for JwtConfig {
+    /// The URL without a password it may hold (as database URLs are shown).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtConfig")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field(
+                "jwks_url",
+                &self.jwks_url.as_deref().map(crate::store::redact_url),
+            )
+            .field("jwks_file", &self.jwks_file)
+            .field("roles_claim", &self.roles_claim)
+            .finish()
+    }
 }
 
 impl JwtConfig {
@@ -663,6 +679,15 @@ mod tests {
         );
         let c = JwtConfig::from_flags(Some("iss"), None, None, None, "roles").unwrap();
         assert_eq!(c.issuer.as_deref(), Some("iss"));
+        let c = JwtConfig::from_flags(
+            None,
+            None,
+            Some("https://idp:hunter2@idp.example/certs"),
+            None,
+            "roles",
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"), "{c:?}");
     }
 
     #[tokio::test]

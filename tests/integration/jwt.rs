@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::both_backends;
-use crate::common::{Backend, TestApp, TestEnv, batch, deposit, remember_secret};
+use crate::common::{Backend, TestApp, TestEnv, batch, command, deposit, remember_secret};
 use crate::subscribe::{Subscriber, eventually_recorded};
 use eventvault::jwt::JwtConfig;
 
@@ -686,4 +686,57 @@ async fn a_jwt_callers_subscription_ends_when_its_token_expires(backend: Backend
     assert_eq!(closed["outcome"], "denied");
     assert_eq!(closed["principal"], "jwt:alice");
     app.stop().await;
+}
+
+/// Flags, variables, and what the error must say.
+type StartCase<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
+/// An operator who gives the flags (or their variables) without all that
+/// goes with them gets a clear error and no service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incomplete_jwt_configuration_stops_the_binary() {
+    let env = TestEnv::new(&Backend::Sqlite).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, jwks(&[&SigningKey::ed25519("ed-1")]).to_string()).unwrap();
+    let file = file.to_str().unwrap();
+    let cases: [StartCase; 4] = [
+        (&["--jwt-issuer", ISSUER], &[], "--jwt-audience is missing"),
+        (
+            &[],
+            &[
+                ("EVENTVAULT_JWT_ISSUER", ISSUER),
+                ("EVENTVAULT_JWT_AUDIENCE", AUDIENCE),
+            ],
+            "a key source (--jwt-jwks-url or --jwt-jwks-file) is missing",
+        ),
+        (
+            &["--jwt-audience", AUDIENCE, "--jwt-jwks-file", file],
+            &[],
+            "--jwt-issuer is missing",
+        ),
+        (
+            &[
+                "--jwt-issuer",
+                ISSUER,
+                "--jwt-audience",
+                AUDIENCE,
+                "--jwt-jwks-file",
+                file,
+            ],
+            &[("EVENTVAULT_JWT_JWKS_URL", "https://idp.example/certs")],
+            "give one of --jwt-jwks-url and --jwt-jwks-file, not both",
+        ),
+    ];
+    for (args, vars, expected) in cases {
+        let mut cmd = command(&env, &["serve", "--listen", "127.0.0.1:0"]);
+        cmd.args(args).envs(vars.iter().copied());
+        let out = tokio::time::timeout(PATIENCE, cmd.output())
+            .await
+            .expect("the binary stops by itself")
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} {vars:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?} {vars:?}: {stderr}");
+    }
 }
