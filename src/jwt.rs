@@ -16,6 +16,8 @@
 //!   `none` and HMAC (`HS*`) are never accepted, whatever the header says:
 //!   no key of the set is ever an HMAC key (symmetric JWKs are skipped), so
 //!   a token "signed" with a public key as an HMAC secret finds none.
+//! - **Header.** A `kid` is required; a `crit` member (extensions the
+//!   recipient must understand) refuses the token: none is understood.
 //! - **Claims.** `exp` is required, `nbf` and `iat` are honoured, each with
 //!   [`LEEWAY`] for clocks that differ (an `iat` further in the future is
 //!   refused); `iss` must be the configured issuer and `aud` name the
@@ -458,6 +460,9 @@ impl Verifier {
         // `none`, or any name jsonwebtoken does not know, fails here.
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| Refusal("malformed token or header, or an unknown alg"))?;
+        if has_critical_extensions(token) {
+            return Err(Refusal("crit names extensions this service does not know"));
+        }
         let kid = header.kid.as_deref().ok_or(Refusal("no kid"))?;
         let key = self.key(kid).await.ok_or(Refusal("unknown kid"))?;
         if header.alg != key.alg {
@@ -481,6 +486,21 @@ impl Verifier {
         v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         v
     }
+}
+
+/// Whether the header has `crit`: it names extensions the recipient must
+/// understand (RFC 7515, 4.1.11), and this service understands none, so
+/// such a token is refused (jsonwebtoken's header does not read `crit`).
+fn has_critical_extensions(token: &str) -> bool {
+    use base64::Engine as _;
+    let Some(encoded) = token.split('.').next() else {
+        return true;
+    };
+    let Ok(json) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(encoded) else {
+        return true;
+    };
+    serde_json::from_slice::<serde_json::Map<String, Value>>(&json)
+        .map_or(true, |header| header.contains_key("crit"))
 }
 
 fn now_secs() -> f64 {
@@ -660,6 +680,20 @@ mod tests {
         assert_eq!(keys["ed"].alg, Algorithm::EdDSA);
         assert!(parse_key_set(b"[]").is_err());
         assert!(parse_key_set(b"not json").is_err());
+    }
+
+    #[test]
+    fn a_header_with_crit_is_refused() {
+        use base64::Engine as _;
+        let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        let token = |h: Value| format!("{}.e30.c2ln", b64(h));
+        assert!(!has_critical_extensions(&token(
+            json!({"alg": "ES256", "kid": "k"})
+        )));
+        assert!(has_critical_extensions(&token(
+            json!({"alg": "ES256", "kid": "k", "crit": ["exp"], "exp": 1})
+        )));
+        assert!(has_critical_extensions("%%%.e30.c2ln"));
     }
 
     #[test]
