@@ -15,7 +15,8 @@ use zeroize::Zeroizing;
 use crate::http::conn;
 use crate::http::unauthenticated::{self, Unauthenticated};
 use crate::http::{AppState, HttpConfig, router};
-use crate::keys::{KeyError, KeyManager, load_master_key, next_master_key_path};
+use crate::keys::uri::MasterKeyUri;
+use crate::keys::{KeyError, KeyManager, next_master_key_path, open_master_key};
 use crate::metrics::Metrics;
 use crate::policy::{Policies, PolicyError};
 use crate::principals::{PrincipalError, Principals};
@@ -66,6 +67,8 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Cors(#[from] crate::http::cors::BadOrigin),
+    #[error(transparent)]
+    Jwt(#[from] crate::jwt::JwtError),
 }
 
 /// Opens the event store and loads the policies: what every command needs.
@@ -105,16 +108,18 @@ pub async fn open_key_manager(
     if cfg.database_url == cfg.keystore_url {
         return Err(StartError::SharedDatabase(redact_url(&cfg.database_url)));
     }
-    if cfg.master_key.is_none() && next_master_key_path(&cfg.master_key_file).exists() {
+    let uri = cfg.master_key_uri()?;
+    if let MasterKeyUri::File(path) = &uri
+        && cfg.master_key.is_none()
+        && next_master_key_path(path).exists()
+    {
         return Err(StartError::Key(KeyError::MasterKey(format!(
             "a master key rotation is unfinished ({} exists); run `eventvault keys rotate-kek` again to finish it",
-            next_master_key_path(&cfg.master_key_file).display()
+            next_master_key_path(path).display()
         ))));
     }
-    let (kek, created) = load_master_key(
-        cfg.master_key.as_deref().map(String::as_str),
-        &cfg.master_key_file,
-    )?;
+    let (kek, created) = open_master_key(&cfg.master_key_source(&uri), true).await?;
+    let kek = kek.with_timeout(cfg.store_timeout);
     let db = Db::connect_bounded(
         &cfg.keystore_url,
         Purpose::Keystore,
@@ -255,13 +260,21 @@ impl Application {
             .as_deref()
             .map(|url| RelayConfig::parse(url, &cfg.nats_stream, &cfg.nats_subject_prefix))
             .transpose()?;
+        // JWT callers as configured, their key set loaded: or no start.
+        let jwt = match &cfg.jwt {
+            Some(c) => Some(Arc::new(crate::jwt::Verifier::start(c).await?)),
+            None => None,
+        };
         let (store, policies) = open_event_store(cfg).await?;
         // This application's own registry: several applications in one
         // process (the tests) each count only what they did.
         let metrics = Metrics::new();
         let (keys, created) = open_key_manager(cfg, &metrics).await?;
         if created {
-            tracing::warn!(path = %cfg.master_key_file.display(), "created a new master key; back it up apart from the keystore");
+            tracing::warn!(
+                uri = %keys.master_key_uri(),
+                "created a new master key; back it up apart from the keystore (on a token: as its vendor says)"
+            );
         }
         let keys = Arc::new(keys);
         let principals = Arc::new(Principals::new(store.clone()));
@@ -302,6 +315,7 @@ impl Application {
             store,
             keys,
             principals,
+            jwt,
             policies,
             config: Arc::new(HttpConfig {
                 max_body_bytes: cfg.max_body_bytes,

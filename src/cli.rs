@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand};
 
 use crate::app;
 use crate::config::{ServeArgs, StoreArgs};
-use crate::keys::rotate_master_key;
+use crate::keys::uri::MasterKeyUri;
+use crate::keys::{open_master_key, rotate_master_key, rotate_master_key_to};
 use crate::principals::Principals;
 use crate::store::audit::{ChainReport, parse_expectation};
 use crate::store::{Db, EventStore, Purpose};
@@ -90,15 +91,24 @@ pub enum BackupCommand {
 
 #[derive(Subcommand)]
 pub enum KeysCommand {
-    /// Generate a new master key and re-wrap every data key under it (no
-    /// event is touched). Run it with every eventvault process stopped; it
-    /// is safe to interrupt and run again.
+    /// Re-wrap every data key under a new master key (no event is
+    /// touched): without --to, a new key generated into the master key
+    /// file; with --to, the key at that URI (a file, or a key on a PKCS#11
+    /// token, created there if absent). Run it with every eventvault process
+    /// stopped; it is safe to interrupt and run again.
     RotateKek {
         /// Data keys re-wrapped per transaction.
         #[arg(long, default_value_t = 500)]
         batch_size: u32,
+        /// Where the new master key lives: `file:PATH` or
+        /// `pkcs11:token=LABEL;object=LABEL` (the token of --pkcs11-module,
+        /// its PIN from EVENTVAULT_PKCS11_PIN). Start the service with it as
+        /// --master-key-uri afterwards.
+        #[arg(long, value_name = "URI")]
+        to: Option<String>,
     },
-    /// The master keys the keystore knows and how many data keys each wraps.
+    /// The master keys the keystore knows, where each lives (its URI), and
+    /// how many data keys each wraps.
     Status,
 }
 
@@ -151,9 +161,10 @@ pub async fn run(store: &StoreArgs, command: AdminCommand) -> CliResult {
         AdminCommand::Audit(AuditCommand::Verify { expect }) => {
             verify_audit(store, expect.as_deref()).await
         }
-        AdminCommand::Keys(KeysCommand::RotateKek { batch_size }) => {
-            rotate_kek(store, batch_size).await
-        }
+        AdminCommand::Keys(KeysCommand::RotateKek { batch_size, to }) => match to {
+            None => rotate_kek(store, batch_size).await,
+            Some(to) => rotate_kek_to(store, batch_size, &to).await,
+        },
         AdminCommand::Keys(KeysCommand::Status) => keys_status(store).await,
         AdminCommand::Backup(which) => backup(store, which).await,
     }
@@ -208,30 +219,60 @@ async fn principal(store: &StoreArgs, cmd: PrincipalCommand) -> CliResult {
     Ok(())
 }
 
+/// Shows how far a rotation has come, on standard error.
+fn show_progress(done: u64, total: u64) {
+    eprint!("\rre-wrapping data keys: {done}/{total}");
+}
+
 async fn rotate_kek(store: &StoreArgs, batch_size: u32) -> CliResult {
     if std::env::var_os("EVENTVAULT_MASTER_KEY").is_some() {
-        return Err("keys rotate-kek works on the master key file; unset EVENTVAULT_MASTER_KEY and point --master-key-file at the key (or rotate in your secret manager with the file as a staging copy)".into());
+        return Err("keys rotate-kek without --to works on the master key file; unset EVENTVAULT_MASTER_KEY and point --master-key-file at the key, or name the new key with --to".into());
     }
     let cfg = store.config();
+    let MasterKeyUri::File(path) = cfg.master_key_uri()? else {
+        return Err("the master key is on a token: name the new one with --to pkcs11:token=…;object=… (or --to file:PATH)".into());
+    };
     let keystore = app::open_keystore(&cfg).await?;
-    let rotation = rotate_master_key(
-        &keystore,
-        &cfg.master_key_file,
-        batch_size,
-        |done, total| {
-            eprint!("\rre-wrapping data keys: {done}/{total}");
-        },
-    )
-    .await;
+    let rotation = rotate_master_key(&keystore, &path, batch_size, show_progress).await;
     eprintln!();
     let r = rotation?;
     println!(
         "Rotated the master key: {} -> {}; {} data keys re-wrapped.",
         r.old_kek_id, r.new_kek_id, r.rewrapped
     );
+    if let Some(retired) = r.retired_key_file {
+        println!(
+            "The old master key is now {}: keep it until every keystore backup taken before now has expired, then destroy it.",
+            retired.display()
+        );
+    }
+    Ok(())
+}
+
+async fn rotate_kek_to(store: &StoreArgs, batch_size: u32, to: &str) -> CliResult {
+    let cfg = store.config();
+    let from = cfg.master_key_uri()?;
+    let to = MasterKeyUri::parse(to).map_err(|e| format!("--to: {e}"))?;
+    let keystore = app::open_keystore(&cfg).await?;
+    let (old, _) = open_master_key(&cfg.master_key_source(&from), false).await?;
+    let target = crate::keys::MasterKeySource {
+        env_value: None,
+        ..cfg.master_key_source(&to)
+    };
+    let (new, created) = open_master_key(&target, true).await?;
+    if created {
+        eprintln!("created the new master key at {to}");
+    }
+    let rotation = rotate_master_key_to(&keystore, &old, &new, batch_size, show_progress).await;
+    eprintln!();
+    let r = rotation?;
     println!(
-        "The old master key is now {}: keep it until every keystore backup taken before now has expired, then destroy it.",
-        r.retired_key_file.display()
+        "Rotated the master key: {} ({from}) -> {} ({to}); {} data keys re-wrapped.",
+        r.old_kek_id, r.new_kek_id, r.rewrapped
+    );
+    println!("Start eventvault with --master-key-uri {to} from now on.");
+    println!(
+        "The old master key ({from}) is untouched: keep it until every keystore backup taken before now has expired, then destroy it."
     );
     Ok(())
 }
@@ -239,19 +280,29 @@ async fn rotate_kek(store: &StoreArgs, batch_size: u32) -> CliResult {
 async fn keys_status(store: &StoreArgs) -> CliResult {
     let cfg = store.config();
     let keystore = app::open_keystore(&cfg).await?;
-    let configured = std::fs::metadata(&cfg.master_key_file)
+    let uri = cfg.master_key_uri()?;
+    // Which one is configured, if it can be opened (nothing is created).
+    let configured = open_master_key(&cfg.master_key_source(&uri), false)
+        .await
+        .map_err(|e| eprintln!("the configured master key ({uri}) cannot be opened: {e}"))
         .ok()
-        .and_then(|_| crate::keys::load_master_key(None, &cfg.master_key_file).ok())
         .map(|(k, _)| k.id().to_owned());
-    for (kek_id, count) in keystore.dek_counts_by_kek().await? {
-        let mark = if configured.as_deref() == Some(kek_id.as_str()) {
+    for k in keystore.dek_counts_by_kek().await? {
+        let mark = if configured.as_deref() == Some(k.kek_id.as_str()) {
             " (configured)"
         } else {
             ""
         };
-        println!("{kek_id}\t{count} data keys{mark}");
+        println!(
+            "{}\t{}\t{} data keys{mark}",
+            k.kek_id,
+            k.uri.as_deref().unwrap_or("(location not recorded)"),
+            k.data_keys
+        );
     }
-    if crate::keys::next_master_key_path(&cfg.master_key_file).exists() {
+    if let MasterKeyUri::File(path) = &uri
+        && crate::keys::next_master_key_path(path).exists()
+    {
         println!("a rotation is unfinished: run `eventvault keys rotate-kek` to finish it");
     }
     Ok(())

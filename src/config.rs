@@ -60,6 +60,14 @@ pub struct Config {
     pub master_key_file: PathBuf,
     /// Master key in base64, from `EVENTVAULT_MASTER_KEY`.
     pub master_key: Option<Zeroizing<String>>,
+    /// Where the master key lives (`file:PATH` or `pkcs11:token=…;object=…`);
+    /// `None`: the file `master_key_file`.
+    pub master_key_uri: Option<String>,
+    /// The PKCS#11 module (a shared library) of the token a `pkcs11:`
+    /// master key is on.
+    pub pkcs11_module: Option<PathBuf>,
+    /// The token's user PIN, from `EVENTVAULT_PKCS11_PIN` only.
+    pub pkcs11_pin: Option<Zeroizing<String>>,
     /// Directory holding `classification.toml` and `roles.toml`.
     pub policies_dir: PathBuf,
     /// Largest accepted request body in bytes.
@@ -136,6 +144,37 @@ pub struct Config {
     /// Browser origins (`scheme://host[:port]`) allowed to call the API
     /// (CORS); none: no CORS header is ever sent.
     pub cors_origins: Vec<String>,
+    /// Callers from the identity provider (bearer JWTs); `None`: only
+    /// eventvault's own tokens.
+    pub jwt: Option<crate::jwt::JwtConfig>,
+}
+
+impl Config {
+    /// Where the master key lives: `--master-key-uri`, else the file of
+    /// `--master-key-file`.
+    pub fn master_key_uri(&self) -> Result<crate::keys::uri::MasterKeyUri, crate::keys::KeyError> {
+        match &self.master_key_uri {
+            Some(text) => crate::keys::uri::MasterKeyUri::parse(text)
+                .map_err(|e| crate::keys::KeyError::MasterKey(format!("--master-key-uri: {e}"))),
+            None => Ok(crate::keys::uri::MasterKeyUri::File(
+                self.master_key_file.clone(),
+            )),
+        }
+    }
+
+    /// Where the master key at `uri` comes from, with this configuration's
+    /// secrets and module.
+    pub fn master_key_source<'a>(
+        &'a self,
+        uri: &'a crate::keys::uri::MasterKeyUri,
+    ) -> crate::keys::MasterKeySource<'a> {
+        crate::keys::MasterKeySource {
+            uri,
+            env_value: self.master_key.as_deref().map(String::as_str),
+            pkcs11_module: self.pkcs11_module.as_deref(),
+            pkcs11_pin: self.pkcs11_pin.as_ref(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -148,6 +187,12 @@ impl std::fmt::Debug for Config {
             .field(
                 "master_key",
                 &self.master_key.as_ref().map(|_| "<from environment>"),
+            )
+            .field("master_key_uri", &self.master_key_uri)
+            .field("pkcs11_module", &self.pkcs11_module)
+            .field(
+                "pkcs11_pin",
+                &self.pkcs11_pin.as_ref().map(|_| "<from environment>"),
             )
             .field("policies_dir", &self.policies_dir)
             .field("max_body_bytes", &self.max_body_bytes)
@@ -193,6 +238,7 @@ impl std::fmt::Debug for Config {
             .field("tls_client_ca", &self.tls_client_ca)
             .field("require_client_cert", &self.require_client_cert)
             .field("cors_origins", &self.cors_origins)
+            .field("jwt", &self.jwt)
             .finish()
     }
 }
@@ -268,6 +314,16 @@ pub struct StoreArgs {
         default_value = defaults::MASTER_KEY_FILE
     )]
     pub master_key_file: PathBuf,
+    /// Where the master key lives: `file:PATH` (the default is the file of
+    /// --master-key-file) or a PKCS#11 URI, `pkcs11:token=LABEL;object=LABEL`,
+    /// for a key on a hardware token (created there on first start), whose
+    /// user PIN is read from EVENTVAULT_PKCS11_PIN alone.
+    #[arg(long, global = true, env = "EVENTVAULT_MASTER_KEY_URI")]
+    pub master_key_uri: Option<String>,
+    /// The PKCS#11 module (shared library) of the token named by a
+    /// `pkcs11:` --master-key-uri, e.g. /usr/lib/softhsm/libsofthsm2.so.
+    #[arg(long, global = true, env = "EVENTVAULT_PKCS11_MODULE")]
+    pub pkcs11_module: Option<PathBuf>,
     /// Directory with classification.toml and roles.toml.
     #[arg(
         long,
@@ -446,6 +502,27 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub cors_origins: Vec<String>,
+    /// Accept bearer JWTs from the identity provider with this issuer
+    /// (`iss`), beside eventvault's own tokens. Needs --jwt-audience and
+    /// one of --jwt-jwks-url or --jwt-jwks-file.
+    #[arg(long, env = "EVENTVAULT_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// The audience (`aud`) such a token must name.
+    #[arg(long, env = "EVENTVAULT_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// http(s) URL of the identity provider's JWK set: fetched at start
+    /// (the start fails if it cannot be) and again for an unknown key id,
+    /// at most every 30 seconds.
+    #[arg(long, env = "EVENTVAULT_JWT_JWKS_URL", hide_env_values = true)]
+    pub jwt_jwks_url: Option<String>,
+    /// File holding the identity provider's JWK set, in place of
+    /// --jwt-jwks-url: read at start and again for an unknown key id.
+    #[arg(long, env = "EVENTVAULT_JWT_JWKS_FILE")]
+    pub jwt_jwks_file: Option<PathBuf>,
+    /// The claim of a JWT that holds the caller's role names (an array of
+    /// strings, or one string) from roles.toml.
+    #[arg(long, env = "EVENTVAULT_JWT_ROLES_CLAIM", default_value = crate::jwt::DEFAULT_ROLES_CLAIM)]
+    pub jwt_roles_claim: String,
 }
 
 /// A number of seconds from the command line as a duration of at least one
@@ -466,6 +543,9 @@ impl Default for Config {
             keystore_url: defaults::KEYSTORE_URL.into(),
             master_key_file: defaults::MASTER_KEY_FILE.into(),
             master_key: None,
+            master_key_uri: None,
+            pkcs11_module: None,
+            pkcs11_pin: None,
             policies_dir: defaults::POLICIES_DIR.into(),
             max_body_bytes: defaults::MAX_BODY_BYTES,
             key_cache_capacity: defaults::KEY_CACHE,
@@ -500,6 +580,7 @@ impl Default for Config {
             tls_client_ca: None,
             require_client_cert: false,
             cors_origins: Vec::new(),
+            jwt: None,
         }
     }
 }
@@ -514,6 +595,11 @@ impl StoreArgs {
             keystore_url: self.keystore_url.clone(),
             master_key_file: self.master_key_file.clone(),
             master_key: std::env::var("EVENTVAULT_MASTER_KEY")
+                .ok()
+                .map(Zeroizing::new),
+            master_key_uri: self.master_key_uri.clone(),
+            pkcs11_module: self.pkcs11_module.clone(),
+            pkcs11_pin: std::env::var("EVENTVAULT_PKCS11_PIN")
                 .ok()
                 .map(Zeroizing::new),
             policies_dir: self.policies_dir.clone(),
@@ -560,6 +646,13 @@ impl ServeArgs {
             tls_client_ca: self.tls_client_ca.clone(),
             require_client_cert: self.require_client_cert,
             cors_origins: self.cors_origins.clone(),
+            jwt: crate::jwt::JwtConfig::from_flags(
+                self.jwt_issuer.as_deref(),
+                self.jwt_audience.as_deref(),
+                self.jwt_jwks_url.as_deref(),
+                self.jwt_jwks_file.as_deref(),
+                &self.jwt_roles_claim,
+            ),
             ..store.config()
         }
     }
@@ -584,11 +677,11 @@ mod tests {
         let flags = Flags::try_parse_from(["eventvault"]).expect("no flag is required");
         let from_flags = format!("{:#?}", flags.serve.config(&flags.store));
         let default = format!("{:#?}", Config::default());
-        // The master key may come from the environment of whoever runs the
-        // tests; everything else must agree.
+        // The master key and the PIN may come from the environment of
+        // whoever runs the tests; everything else must agree.
         let strip = |s: &str| {
             s.lines()
-                .filter(|l| !l.contains("master_key:"))
+                .filter(|l| !l.contains("master_key:") && !l.contains("pkcs11_pin:"))
                 .collect::<Vec<_>>()
                 .join("\n")
         };

@@ -19,6 +19,8 @@
 //! Key types have no `Debug`, are never serialised, and zeroize on drop (the
 //! `aes-gcm` cipher state is built with its `zeroize` feature).
 
+pub mod pkcs11;
+
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use ring::digest;
@@ -51,6 +53,10 @@ pub enum CryptoError {
     /// Key material of the wrong length or encoding.
     #[error("malformed key material")]
     MalformedKey,
+    /// The token that holds the master key did not do the operation (it is
+    /// gone, busy or failing): nothing is known about the blob.
+    #[error("the master key's token is unavailable")]
+    Unavailable,
 }
 
 fn random_bytes<const N: usize>() -> Result<Zeroizing<[u8; N]>, CryptoError> {
@@ -74,46 +80,94 @@ fn aad(label: &[u8], fields: &[&[u8]]) -> Vec<u8> {
     out
 }
 
-/// AES-256-GCM sealing shared by both key kinds:
-/// `version byte | 96-bit random nonce | ciphertext and tag`.
-fn seal_with(cipher: &Aes256Gcm, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
-    let nonce_bytes = random_bytes::<NONCE_LEN>()?;
-    let nonce = Nonce::try_from(&nonce_bytes[..]).map_err(|_| CryptoError::Random)?;
-    let ct = cipher
-        .encrypt(
+/// AES-256-GCM under some key: in this process (`aes-gcm`), or inside a
+/// hardware token, which holds the master key and never gives it out
+/// ([`pkcs11`]). The nonce is made by [`seal_with`], never by a caller.
+pub(crate) trait Gcm: Send + Sync {
+    /// Ciphertext and tag of `plaintext`.
+    fn encrypt(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<Vec<u8>, CryptoError>;
+    /// The plaintext, or [`CryptoError::Integrity`] for any blob that does
+    /// not open.
+    fn decrypt(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        ciphertext: &[u8],
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError>;
+}
+
+impl Gcm for Aes256Gcm {
+    fn encrypt(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
+        let nonce = Nonce::try_from(&nonce[..]).map_err(|_| CryptoError::Random)?;
+        Aead::encrypt(
+            self,
             &nonce,
             Payload {
                 msg: plaintext,
                 aad,
             },
         )
-        .map_err(|_| CryptoError::Integrity)?;
+        .map_err(|_| CryptoError::Integrity)
+    }
+
+    fn decrypt(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        ciphertext: &[u8],
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let nonce = Nonce::try_from(&nonce[..]).map_err(|_| CryptoError::Integrity)?;
+        Aead::decrypt(
+            self,
+            &nonce,
+            Payload {
+                msg: ciphertext,
+                aad,
+            },
+        )
+        .map(Zeroizing::new)
+        .map_err(|_| CryptoError::Integrity)
+    }
+}
+
+/// AES-256-GCM sealing shared by every key kind:
+/// `version byte | 96-bit random nonce | ciphertext and tag`.
+fn seal_with(
+    cipher: &(impl Gcm + ?Sized),
+    plaintext: &[u8],
+    aad: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
+    let nonce = random_bytes::<NONCE_LEN>()?;
+    let ct = cipher.encrypt(&nonce, plaintext, aad)?;
     let mut out = Vec::with_capacity(1 + NONCE_LEN + ct.len());
     out.push(FORMAT_V1);
-    out.extend_from_slice(&nonce_bytes[..]);
+    out.extend_from_slice(&nonce[..]);
     out.extend_from_slice(&ct);
     Ok(out)
 }
 
 fn open_with(
-    cipher: &Aes256Gcm,
+    cipher: &(impl Gcm + ?Sized),
     blob: &[u8],
     aad: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
     if blob.len() < 1 + NONCE_LEN + TAG_LEN || blob[0] != FORMAT_V1 {
         return Err(CryptoError::Integrity);
     }
-    let nonce = Nonce::try_from(&blob[1..1 + NONCE_LEN]).map_err(|_| CryptoError::Integrity)?;
-    cipher
-        .decrypt(
-            &nonce,
-            Payload {
-                msg: &blob[1 + NONCE_LEN..],
-                aad,
-            },
-        )
-        .map(Zeroizing::new)
-        .map_err(|_| CryptoError::Integrity)
+    let nonce: [u8; NONCE_LEN] = blob[1..1 + NONCE_LEN]
+        .try_into()
+        .map_err(|_| CryptoError::Integrity)?;
+    cipher.decrypt(&nonce, &blob[1 + NONCE_LEN..], aad)
 }
 
 fn cipher_from(key: &[u8]) -> Result<Aes256Gcm, CryptoError> {
@@ -307,10 +361,14 @@ pub struct NewDek {
     pub wrapped: Vec<u8>,
 }
 
-/// The master key-encryption key. No `Debug`, no `Clone`, zeroized on drop.
+/// The master key-encryption key. No `Debug`, no `Clone`; in this process
+/// its cipher state is zeroized on drop, on a token it never leaves it.
 pub struct Kek {
-    cipher: Aes256Gcm,
+    cipher: Box<dyn Gcm>,
     id: String,
+    /// Whether its operations are calls into a token (a device that may be
+    /// slow or gone), which the key manager makes off the async threads.
+    on_token: bool,
 }
 
 impl Kek {
@@ -335,9 +393,31 @@ impl Kek {
         input.extend_from_slice(bytes);
         let id = hex::encode(&digest::digest(&digest::SHA256, &input).as_ref()[..8]);
         Ok(Self {
-            cipher: cipher_from(bytes)?,
+            cipher: Box::new(cipher_from(bytes)?),
             id,
+            on_token: false,
         })
+    }
+
+    /// A master key held by a token: `cipher` runs inside it; `token_id` is
+    /// what the token stores to tell this key from every other (its
+    /// `CKA_ID`), from which the public id is derived.
+    pub(crate) fn on_token(cipher: Box<dyn Gcm>, token_id: &[u8]) -> Self {
+        let mut input = Vec::with_capacity(KEK_ID_LABEL.len() + 8 + token_id.len());
+        input.extend_from_slice(KEK_ID_LABEL);
+        input.extend_from_slice(b"/pkcs11/");
+        input.extend_from_slice(token_id);
+        let id = hex::encode(&digest::digest(&digest::SHA256, &input).as_ref()[..8]);
+        Self {
+            cipher,
+            id,
+            on_token: true,
+        }
+    }
+
+    /// Whether this key's operations are calls into a token.
+    pub fn is_on_token(&self) -> bool {
+        self.on_token
     }
 
     /// A master key from its base64 text (surrounding white space ignored).
@@ -360,7 +440,7 @@ impl Kek {
     /// wrong master key is detected at start rather than when data is read.
     pub fn seal_check(&self) -> Result<Vec<u8>, CryptoError> {
         seal_with(
-            &self.cipher,
+            self.cipher.as_ref(),
             KEK_CHECK_LABEL,
             &aad(KEK_CHECK_LABEL, &[self.id.as_bytes()]),
         )
@@ -369,7 +449,7 @@ impl Kek {
     /// Whether `blob` was made by [`Kek::seal_check`] with this very key.
     pub fn verify_check(&self, blob: &[u8]) -> Result<(), CryptoError> {
         let plain = open_with(
-            &self.cipher,
+            self.cipher.as_ref(),
             blob,
             &aad(KEK_CHECK_LABEL, &[self.id.as_bytes()]),
         )?;
@@ -384,7 +464,7 @@ impl Kek {
     pub fn new_dek(&self, key_id: &str, subject: &str) -> Result<NewDek, CryptoError> {
         let raw = random_bytes::<KEY_LEN>()?;
         let wrapped = seal_with(
-            &self.cipher,
+            self.cipher.as_ref(),
             &raw[..],
             &aad(DEK_AAD_LABEL, &[key_id.as_bytes(), subject.as_bytes()]),
         )?;
@@ -405,7 +485,7 @@ impl Kek {
         subject: &str,
     ) -> Result<Dek, CryptoError> {
         let raw = open_with(
-            &self.cipher,
+            self.cipher.as_ref(),
             wrapped,
             &aad(DEK_AAD_LABEL, &[key_id.as_bytes(), subject.as_bytes()]),
         )?;
@@ -426,8 +506,8 @@ impl Kek {
         subject: &str,
     ) -> Result<Vec<u8>, CryptoError> {
         let ad = aad(DEK_AAD_LABEL, &[key_id.as_bytes(), subject.as_bytes()]);
-        let raw = open_with(&old.cipher, wrapped, &ad)?;
-        seal_with(&self.cipher, &raw, &ad)
+        let raw = open_with(old.cipher.as_ref(), wrapped, &ad)?;
+        seal_with(self.cipher.as_ref(), &raw, &ad)
     }
 }
 

@@ -2,10 +2,12 @@
 //! subject's key, unwraps stored keys with the master key, and keeps the
 //! unwrapped ones in bounded caches (which a forget will evict).
 //!
-//! It also owns the master key's life on disk: loading it from
+//! It also owns the master key's life: loading it from
 //! `EVENTVAULT_MASTER_KEY` or the key file, creating that file (mode 0600) on
-//! first start, and refusing to start when the master key does not open the
-//! keystore.
+//! first start, or opening it on a PKCS#11 token ([`uri`]); refusing to start
+//! when the master key does not open the keystore; and rotating it.
+
+pub mod uri;
 
 use std::collections::{HashSet, VecDeque};
 use std::num::NonZeroUsize;
@@ -40,6 +42,148 @@ pub enum KeyError {
     MasterKey(String),
     #[error("data key {0} is wrapped by a master key this process does not have")]
     UnknownKek(String),
+    #[error("master key {uri}: {source}")]
+    Token {
+        uri: String,
+        source: crate::crypto::pkcs11::TokenError,
+    },
+    #[error(
+        "data keys are still wrapped by master key {kek_id} ({uri}) as well as by the configured one \
+         ({configured}): a rotation between them is unfinished; finish it with `eventvault keys \
+         rotate-kek`, the old key as --master-key-uri and the new one as --to"
+    )]
+    RotationUnfinished {
+        kek_id: String,
+        uri: String,
+        configured: String,
+    },
+}
+
+/// How long a call into the master key's token may take before the request
+/// that needs it is answered 503 (a network HSM that stops answering must
+/// not hang the service).
+pub const TOKEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The master key and where it lives. Operations on a key held by a token
+/// run off the async threads, bounded by a timeout.
+#[derive(Clone)]
+pub struct MasterKey {
+    kek: Arc<Kek>,
+    uri: uri::MasterKeyUri,
+    timeout: Duration,
+}
+
+impl MasterKey {
+    pub fn new(kek: Kek, uri: uri::MasterKeyUri) -> Self {
+        Self {
+            kek: Arc::new(kek),
+            uri,
+            timeout: TOKEN_TIMEOUT,
+        }
+    }
+
+    /// The same key, with calls into its token bounded by `timeout`.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn id(&self) -> &str {
+        self.kek.id()
+    }
+
+    pub fn uri(&self) -> &uri::MasterKeyUri {
+        &self.uri
+    }
+
+    /// Runs `op` with the key: here for a key in this process; for a key on
+    /// a token on a blocking thread, [`CryptoError::Unavailable`] if the
+    /// token takes longer than the timeout.
+    async fn run<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Kek) -> Result<T, CryptoError> + Send + 'static,
+    ) -> Result<T, CryptoError> {
+        if !self.kek.is_on_token() {
+            return op(&self.kek);
+        }
+        let kek = self.kek.clone();
+        match tokio::time::timeout(self.timeout, tokio::task::spawn_blocking(move || op(&kek)))
+            .await
+        {
+            Ok(Ok(result)) => result,
+            Ok(Err(_panicked)) => Err(CryptoError::Unavailable),
+            Err(_elapsed) => {
+                tracing::warn!(
+                    timeout_ms = self.timeout.as_millis() as u64,
+                    "the master key's token did not answer in time"
+                );
+                Err(CryptoError::Unavailable)
+            }
+        }
+    }
+}
+
+/// Where the master key comes from, as configured.
+pub struct MasterKeySource<'a> {
+    pub uri: &'a uri::MasterKeyUri,
+    /// `EVENTVAULT_MASTER_KEY` (base64), which stands in for a key file.
+    pub env_value: Option<&'a str>,
+    /// `--pkcs11-module`.
+    pub pkcs11_module: Option<&'a Path>,
+    /// `EVENTVAULT_PKCS11_PIN`.
+    pub pkcs11_pin: Option<&'a Zeroizing<String>>,
+}
+
+/// Opens the master key: from the file (see [`load_master_key`]) or on its
+/// token; with `create`, a key that does not exist yet is created there.
+/// Returns it and whether it was just created.
+pub async fn open_master_key(
+    source: &MasterKeySource<'_>,
+    create: bool,
+) -> Result<(MasterKey, bool), KeyError> {
+    match source.uri {
+        uri::MasterKeyUri::File(path) => {
+            if !create && source.env_value.is_none() && !path.exists() {
+                return Err(KeyError::MasterKey(format!(
+                    "{} does not exist",
+                    path.display()
+                )));
+            }
+            let (kek, created) = load_master_key(source.env_value, path)?;
+            Ok((MasterKey::new(kek, source.uri.clone()), created))
+        }
+        uri::MasterKeyUri::Pkcs11(name) => {
+            if source.env_value.is_some() {
+                return Err(KeyError::MasterKey(format!(
+                    "EVENTVAULT_MASTER_KEY is set, but the master key is on a token ({}): unset one of them",
+                    source.uri
+                )));
+            }
+            let module = source.pkcs11_module.ok_or_else(|| {
+                KeyError::MasterKey(format!(
+                    "the master key is on a token ({}): name its PKCS#11 module with --pkcs11-module or EVENTVAULT_PKCS11_MODULE",
+                    source.uri
+                ))
+            })?;
+            let pin = source.pkcs11_pin.ok_or_else(|| {
+                KeyError::MasterKey(format!(
+                    "the master key is on a token ({}): set its user PIN in EVENTVAULT_PKCS11_PIN",
+                    source.uri
+                ))
+            })?;
+            let (module, name, pin) = (module.to_owned(), name.clone(), pin.clone());
+            let opened = tokio::task::spawn_blocking(move || {
+                crate::crypto::pkcs11::open(&module, &name, &pin, create)
+            })
+            .await
+            .map_err(|_| KeyError::MasterKey("opening the token failed".into()))?;
+            let (kek, created) = opened.map_err(|source_err| KeyError::Token {
+                uri: source.uri.to_string(),
+                source: source_err,
+            })?;
+            Ok((MasterKey::new(kek, source.uri.clone()), created))
+        }
+    }
 }
 
 /// Loads the master key: from `env_value` (base64) when given, else from
@@ -169,7 +313,7 @@ pub struct KeyManager {
     /// Where wrapped keys live.
     keystore: Keystore,
     /// The master key that wraps them.
-    kek: Kek,
+    kek: MasterKey,
     /// Subject → its active key, for appends.
     by_subject: Mutex<LruCache<String, ActiveKey>>,
     /// Key id → key, for reads.
@@ -271,31 +415,13 @@ impl KeyManager {
     /// key (a brand-new keystore adopts it).
     pub async fn open(
         keystore: Keystore,
-        kek: Kek,
+        kek: MasterKey,
         cache_capacity: usize,
         max_encryptions: u64,
         metrics: Metrics,
     ) -> Result<Self, KeyError> {
-        let known = keystore.keks().await?;
-        match known.iter().find(|(id, _)| id == kek.id()) {
-            Some((_, check)) => kek
-                .verify_check(check)
-                .map_err(|_| KeyError::WrongMasterKey {
-                    configured: kek.id().to_owned(),
-                    known: kek.id().to_owned(),
-                })?,
-            None if known.is_empty() => keystore.insert_kek(kek.id(), &kek.seal_check()?).await?,
-            None => {
-                return Err(KeyError::WrongMasterKey {
-                    configured: kek.id().to_owned(),
-                    known: known
-                        .iter()
-                        .map(|(id, _)| id.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                });
-            }
-        }
+        prove_master_key(&keystore, &kek, false).await?;
+        refuse_unfinished_rotation(&keystore, &kek).await?;
         let cap = NonZeroUsize::new(cache_capacity.max(1)).expect("max(1) is non-zero");
         Ok(Self {
             keystore,
@@ -318,6 +444,11 @@ impl KeyManager {
 
     pub fn keystore(&self) -> &Keystore {
         &self.keystore
+    }
+
+    /// Where the master key in use lives (never a secret).
+    pub fn master_key_uri(&self) -> &uri::MasterKeyUri {
+        self.kek.uri()
     }
 
     /// The subject's active key, with `n` encryptions taken from its budget:
@@ -385,7 +516,12 @@ impl KeyManager {
             Some(w) => w,
             None => {
                 let key_id = Uuid::new_v4().to_string();
-                let fresh = self.kek.new_dek(&key_id, subject)?;
+                let fresh = {
+                    let (key_id, subject) = (key_id.clone(), subject.to_owned());
+                    self.kek
+                        .run(move |kek| kek.new_dek(&key_id, &subject))
+                        .await?
+                };
                 let row = WrappedDek {
                     key_id,
                     subject: subject.to_owned(),
@@ -402,7 +538,7 @@ impl KeyManager {
                 }
             }
         };
-        let dek = self.unwrap(&stored)?;
+        let (stored, dek) = self.unwrap(stored).await?;
         let key = ActiveKey {
             key_id: Arc::from(stored.key_id.as_str()),
             dek,
@@ -433,7 +569,7 @@ impl KeyManager {
         let Some(stored) = self.keystore.dek_by_id(key_id).await? else {
             return Ok(None);
         };
-        let dek = self.unwrap(&stored)?;
+        let (stored, dek) = self.unwrap(stored).await?;
         self.held(&stored.subject).await;
         self.cache_fetched(since, &stored, &dek, None);
         Ok(Some(dek))
@@ -684,15 +820,19 @@ impl KeyManager {
         self.by_id.lock().expect("cache lock").clear();
     }
 
-    fn unwrap(&self, stored: &WrappedDek) -> Result<Arc<Dek>, KeyError> {
+    /// Unwraps a stored key (and gives the row back, for the caller's
+    /// bookkeeping).
+    async fn unwrap(&self, stored: WrappedDek) -> Result<(WrappedDek, Arc<Dek>), KeyError> {
         if stored.kek_id != self.kek.id() {
             return Err(KeyError::UnknownKek(stored.key_id.clone()));
         }
-        Ok(Arc::new(self.kek.unwrap_dek(
-            &stored.wrapped,
-            &stored.key_id,
-            &stored.subject,
-        )?))
+        Ok(self
+            .kek
+            .run(move |kek| {
+                let dek = kek.unwrap_dek(&stored.wrapped, &stored.key_id, &stored.subject)?;
+                Ok((stored, Arc::new(dek)))
+            })
+            .await?)
     }
 }
 
@@ -796,23 +936,146 @@ pub struct Rotation {
     pub old_kek_id: String,
     pub new_kek_id: String,
     pub rewrapped: u64,
-    /// Where the old master key now is: to be destroyed once no backup that
-    /// it could open is kept any more.
-    pub retired_key_file: std::path::PathBuf,
+    /// Where the old master key now is, when it was a file of the rotation
+    /// (`<path>.retired-<id>`): to be destroyed once no backup that it
+    /// could open is kept any more.
+    pub retired_key_file: Option<std::path::PathBuf>,
+}
+
+/// Proves that `kek` is a master key of this keystore (its check opens) and
+/// records where it lives. A keystore that knows no master key adopts it;
+/// with `adopt`, any keystore does (the target of a rotation).
+async fn prove_master_key(
+    keystore: &Keystore,
+    kek: &MasterKey,
+    adopt: bool,
+) -> Result<(), KeyError> {
+    let known = keystore.keks().await?;
+    let uri = kek.uri().to_string();
+    match known.iter().find(|(id, _, _)| id == kek.id()) {
+        Some((_, check, recorded)) => {
+            let check = check.clone();
+            kek.run(move |k| k.verify_check(&check))
+                .await
+                .map_err(|e| match e {
+                    CryptoError::Unavailable => KeyError::Crypto(e),
+                    _ => KeyError::WrongMasterKey {
+                        configured: kek.id().to_owned(),
+                        known: kek.id().to_owned(),
+                    },
+                })?;
+            if recorded.as_deref() == Some(uri.as_str()) {
+                // Nothing to write: a start writes to the keystore only
+                // when there is something new to record.
+                return Ok(());
+            }
+        }
+        None if adopt || known.is_empty() => {}
+        None => {
+            return Err(KeyError::WrongMasterKey {
+                configured: kek.id().to_owned(),
+                known: known
+                    .iter()
+                    .map(|(id, _, _)| id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+    }
+    let check = kek.run(|k| k.seal_check()).await?;
+    keystore.insert_kek(kek.id(), &check, &uri).await?;
+    Ok(())
+}
+
+/// Refuses a keystore whose data keys are not all wrapped by `kek`: a
+/// rotation between master keys that has not finished. The data keys are
+/// read only if the keystore knows another master key at all.
+async fn refuse_unfinished_rotation(keystore: &Keystore, kek: &MasterKey) -> Result<(), KeyError> {
+    let others = keystore.keks().await?;
+    if others.iter().all(|(id, _, _)| id == kek.id()) {
+        return Ok(());
+    }
+    match keystore.other_kek_in_use(kek.id()).await? {
+        Some((kek_id, uri)) => Err(KeyError::RotationUnfinished {
+            kek_id,
+            uri: uri.unwrap_or_else(|| "where it was".into()),
+            configured: kek.uri().to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Re-wraps every data key under `old` so that `new` opens it, in
+/// transactions of `batch` keys (`progress` is told `(done, total)` after
+/// each). Keys re-wrapped by an earlier, interrupted run are under `new`
+/// already and are not touched again. Returns how many this run re-wrapped.
+async fn rewrap_all(
+    keystore: &Keystore,
+    old: &MasterKey,
+    new: &MasterKey,
+    batch: u32,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<u64, KeyError> {
+    prove_master_key(keystore, old, false).await?;
+    prove_master_key(keystore, new, true).await?;
+    let counts = keystore.dek_counts_by_kek().await?;
+    if let Some(stray) = counts
+        .iter()
+        .find(|k| k.data_keys > 0 && k.kek_id != old.id() && k.kek_id != new.id())
+    {
+        return Err(KeyError::MasterKey(format!(
+            "{} data key(s) are wrapped by master key {} ({}), which is neither the configured one nor the new one",
+            stray.data_keys,
+            stray.kek_id,
+            stray.uri.as_deref().unwrap_or("where it was")
+        )));
+    }
+    let total = counts
+        .iter()
+        .find(|k| k.kek_id == old.id())
+        .map_or(0, |k| k.data_keys);
+    let mut done = 0;
+    progress(done, total);
+    loop {
+        let keys = keystore.deks_wrapped_by(old.id(), batch.max(1)).await?;
+        if keys.is_empty() {
+            break;
+        }
+        let (from, to) = (old.kek.clone(), new.kek.clone());
+        // A token's calls block: the batch runs on a blocking thread.
+        let rewrapped = tokio::task::spawn_blocking(move || {
+            keys.iter()
+                .map(|k| {
+                    Ok((
+                        k.key_id.clone(),
+                        to.rewrap_from(&from, &k.wrapped, &k.key_id, &k.subject)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, CryptoError>>()
+        })
+        .await
+        .map_err(|_| KeyError::MasterKey("re-wrapping a batch of data keys failed".into()))??;
+        keystore
+            .store_rewrapped(old.id(), new.id(), &rewrapped)
+            .await?;
+        done += rewrapped.len() as u64;
+        progress(done, total.max(done));
+    }
+    Ok(done)
 }
 
 /// Rotates the master key kept in `path`: a new key is written beside it
 /// (`<path>.next`, mode 0600), registered in the keystore, and every data
-/// key is re-wrapped under it in transactions of `batch` keys (`progress`
-/// is told `(done, total)` after each). Only when none is left under the old
-/// key are the files swapped: the old key is kept as `<path>.retired-<id>`.
-/// Safe to interrupt and run again: the next key, and the keys already
-/// re-wrapped, are picked up where they were. No event is touched.
+/// key is re-wrapped under it ([`rewrap_all`]). Only when none is left under
+/// the old key are the files swapped: the old key is kept as
+/// `<path>.retired-<id>`. Safe to interrupt and run again: the next key,
+/// and the keys already re-wrapped, are picked up where they were. No event
+/// is touched.
 pub async fn rotate_master_key(
     keystore: &Keystore,
     path: &Path,
     batch: u32,
-    mut progress: impl FnMut(u64, u64),
+    progress: impl FnMut(u64, u64),
 ) -> Result<Rotation, KeyError> {
     let next_path = next_master_key_path(path);
     if !path.exists() {
@@ -822,57 +1085,11 @@ pub async fn rotate_master_key(
         )));
     }
     let (old, _) = load_master_key(None, path)?;
-    let known = keystore.keks().await?;
-    match known.iter().find(|(id, _)| id == old.id()) {
-        Some((_, check)) => old.verify_check(check)?,
-        None => {
-            return Err(KeyError::WrongMasterKey {
-                configured: old.id().to_owned(),
-                known: known
-                    .iter()
-                    .map(|(id, _)| id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
-        }
-    }
+    let old = MasterKey::new(old, uri::MasterKeyUri::File(path.to_owned()));
     let (new, _) = load_master_key(None, &next_path)?;
-    keystore.insert_kek(new.id(), &new.seal_check()?).await?;
-    let counts = keystore.dek_counts_by_kek().await?;
-    if let Some((stray, n)) = counts
-        .iter()
-        .find(|(id, n)| *n > 0 && id != old.id() && id != new.id())
-    {
-        return Err(KeyError::MasterKey(format!(
-            "{n} data key(s) are wrapped by master key {stray}, which is neither the configured one nor the new one"
-        )));
-    }
-    let total = counts
-        .iter()
-        .find(|(id, _)| id == old.id())
-        .map_or(0, |(_, n)| *n);
-    let mut done = 0;
-    progress(done, total);
-    loop {
-        let keys = keystore.deks_wrapped_by(old.id(), batch.max(1)).await?;
-        if keys.is_empty() {
-            break;
-        }
-        let rewrapped = keys
-            .iter()
-            .map(|k| {
-                Ok((
-                    k.key_id.clone(),
-                    new.rewrap_from(&old, &k.wrapped, &k.key_id, &k.subject)?,
-                ))
-            })
-            .collect::<Result<Vec<_>, CryptoError>>()?;
-        keystore
-            .store_rewrapped(old.id(), new.id(), &rewrapped)
-            .await?;
-        done += rewrapped.len() as u64;
-        progress(done, total.max(done));
-    }
+    // Recorded under the name it will have once the files are swapped.
+    let new = MasterKey::new(new, uri::MasterKeyUri::File(path.to_owned()));
+    let done = rewrap_all(keystore, &old, &new, batch, progress).await?;
     let mut retired = path.as_os_str().to_owned();
     retired.push(format!(".retired-{}", old.id()));
     let retired: std::path::PathBuf = retired.into();
@@ -897,7 +1114,38 @@ pub async fn rotate_master_key(
         old_kek_id: old.id().to_owned(),
         new_kek_id: new.id().to_owned(),
         rewrapped: done,
-        retired_key_file: retired,
+        retired_key_file: Some(retired),
+    })
+}
+
+/// Moves every data key from the configured master key `old` to `new`,
+/// which lives elsewhere (another file, a key on a token, another token's
+/// key): `new` is registered in the keystore, every data key re-wrapped
+/// ([`rewrap_all`]), and `old` forgotten by the keystore once it wraps
+/// nothing. Neither key is deleted. Until it has finished, the service
+/// refuses to start with either key; run again, it goes on where it
+/// stopped.
+pub async fn rotate_master_key_to(
+    keystore: &Keystore,
+    old: &MasterKey,
+    new: &MasterKey,
+    batch: u32,
+    progress: impl FnMut(u64, u64),
+) -> Result<Rotation, KeyError> {
+    if old.id() == new.id() {
+        refuse_unfinished_rotation(keystore, new).await?;
+        return Err(KeyError::MasterKey(format!(
+            "{} is the configured master key already: every data key is wrapped by it",
+            new.uri()
+        )));
+    }
+    let done = rewrap_all(keystore, old, new, batch, progress).await?;
+    keystore.delete_kek(old.id()).await?;
+    Ok(Rotation {
+        old_kek_id: old.id().to_owned(),
+        new_kek_id: new.id().to_owned(),
+        rewrapped: done,
+        retired_key_file: None,
     })
 }
 

@@ -10,6 +10,7 @@
 //! - [`policy`]: `policies/*.toml` — field classification and roles.
 //! - [`audit`]: audit records, their canonical encoding and hash chain.
 //! - [`principals`]: callers, their roles and token hashes.
+//! - [`jwt`]: callers from the identity provider: bearer JWTs, its key set.
 //! - [`store`]: all SQL — connections, migrations, reads, the group-commit
 //!   writer, the keystore tables.
 //! - [`service`]: classify + seal on append, open + mark on read.
@@ -32,6 +33,7 @@ pub mod config;
 pub mod crypto;
 pub mod domain;
 pub mod http;
+pub mod jwt;
 pub mod keys;
 pub mod metrics;
 pub mod policy;

@@ -35,6 +35,9 @@ pub struct Caller {
     /// What authenticated it, for long-lived requests that authenticate
     /// again.
     credential: Credential,
+    /// The verifier of a JWT caller (`None`: one of eventvault's own
+    /// tokens, or a certificate), which such a request asks again.
+    jwt: Option<Arc<crate::jwt::Verifier>>,
 }
 
 /// What a caller authenticated with.
@@ -79,18 +82,20 @@ impl Caller {
     /// The caller's grants as they are now, for a request that outlives the
     /// authentication cache (a subscription): `Ok(None)` once the token (or
     /// the client certificate) no longer authenticates (the principal was
-    /// removed), and an error when
-    /// that cannot be told now (the principals cannot be read). The caller
-    /// fails closed on an error: grants that cannot be confirmed are not
-    /// kept, since the principal may have been removed meanwhile.
+    /// removed; a JWT expired, or its key is no longer in the identity
+    /// provider's set), and an error when that cannot be told now (the
+    /// principals cannot be read). The caller fails closed on an error:
+    /// grants that cannot be confirmed are not kept, since the principal
+    /// may have been removed meanwhile.
     pub async fn grants_now(
         &self,
         principals: &Principals,
         policies: &Policies,
     ) -> Result<Option<Grants>, crate::principals::PrincipalError> {
-        let principal = match &self.credential {
-            Credential::Token(token) => principals.authenticate(&token.0).await?,
-            Credential::Certificate(fingerprint) => {
+        let principal = match (&self.credential, &self.jwt) {
+            (Credential::Token(token), Some(jwt)) => jwt.authenticate(&token.0).await.map(Arc::new),
+            (Credential::Token(token), None) => principals.authenticate(&token.0).await?,
+            (Credential::Certificate(fingerprint), _) => {
                 principals.authenticate_certificate(fingerprint).await?
             }
         };
@@ -249,6 +254,7 @@ impl FromRequestParts<AppState> for Caller {
                         audit,
                         &principal,
                         Credential::Certificate(fingerprint),
+                        None,
                     )
                     .await
                 }
@@ -266,7 +272,15 @@ impl FromRequestParts<AppState> for Caller {
             .map(|(_, t)| t.trim())
             .filter(|t| !t.is_empty())
             .ok_or_else(|| refuse("the Authorization header must be 'Bearer <token>'"))?;
-        match state.principals.authenticate(token).await {
+        // With JWT callers configured, a token that is not one of ours and
+        // has a JWT's shape is verified as one; every refusal of it is the
+        // same 401 as an unknown token of ours.
+        let jwt = state.jwt.clone().filter(|_| crate::jwt::is_jwt(token));
+        let found = match &jwt {
+            Some(verifier) => Ok(verifier.authenticate(token).await.map(Arc::new)),
+            None => state.principals.authenticate(token).await,
+        };
+        match found {
             Ok(Some(principal)) => {
                 if let Some(fingerprint) = certificate {
                     match state
@@ -284,7 +298,7 @@ impl FromRequestParts<AppState> for Caller {
                     }
                 }
                 let credential = Credential::Token(Token(Zeroizing::new(token.to_owned())));
-                admit(state, audit, &principal, credential).await
+                admit(state, audit, &principal, credential, jwt).await
             }
             Ok(None) => Err(refuse("the token is not valid")),
             Err(e) => Err(not_authenticated(e)),
@@ -298,6 +312,7 @@ async fn admit(
     audit: AuditSlot,
     principal: &crate::principals::Principal,
     credential: Credential,
+    jwt: Option<Arc<crate::jwt::Verifier>>,
 ) -> Result<Caller, ApiError> {
     tracing::Span::current().record("principal", principal.name.as_str());
     audit.set_principal(&principal.name);
@@ -321,6 +336,7 @@ async fn admit(
         grants,
         audit,
         credential,
+        jwt,
     })
 }
 

@@ -64,6 +64,9 @@ pub struct AppState {
     pub store: EventStore,
     pub keys: Arc<KeyManager>,
     pub principals: Arc<Principals>,
+    /// Callers from the identity provider (bearer JWTs); `None`: not
+    /// configured.
+    pub jwt: Option<Arc<crate::jwt::Verifier>>,
     pub policies: Arc<Policies>,
     pub config: Arc<HttpConfig>,
     /// The stop signal (subscriptions end when serving does) and the

@@ -359,6 +359,12 @@ impl From<ServiceError> for ApiError {
             // Logged (position and key id) and counted where it was found.
             ServiceError::KeyMissing { .. } => Self::KeyMissing,
             ServiceError::Unavailable => Self::Unavailable("the service is shutting down"),
+            ServiceError::Key(crate::keys::KeyError::Crypto(
+                crate::crypto::CryptoError::Unavailable,
+            )) => {
+                tracing::warn!("the token holding the master key did not answer");
+                Self::Unavailable("the master key's token does not answer")
+            }
             ServiceError::Key(crate::keys::KeyError::Store(StoreError::Busy(why)))
             | ServiceError::Store(StoreError::Busy(why)) => {
                 tracing::warn!(reason = why, "a request found the store busy");

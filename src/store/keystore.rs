@@ -19,31 +19,74 @@ pub struct Keystore {
     pub db: Db,
 }
 
+/// A master key the keystore knows, where it lives, and how many data keys
+/// it wraps.
+#[derive(Debug, Clone)]
+pub struct KekUse {
+    pub kek_id: String,
+    /// `file:…` or `pkcs11:…`; `None` if never recorded.
+    pub uri: Option<String>,
+    pub data_keys: u64,
+}
+
 impl Keystore {
     pub fn new(db: Db) -> Self {
         Self { db }
     }
 
-    /// Every master key the keystore knows: `(kek_id, check_blob)`.
-    pub async fn keks(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    /// Every master key the keystore knows: `(kek_id, check_blob, uri)`,
+    /// oldest first. Reads `keks` alone: a start must not wait for a lock on
+    /// the data keys (a forget's deletion, a maintenance job).
+    pub async fn keks(&self) -> Result<Vec<(String, Vec<u8>, Option<String>)>, StoreError> {
         Ok(on_db!(&self.db, |pool| {
-            sqlx::query_as("select kek_id, check_blob from keks order by created_at")
+            sqlx::query_as("select kek_id, check_blob, uri from keks order by created_at")
                 .fetch_all(pool)
                 .await
         })?)
     }
 
-    pub async fn insert_kek(&self, kek_id: &str, check_blob: &[u8]) -> Result<(), StoreError> {
+    /// Registers a master key and where it lives (`uri`, never a secret);
+    /// a key registered already keeps its check and has its URI updated,
+    /// since the operator may have moved it (a file renamed, a token
+    /// relabelled) and `keys status` should say where it is now.
+    pub async fn insert_kek(
+        &self,
+        kek_id: &str,
+        check_blob: &[u8],
+        uri: &str,
+    ) -> Result<(), StoreError> {
         on_db!(&self.db, |pool| {
-            sqlx::query("insert into keks (kek_id, check_blob, created_at) values ($1, $2, $3) on conflict (kek_id) do nothing")
-                .bind(kek_id)
-                .bind(check_blob)
-                .bind(now_us())
-                .execute(pool)
-                .await
-                .map(|r| r.rows_affected())
+            sqlx::query(
+                "insert into keks (kek_id, check_blob, created_at, uri) values ($1, $2, $3, $4)
+                 on conflict (kek_id) do update set uri = excluded.uri",
+            )
+            .bind(kek_id)
+            .bind(check_blob)
+            .bind(now_us())
+            .bind(uri)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected())
         })?;
         Ok(())
+    }
+
+    /// A master key other than `kek_id` that still wraps a data key, with
+    /// where it lives if that is recorded: an unfinished rotation.
+    pub async fn other_kek_in_use(
+        &self,
+        kek_id: &str,
+    ) -> Result<Option<(String, Option<String>)>, StoreError> {
+        Ok(on_db!(&self.db, |pool| {
+            sqlx::query_as(
+                "select k.kek_id, k.uri from keks k
+                 where k.kek_id <> $1 and exists (select 1 from deks d where d.kek_id = k.kek_id)
+                 order by k.created_at limit 1",
+            )
+            .bind(kek_id)
+            .fetch_optional(pool)
+            .await
+        })?)
     }
 
     /// The subject's active (not retired) data key, if any.
@@ -270,19 +313,25 @@ impl Keystore {
         Ok(Some(listener))
     }
 
-    /// How many data keys each master key wraps: `(kek_id, count)`, every
-    /// known master key listed (0 when it wraps none).
-    pub async fn dek_counts_by_kek(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let rows: Vec<(String, i64)> = on_db!(&self.db, |pool| {
+    /// How many data keys each master key wraps, every known master key
+    /// listed (0 when it wraps none), oldest first.
+    pub async fn dek_counts_by_kek(&self) -> Result<Vec<KekUse>, StoreError> {
+        let rows: Vec<(String, Option<String>, i64)> = on_db!(&self.db, |pool| {
             sqlx::query_as(
-                "select k.kek_id, (select count(*) from deks d where d.kek_id = k.kek_id)
+                "select k.kek_id, k.uri, (select count(*) from deks d where d.kek_id = k.kek_id)
                  from keks k order by k.created_at",
             )
             .fetch_all(pool)
             .await
         })?;
         rows.into_iter()
-            .map(|(kek_id, n)| Ok((kek_id, count(n)?)))
+            .map(|(kek_id, uri, n)| {
+                Ok(KekUse {
+                    kek_id,
+                    uri,
+                    data_keys: count(n)?,
+                })
+            })
             .collect()
     }
 

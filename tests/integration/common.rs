@@ -864,14 +864,23 @@ impl ServerProcess {
     /// is ready (`eventvault ready`, once the forget ledger is re-applied),
     /// or returns what it printed if it exits first.
     pub async fn start(env: &TestEnv) -> Result<ServerProcess, String> {
-        ServerProcess::start_with(env, &[]).await
+        Self::start_command(env, command(env, &["serve", "--listen", "127.0.0.1:0"])).await
     }
 
     /// [`ServerProcess::start`] with further `serve` flags.
     pub async fn start_with(env: &TestEnv, flags: &[&str]) -> Result<ServerProcess, String> {
         let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
         args.extend_from_slice(flags);
-        let mut child = command(env, &args)
+        Self::start_command(env, command(env, &args)).await
+    }
+
+    /// [`ServerProcess::start`] with a command of the caller's (more flags,
+    /// another environment).
+    pub async fn start_command(
+        env: &TestEnv,
+        mut cmd: tokio::process::Command,
+    ) -> Result<ServerProcess, String> {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -30,6 +30,11 @@ async fn help_never_shows_a_secret_from_the_environment() {
             "nats://relay:nats-hunter2@nats.example:4222",
             "nats-hunter2",
         ),
+        (
+            "EVENTVAULT_JWT_JWKS_URL",
+            "https://idp:jwks-hunter2@idp.example/certs",
+            "jwks-hunter2",
+        ),
     ];
     // The example read model's database URL too.
     let mut cmd = tokio::process::Command::new(crate::common::tool_binary("eventvault-balances"));

@@ -16,6 +16,8 @@ mod faults;
 mod forget;
 mod forget_faults;
 mod host;
+mod hsm;
+mod jwt;
 mod key_cache;
 mod keyloss;
 mod keys;

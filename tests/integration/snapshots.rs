@@ -566,7 +566,10 @@ async fn snapshots_saved_before_layers_are_kept_or_removed(backend: Backend) {
                 .await
                 .unwrap(),
         ),
-        kek,
+        eventvault::keys::MasterKey::new(
+            kek,
+            eventvault::keys::uri::MasterKeyUri::File(env.master_key_file()),
+        ),
         16,
         eventvault::keys::DEFAULT_MAX_ENCRYPTIONS,
         eventvault::metrics::Metrics::new(),
