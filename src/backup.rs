@@ -160,7 +160,7 @@ impl PgDumpConnection {
         let mut password = None;
         let user = userinfo.map(|u| match u.split_once(':') {
             Some((user, pw)) => {
-                password = Some(percent_decode(pw));
+                password = Some(crate::percent::decode(pw));
                 user
             }
             None => u,
@@ -177,9 +177,9 @@ impl PgDumpConnection {
         let mut options: Vec<String> = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let decoded_key = String::from_utf8_lossy(&percent_decode(key)).into_owned();
+            let decoded_key = String::from_utf8_lossy(&crate::percent::decode(key)).into_owned();
             match decoded_key.as_str() {
-                "password" => password = Some(percent_decode(value)),
+                "password" => password = Some(crate::percent::decode(value)),
                 "sslpassword" => {
                     return Err(bad(
                         "sslpassword would show on pg_dump's command line; use a client key file readable only by eventvault instead",
@@ -190,24 +190,30 @@ impl PgDumpConnection {
                 "ssl-root-cert" | "ssl-ca" => params.push(format!("sslrootcert={value}")),
                 "ssl-cert" => params.push(format!("sslcert={value}")),
                 "ssl-key" => params.push(format!("sslkey={value}")),
-                "options" => options.push(String::from_utf8_lossy(&percent_decode(value)).into()),
+                "options" => {
+                    options.push(String::from_utf8_lossy(&crate::percent::decode(value)).into())
+                }
                 k if k.starts_with("options[") && k.ends_with(']') => {
                     let name = &k["options[".len()..k.len() - 1];
-                    let value = String::from_utf8_lossy(&percent_decode(value)).into_owned();
+                    let value =
+                        String::from_utf8_lossy(&crate::percent::decode(value)).into_owned();
                     options.push(format!("-c {name}={value}"));
                 }
                 _ => params.push(pair.to_owned()),
             }
         }
         if !options.is_empty() {
-            params.push(format!("options={}", percent_encode(&options.join(" "))));
+            params.push(format!(
+                "options={}",
+                crate::percent::encode(&options.join(" "))
+            ));
         }
         let mut out = format!("{scheme}://");
         if let Some(user) = user.filter(|u| !u.is_empty()) {
             // Decoded and encoded again: a raw '@' or ':' in it is escaped.
-            out.push_str(&percent_encode(&String::from_utf8_lossy(&percent_decode(
-                user,
-            ))));
+            out.push_str(&crate::percent::encode(&String::from_utf8_lossy(
+                &crate::percent::decode(user),
+            )));
             out.push('@');
         }
         out.push_str(before_query);
@@ -225,40 +231,6 @@ impl PgDumpConnection {
             password: password.map(std::ffi::OsString::from_vec),
         })
     }
-}
-
-/// `%XX` escapes decoded (a '%' not followed by two hex digits is kept).
-fn percent_decode(s: &str) -> Vec<u8> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(b) = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(b);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    out
-}
-
-/// Every byte but the unreserved characters of RFC 3986 as `%XX`.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -359,7 +331,7 @@ mod properties {
             hosts in proptest::collection::vec("[a-z]{1,8}(:[0-9]{1,5})?", 1..4),
             in_query in any::<bool>(),
         ) {
-            let encoded = percent_encode(&password);
+            let encoded = crate::percent::encode(&password);
             let hosts = hosts.join(",");
             let url = if in_query {
                 format!("postgres://u@{hosts}/db?sslmode=require&password={encoded}")

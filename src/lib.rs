@@ -22,6 +22,7 @@
 //! - [`config`]: the configuration and the flags it comes from.
 //! - [`cli`]: the commands other than `serve`.
 //! - [`app`]: start-up and graceful shutdown.
+//! - `percent`: RFC 3986 percent-encoding of the URIs the service handles.
 
 #![forbid(unsafe_code)]
 
@@ -36,6 +37,7 @@ pub mod http;
 pub mod jwt;
 pub mod keys;
 pub mod metrics;
+mod percent;
 pub mod policy;
 pub mod principals;
 pub mod relay;

@@ -89,46 +89,22 @@ impl fmt::Display for MasterKeyUri {
             Self::Pkcs11(k) => write!(
                 f,
                 "pkcs11:token={};object={}",
-                percent_encode(&k.token),
-                percent_encode(&k.object)
+                crate::percent::encode(&k.token),
+                crate::percent::encode(&k.object)
             ),
         }
     }
 }
 
-/// RFC 3986 percent-decoding of one attribute value (UTF-8).
+/// RFC 3986 percent-decoding of one attribute value (UTF-8), strictly.
 fn percent_decode(value: &str) -> Result<String, String> {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = value
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("bad percent-encoding in pkcs11 URI value {value:?}"))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    if !crate::percent::is_well_formed(value) {
+        return Err(format!(
+            "bad percent-encoding in pkcs11 URI value {value:?}"
+        ));
     }
-    String::from_utf8(out).map_err(|_| "a pkcs11 URI value is not UTF-8".into())
-}
-
-/// Encodes every byte but RFC 3986's unreserved characters, so that the
-/// URI parses back to the same labels.
-fn percent_encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    String::from_utf8(crate::percent::decode(value))
+        .map_err(|_| "a pkcs11 URI value is not UTF-8".into())
 }
 
 #[cfg(test)]
