@@ -1109,7 +1109,7 @@ pub async fn rotate_master_key(
             .and_then(|d| d.sync_all())
             .map_err(|e| KeyError::MasterKey(format!("cannot sync {}: {e}", dir.display())))?;
     }
-    keystore.delete_kek(old.id()).await?;
+    keystore.delete_unused_keks(new.id()).await?;
     Ok(Rotation {
         old_kek_id: old.id().to_owned(),
         new_kek_id: new.id().to_owned(),
@@ -1140,7 +1140,7 @@ pub async fn rotate_master_key_to(
         )));
     }
     let done = rewrap_all(keystore, old, new, batch, progress).await?;
-    keystore.delete_kek(old.id()).await?;
+    keystore.delete_unused_keks(new.id()).await?;
     Ok(Rotation {
         old_kek_id: old.id().to_owned(),
         new_kek_id: new.id().to_owned(),

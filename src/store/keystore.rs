@@ -382,14 +382,19 @@ impl Keystore {
         Ok(())
     }
 
-    /// Forgets a master key that wraps nothing any more.
-    pub async fn delete_kek(&self, kek_id: &str) -> Result<(), StoreError> {
+    /// Forgets every master key but `keep` that wraps nothing any more: the
+    /// old key of a finished rotation, and those of earlier rotations that
+    /// were interrupted after their last data key moved.
+    pub async fn delete_unused_keks(&self, keep: &str) -> Result<(), StoreError> {
         on_db!(&self.db, |pool| {
-            sqlx::query("delete from keks where kek_id = $1 and not exists (select 1 from deks where kek_id = $1)")
-                .bind(kek_id)
-                .execute(pool)
-                .await
-                .map(|r| r.rows_affected())
+            sqlx::query(
+                "delete from keks where kek_id <> $1
+                 and not exists (select 1 from deks where deks.kek_id = keks.kek_id)",
+            )
+            .bind(keep)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected())
         })?;
         Ok(())
     }
