@@ -74,7 +74,8 @@ use crate::metrics::{Limit, Metrics};
 /// Connection-level limits (see the module documentation).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Connections open at once; more are answered 503 and closed.
+    /// Connections open at once; more are answered 503 and closed (over
+    /// TLS: closed).
     pub max_connections: usize,
     /// Largest request line and headers, in bytes (431 beyond).
     pub max_header_bytes: usize,
@@ -153,7 +154,12 @@ pub async fn serve(
                 at_limit = true;
                 tracing::warn!(
                     max_connections = limits.max_connections,
-                    "connection limit reached; new connections are answered 503 until some close"
+                    "connection limit reached; until some close, new connections are {}",
+                    if tls.is_none() {
+                        "answered 503"
+                    } else {
+                        "closed (a plain 503 means nothing to a TLS client)"
+                    }
                 );
             }
             if tls.is_none() {
