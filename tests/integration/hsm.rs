@@ -39,26 +39,41 @@ struct SoftHsm {
 
 const TOKEN: &str = "eventvault-test";
 
+/// Whether SoftHSM2 is here; without it a test says so and passes, unless
+/// `EVENTVAULT_REQUIRE_SOFTHSM=1`.
+pub fn softhsm_available() -> bool {
+    let module = softhsm_module();
+    let util = std::process::Command::new("softhsm2-util")
+        .arg("--version")
+        .output();
+    if module.exists() && util.is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var("EVENTVAULT_REQUIRE_SOFTHSM").as_deref() != Ok("1"),
+        "SoftHSM2 is required (EVENTVAULT_REQUIRE_SOFTHSM=1) but {} or softhsm2-util is missing",
+        module.display()
+    );
+    eprintln!("SKIPPED: SoftHSM2 is not installed (apt-get install softhsm2)");
+    false
+}
+
+/// SoftHSM2's PKCS#11 module: `EVENTVAULT_TEST_PKCS11_MODULE`, or Debian's.
+pub fn softhsm_module() -> PathBuf {
+    PathBuf::from(
+        std::env::var("EVENTVAULT_TEST_PKCS11_MODULE")
+            .unwrap_or_else(|_| "/usr/lib/softhsm/libsofthsm2.so".into()),
+    )
+}
+
 impl SoftHsm {
     /// A token labelled [`TOKEN`] with user PIN [`PIN`], or `None` (the
     /// test passes, saying why) without SoftHSM2.
     fn new() -> Option<SoftHsm> {
-        let module = PathBuf::from(
-            std::env::var("EVENTVAULT_TEST_PKCS11_MODULE")
-                .unwrap_or_else(|_| "/usr/lib/softhsm/libsofthsm2.so".into()),
-        );
-        let util = std::process::Command::new("softhsm2-util")
-            .arg("--version")
-            .output();
-        if !module.exists() || util.is_err() {
-            assert!(
-                std::env::var("EVENTVAULT_REQUIRE_SOFTHSM").as_deref() != Ok("1"),
-                "SoftHSM2 is required (EVENTVAULT_REQUIRE_SOFTHSM=1) but {} or softhsm2-util is missing",
-                module.display()
-            );
-            eprintln!("SKIPPED: SoftHSM2 is not installed (apt-get install softhsm2)");
+        if !softhsm_available() {
             return None;
         }
+        let module = softhsm_module();
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("tokens")).unwrap();
         std::fs::write(
@@ -404,33 +419,29 @@ async fn a_wrapped_key_altered_in_the_keystore_is_an_integrity_failure_not_an_ou
     // The tag of the wrapped key is zeroed behind the service's back.
     let ks = keystore_db(&env).await;
     let select = "select key_id, wrapped from deks";
-    let update = "update deks set wrapped = $1 where key_id = $2";
-    match &ks {
-        eventvault::store::Db::Sqlite(p) => {
-            let (id, mut wrapped): (String, Vec<u8>) =
-                sqlx::query_as(select).fetch_one(p).await.unwrap();
-            let n = wrapped.len();
-            wrapped[n - 16..].fill(0);
-            sqlx::query(update)
-                .bind(wrapped)
-                .bind(id)
-                .execute(p)
-                .await
-                .unwrap();
-        }
-        eventvault::store::Db::Postgres(p) => {
-            let (id, mut wrapped): (String, Vec<u8>) =
-                sqlx::query_as(select).fetch_one(p).await.unwrap();
-            let n = wrapped.len();
-            wrapped[n - 16..].fill(0);
-            sqlx::query(update)
-                .bind(wrapped)
-                .bind(id)
-                .execute(p)
-                .await
-                .unwrap();
-        }
+    let (id, mut wrapped): (String, Vec<u8>) = match &ks {
+        eventvault::store::Db::Sqlite(p) => sqlx::query_as(select).fetch_one(p).await,
+        eventvault::store::Db::Postgres(p) => sqlx::query_as(select).fetch_one(p).await,
     }
+    .unwrap();
+    let n = wrapped.len();
+    wrapped[n - 16..].fill(0);
+    let update = "update deks set wrapped = $1 where key_id = $2";
+    let altered = match &ks {
+        eventvault::store::Db::Sqlite(p) => sqlx::query(update)
+            .bind(wrapped)
+            .bind(id)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()),
+        eventvault::store::Db::Postgres(p) => sqlx::query(update)
+            .bind(wrapped)
+            .bind(id)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()),
+    };
+    assert_eq!(altered.unwrap(), 1);
     ks.close().await;
     let server = hsm.serve(&env, &kek).await;
     let app = TestApp::client_for(env.clone(), server.base.clone());

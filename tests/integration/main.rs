@@ -24,6 +24,7 @@ mod keys;
 mod limits;
 mod metrics;
 mod openapi;
+mod production;
 mod read;
 mod relay;
 mod roles;
