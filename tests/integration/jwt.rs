@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::both_backends;
 use crate::common::{Backend, TestApp, TestEnv, batch, command, deposit, remember_secret};
-use crate::subscribe::{Subscriber, eventually_recorded};
+use crate::subscribe::{Subscriber, ended_and_recorded};
 use eventvault::jwt::JwtConfig;
 
 both_backends!(
@@ -676,13 +676,7 @@ async fn a_jwt_callers_subscription_ends_when_its_token_expires(backend: Backend
     let token = key.sign(&short);
     let mut sub = Subscriber::open(&app, "/events/subscribe", &token, &[]).await;
     assert_eq!(sub.next().await.0, 1);
-    assert!(
-        tokio::time::timeout(PATIENCE, sub.next_or_end())
-            .await
-            .expect("the subscription ended")
-            .is_none()
-    );
-    let closed = eventually_recorded(&app, "action=log.subscribe.close", |_| true).await;
+    let closed = ended_and_recorded(&app, &mut sub).await;
     assert_eq!(closed["outcome"], "denied");
     assert_eq!(closed["principal"], "jwt:alice");
     app.stop().await;

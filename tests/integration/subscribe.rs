@@ -131,6 +131,18 @@ fn deposits(subject: &str, n: usize) -> Value {
     )
 }
 
+/// Waits until `sub` ends, with no further event, and returns the audit
+/// record of its closing.
+pub async fn ended_and_recorded(app: &TestApp, sub: &mut Subscriber) -> Value {
+    assert!(
+        tokio::time::timeout(PATIENCE, sub.next_or_end())
+            .await
+            .expect("the subscription ended")
+            .is_none()
+    );
+    eventually_recorded(app, "action=log.subscribe.close", |_| true).await
+}
+
 /// Waits until the audit log holds a record matching `query` for which
 /// `found` holds (records written after a response, like a subscription's
 /// close, appear a moment later); fails after [`PATIENCE`]. It looks again
@@ -510,13 +522,7 @@ async fn a_batch_whose_disclosure_cannot_be_audited_is_not_sent(backend: Backend
     };
     app.append_ok("accounts-1", &deposits("cust-1", 1)).await;
     // The event is not sent: the subscription ends instead.
-    assert!(
-        tokio::time::timeout(PATIENCE, sub.next_or_end())
-            .await
-            .expect("the subscription ended")
-            .is_none()
-    );
-    let closed = eventually_recorded(&app, "action=log.subscribe.close", |_| true).await;
+    let closed = ended_and_recorded(&app, &mut sub).await;
     assert_eq!(closed["outcome"], "error");
     assert_eq!(
         closed["event_count"], 1,
@@ -535,13 +541,7 @@ async fn a_removed_principals_subscription_ends(backend: Backend) {
     crate::common::run_ok(&app.env, &["principal", "remove", "ledger"]).await;
     // Within the authentication cache's lifetime and one re-check, with
     // nothing appended meanwhile.
-    assert!(
-        tokio::time::timeout(PATIENCE, sub.next_or_end())
-            .await
-            .expect("the subscription ended")
-            .is_none()
-    );
-    let closed = eventually_recorded(&app, "action=log.subscribe.close", |_| true).await;
+    let closed = ended_and_recorded(&app, &mut sub).await;
     assert_eq!(closed["outcome"], "denied");
     assert_eq!(closed["principal"], "ledger");
 }
